@@ -1,0 +1,174 @@
+// pybind11 front of the CPU kernels: checks the geometry, picks the instruction
+// set at run time and releases the GIL while a kernel runs. Tensors arrive as raw
+// addresses (Python ints); sepconv/_native.py guarantees dtype, layout and sizes,
+// and this file re-checks everything that decides where the kernels read and write.
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <atomic>
+#include <cstdint>
+#include <new>
+#include <string>
+#include <vector>
+
+#include "sepconv.h"
+
+namespace py = pybind11;
+using sepconv::Geometry;
+using sepconv::Grads;
+
+namespace {
+
+enum Isa : int { GENERIC = 0, AVX2 = 1, AVX512 = 2 };
+const char* const kIsaNames[] = {"generic", "avx2", "avx512"};
+
+Isa detect_isa() {
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+  __builtin_cpu_init();
+  // __builtin_cpu_supports also checks that the OS saves the AVX / AVX-512 state.
+  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+      __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl"))
+    return AVX512;
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return AVX2;
+#endif
+  return GENERIC;
+}
+
+const Isa kBestIsa = detect_isa();
+std::atomic<int> g_isa{kBestIsa};
+
+int64_t get(const py::tuple& t, size_t i) { return t[i].cast<int64_t>(); }
+
+int64_t checked_mul(std::initializer_list<int64_t> xs) {
+  int64_t r = 1;
+  for (int64_t x : xs)
+    if (__builtin_mul_overflow(r, x, &r)) throw py::value_error("tensor sizes overflow int64");
+  return r;
+}
+
+// geom = (N, C, H, W, m, Co, kh, kw, sh, sw, pt, pb, pl, pr, dh, dw,
+//         Ho, Wo, channels_last, act1, act2, threads)
+Geometry parse(const py::tuple& t) {
+  if (t.size() != 22) throw py::value_error("geometry must have 22 entries");
+  Geometry g{};
+  g.N = get(t, 0); g.C = get(t, 1); g.H = get(t, 2); g.W = get(t, 3);
+  g.m = get(t, 4); g.Co = get(t, 5); g.kh = get(t, 6); g.kw = get(t, 7);
+  g.sh = get(t, 8); g.sw = get(t, 9); g.pt = get(t, 10); int64_t pb = get(t, 11);
+  g.pl = get(t, 12); int64_t pr = get(t, 13); g.dh = get(t, 14); g.dw = get(t, 15);
+  g.Ho = get(t, 16); g.Wo = get(t, 17); g.channels_last = t[18].cast<bool>();
+  g.act1 = (int)get(t, 19); g.act2 = (int)get(t, 20); g.threads = (int)get(t, 21);
+  auto need = [](bool ok, const char* what) {
+    if (!ok) throw py::value_error(std::string("invalid geometry: ") + what);
+  };
+  need(g.N >= 0, "N >= 0");
+  need(g.C >= 1 && g.H >= 1 && g.W >= 1, "C, H, W >= 1");
+  need(g.m >= 1 && g.Co >= 1, "depth multiplier and out channels >= 1");
+  need(g.kh >= 1 && g.kw >= 1, "kernel size >= 1");
+  need(g.sh >= 1 && g.sw >= 1 && g.dh >= 1 && g.dw >= 1, "stride and dilation >= 1");
+  need(g.pt >= 0 && pb >= 0 && g.pl >= 0 && pr >= 0, "padding >= 0");
+  need(g.act1 >= 0 && g.act1 <= 4 && g.act2 >= 0 && g.act2 <= 4, "activation code");
+  need(g.threads >= 1 && g.threads <= 4096, "1 <= threads <= 4096");
+  g.Cm = checked_mul({g.C, g.m});
+  int64_t eh = g.H + g.pt + pb - g.dh * (g.kh - 1), ew = g.W + g.pl + pr - g.dw * (g.kw - 1);
+  need(eh >= 1 && ew >= 1, "kernel larger than the padded input");
+  need(g.Ho == (eh - 1) / g.sh + 1 && g.Wo == (ew - 1) / g.sw + 1, "output size");
+  checked_mul({g.N, g.Cm, g.H, g.W});
+  checked_mul({g.N, g.Cm, g.Ho, g.Wo});
+  checked_mul({g.N, g.Co, g.Ho, g.Wo});
+  checked_mul({g.Co, g.Cm, g.kh, g.kw, g.threads});
+  return g;
+}
+
+template <class T> const T* cp(uintptr_t p) { return reinterpret_cast<const T*>(p); }
+template <class T> T* mp(uintptr_t p) { return reinterpret_cast<T*>(p); }
+
+void check(int status) {
+  if (status == sepconv::OUT_OF_MEMORY) throw std::bad_alloc();  // -> MemoryError
+}
+
+template <class T>
+int run_forward(const Geometry& g, uintptr_t x, uintptr_t dww, uintptr_t pww, uintptr_t dwb,
+                uintptr_t pwb, uintptr_t y) {
+  auto f = sepconv::generic::forward<T>;
+#if defined(__x86_64__) || defined(_M_X64)
+  if (g_isa == AVX512) f = sepconv::avx512::forward<T>;
+  if (g_isa == AVX2) f = sepconv::avx2::forward<T>;
+#endif
+  return f(g, cp<T>(x), cp<T>(dww), cp<T>(pww), cp<T>(dwb), cp<T>(pwb), mp<T>(y));
+}
+
+template <class T>
+int run_backward(const Geometry& g, uintptr_t gy, uintptr_t x, uintptr_t dww, uintptr_t pww,
+                 uintptr_t dwb, uintptr_t pwb, uintptr_t gx, uintptr_t gdww, uintptr_t gpww,
+                 uintptr_t gdwb, uintptr_t gpwb) {
+  auto f = sepconv::generic::backward<T>;
+#if defined(__x86_64__) || defined(_M_X64)
+  if (g_isa == AVX512) f = sepconv::avx512::backward<T>;
+  if (g_isa == AVX2) f = sepconv::avx2::backward<T>;
+#endif
+  Grads<T> out{mp<T>(gx), mp<T>(gdww), mp<T>(gpww), mp<T>(gdwb), mp<T>(gpwb)};
+  return f(g, cp<T>(gy), cp<T>(x), cp<T>(dww), cp<T>(pww), cp<T>(dwb), cp<T>(pwb), out);
+}
+
+bool is_f64(const std::string& dtype) {
+  if (dtype == "float32") return false;
+  if (dtype == "float64") return true;
+  throw py::type_error("sepconv._C supports float32 and float64, got " + dtype);
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "Fused depthwise-separable convolution CPU kernels (raw pointers; use sepconv).";
+
+  m.def("forward", [](py::tuple geom, const std::string& dtype, uintptr_t x, uintptr_t dww,
+                      uintptr_t pww, uintptr_t dwb, uintptr_t pwb, uintptr_t y) {
+    Geometry g = parse(geom);
+    bool f64 = is_f64(dtype);
+    int status;
+    {
+      py::gil_scoped_release nogil;
+      status = f64 ? run_forward<double>(g, x, dww, pww, dwb, pwb, y)
+                   : run_forward<float>(g, x, dww, pww, dwb, pwb, y);
+    }
+    check(status);
+  });
+
+  m.def("backward", [](py::tuple geom, const std::string& dtype, uintptr_t gy, uintptr_t x,
+                       uintptr_t dww, uintptr_t pww, uintptr_t dwb, uintptr_t pwb, uintptr_t gx,
+                       uintptr_t gdww, uintptr_t gpww, uintptr_t gdwb, uintptr_t gpwb) {
+    Geometry g = parse(geom);
+    bool f64 = is_f64(dtype);
+    int status;
+    {
+      py::gil_scoped_release nogil;
+      status = f64 ? run_backward<double>(g, gy, x, dww, pww, dwb, pwb, gx, gdww, gpww, gdwb, gpwb)
+                   : run_backward<float>(g, gy, x, dww, pww, dwb, pwb, gx, gdww, gpww, gdwb, gpwb);
+    }
+    check(status);
+  });
+
+  m.def("isa", [] { return std::string(kIsaNames[g_isa.load()]); },
+        "The instruction set the kernels run with now.");
+  m.def("supported_isas", [] {
+    std::vector<std::string> r;
+    for (int i = 0; i <= kBestIsa; ++i) r.push_back(kIsaNames[i]);
+    return r;
+  }, "Instruction sets this CPU can run, slowest first.");
+  m.def("set_isa", [](const std::string& name) {
+    for (int i = 0; i <= kBestIsa; ++i)
+      if (name == kIsaNames[i]) { g_isa = i; return; }
+    throw py::value_error("instruction set '" + name + "' is not available on this CPU (best: " +
+                          kIsaNames[kBestIsa] + ")");
+  }, "Force the kernels onto an instruction set this CPU supports.");
+  m.def("fma_peak", [](int threads, int64_t iters) {
+    if (threads < 1 || iters < 1) throw py::value_error("threads and iters must be >= 1");
+    py::gil_scoped_release nogil;
+#if defined(__x86_64__) || defined(_M_X64)
+    if (g_isa == AVX512) return sepconv::avx512::fma_probe(threads, iters);
+    if (g_isa == AVX2) return sepconv::avx2::fma_probe(threads, iters);
+#endif
+    return sepconv::generic::fma_probe(threads, iters);
+  }, py::arg("threads"), py::arg("iters") = 20000000,
+     "Measured fp32 FMA throughput (GFLOP/s) of the current instruction set.");
+}

@@ -1,0 +1,64 @@
+// Shared declarations of the fused separable-convolution CPU kernels.
+//
+// The kernels see raw pointers and a Geometry only (no torch headers), so the
+// extension builds with a plain compiler + pybind11 and survives torch upgrades.
+// Every tensor is dense in the layout named by Geometry::channels_last:
+//   x, grad_x            (N, C,  H,  W)   NCHW or NHWC
+//   y, grad_y            (N, Co, Ho, Wo)  same layout as x
+//   dw_weight            (Cm, kh, kw)     contiguous, Cm = C * m
+//   pw_weight            (Co, Cm)         contiguous
+//   dw_bias / pw_bias    (Cm) / (Co)      contiguous, or null
+#pragma once
+#include <cstdint>
+
+namespace sepconv {
+
+enum Act : int { ACT_NONE = 0, ACT_RELU = 1, ACT_RELU6 = 2, ACT_SILU = 3, ACT_HARDSWISH = 4 };
+
+struct Geometry {
+  int64_t N, C, H, W;     // input
+  int64_t m, Cm, Co;      // depth multiplier, mid channels (C * m), output channels
+  int64_t kh, kw;         // depthwise kernel
+  int64_t sh, sw;         // stride
+  int64_t pt, pl;         // top / left zero padding (bottom / right follow from Ho, Wo)
+  int64_t dh, dw;         // dilation
+  int64_t Ho, Wo;         // output size
+  bool channels_last;
+  int act1, act2;         // activation after the depthwise / pointwise stage
+  int threads;
+};
+
+// Gradients to compute; a null pointer in Grads means "not wanted".
+template <class T>
+struct Grads {
+  T* x;       // zero-initialised by the caller (the kernel accumulates into it)
+  T* dw_weight;
+  T* pw_weight;
+  T* dw_bias;
+  T* pw_bias;
+};
+
+// Status codes returned by the kernels.
+constexpr int OK = 0;
+constexpr int OUT_OF_MEMORY = 1;
+
+// One set of entry points per instruction set, each compiled in its own
+// translation unit with its own target flags (see setup.py).
+#define SEPCONV_DECLARE_ISA(ns)                                                            \
+  namespace ns {                                                                           \
+  template <class T>                                                                       \
+  int forward(const Geometry& g, const T* x, const T* dww, const T* pww, const T* dwb,     \
+              const T* pwb, T* y);                                                         \
+  template <class T>                                                                       \
+  int backward(const Geometry& g, const T* gy, const T* x, const T* dww, const T* pww,     \
+               const T* dwb, const T* pwb, const Grads<T>& out);                           \
+  double fma_probe(int threads, int64_t iters);                                            \
+  }
+
+SEPCONV_DECLARE_ISA(generic)
+#if defined(__x86_64__) || defined(_M_X64)
+SEPCONV_DECLARE_ISA(avx2)
+SEPCONV_DECLARE_ISA(avx512)
+#endif
+
+}  // namespace sepconv

@@ -1,0 +1,65 @@
+"""Builds the CPU extension sepconv._C from csrc/.
+
+The kernels are compiled once per instruction set (kernels_<isa>.cpp) with that
+ISA's flags and picked at run time, so the default build runs on any x86-64 CPU.
+Environment switches:
+  SEPCONV_NATIVE=1   add -march=native to every file (a build for this machine only)
+  SEPCONV_DEBUG=1    -O0 -g instead of -O3
+  SEPCONV_SANITIZE=1 AddressSanitizer + UndefinedBehaviorSanitizer (run Python with
+                     LD_PRELOAD="$(gcc -print-file-name=libasan.so)")
+"""
+
+import os
+import platform
+
+from pybind11.setup_helpers import Pybind11Extension
+from setuptools import setup
+from setuptools.command.build_ext import build_ext
+
+X86 = platform.machine().lower() in ("x86_64", "amd64", "x64")
+ISA_FLAGS = {
+    "kernels_avx2.cpp": ["-mavx2", "-mfma"],
+    "kernels_avx512.cpp": ["-mavx512f", "-mavx512bw", "-mavx512dq", "-mavx512vl", "-mfma"],
+}
+
+
+def _on(name: str) -> bool:
+    return os.environ.get(name, "0") not in ("", "0")
+
+
+class BuildExt(build_ext):
+    """Adds each ISA file's target flags to that file only."""
+
+    def build_extensions(self):
+        compile_one = self.compiler._compile
+
+        def _compile(obj, src, ext, cc_args, extra_postargs, pp_opts):
+            flags = ISA_FLAGS.get(os.path.basename(src), []) if X86 else []
+            return compile_one(obj, src, ext, cc_args, list(extra_postargs) + flags, pp_opts)
+
+        self.compiler._compile = _compile
+        super().build_extensions()
+
+
+opt = ["-O0", "-g"] if _on("SEPCONV_DEBUG") else ["-O3"]
+native = ["-march=native"] if _on("SEPCONV_NATIVE") else []
+sanitize = ["-fsanitize=address,undefined", "-fno-omit-frame-pointer", "-g"] \
+    if _on("SEPCONV_SANITIZE") else []
+sources = ["csrc/bindings.cpp", "csrc/kernels_generic.cpp"]
+if X86:
+    sources += ["csrc/kernels_avx2.cpp", "csrc/kernels_avx512.cpp"]
+
+setup(
+    ext_modules=[
+        Pybind11Extension(
+            "sepconv._C",
+            sources,
+            include_dirs=["csrc"],
+            depends=["csrc/sepconv.h", "csrc/kernels.h"],
+            cxx_std=17,
+            extra_compile_args=opt + native + sanitize + ["-fopenmp", "-ffp-contract=fast"],
+            extra_link_args=["-fopenmp"] + sanitize,
+        )
+    ],
+    cmdclass={"build_ext": BuildExt},
+)
