@@ -1,0 +1,15 @@
+"""sepconv: fused depthwise-separable convolution kernels for PyTorch.
+
+    y = act(W_pw . act_mid(dw(x) + b_dw) + b_pw)     in one kernel per direction
+
+Data flows one way: SeparableConv2d -> separable_conv2d -> torch.ops.sepconv.* ->
+sepconv._C (CPU, float32/float64) or the PyTorch reference (every other case).
+"""
+
+__version__ = "0.1.0"
+
+from ._backend import backend_info, use_backend  # noqa: E402
+from .functional import separable_conv2d  # noqa: E402
+from .modules import SeparableConv2d  # noqa: E402
+
+__all__ = ["SeparableConv2d", "separable_conv2d", "use_backend", "backend_info", "__version__"]

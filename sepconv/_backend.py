@@ -1,0 +1,71 @@
+"""Which implementation runs: the native kernels, Triton, or the PyTorch reference."""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import os
+import warnings
+from collections.abc import Iterator
+
+import torch
+
+try:
+    from . import _C
+except ImportError as exc:  # a source checkout without a build, or a broken wheel
+    _C = None
+    warnings.warn(
+        f"sepconv: native CPU kernels unavailable ({exc}); using the PyTorch reference path",
+        RuntimeWarning,
+        stacklevel=2,
+    )
+
+if _C is not None and os.environ.get("SEPCONV_ISA"):
+    try:
+        _C.set_isa(os.environ["SEPCONV_ISA"])
+    except ValueError as exc:
+        warnings.warn(f"sepconv: SEPCONV_ISA ignored: {exc}", RuntimeWarning, stacklevel=2)
+
+BACKENDS = ("auto", "native", "triton", "reference")
+_backend = "auto"  # process-wide, like torch.backends flags
+
+
+def current_backend() -> str:
+    return _backend
+
+
+@contextlib.contextmanager
+def use_backend(name: str) -> Iterator[None]:
+    """Force an implementation inside a ``with`` block.
+
+    - ``"auto"`` (default): native kernels where they exist (C++ on CPU for float32 /
+      float64), the PyTorch reference elsewhere.
+    - ``"native"``: the C++ kernels on CPU; raises if they are not built or the dtype
+      has none.
+    - ``"triton"``: the Triton kernels (not part of this release yet: raises).
+    - ``"reference"``: the pure PyTorch ``F.conv2d`` pair.
+    """
+    global _backend
+    if name not in BACKENDS:
+        raise ValueError(f"unknown backend {name!r}; expected one of {BACKENDS}")
+    previous, _backend = _backend, name
+    try:
+        yield
+    finally:
+        _backend = previous
+
+
+def backend_info() -> dict:
+    """What this installation can run: version, native CPU path and its ISA, threads, GPU."""
+    from . import __version__
+
+    return {
+        "version": __version__,
+        "backend": _backend,
+        "cpu_native": _C is not None,
+        "cpu_isa": _C.isa() if _C is not None else None,
+        "cpu_isas": list(_C.supported_isas()) if _C is not None else [],
+        "num_threads": torch.get_num_threads(),
+        "triton": importlib.util.find_spec("triton") is not None,
+        "cuda": torch.cuda.is_available(),
+    }

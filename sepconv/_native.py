@@ -1,0 +1,92 @@
+"""Calls into the C++ kernels (sepconv._C) with raw pointers.
+
+This is the only place that turns tensors into addresses, so it owns the
+guarantees the kernels rely on: CPU, float32/float64, every tensor dense in the
+layout passed to the kernel, and outputs allocated with the right sizes.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ._backend import _C
+from .reference import ACTIVATIONS
+
+DTYPES = {torch.float32: "float32", torch.float64: "float64"}
+
+
+def memory_format(x: Tensor) -> torch.memory_format:
+    """The layout the output (and grad_x) of ``x`` gets: channels_last in, channels_last out.
+
+    Where contiguity does not single out one layout (a strided view, a batch of 0,
+    C == 1, H == W == 1), the stride order decides.
+    """
+    nchw, nhwc = x.is_contiguous(), x.is_contiguous(memory_format=torch.channels_last)
+    if nchw != nhwc:
+        return torch.contiguous_format if nchw else torch.channels_last
+    return torch.channels_last if x.stride(1) < x.stride(3) else torch.contiguous_format
+
+
+def output_size(x: Tensor, dw_weight: Tensor, stride, padding, dilation) -> tuple[int, int]:
+    (H, W), (kh, kw) = x.shape[2:], dw_weight.shape[2:]
+    top, bottom, left, right = padding
+    Ho = (H + top + bottom - dilation[0] * (kh - 1) - 1) // stride[0] + 1
+    Wo = (W + left + right - dilation[1] * (kw - 1) - 1) // stride[1] + 1
+    return Ho, Wo
+
+
+def supports(x: Tensor) -> bool:
+    return _C is not None and x.device.type == "cpu" and x.dtype in DTYPES
+
+
+def _ptr(t: Tensor | None) -> int:
+    return 0 if t is None else t.data_ptr()
+
+
+def _geometry(x, dw_weight, pw_weight, stride, padding, dilation, fmt, act1, act2):
+    N, C, H, W = x.shape
+    top, bottom, left, right = padding
+    Ho, Wo = output_size(x, dw_weight, stride, padding, dilation)
+    return (N, C, H, W, dw_weight.shape[0] // C, pw_weight.shape[0], *dw_weight.shape[2:],
+            *stride, top, bottom, left, right, *dilation, Ho, Wo,
+            fmt == torch.channels_last, ACTIVATIONS.index(act1), ACTIVATIONS.index(act2),
+            torch.get_num_threads())
+
+
+def _dense(*ts: Tensor | None) -> list[Tensor | None]:
+    return [None if t is None else t.contiguous() for t in ts]
+
+
+def forward(x, dw_weight, pw_weight, dw_bias, pw_bias, stride, padding, dilation,
+            mid_activation, activation) -> Tensor:
+    fmt = memory_format(x)
+    x = x.contiguous(memory_format=fmt)
+    dw_weight, pw_weight, dw_bias, pw_bias = _dense(dw_weight, pw_weight, dw_bias, pw_bias)
+    geom = _geometry(x, dw_weight, pw_weight, stride, padding, dilation, fmt,
+                     mid_activation, activation)
+    Ho, Wo = geom[16:18]
+    y = torch.empty((x.shape[0], pw_weight.shape[0], Ho, Wo), dtype=x.dtype,
+                    memory_format=fmt)
+    _C.forward(geom, DTYPES[x.dtype], _ptr(x), _ptr(dw_weight), _ptr(pw_weight),
+               _ptr(dw_bias), _ptr(pw_bias), _ptr(y))
+    return y
+
+
+def backward(grad_y, x, dw_weight, pw_weight, dw_bias, pw_bias, stride, padding, dilation,
+             mid_activation, activation, output_mask) -> tuple[Tensor | None, ...]:
+    fmt = memory_format(x)
+    x, grad_y = x.contiguous(memory_format=fmt), grad_y.contiguous(memory_format=fmt)
+    dw_weight, pw_weight, dw_bias, pw_bias = _dense(dw_weight, pw_weight, dw_bias, pw_bias)
+    geom = _geometry(x, dw_weight, pw_weight, stride, padding, dilation, fmt,
+                     mid_activation, activation)
+    want_x, want_dw, want_pw, want_dwb, want_pwb = output_mask
+    gx = torch.zeros_like(x, memory_format=fmt) if want_x else None
+    gdw = torch.empty_like(dw_weight) if want_dw else None
+    gpw = torch.empty_like(pw_weight) if want_pw else None
+    gdwb = torch.empty_like(dw_bias) if want_dwb and dw_bias is not None else None
+    gpwb = torch.empty_like(pw_bias) if want_pwb and pw_bias is not None else None
+    _C.backward(geom, DTYPES[x.dtype], _ptr(grad_y), _ptr(x), _ptr(dw_weight), _ptr(pw_weight),
+                _ptr(dw_bias), _ptr(pw_bias), _ptr(gx), _ptr(gdw), _ptr(gpw), _ptr(gdwb),
+                _ptr(gpwb))
+    return gx, gdw, gpw, gdwb, gpwb

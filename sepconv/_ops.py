@@ -1,0 +1,128 @@
+"""The ``sepconv::`` custom ops: forward and backward, their fake kernels and autograd.
+
+Arguments are already checked and normalised by ``sepconv.functional``:
+stride / dilation are [h, w], padding is [top, bottom, left, right] (zeros),
+activations are names from ``reference.ACTIVATIONS`` and ``backend`` is resolved
+at the call site, so forward and backward of one call always take the same path.
+
+Per device: CPU -> sepconv._C (float32/float64), everything else -> the reference.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from . import _native, reference
+
+_NOT_YET = "the Triton backend is not part of this sepconv release yet (see the GPU issue)"
+
+
+def _use_native(x: Tensor, backend: str) -> bool:
+    if backend == "triton":
+        raise NotImplementedError(_NOT_YET)
+    if backend == "native" and not _native.supports(x):
+        why = "are not built" if _native._C is None else f"have no {x.dtype} {x.device.type} path"
+        raise RuntimeError(f"sepconv: backend 'native' requested but the native kernels {why}")
+    return backend in ("auto", "native") and _native.supports(x)
+
+
+def _out_like(x: Tensor, shape) -> Tensor:
+    return x.new_empty(shape).contiguous(memory_format=_native.memory_format(x))
+
+
+@torch.library.custom_op("sepconv::separable_conv2d", mutates_args=())
+def separable_conv2d(
+    x: Tensor, dw_weight: Tensor, pw_weight: Tensor, dw_bias: Tensor | None,
+    pw_bias: Tensor | None, stride: list[int], padding: list[int], dilation: list[int],
+    mid_activation: str, activation: str, backend: str,
+) -> Tensor:
+    """y = act(pw(act_mid(dw(x) + dw_bias)) + pw_bias); the reference on non-CPU devices."""
+    _use_native(x, backend)  # rejects the backends this device cannot honour
+    y = reference.forward(x, dw_weight, pw_weight, dw_bias, pw_bias, stride, padding,
+                          dilation, mid_activation, activation)
+    return y.contiguous(memory_format=_native.memory_format(x))
+
+
+@separable_conv2d.register_kernel("cpu")
+def _(x, dw_weight, pw_weight, dw_bias, pw_bias, stride, padding, dilation, mid_activation,
+      activation, backend):
+    impl = _native if _use_native(x, backend) else reference
+    y = impl.forward(x, dw_weight, pw_weight, dw_bias, pw_bias, stride, padding, dilation,
+                     mid_activation, activation)
+    return y.contiguous(memory_format=_native.memory_format(x))
+
+
+@separable_conv2d.register_fake
+def _(x, dw_weight, pw_weight, dw_bias, pw_bias, stride, padding, dilation, mid_activation,
+      activation, backend):
+    Ho, Wo = _native.output_size(x, dw_weight, stride, padding, dilation)
+    return _out_like(x, (x.shape[0], pw_weight.shape[0], Ho, Wo))
+
+
+@torch.library.custom_op("sepconv::separable_conv2d_backward", mutates_args=())
+def separable_conv2d_backward(
+    grad_y: Tensor, x: Tensor, dw_weight: Tensor, pw_weight: Tensor, dw_bias: Tensor | None,
+    pw_bias: Tensor | None, stride: list[int], padding: list[int], dilation: list[int],
+    mid_activation: str, activation: str, backend: str, output_mask: list[bool],
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Gradients of (x, dw_weight, pw_weight, dw_bias, pw_bias); an empty tensor where
+    ``output_mask`` is False or the bias is None."""
+    _use_native(x, backend)
+    grads = reference.backward(grad_y, x, dw_weight, pw_weight, dw_bias, pw_bias, stride,
+                               padding, dilation, mid_activation, activation, output_mask)
+    return _pack_grads(x, grads, dw_bias, pw_bias, output_mask)
+
+
+@separable_conv2d_backward.register_kernel("cpu")
+def _(grad_y, x, dw_weight, pw_weight, dw_bias, pw_bias, stride, padding, dilation,
+      mid_activation, activation, backend, output_mask):
+    impl = _native if _use_native(x, backend) else reference
+    grads = impl.backward(grad_y, x, dw_weight, pw_weight, dw_bias, pw_bias, stride, padding,
+                          dilation, mid_activation, activation, output_mask)
+    return _pack_grads(x, grads, dw_bias, pw_bias, output_mask)
+
+
+def _grad_shapes(x, dw_weight, pw_weight, dw_bias, pw_bias, output_mask):
+    """Shape of each returned gradient; (0,) stands for 'not computed'."""
+    shapes = (x.shape, dw_weight.shape, pw_weight.shape,
+              None if dw_bias is None else dw_bias.shape,
+              None if pw_bias is None else pw_bias.shape)
+    return [s if (want and s is not None) else (0,) for s, want in zip(shapes, output_mask)]
+
+
+def _pack_grads(x, grads, dw_bias, pw_bias, output_mask):
+    fmt = _native.memory_format(x)
+    out = []
+    for i, g in enumerate(grads):
+        if g is None or not output_mask[i]:
+            out.append(x.new_empty(0))
+        else:
+            out.append(g.contiguous(memory_format=fmt) if i == 0 else g.contiguous())
+    return tuple(out)
+
+
+@separable_conv2d_backward.register_fake
+def _(grad_y, x, dw_weight, pw_weight, dw_bias, pw_bias, stride, padding, dilation,
+      mid_activation, activation, backend, output_mask):
+    shapes = _grad_shapes(x, dw_weight, pw_weight, dw_bias, pw_bias, output_mask)
+    return tuple(_out_like(x, s) if i == 0 and len(s) == 4 else x.new_empty(s)
+                 for i, s in enumerate(shapes))
+
+
+def _setup_context(ctx, inputs, output):
+    x, dw_weight, pw_weight, dw_bias, pw_bias, *config = inputs
+    ctx.save_for_backward(x, dw_weight, pw_weight, dw_bias, pw_bias)
+    ctx.config = config  # stride, padding, dilation, mid_activation, activation, backend
+
+
+def _backward(ctx, grad_y):
+    x, dw_weight, pw_weight, dw_bias, pw_bias = ctx.saved_tensors
+    biases = (True, True, True, dw_bias is not None, pw_bias is not None)
+    mask = [bool(need and has) for need, has in zip(ctx.needs_input_grad[:5], biases)]
+    grads = separable_conv2d_backward(grad_y, x, dw_weight, pw_weight, dw_bias, pw_bias,
+                                      *ctx.config, mask)
+    return tuple(g if want else None for g, want in zip(grads, mask)) + (None,) * 6
+
+
+separable_conv2d.register_autograd(_backward, setup_context=_setup_context)

@@ -1,0 +1,141 @@
+"""Functional form: checks every argument, then calls the ``sepconv::`` op."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from . import _backend, _ops
+from .reference import ACTIVATIONS
+
+__all__ = ["separable_conv2d"]
+
+
+def _pair(value, name: str, minimum: int) -> list[int]:
+    items = list(value) if isinstance(value, (tuple, list)) else [value, value]
+    if len(items) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) for v in items):
+        raise TypeError(f"{name} must be an int or a pair of ints, got {value!r}")
+    if min(items) < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value!r}")
+    return items
+
+
+def _activation(name, what: str) -> str:
+    if name is None:
+        return "none"
+    if not isinstance(name, str) or name.lower() not in ACTIVATIONS:
+        raise ValueError(f"unknown {what} {name!r}; expected None or one of {ACTIVATIONS[1:]}")
+    return name.lower()
+
+
+def resolve_padding(padding, kernel_size, stride, dilation) -> list[int]:
+    """[top, bottom, left, right] for an int, a pair, "valid" or "same".
+
+    "same" puts the odd pixel of an even total padding at the bottom / right, as
+    ``nn.Conv2d`` does.
+    """
+    if isinstance(padding, str):
+        if padding == "valid":
+            return [0, 0, 0, 0]
+        if padding != "same":
+            raise ValueError(f"padding must be 'same', 'valid', an int or a pair, got {padding!r}")
+        if stride != [1, 1]:
+            raise ValueError(f"padding='same' is not supported for strided convolutions "
+                             f"(stride={tuple(stride)})")
+        pads = []
+        for d, k in zip(dilation, kernel_size):
+            total = d * (k - 1)
+            pads += [total // 2, total - total // 2]
+        return pads
+    ph, pw = _pair(padding, "padding", 0)
+    return [ph, ph, pw, pw]
+
+
+def _check_tensor(t, name: str, x: Tensor | None, shape: tuple | None) -> None:
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{name} must be a Tensor, got {type(t).__name__}")
+    if not t.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got dtype {t.dtype}")
+    if x is not None and t.dtype != x.dtype:
+        raise TypeError(f"{name} has dtype {t.dtype} but x has dtype {x.dtype}")
+    if x is not None and t.device != x.device:
+        raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
+    if shape is not None and tuple(t.shape) != shape:
+        raise ValueError(f"expected {name} of shape {shape}, got {tuple(t.shape)}")
+
+
+def separable_conv2d(
+    x: Tensor,
+    depthwise_weight: Tensor,
+    pointwise_weight: Tensor,
+    bias: Tensor | None = None,
+    stride=1,
+    padding=0,
+    dilation=1,
+    *,
+    depthwise_bias: Tensor | None = None,
+    mid_activation: str | None = None,
+    activation: str | None = None,
+) -> Tensor:
+    """Fused ``act(pw(act_mid(dw(x) + depthwise_bias)) + bias)``.
+
+    Shapes:
+        x: (N, C_in, H, W) or unbatched (C_in, H, W)
+        depthwise_weight: (C_in * m, 1, kh, kw)  (m: depth multiplier)
+        pointwise_weight: (C_out, C_in * m, 1, 1)
+        bias: (C_out,); depthwise_bias: (C_in * m,)
+        returns: (N, C_out, H_out, W_out), in x's memory format
+
+    ``stride``, ``padding`` and ``dilation`` follow ``F.conv2d`` (padding may be
+    "same" or "valid"; zeros only: pad other modes with ``F.pad`` first).
+    ``mid_activation`` / ``activation``: None, "relu", "relu6", "silu", "hardswish".
+    """
+    _check_tensor(x, "x", None, None)
+    if x.dim() == 3:
+        return separable_conv2d(x.unsqueeze(0), depthwise_weight, pointwise_weight, bias,
+                                stride, padding, dilation, depthwise_bias=depthwise_bias,
+                                mid_activation=mid_activation, activation=activation)[0]
+    if x.dim() != 4:
+        raise ValueError(f"expected x with 4 dims (N, C, H, W) or 3 dims (C, H, W), "
+                         f"got shape {tuple(x.shape)}")
+    if x.device.type == "meta":
+        raise ValueError("x is a meta tensor; sepconv needs real data (use torch.compile or "
+                         "FakeTensorMode for shape propagation)")
+    N, C, H, W = x.shape
+    if H == 0 or W == 0:
+        raise ValueError(f"x has an empty spatial size {H}x{W}")
+    _check_tensor(depthwise_weight, "depthwise_weight", x, None)
+    if depthwise_weight.dim() != 4 or depthwise_weight.shape[1] != 1:
+        raise ValueError(f"expected depthwise_weight of shape (C_in * m, 1, kh, kw), "
+                         f"got {tuple(depthwise_weight.shape)}")
+    Cm, _, kh, kw = depthwise_weight.shape
+    if C == 0 or Cm == 0 or Cm % C:
+        raise ValueError(f"depthwise_weight has {Cm} channels, which is not a positive "
+                         f"multiple of the {C} input channels of x")
+    _check_tensor(pointwise_weight, "pointwise_weight", x, None)
+    if (pointwise_weight.dim() != 4 or pointwise_weight.shape[1:] != (Cm, 1, 1)
+            or pointwise_weight.shape[0] == 0):
+        raise ValueError(f"expected pointwise_weight of shape (C_out, {Cm}, 1, 1), "
+                         f"got {tuple(pointwise_weight.shape)}")
+    if kh == 0 or kw == 0:
+        raise ValueError(f"depthwise kernel must be at least 1x1, got {kh}x{kw}")
+    Co = pointwise_weight.shape[0]
+    if bias is not None:
+        _check_tensor(bias, "bias", x, (Co,))
+    if depthwise_bias is not None:
+        _check_tensor(depthwise_bias, "depthwise_bias", x, (Cm,))
+    stride = _pair(stride, "stride", 1)
+    dilation = _pair(dilation, "dilation", 1)
+    pads = resolve_padding(padding, (kh, kw), stride, dilation)
+    act1 = _activation(mid_activation, "mid_activation")
+    act2 = _activation(activation, "activation")
+    for size, before, after, d, k, axis in ((H, *pads[:2], dilation[0], kh, "height"),
+                                            (W, *pads[2:], dilation[1], kw, "width")):
+        if size + before + after < d * (k - 1) + 1:
+            raise ValueError(f"kernel {axis} {d * (k - 1) + 1} (dilated) is larger than the "
+                             f"padded input {axis} {size + before + after}")
+    return _ops.separable_conv2d(x, depthwise_weight, pointwise_weight, depthwise_bias, bias,
+                                 stride, pads, dilation, act1, act2, _backend.current_backend())
+
+
+torch.fx.wrap("separable_conv2d")  # keep it one node in fx-traced models

@@ -1,0 +1,131 @@
+"""``SeparableConv2d``: a drop-in for ``nn.Conv2d`` computed as one fused kernel."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.nn import init
+
+from .functional import _activation, _pair, resolve_padding, separable_conv2d
+
+__all__ = ["SeparableConv2d"]
+
+PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
+
+
+class SeparableConv2d(nn.Module):
+    """Depthwise ``kernel_size`` conv (``depth_multiplier`` filters per input channel),
+    optional ``mid_activation``, then a 1x1 conv to ``out_channels``, optional ``activation``.
+
+    Takes ``nn.Conv2d``'s arguments and gives the same output shape for all of them.
+    ``groups`` exists only for signature compatibility and must be 1.
+
+    Parameters:
+        depthwise_weight: (in_channels * m, 1, kh, kw)
+        pointwise_weight: (out_channels, in_channels * m, 1, 1)
+        bias: (out_channels,) or None
+        depthwise_bias: (in_channels * m,) or None (``depthwise_bias=True`` creates it)
+
+    Shapes: (N, in_channels, H, W) or (in_channels, H, W) -> (N, out_channels, H_out, W_out)
+    or (out_channels, H_out, W_out), H_out / W_out as ``nn.Conv2d``.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size,
+        stride=1,
+        padding=0,
+        dilation=1,
+        groups: int = 1,
+        bias: bool = True,
+        padding_mode: str = "zeros",
+        device=None,
+        dtype=None,
+        *,
+        depth_multiplier: int = 1,
+        mid_activation: str | None = None,
+        activation: str | None = None,
+        depthwise_bias: bool = False,
+    ) -> None:
+        super().__init__()
+        for name, value in (("in_channels", in_channels), ("out_channels", out_channels),
+                            ("depth_multiplier", depth_multiplier)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if groups != 1:
+            raise ValueError(f"SeparableConv2d has no groups (got groups={groups}): its depthwise "
+                             "stage is already grouped per input channel")
+        if padding_mode not in PADDING_MODES:
+            raise ValueError(f"padding_mode must be one of {PADDING_MODES}, got {padding_mode!r}")
+        self.in_channels, self.out_channels = in_channels, out_channels
+        self.kernel_size = tuple(_pair(kernel_size, "kernel_size", 1))
+        self.stride = tuple(_pair(stride, "stride", 1))
+        self.dilation = tuple(_pair(dilation, "dilation", 1))
+        # Validates and gives [top, bottom, left, right], "same" split like nn.Conv2d.
+        self._pads = resolve_padding(padding, self.kernel_size, list(self.stride),
+                                     list(self.dilation))
+        self.padding = padding if isinstance(padding, str) else tuple(_pair(padding, "padding", 0))
+        self.groups, self.padding_mode, self.depth_multiplier = 1, padding_mode, depth_multiplier
+        self.mid_activation = None if _activation(mid_activation, "mid_activation") == "none" \
+            else mid_activation.lower()
+        self.activation = None if _activation(activation, "activation") == "none" \
+            else activation.lower()
+
+        factory = {"device": device, "dtype": dtype}
+        mid = in_channels * depth_multiplier
+        self.depthwise_weight = nn.Parameter(torch.empty((mid, 1, *self.kernel_size), **factory))
+        self.pointwise_weight = nn.Parameter(torch.empty((out_channels, mid, 1, 1), **factory))
+        self.bias = nn.Parameter(torch.empty(out_channels, **factory)) if bias else None
+        self.depthwise_bias = nn.Parameter(torch.empty(mid, **factory)) if depthwise_bias else None
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """As ``nn.Conv2d.reset_parameters`` for each of the two convolutions."""
+        for weight, b in ((self.depthwise_weight, self.depthwise_bias),
+                          (self.pointwise_weight, self.bias)):
+            init.kaiming_uniform_(weight, a=math.sqrt(5))
+            if b is not None:
+                fan_in, _ = init._calculate_fan_in_and_fan_out(weight)
+                bound = 1 / math.sqrt(fan_in) if fan_in > 0 else 0
+                init.uniform_(b, -bound, bound)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not isinstance(x, Tensor) or x.dim() not in (3, 4):
+            shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
+            raise ValueError(f"expected input of shape (N, C, H, W) or (C, H, W), got {shape}")
+        padding = self.padding
+        if self.padding_mode != "zeros":
+            top, bottom, left, right = self._pads
+            x = F.pad(x, (left, right, top, bottom), mode=self.padding_mode)
+            padding = 0
+        return separable_conv2d(x, self.depthwise_weight, self.pointwise_weight, self.bias,
+                                self.stride, padding, self.dilation,
+                                depthwise_bias=self.depthwise_bias,
+                                mid_activation=self.mid_activation, activation=self.activation)
+
+    def extra_repr(self) -> str:
+        s = f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}"
+        s += f", stride={self.stride}"
+        if self.padding != (0, 0):
+            s += f", padding={self.padding!r}" if isinstance(self.padding, str) \
+                else f", padding={self.padding}"
+        if self.dilation != (1, 1):
+            s += f", dilation={self.dilation}"
+        if self.bias is None:
+            s += ", bias=False"
+        if self.padding_mode != "zeros":
+            s += f", padding_mode={self.padding_mode}"
+        if self.depth_multiplier != 1:
+            s += f", depth_multiplier={self.depth_multiplier}"
+        if self.depthwise_bias is not None:
+            s += ", depthwise_bias=True"
+        if self.mid_activation:
+            s += f", mid_activation={self.mid_activation!r}"
+        if self.activation:
+            s += f", activation={self.activation!r}"
+        return s

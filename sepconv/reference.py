@@ -1,0 +1,67 @@
+"""Pure-PyTorch separable convolution: the fallback path on every device.
+
+Forward is the ``F.conv2d`` pair; backward uses aten's own convolution and
+activation backward kernels, so both directions have exactly torch's semantics.
+``padding`` is (top, bottom, left, right) of zeros; ``mid_activation`` /
+``activation`` are names from ``ACTIVATIONS``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+ACTIVATIONS = ("none", "relu", "relu6", "silu", "hardswish")
+
+_FORWARD = {
+    "none": lambda t: t,
+    "relu": F.relu,
+    "relu6": F.relu6,
+    "silu": F.silu,
+    "hardswish": F.hardswish,
+}
+
+aten = torch.ops.aten
+_BACKWARD = {  # (grad_out, pre-activation input) -> grad_in
+    "none": lambda g, z: g,
+    "relu": lambda g, z: aten.threshold_backward(g, F.relu(z), 0),
+    "relu6": lambda g, z: aten.hardtanh_backward(g, z, 0.0, 6.0),
+    "silu": aten.silu_backward,
+    "hardswish": aten.hardswish_backward,
+}
+
+
+def _pad(x: Tensor, padding: list[int]) -> Tensor:
+    top, bottom, left, right = padding
+    return F.pad(x, (left, right, top, bottom)) if any(padding) else x
+
+
+def forward(x, dw_weight, pw_weight, dw_bias, pw_bias, stride, padding, dilation,
+            mid_activation, activation) -> Tensor:
+    u = F.conv2d(_pad(x, padding), dw_weight, dw_bias, stride, 0, dilation, groups=x.shape[1])
+    return _FORWARD[activation](F.conv2d(_FORWARD[mid_activation](u), pw_weight, pw_bias))
+
+
+def backward(grad_y, x, dw_weight, pw_weight, dw_bias, pw_bias, stride, padding, dilation,
+             mid_activation, activation, output_mask) -> tuple[Tensor | None, ...]:
+    """Gradients (x, dw_weight, pw_weight, dw_bias, pw_bias); None where not asked for."""
+    need_x, need_dw, need_pw, need_dwb, need_pwb = output_mask
+    C, (top, _, left, _) = x.shape[1], padding
+    xp = _pad(x, padding)
+    u = F.conv2d(xp, dw_weight, dw_bias, stride, 0, dilation, groups=C)
+    mid = _FORWARD[mid_activation](u)
+    z = F.conv2d(mid, pw_weight, pw_bias) if activation != "none" else None
+    gz = _BACKWARD[activation](grad_y, z)
+    gmid, gpw, gpwb = aten.convolution_backward(
+        gz, mid, pw_weight, [pw_weight.shape[0]], [1, 1], [0, 0], [1, 1], False, [0, 0], 1,
+        [need_x or need_dw or need_dwb, need_pw, need_pwb])
+    gx = gdw = gdwb = None
+    if need_x or need_dw or need_dwb:
+        gu = _BACKWARD[mid_activation](gmid, u)
+        gxp, gdw, gdwb = aten.convolution_backward(
+            gu, xp, dw_weight, [dw_weight.shape[0]], list(stride), [0, 0], list(dilation),
+            False, [0, 0], C, [need_x, need_dw, need_dwb])
+        if need_x:
+            gx = gxp[:, :, top:top + x.shape[2], left:left + x.shape[3]]
+    return gx, gdw, gpw, gdwb, gpwb
