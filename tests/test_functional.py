@@ -1,0 +1,140 @@
+"""Forward and every gradient against the float64 nn.Conv2d pair, on every path."""
+
+import pytest
+import torch
+from conftest import ACTS, ISAS, check_against_oracle, make_inputs
+from hypothesis import assume, given
+from hypothesis import strategies as st
+
+import sepconv
+from sepconv._backend import _C
+
+# (N, C, H, W, m, Co, kernel, stride, padding, dilation): a base case, then one or two
+# knobs moved at a time, so that every value of every knob is covered.
+CASES = {
+    "base": (2, 3, 9, 11, 1, 5, 3, 1, 1, 1),
+    "k1": (2, 4, 7, 6, 1, 6, 1, 1, 0, 1),
+    "k2_same": (2, 3, 8, 9, 1, 4, 2, 1, "same", 1),
+    "k5": (1, 5, 13, 12, 1, 7, 5, 1, 2, 1),
+    "k7": (2, 2, 13, 13, 1, 3, 7, 1, 3, 1),
+    "k3x5_same": (2, 3, 9, 10, 1, 4, (3, 5), 1, "same", 1),
+    "k2x4_same": (1, 4, 7, 9, 1, 5, (2, 4), 1, "same", 1),
+    "k2x4_dil2_same": (1, 3, 11, 12, 1, 4, (2, 4), 1, "same", 2),
+    "stride2": (2, 4, 13, 11, 1, 6, 3, 2, 1, 1),
+    "stride3": (2, 3, 13, 13, 1, 5, 3, 3, 1, 1),
+    "stride3_k5_pad2": (1, 3, 13, 7, 1, 4, 5, 3, 2, 1),
+    "pad0": (2, 3, 9, 9, 1, 4, 3, 1, 0, 1),
+    "pad2": (2, 3, 7, 9, 1, 4, 3, 1, 2, 1),
+    "valid": (2, 3, 9, 8, 1, 4, 3, 1, "valid", 1),
+    "same_k5": (2, 3, 9, 8, 1, 4, 5, 1, "same", 1),
+    "dilation2": (2, 3, 13, 11, 1, 4, 3, 1, 2, 2),
+    "dilation2_stride2": (2, 3, 13, 13, 1, 4, 3, 2, 1, 2),
+    "multiplier2": (2, 3, 9, 9, 2, 5, 3, 1, 1, 1),
+    "multiplier3_stride2": (1, 2, 11, 9, 3, 4, 3, 2, 1, 1),
+    "H1": (2, 3, 1, 9, 1, 4, 3, 1, 1, 1),
+    "W1": (2, 3, 9, 1, 1, 4, 3, 1, 1, 1),
+    "HW1_k1": (3, 3, 1, 1, 1, 4, 1, 1, 0, 1),
+    "H7W13": (2, 3, 7, 13, 1, 4, 3, 1, 1, 1),
+    "C1": (2, 1, 9, 9, 1, 3, 3, 1, 1, 1),
+    "C1_Co1": (2, 1, 7, 7, 1, 1, 3, 1, 1, 1),
+    "batch0": (0, 3, 9, 9, 1, 4, 3, 1, 1, 1),
+    # channel counts beyond one micro-tile / vector (12 rows, 32 columns on AVX-512)
+    "wide": (2, 37, 9, 7, 1, 45, 3, 1, 1, 1),
+    "wide_m2": (1, 20, 6, 11, 2, 33, 3, 2, 1, 1),
+    # spatial sizes spanning several tiles and backward bands
+    "tall": (1, 3, 70, 5, 1, 4, 3, 1, 1, 1),
+    "long_rows": (1, 3, 5, 150, 1, 4, 3, 1, 1, 1),
+    "large_k_pad": (1, 2, 12, 12, 1, 3, 7, 2, 5, 2),
+}
+
+def _every_other_row(t, fmt):
+    """A view equal to t whose rows lie two apart in a larger ``fmt`` tensor."""
+    big = torch.zeros(t.shape[0], t.shape[1], 2 * t.shape[2], t.shape[3], dtype=t.dtype)
+    big = big.contiguous(memory_format=fmt)
+    big[:, :, ::2] = t
+    return big[:, :, ::2]
+
+
+LAYOUTS = {
+    "nchw": lambda t: t,
+    "channels_last": lambda t: t.contiguous(memory_format=torch.channels_last),
+    "strided_nchw": lambda t: torch.stack([t, t], dim=-1)[..., 0],  # W stride 2
+    "strided_channels_last": lambda t: _every_other_row(t, torch.channels_last),
+    "transposed_hw": lambda t: t.transpose(2, 3).contiguous().transpose(2, 3),
+}
+
+
+@pytest.mark.parametrize("case", CASES.values(), ids=CASES.keys())
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_shapes(path, case, layout):
+    N, C, H, W, m, Co, k, s, p, d = case
+    check_against_oracle(path, make_inputs(N, C, H, W, m, Co, k), s, p, d, "relu", "hardswish",
+                         layout=LAYOUTS[layout])
+
+
+@pytest.mark.parametrize("act1", list(ACTS), ids=str)
+@pytest.mark.parametrize("act2", list(ACTS), ids=str)
+def test_activations(path, act1, act2):
+    # inputs scaled so that the pre-activations cross 0, +-3 and 6
+    x, dw, pw, b, bd = make_inputs(2, 4, 7, 8, 1, 6, 3, seed=1)
+    check_against_oracle(path, (3 * x, dw, 2 * pw, b, bd), 1, 1, 1, act1, act2)
+
+
+@pytest.mark.parametrize("bias,dw_bias", [(False, False), (True, False), (False, True)])
+def test_bias_combinations(path, bias, dw_bias):
+    inputs = make_inputs(2, 3, 8, 7, 2, 5, 3, bias=bias, dw_bias=dw_bias)
+    check_against_oracle(path, inputs, 2, 1, 1, "relu6", None)
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_layouts(path, layout):
+    x = check_against_oracle(path, make_inputs(2, 5, 9, 10, 1, 6, 3), 1, 1, 1, "silu", "relu",
+                             layout=LAYOUTS[layout])
+    channels_last = layout in ("channels_last", "strided_channels_last")
+    assert x.is_contiguous(memory_format=torch.channels_last if channels_last
+                           else torch.contiguous_format)
+
+
+def test_grad_x_keeps_memory_format(path):
+    x, dw, pw, b, bd = (t.to(path) for t in make_inputs(2, 4, 6, 6, 1, 3, 3))
+    for fmt in (torch.channels_last, torch.contiguous_format):
+        xf = x.contiguous(memory_format=fmt).requires_grad_()
+        out = sepconv.separable_conv2d(xf, dw, pw, b, 1, 1)
+        assert out.is_contiguous(memory_format=fmt)
+        (g,) = torch.autograd.grad(out.sum(), xf)
+        assert g.is_contiguous(memory_format=fmt)
+
+
+def test_unbatched_input(path):
+    x, dw, pw, b, bd = (t.to(path) for t in make_inputs(1, 3, 7, 7, 1, 4, 3))
+    sep = sepconv.separable_conv2d
+    torch.testing.assert_close(sep(x[0], dw, pw, b, 1, 1), sep(x, dw, pw, b, 1, 1)[0])
+
+
+@given(
+    N=st.integers(0, 3), C=st.integers(1, 9), m=st.integers(1, 3), Co=st.integers(1, 40),
+    kh=st.integers(1, 5), kw=st.integers(1, 5), stride=st.integers(1, 3),
+    dilation=st.integers(1, 2), H=st.integers(1, 14), W=st.integers(1, 14),
+    pad=st.one_of(st.integers(0, 3), st.just("same"), st.just("valid")),
+    act1=st.sampled_from(list(ACTS)), act2=st.sampled_from(list(ACTS)),
+    channels_last=st.booleans(), bias=st.booleans(), dw_bias=st.booleans(),
+    dtype=st.sampled_from([torch.float32, torch.float64]), isa=st.sampled_from(ISAS or [None]),
+)
+def test_random_configurations(N, C, m, Co, kh, kw, stride, dilation, H, W, pad, act1, act2,
+                               channels_last, bias, dw_bias, dtype, isa):
+    if pad == "same":
+        stride = 1
+    ph = pad if isinstance(pad, int) else 0
+    assume(pad == "same" or (H + 2 * ph >= dilation * (kh - 1) + 1
+                             and W + 2 * ph >= dilation * (kw - 1) + 1))
+    if isa is not None:
+        previous = _C.isa()
+        _C.set_isa(isa)
+    try:
+        layout = LAYOUTS["channels_last" if channels_last else "nchw"]
+        check_against_oracle(dtype, make_inputs(N, C, H, W, m, Co, (kh, kw), bias=bias,
+                                                dw_bias=dw_bias), stride, pad, dilation,
+                             act1, act2, layout=layout)
+    finally:
+        if isa is not None:
+            _C.set_isa(previous)

@@ -1,0 +1,138 @@
+"""SeparableConv2d as a drop-in for nn.Conv2d: shapes, padding modes, init, repr, state."""
+
+import io
+import math
+
+import pytest
+import torch
+from conftest import oracle
+from torch import nn
+
+import sepconv
+
+# nn.Conv2d argument combinations; SeparableConv2d must give the same output shape.
+CONV_ARGS = [
+    dict(kernel_size=3),
+    dict(kernel_size=3, padding=1),
+    dict(kernel_size=(3, 5), padding=(1, 2)),
+    dict(kernel_size=2, padding="same"),
+    dict(kernel_size=(2, 4), padding="same", dilation=2),
+    dict(kernel_size=5, padding="valid"),
+    dict(kernel_size=3, stride=2, padding=1),
+    dict(kernel_size=3, stride=(2, 3), padding=(0, 1), dilation=(1, 2)),
+    dict(kernel_size=4, stride=3, padding=2, dilation=2),
+    dict(kernel_size=1),
+]
+PADDING_MODES = ["zeros", "reflect", "replicate", "circular"]
+
+
+@pytest.mark.parametrize("kwargs", CONV_ARGS, ids=str)
+@pytest.mark.parametrize("padding_mode", PADDING_MODES)
+@pytest.mark.parametrize("unbatched", [False, True])
+def test_output_shape_matches_conv2d(kwargs, padding_mode, unbatched):
+    x = torch.randn(2, 4, 11, 13)
+    if unbatched:
+        x = x[0]
+    conv = nn.Conv2d(4, 6, padding_mode=padding_mode, **kwargs)
+    sep = sepconv.SeparableConv2d(4, 6, padding_mode=padding_mode, **kwargs)
+    assert sep(x).shape == conv(x).shape
+
+
+@pytest.mark.parametrize("padding_mode", PADDING_MODES)
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_module_matches_conv2d_pair(padding_mode, channels_last):
+    torch.manual_seed(0)
+    sep = sepconv.SeparableConv2d(3, 5, (2, 4), padding="same", dilation=(1, 2), bias=True,
+                                  padding_mode=padding_mode, depth_multiplier=2,
+                                  mid_activation="relu6", activation="silu",
+                                  depthwise_bias=True, dtype=torch.float64)
+    x = torch.randn(2, 3, 9, 10, dtype=torch.float64, requires_grad=True)
+    xin = x.contiguous(memory_format=torch.channels_last) if channels_last else x
+    # the reference pair: nn.Conv2d(padding_mode=...) then a 1x1 conv
+    dconv = nn.Conv2d(3, 6, (2, 4), padding="same", dilation=(1, 2), groups=3,
+                      padding_mode=padding_mode, dtype=torch.float64)
+    with torch.no_grad():
+        dconv.weight.copy_(sep.depthwise_weight)
+        dconv.bias.copy_(sep.depthwise_bias)
+    expected = nn.functional.silu(nn.functional.conv2d(
+        nn.functional.relu6(dconv(x)), sep.pointwise_weight, sep.bias))
+    y = sep(xin)
+    torch.testing.assert_close(y, expected)
+    g = torch.randn_like(expected)
+    got = torch.autograd.grad(y, [x, sep.depthwise_weight, sep.pointwise_weight], g)
+    want = torch.autograd.grad(expected, [x, dconv.weight], g, retain_graph=True)
+    torch.testing.assert_close(got[0], want[0])
+    torch.testing.assert_close(got[1], want[1])
+
+
+def test_parameters_and_init_follow_conv2d():
+    torch.manual_seed(0)
+    sep = sepconv.SeparableConv2d(64, 128, 3, depth_multiplier=2, depthwise_bias=True)
+    assert sep.depthwise_weight.shape == (128, 1, 3, 3)
+    assert sep.pointwise_weight.shape == (128, 128, 1, 1)
+    assert sep.bias.shape == (128,) and sep.depthwise_bias.shape == (128,)
+    # kaiming_uniform(a=sqrt(5)) gives U(-1/sqrt(fan_in), 1/sqrt(fan_in)), as nn.Conv2d
+    for w, fan_in in ((sep.depthwise_weight, 9), (sep.pointwise_weight, 128)):
+        bound = 1 / math.sqrt(fan_in)
+        assert w.abs().max() <= bound and w.abs().max() > 0.9 * bound
+        assert abs(w.std().item() - bound / math.sqrt(3)) < 0.1 * bound
+    assert sep.bias.abs().max() <= 1 / math.sqrt(128)
+    assert sep.depthwise_bias.abs().max() <= 1 / 3
+    assert sepconv.SeparableConv2d(4, 4, 3, bias=False).bias is None
+    assert sepconv.SeparableConv2d(4, 4, 3).depthwise_bias is None
+
+
+def test_device_and_dtype_arguments():
+    sep = sepconv.SeparableConv2d(4, 6, 3, device="cpu", dtype=torch.float64)
+    assert all(p.dtype == torch.float64 for p in sep.parameters())
+
+
+def test_repr_like_conv2d():
+    sep = sepconv.SeparableConv2d(4, 6, 3, stride=2, padding=1, bias=False,
+                                  mid_activation="relu", activation="relu6")
+    assert repr(sep) == ("SeparableConv2d(4, 6, kernel_size=(3, 3), stride=(2, 2), "
+                         "padding=(1, 1), bias=False, mid_activation='relu', "
+                         "activation='relu6')")
+    assert "padding='same'" in repr(sepconv.SeparableConv2d(4, 6, 3, padding="same"))
+    assert "padding_mode=reflect" in repr(sepconv.SeparableConv2d(4, 6, 3, padding_mode="reflect"))
+
+
+def test_state_dict_round_trip():
+    a = sepconv.SeparableConv2d(4, 6, 3, depthwise_bias=True, activation="relu")
+    b = sepconv.SeparableConv2d(4, 6, 3, depthwise_bias=True, activation="relu")
+    buf = io.BytesIO()
+    torch.save(a.state_dict(), buf)
+    buf.seek(0)
+    b.load_state_dict(torch.load(buf, weights_only=True))
+    assert set(a.state_dict()) == {"depthwise_weight", "pointwise_weight", "bias",
+                                   "depthwise_bias"}
+    x = torch.randn(2, 4, 8, 8)
+    torch.testing.assert_close(a(x), b(x), rtol=0, atol=0)
+
+
+def test_matches_oracle_in_training_loop():
+    """A few SGD steps give the same parameters as the float64 pair (forward + backward)."""
+    torch.manual_seed(0)
+    sep = sepconv.SeparableConv2d(3, 4, 3, padding=1, mid_activation="relu",
+                                  depthwise_bias=True, dtype=torch.float64)
+    params = [p.detach().clone().requires_grad_() for p in
+              (sep.depthwise_weight, sep.pointwise_weight, sep.bias, sep.depthwise_bias)]
+    opt_a = torch.optim.SGD(sep.parameters(), lr=0.1)
+    opt_b = torch.optim.SGD(params, lr=0.1)
+    for _ in range(3):
+        x = torch.randn(2, 3, 6, 6, dtype=torch.float64)
+        opt_a.zero_grad()
+        sep(x).square().mean().backward()
+        opt_a.step()
+        opt_b.zero_grad()
+        oracle(x, params[0], params[1], params[2], params[3], 1, 1, 1, "relu", None) \
+            .square().mean().backward()
+        opt_b.step()
+    for p, q in zip((sep.depthwise_weight, sep.pointwise_weight, sep.bias, sep.depthwise_bias),
+                    params):
+        torch.testing.assert_close(p, q)
+
+
+def test_groups_other_than_one_is_rejected():
+    with pytest.raises(ValueError, match="groups"):
+        sepconv.SeparableConv2d(4, 4, 3, 1, 0, 1, 2)

@@ -1,0 +1,152 @@
+"""The torch.library ops: opcheck, gradcheck, torch.compile, backends and fallbacks."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import ISAS, check_against_oracle, make_inputs
+
+import sepconv
+
+OP = torch.ops.sepconv.separable_conv2d
+BWD = torch.ops.sepconv.separable_conv2d_backward
+
+
+def _args(channels_last, bias, dtype=torch.float64, backend="auto", act="relu"):
+    x, dw, pw, b, bd = (t.to(dtype) if t is not None else None
+                        for t in make_inputs(2, 3, 7, 6, 2, 5, 3, bias=bias, dw_bias=bias))
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    leaves = [t.requires_grad_() if t is not None else None for t in (x, dw, pw, bd, b)]
+    return (*leaves, [2, 1], [1, 0, 2, 1], [1, 2], act, "silu", backend)
+
+
+@pytest.mark.parametrize("backend", ["auto", "reference"])
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("bias", [False, True])
+def test_opcheck_forward(backend, channels_last, bias):
+    torch.library.opcheck(OP, _args(channels_last, bias, backend=backend))
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("mask", [[True] * 5, [False, True, False, True, False],
+                                  [True, False, False, False, True]])
+def test_opcheck_backward(channels_last, mask):
+    x, dw, pw, bd, b, *conf = _args(channels_last, True)
+    gy = torch.randn(2, 5, 4, 4, dtype=torch.float64)
+    torch.library.opcheck(BWD, (gy, x.detach(), dw.detach(), pw.detach(), bd.detach(),
+                                b.detach(), *conf, mask))
+
+
+@pytest.mark.parametrize("isa", ISAS or [None])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_gradcheck(isa, channels_last):
+    from sepconv._backend import _C
+    previous = _C.isa() if isa else None
+    if isa:
+        _C.set_isa(isa)
+    try:
+        args = _args(channels_last, True, act="hardswish")
+        assert torch.autograd.gradcheck(OP, args)
+    finally:
+        if isa:
+            _C.set_isa(previous)
+
+
+def test_compile_fullgraph_matches_eager():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        sepconv.SeparableConv2d(3, 8, 3, padding=1, mid_activation="relu", activation="relu"),
+        sepconv.SeparableConv2d(8, 4, 5, stride=2, padding="valid", depthwise_bias=True),
+    )
+    compiled = torch.compile(model, fullgraph=True, dynamic=True)
+    for batch in (2, 3):
+        x = torch.randn(batch, 3, 16, 16, requires_grad=True)
+        eager_y = model(x)
+        eager_g = torch.autograd.grad(eager_y.sum(), [x, *model.parameters()])
+        y = compiled(x)
+        g = torch.autograd.grad(y.sum(), [x, *model.parameters()])
+        torch.testing.assert_close(y, eager_y)
+        for a, b in zip(g, eager_g):
+            torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_takes_the_reference_path(dtype):
+    x, dw, pw, b, bd = make_inputs(2, 3, 8, 8, 1, 4, 3)
+    y = sepconv.separable_conv2d(x.to(dtype), dw.to(dtype), pw.to(dtype), b.to(dtype), 1, 1,
+                                 depthwise_bias=bd.to(dtype), activation="relu")
+    with sepconv.use_backend("reference"):
+        ref = sepconv.separable_conv2d(x, dw, pw, b, 1, 1, depthwise_bias=bd, activation="relu")
+    assert y.dtype == dtype
+    torch.testing.assert_close(y.double(), ref, rtol=5e-2, atol=5e-2)
+
+
+def test_backend_info():
+    info = sepconv.backend_info()
+    if os.environ.get("SEPCONV_REQUIRE_NATIVE"):  # set by CI: a broken build must fail
+        assert info["cpu_native"], "sepconv._C did not load"
+    assert {"version", "cpu_native", "cpu_isa", "num_threads", "triton", "cuda"} <= set(info)
+    assert info["version"] == sepconv.__version__
+    assert info["num_threads"] == torch.get_num_threads()
+    if info["cpu_native"]:
+        assert info["cpu_isa"] in ("generic", "avx2", "avx512")
+
+
+def test_use_backend_restores_previous():
+    assert sepconv.backend_info()["backend"] == "auto"
+    with sepconv.use_backend("reference"):
+        assert sepconv.backend_info()["backend"] == "reference"
+        with sepconv.use_backend("native"):
+            assert sepconv.backend_info()["backend"] == "native"
+        assert sepconv.backend_info()["backend"] == "reference"
+    assert sepconv.backend_info()["backend"] == "auto"
+
+
+def test_native_path_is_taken_on_cpu(monkeypatch):
+    """auto on a float32 CPU tensor must run the C++ kernels, not the reference."""
+    if not sepconv.backend_info()["cpu_native"]:
+        pytest.skip("extension not built")
+    from sepconv import reference
+    monkeypatch.setattr(reference, "forward", lambda *a: pytest.fail("reference ran"))
+    x, dw, pw, b, bd = (t.float() for t in make_inputs(1, 3, 5, 5, 1, 2, 3))
+    sepconv.separable_conv2d(x, dw, pw, b, 1, 1)
+
+
+def _run(code: str, **env) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=300, env={**os.environ, **env})
+
+
+def test_import_without_extension_warns_and_falls_back():
+    code = (
+        "import sys, warnings; sys.modules['sepconv._C'] = None\n"
+        "with warnings.catch_warnings(record=True) as w:\n"
+        "    warnings.simplefilter('always'); import sepconv\n"
+        "assert any('reference' in str(m.message) for m in w), [str(m.message) for m in w]\n"
+        "import torch; x = torch.randn(1, 2, 5, 5)\n"
+        "y = sepconv.separable_conv2d(x, torch.randn(2, 1, 3, 3), torch.randn(3, 2, 1, 1))\n"
+        "assert y.shape == (1, 3, 3, 3) and not sepconv.backend_info()['cpu_native']\n"
+    )
+    r = _run(code)
+    assert r.returncode == 0, r.stderr
+
+
+@pytest.mark.parametrize("isa", ISAS)
+def test_isa_environment_variable(isa):
+    r = _run("import sepconv; print(sepconv.backend_info()['cpu_isa'])", SEPCONV_ISA=isa)
+    assert r.returncode == 0 and r.stdout.strip() == isa, r.stderr
+
+
+def test_follows_torch_num_threads():
+    """Results agree whatever the thread count (the kernels read torch.get_num_threads())."""
+    inputs = make_inputs(3, 6, 20, 9, 1, 7, 3)
+    before = torch.get_num_threads()
+    try:
+        for threads in (1, 3):
+            torch.set_num_threads(threads)
+            check_against_oracle(torch.float64, inputs, 1, 1, 1, "relu", None)
+    finally:
+        torch.set_num_threads(before)
