@@ -1,0 +1,157 @@
+"""``python -m benchmarks``: fused sepconv vs the PyTorch dw+pw pair, per layer, on CPU.
+
+For each layer of a suite (shapes in benchmarks/shapes.py) it checks sepconv's output
+against the pair's, then times both in both memory formats and reports the speedup
+over the best pair and the fraction of the two floors (FLOPs / measured FMA peak,
+minimum bytes / measured copy bandwidth). Forward only for now.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.utils import benchmark as tbench
+
+import sepconv
+from benchmarks.shapes import SUITES, Layer
+
+FORMATS = {"nchw": torch.contiguous_format, "channels_last": torch.channels_last}
+CACHE_BYTES = 64 << 20  # rotate inputs until this much is touched (> L2 + L3 here)
+
+
+def _act(name):
+    return {None: lambda t: t, "relu": lambda t: F.relu(t, inplace=True),
+            "relu6": lambda t: F.relu6(t, inplace=True)}[name]
+
+
+def pytorch_pair(layer: Layer, dw, pw, b_dw, b_pw):
+    """The unfused reference users would write: two convs (BN folded) and activations."""
+    act1, act2 = _act(layer.mid_activation), _act(layer.activation)
+
+    def run(x):
+        u = F.conv2d(x, dw, b_dw, layer.stride, layer.padding, groups=layer.c_in)
+        return act2(F.conv2d(act1(u), pw, b_pw))
+    return run
+
+
+def fused(layer: Layer, dw, pw, b_dw, b_pw):
+    def run(x):
+        return sepconv.separable_conv2d(x, dw, pw, b_pw, layer.stride, layer.padding,
+                                        depthwise_bias=b_dw, mid_activation=layer.mid_activation,
+                                        activation=layer.activation)
+    return run
+
+
+def median_seconds(fn, inputs, min_run_time: float) -> float:
+    """Median time of fn over rotating inputs (so a layer cannot run from a warm cache)."""
+    state = {"i": 0}
+
+    def step():
+        state["i"] = (state["i"] + 1) % len(inputs)
+        fn(inputs[state["i"]])
+
+    for _ in range(3):
+        step()  # warm-up: first-touch allocations, thread pools
+    timer = tbench.Timer("step()", globals={"step": step}, num_threads=torch.get_num_threads())
+    return timer.blocked_autorange(min_run_time=min_run_time).median
+
+
+def measure_peaks(threads: int) -> dict:
+    """Compute and bandwidth ceilings, measured now on this machine."""
+    gflops = max(sepconv._backend._C.fma_peak(threads, 5_000_000) for _ in range(3)) \
+        if sepconv.backend_info()["cpu_native"] else float("nan")
+    a = torch.empty(64 << 20, dtype=torch.float32)  # 256 MiB, far beyond the caches
+    b = torch.empty_like(a)
+    b.copy_(a)
+    secs = tbench.Timer("b.copy_(a)", globals={"a": a, "b": b},
+                        num_threads=threads).blocked_autorange(min_run_time=1.0).median
+    return {"fma_gflops": gflops, "copy_gbs": 2 * a.numel() * 4 / secs / 1e9}
+
+
+def run_layer(layer: Layer, batch: int, dtype, min_run_time: float, peaks: dict) -> dict:
+    g = torch.Generator().manual_seed(0)
+    dw = torch.randn(layer.c_in, 1, layer.kernel, layer.kernel, generator=g, dtype=dtype) / 3
+    pw = torch.randn(layer.c_out, layer.c_in, 1, 1, generator=g, dtype=dtype) / layer.c_in**0.5
+    b_dw = torch.randn(layer.c_in, generator=g, dtype=dtype) / 10
+    b_pw = torch.randn(layer.c_out, generator=g, dtype=dtype) / 10
+    x_bytes = batch * layer.c_in * layer.hw**2 * dtype.itemsize
+    copies = max(1, min(16, CACHE_BYTES // max(x_bytes, 1)))
+    row = {"layer": layer.name(), "flops": layer.flops(batch),
+           "min_bytes": layer.min_bytes(batch, dtype.itemsize)}
+    for fmt_name, fmt in FORMATS.items():
+        xs = [torch.randn(batch, layer.c_in, layer.hw, layer.hw, generator=g, dtype=dtype)
+              .contiguous(memory_format=fmt) for _ in range(copies)]
+        ref, ours = pytorch_pair(layer, dw, pw, b_dw, b_pw), fused(layer, dw, pw, b_dw, b_pw)
+        with torch.no_grad():
+            expected, got = ref(xs[0]), ours(xs[0])
+            torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4,
+                                       msg=f"sepconv disagrees with the pair on {layer.name()}")
+            row[f"pytorch_{fmt_name}_s"] = median_seconds(ref, xs, min_run_time)
+            row[f"sepconv_{fmt_name}_s"] = median_seconds(ours, xs, min_run_time)
+    best_pair = min(row["pytorch_nchw_s"], row["pytorch_channels_last_s"])
+    best_ours = min(row["sepconv_nchw_s"], row["sepconv_channels_last_s"])
+    row["speedup"] = best_pair / best_ours
+    row["gflops"] = row["flops"] / best_ours / 1e9
+    row["fraction_fma_peak"] = row["gflops"] / peaks["fma_gflops"]
+    row["fraction_bandwidth"] = row["min_bytes"] / best_ours / 1e9 / peaks["copy_gbs"]
+    return row
+
+
+def print_table(suite: str, rows: list[dict]) -> None:
+    head = (f"{'layer':28} {'pair NCHW':>10} {'pair CL':>10} {'ours NCHW':>10} {'ours CL':>10}"
+            f" {'speedup':>8} {'GFLOP/s':>8} {'%FMA':>6} {'%BW':>6}")
+    print(f"\n{suite}  (times in ms; speedup = best pair / best sepconv)\n{head}")
+    for r in rows:
+        ms = [r[k] * 1e3 for k in ("pytorch_nchw_s", "pytorch_channels_last_s",
+                                   "sepconv_nchw_s", "sepconv_channels_last_s")]
+        print(f"{r['layer']:28} " + " ".join(f"{v:10.3f}" for v in ms)
+              + f" {r['speedup']:8.2f} {r['gflops']:8.1f} {100 * r['fraction_fma_peak']:6.1f}"
+              f" {100 * r['fraction_bandwidth']:6.1f}")
+    tot = {k: sum(r[k] for r in rows) * 1e3 for k in ("pytorch_nchw_s", "pytorch_channels_last_s",
+                                                      "sepconv_nchw_s", "sepconv_channels_last_s")}
+    best_pair = min(tot["pytorch_nchw_s"], tot["pytorch_channels_last_s"])
+    best_ours = min(tot["sepconv_nchw_s"], tot["sepconv_channels_last_s"])
+    print(f"{'total':28} " + " ".join(f"{v:10.3f}" for v in tot.values())
+          + f" {best_pair / best_ours:8.2f}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.split("\n")[0])
+    p.add_argument("--suite", nargs="+", choices=sorted(SUITES), default=["mobilenet_v1"])
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--threads", type=int, default=torch.get_num_threads())
+    p.add_argument("--dtype", choices=["float32", "float64"], default="float32")
+    p.add_argument("--quick", action="store_true", help="shorter timing runs (noisier)")
+    p.add_argument("--json", type=Path, help="also write the rows and the machine here")
+    args = p.parse_args(argv)
+
+    torch.set_num_threads(args.threads)
+    info = sepconv.backend_info()
+    dtype = getattr(torch, args.dtype)
+    peaks = measure_peaks(args.threads)
+    print(f"sepconv {info['version']}  torch {torch.__version__}  isa {info['cpu_isa']}  "
+          f"threads {args.threads}  {platform.processor() or platform.machine()}")
+    print(f"measured: FMA peak {peaks['fma_gflops']:.0f} GFLOP/s, "
+          f"copy bandwidth {peaks['copy_gbs']:.1f} GB/s")
+    results = {"machine": {"python": sys.version.split()[0], "torch": torch.__version__,
+                           "platform": platform.platform(), **info, **peaks},
+               "batch": args.batch, "dtype": args.dtype, "suites": {}}
+    for suite in args.suite:
+        rows = [run_layer(layer, args.batch, dtype, 0.05 if args.quick else 0.3, peaks)
+                for layer in SUITES[suite]]
+        results["suites"][suite] = rows
+        print_table(suite, rows)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(results, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,75 @@
+"""Benchmark shapes of DESIGN.md: one Layer per separable conv of each suite."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Layer:
+    c_in: int
+    hw: int  # input height = width
+    c_out: int
+    stride: int = 1
+    kernel: int = 3
+    mid_activation: str | None = "relu"
+    activation: str | None = "relu"
+
+    @property
+    def padding(self) -> int:
+        return self.kernel // 2
+
+    @property
+    def out_hw(self) -> int:
+        return (self.hw + 2 * self.padding - self.kernel) // self.stride + 1
+
+    def flops(self, batch: int) -> int:
+        """Multiply-adds of both stages, counted as 2 flops each."""
+        pixels = batch * self.out_hw**2
+        return 2 * pixels * self.c_in * (self.kernel**2 + self.c_out)
+
+    def min_bytes(self, batch: int, itemsize: int) -> int:
+        """x read once, y written once, weights read once."""
+        elems = (batch * self.c_in * self.hw**2 + batch * self.c_out * self.out_hw**2
+                 + self.c_in * (self.kernel**2 + 1) + self.c_out * (self.c_in + 1))
+        return elems * itemsize
+
+    def name(self) -> str:
+        return f"{self.c_in}x{self.hw}->{self.c_out}/s{self.stride}/k{self.kernel}"
+
+
+def _mobilenet_v1() -> list[Layer]:
+    spec = [(32, 112, 64, 1), (64, 112, 128, 2), (128, 56, 128, 1), (128, 56, 256, 2),
+            (256, 28, 256, 1), (256, 28, 512, 2)] + [(512, 14, 512, 1)] * 5 \
+        + [(512, 14, 1024, 2), (1024, 7, 1024, 1)]
+    return [Layer(c, hw, co, s) for c, hw, co, s in spec]
+
+
+def _mobilenet_v2() -> list[Layer]:
+    # (expansion t, output channels c, repeats n, first stride s) at 224x224
+    blocks = [(1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1),
+              (6, 160, 3, 2), (6, 320, 1, 1)]
+    layers, c_in, hw = [], 32, 112
+    for t, c, n, s in blocks:
+        for i in range(n):
+            stride = s if i == 0 else 1
+            layers.append(Layer(c_in * t, hw, c, stride, 3, "relu6", None))
+            hw, c_in = (hw + 2 - 3) // stride + 1, c
+    return layers
+
+
+def _xception() -> list[Layer]:
+    return [Layer(728, 19, 728, 1, 3, None, None)] * 3  # one middle-flow block
+
+
+def _convnext() -> list[Layer]:
+    return [Layer(c, hw, 4 * c, 1, 7, None, None)
+            for c, hw in ((96, 56), (192, 28), (384, 14), (768, 7))]
+
+
+SUITES = {
+    "mobilenet_v1": _mobilenet_v1(),
+    "mobilenet_v2": _mobilenet_v2(),
+    "xception": _xception(),
+    "convnext": _convnext(),
+}
