@@ -86,28 +86,26 @@ void check(int status) {
   if (status == sepconv::OUT_OF_MEMORY) throw std::bad_alloc();  // -> MemoryError
 }
 
+// The entry point of the instruction set selected now.
+template <class F> F pick(F generic, F avx2, F avx512) {
+  return g_isa == AVX512 ? avx512 : g_isa == AVX2 ? avx2 : generic;
+}
+#define SEPCONV_PICK(fn) pick(sepconv::generic::fn, sepconv::avx2::fn, sepconv::avx512::fn)
+
 template <class T>
 int run_forward(const Geometry& g, uintptr_t x, uintptr_t dww, uintptr_t pww, uintptr_t dwb,
                 uintptr_t pwb, uintptr_t y) {
-  auto f = sepconv::generic::forward<T>;
-#if defined(__x86_64__) || defined(_M_X64)
-  if (g_isa == AVX512) f = sepconv::avx512::forward<T>;
-  if (g_isa == AVX2) f = sepconv::avx2::forward<T>;
-#endif
-  return f(g, cp<T>(x), cp<T>(dww), cp<T>(pww), cp<T>(dwb), cp<T>(pwb), mp<T>(y));
+  return SEPCONV_PICK(forward<T>)(g, cp<T>(x), cp<T>(dww), cp<T>(pww), cp<T>(dwb), cp<T>(pwb),
+                                  mp<T>(y));
 }
 
 template <class T>
 int run_backward(const Geometry& g, uintptr_t gy, uintptr_t x, uintptr_t dww, uintptr_t pww,
                  uintptr_t dwb, uintptr_t pwb, uintptr_t gx, uintptr_t gdww, uintptr_t gpww,
                  uintptr_t gdwb, uintptr_t gpwb) {
-  auto f = sepconv::generic::backward<T>;
-#if defined(__x86_64__) || defined(_M_X64)
-  if (g_isa == AVX512) f = sepconv::avx512::backward<T>;
-  if (g_isa == AVX2) f = sepconv::avx2::backward<T>;
-#endif
   Grads<T> out{mp<T>(gx), mp<T>(gdww), mp<T>(gpww), mp<T>(gdwb), mp<T>(gpwb)};
-  return f(g, cp<T>(gy), cp<T>(x), cp<T>(dww), cp<T>(pww), cp<T>(dwb), cp<T>(pwb), out);
+  return SEPCONV_PICK(backward<T>)(g, cp<T>(gy), cp<T>(x), cp<T>(dww), cp<T>(pww), cp<T>(dwb),
+                                   cp<T>(pwb), out);
 }
 
 bool is_f64(const std::string& dtype) {
@@ -164,11 +162,7 @@ PYBIND11_MODULE(_C, m) {
   m.def("fma_peak", [](int threads, int64_t iters) {
     if (threads < 1 || iters < 1) throw py::value_error("threads and iters must be >= 1");
     py::gil_scoped_release nogil;
-#if defined(__x86_64__) || defined(_M_X64)
-    if (g_isa == AVX512) return sepconv::avx512::fma_probe(threads, iters);
-    if (g_isa == AVX2) return sepconv::avx2::fma_probe(threads, iters);
-#endif
-    return sepconv::generic::fma_probe(threads, iters);
+    return SEPCONV_PICK(fma_probe)(threads, iters);
   }, py::arg("threads"), py::arg("iters") = 20000000,
      "Measured fp32 FMA throughput (GFLOP/s) of the current instruction set.");
 }

@@ -59,6 +59,9 @@ SEPCONV_DECLARE_ISA(generic)
 #if defined(__x86_64__) || defined(_M_X64)
 SEPCONV_DECLARE_ISA(avx2)
 SEPCONV_DECLARE_ISA(avx512)
+#else
+namespace avx2 = generic;  // never selected off x86; keeps the dispatch code uniform
+namespace avx512 = generic;
 #endif
 
 }  // namespace sepconv
