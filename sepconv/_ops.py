@@ -71,7 +71,7 @@ def separable_conv2d_backward(
     _use_native(x, backend)
     grads = reference.backward(grad_y, x, dw_weight, pw_weight, dw_bias, pw_bias, stride,
                                padding, dilation, mid_activation, activation, output_mask)
-    return _pack_grads(x, grads, dw_bias, pw_bias, output_mask)
+    return _pack_grads(x, grads, output_mask)
 
 
 @separable_conv2d_backward.register_kernel("cpu")
@@ -80,7 +80,7 @@ def _(grad_y, x, dw_weight, pw_weight, dw_bias, pw_bias, stride, padding, dilati
     impl = _native if _use_native(x, backend) else reference
     grads = impl.backward(grad_y, x, dw_weight, pw_weight, dw_bias, pw_bias, stride, padding,
                           dilation, mid_activation, activation, output_mask)
-    return _pack_grads(x, grads, dw_bias, pw_bias, output_mask)
+    return _pack_grads(x, grads, output_mask)
 
 
 def _grad_shapes(x, dw_weight, pw_weight, dw_bias, pw_bias, output_mask):
@@ -91,7 +91,7 @@ def _grad_shapes(x, dw_weight, pw_weight, dw_bias, pw_bias, output_mask):
     return [s if (want and s is not None) else (0,) for s, want in zip(shapes, output_mask)]
 
 
-def _pack_grads(x, grads, dw_bias, pw_bias, output_mask):
+def _pack_grads(x, grads, output_mask):
     fmt = _native.memory_format(x)
     out = []
     for i, g in enumerate(grads):
