@@ -167,25 +167,32 @@ void micro(int64_t K, const T* A, int64_t ars, int64_t acs, const T* B, int64_t 
       acc[i][1] += ai * b1;
     }
   }
-  for (int i = 0; i < M; ++i) {
-    T* crow = o.c + (i0 + i) * o.rs + j0;
-    for (int v = 0; v < NV; ++v) {
-      int64_t n = imin(L, nr - v * L);
-      if (n <= 0) break;
-      V<T> r = acc[i][v];
-      if (o.bias_mode == 1) r += bcast(o.bias[i0 + i]);
-      if (o.bias_mode == 2) r += loadu(o.bias + j0 + v * L);
-      if (n == L) {
+  if (nr == NV * L) {  // full tile: straight-line epilogue, accumulators stay in registers
+    V<T> bv[NV] = {};
+    if (o.bias_mode == 2)
+      for (int v = 0; v < NV; ++v) bv[v] = loadu(o.bias + j0 + v * L);
+#pragma GCC unroll 16
+    for (int i = 0; i < M; ++i) {
+      T* crow = o.c + (i0 + i) * o.rs + j0;
+      const V<T> bi = o.bias_mode == 1 ? bcast(o.bias[i0 + i]) : bv[0];
+      for (int v = 0; v < NV; ++v) {
+        V<T> r = acc[i][v];
+        if (o.bias_mode) r += o.bias_mode == 1 ? bi : bv[v];
         if (o.accumulate) r += loadu(crow + v * L);
         storeu(crow + v * L, act_vec<T>(o.act, r));
-      } else {
-        T tmp[L];
-        storeu(tmp, r);
-        for (int64_t l = 0; l < n; ++l) {
-          T s = tmp[l] + (o.accumulate ? crow[v * L + l] : T(0));
-          crow[v * L + l] = act(o.act, s);
-        }
       }
+    }
+    return;
+  }
+  for (int i = 0; i < M; ++i) {  // the last, partial panel
+    T* crow = o.c + (i0 + i) * o.rs + j0;
+    T tmp[NV * L];
+    for (int v = 0; v < NV; ++v) storeu(tmp + v * L, acc[i][v]);
+    for (int64_t l = 0; l < nr; ++l) {
+      T r = tmp[l];
+      if (o.bias_mode) r += o.bias_mode == 1 ? o.bias[i0 + i] : o.bias[j0 + l];
+      if (o.accumulate) r += crow[l];
+      crow[l] = act(o.act, r);
     }
   }
 }
@@ -268,6 +275,85 @@ template <class F> void walk_pixels(const Geometry& g, int64_t p0, int64_t p1, F
 }
 
 // ---------------------------------------------------------------- depthwise stage
+// NHWC, depth multiplier 1. The taps of output pixel (oh, ow) that read inside the
+// input form a rectangle [i0, i1) x [j0, j1). PX pixels of one row (ps apart in x,
+// ldu apart in U) times B vectors of channels accumulate in registers over it (at
+// least 4 independent FMA chains where the channels allow), and act1 is applied
+// before the one store.
+template <class T, int PX, int B>
+inline int64_t dw_block(const T* x, int64_t ps, int64_t xs_i, int64_t xs_j, const T* w,
+                        int64_t ws_i, int64_t Cm, int64_t di, int64_t dj, const T* dwb, int act1,
+                        T* u, int64_t ldu, int64_t c) {
+  constexpr int L = lanes<T>();
+  for (; c + B * L <= Cm; c += B * L) {
+    V<T> acc[PX][B];
+    for (int b = 0; b < B; ++b) acc[0][b] = dwb ? loadu(dwb + c + b * L) : V<T>{};
+    for (int q = 1; q < PX; ++q)
+      for (int b = 0; b < B; ++b) acc[q][b] = acc[0][b];
+    for (int64_t i = 0; i < di; ++i)
+      for (int64_t j = 0; j < dj; ++j) {
+        const T* xp = x + i * xs_i + j * xs_j + c;
+        const T* wp = w + i * ws_i + j * Cm + c;
+        for (int b = 0; b < B; ++b) {
+          const V<T> wv = loadu(wp + b * L);
+          for (int q = 0; q < PX; ++q) acc[q][b] += loadu(xp + q * ps + b * L) * wv;
+        }
+      }
+    for (int q = 0; q < PX; ++q)
+      for (int b = 0; b < B; ++b) storeu(u + q * ldu + c + b * L, act_vec<T>(act1, acc[q][b]));
+  }
+  return c;
+}
+
+template <class T>
+void dw_forward_nhwc(const Geometry& g, const int64_t* cols, const T* xn, const T* wt,
+                     const T* dwb, int act1, int64_t p0, int64_t p1, T* U, int64_t ldu) {
+  constexpr int PX = 4;
+  const int64_t Cm = g.Cm, C = g.C, ps = g.sw * C, xs_i = g.dh * g.W * C, xs_j = g.dw * C,
+                ws_i = g.kw * Cm;
+  // Output columns [ca, cb) see every tap column.
+  int64_t ca = 0, cb = g.Wo;
+  for (int64_t j = 0; j < g.kw; ++j) ca = imax(ca, cols[2 * j]), cb = imin(cb, cols[2 * j + 1]);
+  for (int64_t p = p0; p < p1;) {
+    const int64_t oh = p / g.Wo, ow = p % g.Wo;
+    int64_t i0 = 0, i1 = g.kh, j0 = 0, j1 = g.kw;
+    auto row_ok = [&](int64_t i) { int64_t ih = oh * g.sh - g.pt + i * g.dh; return ih >= 0 && ih < g.H; };
+    auto col_ok = [&](int64_t j) { return ow >= cols[2 * j] && ow < cols[2 * j + 1]; };
+    while (i0 < i1 && !row_ok(i0)) ++i0;
+    while (i1 > i0 && !row_ok(i1 - 1)) --i1;
+    while (j0 < j1 && !col_ok(j0)) ++j0;
+    while (j1 > j0 && !col_ok(j1 - 1)) --j1;
+    if (j0 >= j1) i1 = i0;  // no tap reads inside the input: bias only
+    const int64_t di = i1 - i0, dj = j1 - j0;
+    const T* x = xn + ((oh * g.sh - g.pt + i0 * g.dh) * g.W + ow * g.sw - g.pl + j0 * g.dw) * C;
+    const T* w = wt + (i0 * g.kw + j0) * Cm;
+    T* u = U + (p - p0) * ldu;
+    if (ow >= ca && ow + PX <= cb && p + PX <= p1) {  // PX pixels with the same rectangle
+      int64_t c = dw_block<T, PX, 2>(x, ps, xs_i, xs_j, w, ws_i, Cm, di, dj, dwb, act1, u, ldu, 0);
+      c = dw_block<T, PX, 1>(x, ps, xs_i, xs_j, w, ws_i, Cm, di, dj, dwb, act1, u, ldu, c);
+      for (int64_t q = 0; q < PX; ++q)
+        for (int64_t cc = c; cc < Cm; ++cc) {
+          T acc = dwb ? dwb[cc] : T(0);
+          for (int64_t i = 0; i < di; ++i)
+            for (int64_t j = 0; j < dj; ++j)
+              acc += x[q * ps + i * xs_i + j * xs_j + cc] * w[i * ws_i + j * Cm + cc];
+          u[q * ldu + cc] = act(act1, acc);
+        }
+      p += PX;
+      continue;
+    }
+    int64_t c = dw_block<T, 1, 4>(x, ps, xs_i, xs_j, w, ws_i, Cm, di, dj, dwb, act1, u, ldu, 0);
+    c = dw_block<T, 1, 1>(x, ps, xs_i, xs_j, w, ws_i, Cm, di, dj, dwb, act1, u, ldu, c);
+    for (; c < Cm; ++c) {
+      T acc = dwb ? dwb[c] : T(0);
+      for (int64_t i = 0; i < di; ++i)
+        for (int64_t j = 0; j < dj; ++j) acc += x[i * xs_i + j * xs_j + c] * w[i * ws_i + j * Cm + c];
+      u[c] = act(act1, acc);
+    }
+    ++p;
+  }
+}
+
 // act1(depthwise output) of pixels [p0, p1) of image xn into U, applied while the
 // tile is still in L1. NHWC: U[r][c] at U + r*ldu (channels contiguous; wt is the
 // weight as [tap][Cm]). NCHW: U[c][r] at U + c*ldu (pixels contiguous; dww as [Cm][tap]).
@@ -275,6 +361,7 @@ template <class T>
 void dw_forward(const Geometry& g, const int64_t* cols, const T* xn, const T* dww, const T* wt,
                 const T* dwb, int act1, int64_t p0, int64_t p1, T* U, int64_t ldu) {
   const int64_t P = p1 - p0, Cm = g.Cm, C = g.C, m = g.m, kk = g.kh * g.kw;
+  if (g.channels_last && m == 1) return dw_forward_nhwc(g, cols, xn, wt, dwb, act1, p0, p1, U, ldu);
   if (g.channels_last) {
     for (int64_t p = p0; p < p1; ++p) {
       T* u = U + (p - p0) * ldu;
@@ -288,12 +375,7 @@ void dw_forward(const Geometry& g, const int64_t* cols, const T* xn, const T* dw
           if (iw < 0 || iw >= g.W) continue;
           const T* xp = xn + (ih * g.W + iw) * C;
           const T* w = wt + (i * g.kw + j) * Cm;
-          if (m == 1) {
-#pragma omp simd
-            for (int64_t c = 0; c < Cm; ++c) u[c] += xp[c] * w[c];
-          } else {
-            for (int64_t c = 0; c < Cm; ++c) u[c] += xp[c / m] * w[c];
-          }
+          for (int64_t c = 0; c < Cm; ++c) u[c] += xp[c / m] * w[c];
         }
       }
       act_inplace(act1, u, Cm);
@@ -390,14 +472,24 @@ void dw_backward(const Geometry& g, const int64_t* cols, const T* xn, const T* d
 template <class T> void pack_wt_panel(const T* w, int64_t Co, int64_t Cm, int64_t q, T* Bp) {
   constexpr int64_t nr = NR<T>();
   T* panel = Bp + q * Cm * nr;
-  for (int64_t jj = 0; jj < nr; ++jj) {
-    const int64_t co = q * nr + jj;
-    for (int64_t k = 0; k < Cm; ++k) panel[k * nr + jj] = co < Co ? w[co * Cm + k] : T(0);
+  const int64_t cols = imin(nr, Co - q * nr);
+  const T* wq = w + q * nr * Cm;
+  // Blocks of 16 k: each source cache line is read whole, in one go, and the
+  // 16 destination rows (a few KiB) stay in L1. Reading one k at a time across
+  // the nr source rows instead is ~4x slower, and worse where the rows alias in
+  // L1 (a 4 KiB row stride at Cm = 1024).
+  constexpr int64_t kb = 16;
+  for (int64_t k0 = 0; k0 < Cm; k0 += kb) {
+    const int64_t k1 = imin(k0 + kb, Cm);
+    for (int64_t jj = 0; jj < nr; ++jj)
+      for (int64_t k = k0; k < k1; ++k) panel[k * nr + jj] = jj < cols ? wq[jj * Cm + k] : T(0);
   }
 }
 
 // Pixels per tile: the depthwise tile U (P x Cm) should stay within ~256 KiB of L2,
 // and an image's tiles should be equal in size so that the threads finish together.
+// unit: the granularity of the GEMM dimension that pixels map to (1 for NHWC, where
+// a partial micro-tile row block costs in proportion to its rows).
 template <class T> int64_t tile_pixels(const Geometry& g, int64_t unit) {
   const int64_t HWo = g.Ho * g.Wo;
   int64_t p = imax(unit, imin((int64_t)(256 * 1024 / sizeof(T)) / imax(g.Cm, 1), 2048));
@@ -412,7 +504,7 @@ int forward_impl(const Geometry& g, const T* x, const T* dww, const T* pww, cons
   const int64_t HWo = g.Ho * g.Wo, Cm = g.Cm, Co = g.Co, kk = g.kh * g.kw;
   const bool cl = g.channels_last;
   // NHWC: rows = pixels, columns = output channels; NCHW: the transpose.
-  const int64_t P = tile_pixels<T>(g, cl ? MR : nr);
+  const int64_t P = tile_pixels<T>(g, cl ? 1 : nr);
   const int64_t ldu = cl ? Cm : P;
   const int64_t co_unit = cl ? nr : MR;
   const int64_t pixel_tiles = g.N * ceil_div(HWo, P);
@@ -448,7 +540,9 @@ int forward_impl(const Geometry& g, const T* x, const T* dww, const T* pww, cons
 #pragma omp for schedule(static)
   for (int64_t t = 0; t < ntiles; ++t) {
     T* U = ws.p + omp_get_thread_num() * per_thread;
-    const int64_t cb = t % co_splits, pt = t / co_splits;
+    // Output-channel block major: with few pixel tiles each thread keeps to one
+    // weight block, and unequal pixel tiles are shared out evenly.
+    const int64_t cb = t / pixel_tiles, pt = t % pixel_tiles;
     const int64_t n = pt / ceil_div(HWo, P), p0 = (pt % ceil_div(HWo, P)) * P;
     const int64_t p1 = imin(p0 + P, HWo), co0 = cb * co_block, co1 = imin(co0 + co_block, Co);
     const T* xn = x + n * g.C * g.H * g.W;
