@@ -489,11 +489,19 @@ template <class T> void pack_wt_panel(const T* w, int64_t Co, int64_t Cm, int64_
 // Pixels per tile: the depthwise tile U (P x Cm) should stay within ~256 KiB of L2,
 // and an image's tiles should be equal in size so that the threads finish together.
 // unit: the granularity of the GEMM dimension that pixels map to (1 for NHWC, where
-// a partial micro-tile row block costs in proportion to its rows).
-template <class T> int64_t tile_pixels(const Geometry& g, int64_t unit) {
+// a partial micro-tile row block costs in proportion to its rows). With few tiles
+// in all, their number is raised to a multiple of the threads while tiles keep at
+// least min_p pixels: 7 tiles on 2 threads leave one idle for a whole tile.
+template <class T> int64_t tile_pixels(const Geometry& g, int64_t unit, int64_t min_p) {
   const int64_t HWo = g.Ho * g.Wo;
-  int64_t p = imax(unit, imin((int64_t)(256 * 1024 / sizeof(T)) / imax(g.Cm, 1), 2048));
-  return round_up(ceil_div(HWo, ceil_div(HWo, p)), unit);
+  const int64_t p = imax(unit, imin((int64_t)(256 * 1024 / sizeof(T)) / imax(g.Cm, 1), 2048));
+  int64_t n = ceil_div(HWo, p);
+  for (int64_t k = n; g.N * k < 8 * g.threads && ceil_div(HWo, k) >= min_p; ++k)
+    if ((g.N * k) % g.threads == 0) {
+      n = k;
+      break;
+    }
+  return round_up(ceil_div(HWo, n), unit);
 }
 
 // ---------------------------------------------------------------- forward
@@ -504,14 +512,14 @@ int forward_impl(const Geometry& g, const T* x, const T* dww, const T* pww, cons
   const int64_t HWo = g.Ho * g.Wo, Cm = g.Cm, Co = g.Co, kk = g.kh * g.kw;
   const bool cl = g.channels_last;
   // NHWC: rows = pixels, columns = output channels; NCHW: the transpose.
-  const int64_t P = tile_pixels<T>(g, cl ? 1 : nr);
+  const int64_t P = cl ? tile_pixels<T>(g, 1, 4 * MR) : tile_pixels<T>(g, nr, 2 * nr);
   const int64_t ldu = cl ? Cm : P;
   const int64_t co_unit = cl ? nr : MR;
   const int64_t pixel_tiles = g.N * ceil_div(HWo, P);
-  // Split the output channels too when there are too few pixel tiles to feed the
-  // threads (batch 1, 7x7); each split recomputes its depthwise tile (k^2/Co extra).
-  int64_t co_splits = imin(ceil_div(2 * g.threads, imax(pixel_tiles, 1)), ceil_div(Co, 4 * co_unit));
-  co_splits = imax(co_splits, 1);
+  // Split the output channels too when there are few pixel tiles (batch 1, 7x7):
+  // up to two tiles per thread, each holding a share of the weights in L2. Each
+  // split recomputes its depthwise tile (k^2/Co extra work).
+  int64_t co_splits = imin(ceil_div(2 * g.threads, imax(pixel_tiles, 1)), ceil_div(Co, co_unit));
   // With few tiles, a count that is not a multiple of the threads leaves one idle.
   while (co_splits < ceil_div(Co, co_unit) && (pixel_tiles * co_splits) % g.threads != 0 &&
          pixel_tiles * co_splits < 8 * g.threads)
