@@ -134,8 +134,8 @@ def separable_conv2d(
         if size + before + after < d * (k - 1) + 1:
             raise ValueError(f"kernel {axis} {d * (k - 1) + 1} (dilated) is larger than the "
                              f"padded input {axis} {size + before + after}")
-    return _ops.separable_conv2d(x, depthwise_weight, pointwise_weight, depthwise_bias, bias,
-                                 stride, pads, dilation, act1, act2, _backend.current_backend())
+    return _ops.call(x, depthwise_weight, pointwise_weight, depthwise_bias, bias,
+                     stride, pads, dilation, act1, act2, _backend.current_backend())
 
 
 torch.fx.wrap("separable_conv2d")  # keep it one node in fx-traced models

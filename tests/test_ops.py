@@ -115,6 +115,51 @@ def test_native_path_is_taken_on_cpu(monkeypatch):
     sepconv.separable_conv2d(x, dw, pw, b, 1, 1)
 
 
+def _spy_op(monkeypatch) -> list:
+    """Records the calls that go through the registered op (the dispatcher)."""
+    from sepconv import _ops
+    calls, real = [], _ops.separable_conv2d
+    monkeypatch.setattr(_ops, "separable_conv2d", lambda *a: calls.append(a) or real(*a))
+    return calls
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_eager_inference_skips_the_dispatcher(monkeypatch, channels_last):
+    """Without autograd, modes or tracing, the native kernel runs directly: the same
+    result, bit for bit, as through the op."""
+    if not sepconv.backend_info()["cpu_native"]:
+        pytest.skip("extension not built")
+    x, dw, pw, b, bd = (t.float() for t in make_inputs(2, 3, 9, 8, 1, 4, 3, bias=True,
+                                                       dw_bias=True))
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    calls = _spy_op(monkeypatch)
+    kw = dict(depthwise_bias=bd, mid_activation="relu6", activation="silu")
+    y = sepconv.separable_conv2d(x, dw, pw, b, 2, 1, **kw)
+    assert not calls
+    y_op = OP(x, dw, pw, bd, b, [2, 2], [1, 1, 1, 1], [1, 1], "relu6", "silu", "auto")
+    assert torch.equal(y, y_op) and y.stride() == y_op.stride()
+    with torch.no_grad():
+        sepconv.SeparableConv2d(3, 4, 3)(x)
+    assert not calls
+
+
+def test_recorded_calls_go_through_the_op(monkeypatch):
+    """Autograd, FakeTensorMode and the profiler must each see the op."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    x, dw, pw, b, _ = (t.float() for t in make_inputs(1, 3, 6, 6, 1, 4, 3, bias=True))
+    calls = _spy_op(monkeypatch)
+    sepconv.separable_conv2d(x, dw.requires_grad_(), pw, b, 1, 1).sum().backward()
+    assert len(calls) == 1 and dw.grad is not None
+    with torch.no_grad(), torch.profiler.profile() as prof:
+        sepconv.separable_conv2d(x, dw, pw, b, 1, 1)
+    assert len(calls) == 2
+    assert any(e.name == "sepconv::separable_conv2d" for e in prof.events())
+    with FakeTensorMode() as mode:
+        y = sepconv.separable_conv2d(*(mode.from_tensor(t) for t in (x, dw, pw, b)), 1, 1)
+    assert len(calls) == 3 and y.shape == (1, 4, 6, 6)
+
+
 def _run(code: str, **env) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           timeout=300, env={**os.environ, **env})
