@@ -3,7 +3,8 @@
 For each layer of a suite (shapes in benchmarks/shapes.py) it checks sepconv's output
 against the pair's, then times both in both memory formats and reports the speedup
 over the best pair and the fraction of the two floors (FLOPs / measured FMA peak,
-minimum bytes / measured copy bandwidth). Forward only for now.
+minimum bytes / measured copy bandwidth). The four variants of a layer are timed in
+turns, so that a shared machine's drifting speed hits them alike. Forward only for now.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import statistics
 import sys
 from pathlib import Path
 
@@ -48,18 +50,39 @@ def fused(layer: Layer, dw, pw, b_dw, b_pw):
     return run
 
 
-def median_seconds(fn, inputs, min_run_time: float) -> float:
-    """Median time of fn over rotating inputs (so a layer cannot run from a warm cache)."""
+def _stepper(fn, inputs):
+    """One call of fn per step, on the next of the rotating inputs (so a layer cannot
+    run from a warm cache)."""
     state = {"i": 0}
 
     def step():
         state["i"] = (state["i"] + 1) % len(inputs)
         fn(inputs[state["i"]])
+    return step
 
-    for _ in range(3):
-        step()  # warm-up: first-touch allocations, thread pools
-    timer = tbench.Timer("step()", globals={"step": step}, num_threads=torch.get_num_threads())
-    return timer.blocked_autorange(min_run_time=min_run_time).median
+
+def interleaved_seconds(variants: dict, min_run_time: float, rounds: int = 15) -> dict:
+    """Median seconds per call of each variant (name -> (fn, inputs)).
+
+    The variants take turns in short blocks, round after round, and each gets the
+    median of its blocks: on a shared machine whose speed drifts, the drift then
+    hits every variant alike instead of whichever ran during a slow spell.
+    """
+    timers = {}
+    for name, (fn, inputs) in variants.items():
+        step = _stepper(fn, inputs)
+        for _ in range(3):
+            step()  # warm-up: first-touch allocations, thread pools
+        timer = tbench.Timer("step()", globals={"step": step},
+                             num_threads=torch.get_num_threads())
+        once = timer.timeit(1).mean
+        calls = max(1, int(min_run_time / rounds / max(once, 1e-7)))
+        timers[name] = (timer, calls)
+    blocks = {name: [] for name in variants}
+    for _ in range(rounds):
+        for name, (timer, calls) in timers.items():
+            blocks[name].append(timer.timeit(calls).mean)
+    return {name: statistics.median(b) for name, b in blocks.items()}
 
 
 def measure_peaks(threads: int) -> dict:
@@ -84,16 +107,18 @@ def run_layer(layer: Layer, batch: int, dtype, min_run_time: float, peaks: dict)
     copies = max(1, min(16, CACHE_BYTES // max(x_bytes, 1)))
     row = {"layer": layer.name(), "flops": layer.flops(batch),
            "min_bytes": layer.min_bytes(batch, dtype.itemsize)}
+    variants = {}
     for fmt_name, fmt in FORMATS.items():
         xs = [torch.randn(batch, layer.c_in, layer.hw, layer.hw, generator=g, dtype=dtype)
               .contiguous(memory_format=fmt) for _ in range(copies)]
         ref, ours = pytorch_pair(layer, dw, pw, b_dw, b_pw), fused(layer, dw, pw, b_dw, b_pw)
         with torch.no_grad():
-            expected, got = ref(xs[0]), ours(xs[0])
-            torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4,
+            torch.testing.assert_close(ours(xs[0]), ref(xs[0]), rtol=1e-4, atol=1e-4,
                                        msg=f"sepconv disagrees with the pair on {layer.name()}")
-            row[f"pytorch_{fmt_name}_s"] = median_seconds(ref, xs, min_run_time)
-            row[f"sepconv_{fmt_name}_s"] = median_seconds(ours, xs, min_run_time)
+        variants[f"pytorch_{fmt_name}_s"] = (ref, xs)
+        variants[f"sepconv_{fmt_name}_s"] = (ours, xs)
+    with torch.no_grad():
+        row.update(interleaved_seconds(variants, min_run_time))
     best_pair = min(row["pytorch_nchw_s"], row["pytorch_channels_last_s"])
     best_ours = min(row["sepconv_nchw_s"], row["sepconv_channels_last_s"])
     row["speedup"] = best_pair / best_ours
@@ -143,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
                            "platform": platform.platform(), **info, **peaks},
                "batch": args.batch, "dtype": args.dtype, "suites": {}}
     for suite in args.suite:
-        rows = [run_layer(layer, args.batch, dtype, 0.05 if args.quick else 0.3, peaks)
+        rows = [run_layer(layer, args.batch, dtype, 0.1 if args.quick else 0.6, peaks)
                 for layer in SUITES[suite]]
         results["suites"][suite] = rows
         print_table(suite, rows)
