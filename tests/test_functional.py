@@ -41,6 +41,8 @@ CASES = {
     # channel counts beyond one micro-tile / vector (12 rows, 32 columns on AVX-512)
     "wide": (2, 37, 9, 7, 1, 45, 3, 1, 1, 1),
     "wide_m2": (1, 20, 6, 11, 2, 33, 3, 2, 1, 1),
+    "wide_stride2": (1, 40, 13, 17, 1, 36, 3, 2, 1, 1),
+    "Cm256": (1, 256, 5, 6, 1, 64, 3, 1, 1, 1),  # a 1 KiB row: padded tile stride
     # spatial sizes spanning several tiles and backward bands
     "tall": (1, 3, 70, 5, 1, 4, 3, 1, 1, 1),
     "long_rows": (1, 3, 5, 150, 1, 4, 3, 1, 1, 1),
