@@ -345,29 +345,28 @@ void dw_forward_nhwc(const Geometry& g, const int64_t* cols, const T* xn, const 
     const T* x = xn + ((oh * g.sh - g.pt + i0 * g.dh) * g.W + ow * g.sw - g.pl + j0 * g.dw) * C;
     const T* w = wt + (i0 * g.kw + j0) * Cm;
     T* u = U + (p - p0) * ldu;
+    // The channels left over after the vector blocks, one at a time.
+    auto scalar_tail = [&](int64_t npx, int64_t c0) {
+      for (int64_t q = 0; q < npx; ++q)
+        for (int64_t c = c0; c < Cm; ++c) {
+          T acc = dwb ? dwb[c] : T(0);
+          for (int64_t i = 0; i < di; ++i)
+            for (int64_t j = 0; j < dj; ++j)
+              acc += x[q * ps + i * xs_i + j * xs_j + c] * w[i * ws_i + j * Cm + c];
+          u[q * ldu + c] = act(act1, acc);
+        }
+    };
     if (ow >= ca && ow + PX <= cb && p + PX <= p1) {  // PX pixels with the same rectangle
       int64_t c = dw_block<T, PX, 2>(x, ps, xs_i, xs_j, w, ws_i, Cm, di, dj, dwb, act1, u, ldu, 0);
       c = dw_block<T, PX, 1>(x, ps, xs_i, xs_j, w, ws_i, Cm, di, dj, dwb, act1, u, ldu, c);
-      for (int64_t q = 0; q < PX; ++q)
-        for (int64_t cc = c; cc < Cm; ++cc) {
-          T acc = dwb ? dwb[cc] : T(0);
-          for (int64_t i = 0; i < di; ++i)
-            for (int64_t j = 0; j < dj; ++j)
-              acc += x[q * ps + i * xs_i + j * xs_j + cc] * w[i * ws_i + j * Cm + cc];
-          u[q * ldu + cc] = act(act1, acc);
-        }
+      scalar_tail(PX, c);
       p += PX;
-      continue;
+    } else {
+      int64_t c = dw_block<T, 1, 4>(x, ps, xs_i, xs_j, w, ws_i, Cm, di, dj, dwb, act1, u, ldu, 0);
+      c = dw_block<T, 1, 1>(x, ps, xs_i, xs_j, w, ws_i, Cm, di, dj, dwb, act1, u, ldu, c);
+      scalar_tail(1, c);
+      ++p;
     }
-    int64_t c = dw_block<T, 1, 4>(x, ps, xs_i, xs_j, w, ws_i, Cm, di, dj, dwb, act1, u, ldu, 0);
-    c = dw_block<T, 1, 1>(x, ps, xs_i, xs_j, w, ws_i, Cm, di, dj, dwb, act1, u, ldu, c);
-    for (; c < Cm; ++c) {
-      T acc = dwb ? dwb[c] : T(0);
-      for (int64_t i = 0; i < di; ++i)
-        for (int64_t j = 0; j < dj; ++j) acc += x[i * xs_i + j * xs_j + c] * w[i * ws_i + j * Cm + c];
-      u[c] = act(act1, acc);
-    }
-    ++p;
   }
 }
 
