@@ -565,7 +565,7 @@ int forward_impl(const Geometry& g, const T* x, const T* dww, const T* pww, cons
   // Split the output channels too when there are few pixel tiles (batch 1, 7x7):
   // up to two tiles per thread, each holding a share of the weights in L2. Each
   // split recomputes its depthwise tile (k^2/Co extra work).
-  int64_t co_splits = imin(ceil_div(2 * g.threads, imax(pixel_tiles, 1)), ceil_div(Co, co_unit));
+  int64_t co_splits = imin(ceil_div(2 * g.threads, imax(pixel_tiles, 1)), ceil_div(Co, 4 * co_unit));
   // With few tiles, a count that is not a multiple of the threads leaves one idle.
   while (co_splits < ceil_div(Co, co_unit) && (pixel_tiles * co_splits) % g.threads != 0 &&
          pixel_tiles * co_splits < 8 * g.threads)
