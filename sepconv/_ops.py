@@ -5,26 +5,49 @@ stride / dilation are [h, w], padding is [top, bottom, left, right] (zeros),
 activations are names from ``reference.ACTIVATIONS`` and ``backend`` is resolved
 at the call site, so forward and backward of one call always take the same path.
 
-Per device: CPU -> sepconv._C (float32/float64), everything else -> the reference.
+Per device ("auto"): CPU float32/float64 -> sepconv._C; CUDA float16/bfloat16/float32
+-> the Triton kernels; everything else -> the PyTorch reference.
 """
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import Tensor
 
-from . import _native, reference
+from . import _native, _triton, reference
 
-_NOT_YET = "the Triton backend is not part of this sepconv release yet (see the GPU issue)"
+_warned_no_triton = False
 
 
-def _use_native(x: Tensor, backend: str) -> bool:
+def _impl(x: Tensor, backend: str):
+    """The module (_native, _triton or reference) that runs this call's kernels."""
+    global _warned_no_triton
+    if backend == "reference":
+        return reference
+    if backend == "native":
+        if not _native.supports(x):
+            why = "are not built" if _native._C is None else \
+                f"have no {x.dtype} {x.device.type} path"
+            raise RuntimeError(f"sepconv: backend 'native' requested but the native kernels {why}")
+        return _native
     if backend == "triton":
-        raise NotImplementedError(_NOT_YET)
-    if backend == "native" and not _native.supports(x):
-        why = "are not built" if _native._C is None else f"have no {x.dtype} {x.device.type} path"
-        raise RuntimeError(f"sepconv: backend 'native' requested but the native kernels {why}")
-    return backend in ("auto", "native") and _native.supports(x)
+        why = _triton.unsupported(x)
+        if why:
+            raise RuntimeError(f"sepconv: backend 'triton' requested but {why}")
+        return _triton
+    if _native.supports(x):
+        return _native
+    if x.device.type == "cuda":
+        if _triton.unsupported(x) is None:
+            return _triton
+        if not _triton.installed() and not _warned_no_triton:
+            _warned_no_triton = True
+            warnings.warn("sepconv: Triton is not installed, so CUDA tensors take the PyTorch "
+                          "reference path (pip install 'sepconv[gpu]')", RuntimeWarning,
+                          stacklevel=4)
+    return reference
 
 
 def _out_like(x: Tensor, shape) -> Tensor:
@@ -37,19 +60,9 @@ def separable_conv2d(
     pw_bias: Tensor | None, stride: list[int], padding: list[int], dilation: list[int],
     mid_activation: str, activation: str, backend: str,
 ) -> Tensor:
-    """y = act(pw(act_mid(dw(x) + dw_bias)) + pw_bias); the reference on non-CPU devices."""
-    _use_native(x, backend)  # rejects the backends this device cannot honour
-    y = reference.forward(x, dw_weight, pw_weight, dw_bias, pw_bias, stride, padding,
-                          dilation, mid_activation, activation)
-    return y.contiguous(memory_format=_native.memory_format(x))
-
-
-@separable_conv2d.register_kernel("cpu")
-def _(x, dw_weight, pw_weight, dw_bias, pw_bias, stride, padding, dilation, mid_activation,
-      activation, backend):
-    impl = _native if _use_native(x, backend) else reference
-    y = impl.forward(x, dw_weight, pw_weight, dw_bias, pw_bias, stride, padding, dilation,
-                     mid_activation, activation)
+    """y = act(pw(act_mid(dw(x) + dw_bias)) + pw_bias), on every device."""
+    y = _impl(x, backend).forward(x, dw_weight, pw_weight, dw_bias, pw_bias, stride, padding,
+                                  dilation, mid_activation, activation)
     return y.contiguous(memory_format=_native.memory_format(x))
 
 
@@ -68,18 +81,9 @@ def separable_conv2d_backward(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Gradients of (x, dw_weight, pw_weight, dw_bias, pw_bias); an empty tensor where
     ``output_mask`` is False or the bias is None."""
-    _use_native(x, backend)
-    grads = reference.backward(grad_y, x, dw_weight, pw_weight, dw_bias, pw_bias, stride,
-                               padding, dilation, mid_activation, activation, output_mask)
-    return _pack_grads(x, grads, output_mask)
-
-
-@separable_conv2d_backward.register_kernel("cpu")
-def _(grad_y, x, dw_weight, pw_weight, dw_bias, pw_bias, stride, padding, dilation,
-      mid_activation, activation, backend, output_mask):
-    impl = _native if _use_native(x, backend) else reference
-    grads = impl.backward(grad_y, x, dw_weight, pw_weight, dw_bias, pw_bias, stride, padding,
-                          dilation, mid_activation, activation, output_mask)
+    grads = _impl(x, backend).backward(grad_y, x, dw_weight, pw_weight, dw_bias, pw_bias,
+                                       stride, padding, dilation, mid_activation, activation,
+                                       output_mask)
     return _pack_grads(x, grads, output_mask)
 
 

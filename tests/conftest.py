@@ -10,8 +10,14 @@ from hypothesis import settings
 from torch import nn
 from torch.func import functional_call
 
-import sepconv
-from sepconv._backend import _C
+# Without a GPU the Triton kernels run on CPU tensors in Triton's interpreter, which
+# must be switched on before the kernels are defined (first use).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import sepconv  # noqa: E402
+from sepconv import _triton  # noqa: E402
+from sepconv._backend import _C  # noqa: E402
 
 settings.register_profile("ci", max_examples=60, deadline=None, derandomize=True)
 settings.register_profile("long", max_examples=2000, deadline=None)
@@ -21,35 +27,61 @@ ACTS = {None: nn.Identity, "relu": nn.ReLU, "relu6": nn.ReLU6, "silu": nn.SiLU,
         "hardswish": nn.Hardswish}
 ISAS = list(_C.supported_isas()) if _C is not None else []
 
-# (backend, isa, dtype): every native ISA in float32 and float64, plus the reference.
-PATHS = [("native", isa, dt) for isa in ISAS for dt in (torch.float32, torch.float64)] \
-    + [("reference", None, torch.float64)]
-PATH_IDS = [f"{b}-{i}-{str(d)[6:]}" if i else f"{b}-{str(d)[6:]}" for b, i, d in PATHS]
-TOL = {torch.float32: dict(rtol=2e-4, atol=2e-4), torch.float64: dict(rtol=1e-9, atol=1e-9)}
+# CI sets SEPCONV_REQUIRE_TRITON=1: there the Triton tests must run, not be skipped.
+if os.environ.get("SEPCONV_REQUIRE_TRITON") == "1" and not _triton.installed():
+    raise RuntimeError("SEPCONV_REQUIRE_TRITON=1 but triton is not installed")
+TRITON_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+# On a GPU every dtype; in the (slow) interpreter float32 everywhere and bfloat16, whose
+# rounding of the intermediate is the riskiest; float16 has its own tests there.
+TRITON_DTYPES = [torch.float32, torch.bfloat16] + [torch.float16] * (TRITON_DEVICE == "cuda")
+
+# (backend, isa, dtype, device): every native ISA in float32 and float64, the reference,
+# and the Triton kernels.
+PATHS = [("native", isa, dt, "cpu") for isa in ISAS for dt in (torch.float32, torch.float64)] \
+    + [("reference", None, torch.float64, "cpu")] \
+    + [("triton", None, dt, TRITON_DEVICE) for dt in TRITON_DTYPES] * _triton.installed()
+PATH_IDS = ["-".join(filter(None, (b, i, str(d)[6:]))) for b, i, d, _ in PATHS]
+TOL = {torch.float32: dict(rtol=2e-4, atol=2e-4), torch.float64: dict(rtol=1e-9, atol=1e-9),
+       torch.float16: dict(rtol=5e-3, atol=5e-3), torch.bfloat16: dict(rtol=3e-2, atol=3e-2)}
+
+
+def assert_close(got: torch.Tensor, want: torch.Tensor, dtype: torch.dtype, what: str) -> None:
+    """got (any device, ``dtype``) against the float64 ``want``. In 16-bit dtypes the
+    absolute tolerance scales with the largest |want|: a gradient summed over many
+    pixels carries an error of eps times its terms, not times the (maybe cancelled)
+    sum."""
+    tol = dict(TOL[dtype])
+    if dtype in (torch.float16, torch.bfloat16) and want.numel():
+        tol["atol"] *= max(1.0, want.abs().max().item())
+    torch.testing.assert_close(got.double().cpu(), want, **tol, msg=lambda m: f"{what}: {m}")
 
 
 @pytest.fixture(params=PATHS, ids=PATH_IDS)
 def path(request):
-    """Runs the test body on one implementation path; yields its dtype."""
-    backend, isa, dtype = request.param
+    """Runs the test body on one implementation path; yields its dtype and device."""
+    backend, isa, dtype, device = request.param
     if isa is not None:
         previous = _C.isa()
         _C.set_isa(isa)
     with sepconv.use_backend(backend):
-        yield dtype
+        yield dict(dtype=dtype, device=device)
     if isa is not None:
         _C.set_isa(previous)
 
 
-def oracle(x, dw, pw, b, b_dw, stride, padding, dilation, act1, act2):
+def oracle(x, dw, pw, b, b_dw, stride, padding, dilation, act1, act2, mid_dtype=None):
     """The unfused pair of nn.Conv2d modules in float64, run on the given tensors
-    (functional_call keeps them in the autograd graph)."""
+    (functional_call keeps them in the autograd graph). ``mid_dtype`` rounds the
+    intermediate to that dtype on the way forward (gradients pass straight through),
+    as the nn.Conv2d pair in that dtype and the fused kernels' dot do."""
     C, Cm, Co = x.shape[1], dw.shape[0], pw.shape[0]
     dconv = nn.Conv2d(C, Cm, tuple(dw.shape[2:]), stride, padding, dilation, groups=C,
                       bias=b_dw is not None, device="meta")
     pconv = nn.Conv2d(Cm, Co, 1, bias=b is not None, device="meta")
-    u = functional_call(dconv, {"weight": dw, "bias": b_dw}, (x,))
-    return ACTS[act2]()(functional_call(pconv, {"weight": pw, "bias": b}, (ACTS[act1]()(u),)))
+    mid = ACTS[act1]()(functional_call(dconv, {"weight": dw, "bias": b_dw}, (x,)))
+    if mid_dtype is not None:
+        mid = mid + (mid.detach().to(mid_dtype).double() - mid.detach())
+    return ACTS[act2]()(functional_call(pconv, {"weight": pw, "bias": b}, (mid,)))
 
 
 def make_inputs(N, C, H, W, m, Co, k, *, bias=True, dw_bias=True, seed=0):
@@ -61,28 +93,31 @@ def make_inputs(N, C, H, W, m, Co, k, *, bias=True, dw_bias=True, seed=0):
             r(Co) if bias else None, r(C * m) if dw_bias else None)
 
 
-def check_against_oracle(dtype, inputs, stride=1, padding=0, dilation=1, act1=None, act2=None,
-                         layout=lambda t: t, grads=True):
-    """Forward and every gradient of sepconv (in ``dtype``, x passed through ``layout``)
-    against the float64 oracle on random data."""
-    x64, dw64, pw64, b64, bd64 = inputs
+def check_against_oracle(target, inputs, stride=1, padding=0, dilation=1, act1=None,
+                         act2=None, layout=lambda t: t, grads=True):
+    """Forward and every gradient of sepconv (inputs moved ``.to(**target)``: dtype and
+    device; x passed through ``layout``) against the float64 oracle on random data."""
+    dtype = target["dtype"]
+    low = dtype in (torch.float16, torch.bfloat16)
+    if low:  # the oracle rounds where the kernel must: inputs and intermediate
+        inputs = [t if t is None else t.to(dtype).double() for t in inputs]
     leaves = [t.clone().requires_grad_() if t is not None else None for t in inputs]
-    expected = oracle(*leaves, stride, padding, dilation, act1, act2)
+    expected = oracle(*leaves, stride, padding, dilation, act1, act2, dtype if low else None)
     g = torch.Generator().manual_seed(7)
-    gy = torch.randn(expected.shape, dtype=torch.float64, generator=g)
-    mine = [t.detach().to(dtype).requires_grad_() if t is not None else None for t in inputs]
+    gy = torch.randn(expected.shape, dtype=torch.float64, generator=g).to(dtype).double()
+    mine = [t.detach().to(**target).requires_grad_() if t is not None else None for t in inputs]
     x = layout(mine[0])
     y = sepconv.separable_conv2d(x, mine[1], mine[2], mine[3], stride, padding, dilation,
                                  depthwise_bias=mine[4], mid_activation=act1, activation=act2)
     assert y.dtype == dtype and y.shape == expected.shape
-    torch.testing.assert_close(y.double(), expected, **TOL[dtype])
+    assert_close(y, expected, dtype, "y")
     if not grads:
         return y
-    got = torch.autograd.grad(y, [t for t in mine if t is not None], gy.to(dtype))
+    got = torch.autograd.grad(y, [t for t in mine if t is not None], gy.to(**target))
     want = torch.autograd.grad(expected, [t for t in leaves if t is not None], gy,
                                allow_unused=True)
     names = [n for n, t in zip(["x", "dw", "pw", "b", "b_dw"], inputs) if t is not None]
     for name, a, e in zip(names, got, want):
-        e = torch.zeros_like(a, dtype=torch.float64) if e is None else e
-        torch.testing.assert_close(a.double(), e, **TOL[dtype], msg=lambda m: f"grad {name}: {m}")
+        e = torch.zeros(a.shape, dtype=torch.float64) if e is None else e
+        assert_close(a, e, dtype, f"grad {name}")
     return y

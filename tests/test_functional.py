@@ -2,11 +2,12 @@
 
 import pytest
 import torch
-from conftest import ACTS, ISAS, check_against_oracle, make_inputs
-from hypothesis import assume, given
+from conftest import ACTS, ISAS, TRITON_DEVICE, TRITON_DTYPES, check_against_oracle, make_inputs
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 import sepconv
+from sepconv import _triton
 from sepconv._backend import _C
 
 # (N, C, H, W, m, Co, kernel, stride, padding, dilation): a base case, then one or two
@@ -98,7 +99,7 @@ def test_layouts(path, layout):
 
 
 def test_grad_x_keeps_memory_format(path):
-    x, dw, pw, b, bd = (t.to(path) for t in make_inputs(2, 4, 6, 6, 1, 3, 3))
+    x, dw, pw, b, bd = (t.to(**path) for t in make_inputs(2, 4, 6, 6, 1, 3, 3))
     for fmt in (torch.channels_last, torch.contiguous_format):
         xf = x.contiguous(memory_format=fmt).requires_grad_()
         out = sepconv.separable_conv2d(xf, dw, pw, b, 1, 1)
@@ -108,35 +109,49 @@ def test_grad_x_keeps_memory_format(path):
 
 
 def test_unbatched_input(path):
-    x, dw, pw, b, bd = (t.to(path) for t in make_inputs(1, 3, 7, 7, 1, 4, 3))
+    x, dw, pw, b, bd = (t.to(**path) for t in make_inputs(1, 3, 7, 7, 1, 4, 3))
     sep = sepconv.separable_conv2d
     torch.testing.assert_close(sep(x[0], dw, pw, b, 1, 1), sep(x, dw, pw, b, 1, 1)[0])
 
 
-@given(
+CONFIGS = dict(
     N=st.integers(0, 3), C=st.integers(1, 9), m=st.integers(1, 3), Co=st.integers(1, 40),
     kh=st.integers(1, 5), kw=st.integers(1, 5), stride=st.integers(1, 3),
     dilation=st.integers(1, 2), H=st.integers(1, 14), W=st.integers(1, 14),
     pad=st.one_of(st.integers(0, 3), st.just("same"), st.just("valid")),
     act1=st.sampled_from(list(ACTS)), act2=st.sampled_from(list(ACTS)),
     channels_last=st.booleans(), bias=st.booleans(), dw_bias=st.booleans(),
-    dtype=st.sampled_from([torch.float32, torch.float64]), isa=st.sampled_from(ISAS or [None]),
 )
-def test_random_configurations(N, C, m, Co, kh, kw, stride, dilation, H, W, pad, act1, act2,
-                               channels_last, bias, dw_bias, dtype, isa):
+
+
+def _check_random(target, N, C, m, Co, kh, kw, stride, dilation, H, W, pad, act1, act2,
+                  channels_last, bias, dw_bias):
     if pad == "same":
         stride = 1
     ph = pad if isinstance(pad, int) else 0
     assume(pad == "same" or (H + 2 * ph >= dilation * (kh - 1) + 1
                              and W + 2 * ph >= dilation * (kw - 1) + 1))
+    check_against_oracle(target, make_inputs(N, C, H, W, m, Co, (kh, kw), bias=bias,
+                                             dw_bias=dw_bias), stride, pad, dilation, act1, act2,
+                         layout=LAYOUTS["channels_last" if channels_last else "nchw"])
+
+
+@given(dtype=st.sampled_from([torch.float32, torch.float64]),
+       isa=st.sampled_from(ISAS or [None]), **CONFIGS)
+def test_random_configurations(dtype, isa, **config):
     if isa is not None:
         previous = _C.isa()
         _C.set_isa(isa)
     try:
-        layout = LAYOUTS["channels_last" if channels_last else "nchw"]
-        check_against_oracle(dtype, make_inputs(N, C, H, W, m, Co, (kh, kw), bias=bias,
-                                                dw_bias=dw_bias), stride, pad, dilation,
-                             act1, act2, layout=layout)
+        _check_random(dict(dtype=dtype), **config)
     finally:
         if isa is not None:
             _C.set_isa(previous)
+
+
+@pytest.mark.skipif(not _triton.installed(), reason="triton is not installed")
+@settings(max_examples=25)  # the interpreter is slow; the fixed cases above cover each knob
+@given(dtype=st.sampled_from(TRITON_DTYPES), **CONFIGS)
+def test_random_configurations_triton(dtype, **config):
+    with sepconv.use_backend("triton"):
+        _check_random(dict(dtype=dtype, device=TRITON_DEVICE), **config)

@@ -192,6 +192,6 @@ def test_follows_torch_num_threads():
     try:
         for threads in (1, 3):
             torch.set_num_threads(threads)
-            check_against_oracle(torch.float64, inputs, 1, 1, 1, "relu", None)
+            check_against_oracle(dict(dtype=torch.float64), inputs, 1, 1, 1, "relu", None)
     finally:
         torch.set_num_threads(before)

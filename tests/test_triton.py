@@ -1,0 +1,144 @@
+"""The Triton kernels: what the shared path tests in test_functional do not cover.
+
+Without a GPU they run on CPU tensors in Triton's interpreter (conftest switches it on);
+on a GPU the same tests run natively on CUDA tensors.
+"""
+
+import os
+import subprocess
+import sys
+import types
+import warnings
+
+import pytest
+import torch
+from conftest import TRITON_DEVICE, check_against_oracle, make_inputs
+from test_functional import CASES, LAYOUTS
+
+import sepconv
+from sepconv import _ops, _triton
+
+pytestmark = pytest.mark.skipif(not _triton.installed(), reason="triton is not installed")
+DEVICE = dict(device=TRITON_DEVICE)
+OP = torch.ops.sepconv.separable_conv2d
+
+
+@pytest.fixture(autouse=True)
+def triton_backend():
+    with sepconv.use_backend("triton"):
+        yield
+
+
+FP16_CASES = ["base", "k1", "k7", "stride2", "dilation2", "multiplier2", "C1", "wide", "batch0"]
+
+
+@pytest.mark.parametrize("case", FP16_CASES)
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_float16(case, layout):
+    # test_functional runs float16 on a GPU; in the interpreter it is this subset
+    N, C, H, W, m, Co, k, s, p, d = CASES[case]
+    check_against_oracle(dict(dtype=torch.float16, **DEVICE), make_inputs(N, C, H, W, m, Co, k),
+                         s, p, d, "silu", "relu6", layout=LAYOUTS[layout])
+
+
+def _grads(x, dw, pw, b, bd):
+    y = sepconv.separable_conv2d(x, dw, pw, b, 2, 1, depthwise_bias=bd, mid_activation="relu",
+                                 activation="silu")
+    return torch.autograd.grad(y, (x, dw, pw, b, bd), torch.ones_like(y))
+
+
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_gradients_are_reproducible(deterministic):
+    """Weight gradients are summed in a fixed order (no float atomics): bit-identical
+    on every run, and allowed under torch.use_deterministic_algorithms."""
+    inputs = [t.to(dtype=torch.float32, **DEVICE).requires_grad_()
+              for t in make_inputs(3, 20, 17, 15, 1, 24, 3)]
+    before = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(deterministic)
+    try:
+        first, second = _grads(*inputs), _grads(*inputs)
+    finally:
+        torch.use_deterministic_algorithms(before)
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+
+
+def _saved_bytes(fn):
+    total = 0
+
+    def pack(t):
+        nonlocal total
+        total += t.numel() * t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return total
+
+
+def test_training_keeps_less_than_the_conv2d_pair():
+    """Forward saves x and the weights, not the intermediate: less than the pair."""
+    x, dw, pw, b, bd = (t.to(dtype=torch.float32, **DEVICE).requires_grad_()
+                        for t in make_inputs(2, 16, 12, 12, 2, 24, 3))
+    ours = _saved_bytes(lambda: sepconv.separable_conv2d(
+        x, dw, pw, b, 1, 1, depthwise_bias=bd, mid_activation="relu", activation="relu"))
+    F = torch.nn.functional
+    pair = _saved_bytes(lambda: F.relu(F.conv2d(F.relu(F.conv2d(x, dw, bd, 1, 1, groups=16)),
+                                                pw, b)))
+    weights = sum(t.numel() * 4 for t in (dw, pw, b, bd))
+    assert ours <= x.numel() * 4 + weights < pair
+
+
+def test_compile_fullgraph_matches_eager():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        sepconv.SeparableConv2d(5, 16, 3, padding=1, mid_activation="relu", activation="relu"),
+        sepconv.SeparableConv2d(16, 8, 5, stride=2, padding="valid", depthwise_bias=True),
+    ).to(**DEVICE)
+    compiled = torch.compile(model, fullgraph=True)
+    x = torch.randn(2, 5, 16, 16, **DEVICE).to(memory_format=torch.channels_last)
+    x.requires_grad_()
+    eager_y = model(x)
+    eager_g = torch.autograd.grad(eager_y.sum(), [x, *model.parameters()])
+    y = compiled(x)
+    g = torch.autograd.grad(y.sum(), [x, *model.parameters()])
+    torch.testing.assert_close(y, eager_y)
+    for a, b in zip(g, eager_g):
+        torch.testing.assert_close(a, b)
+
+
+def test_opcheck():
+    x, dw, pw, b, bd = (t.to(dtype=torch.float32, **DEVICE) for t in make_inputs(2, 3, 7, 6, 2, 5, 3))
+    args = (x.requires_grad_(), dw.requires_grad_(), pw, bd, b, [2, 1], [1, 0, 2, 1], [1, 2],
+            "relu", "silu", "triton")
+    torch.library.opcheck(OP, args)
+
+
+def test_float64_is_refused():
+    x, dw, pw, b, bd = (t.to(**DEVICE) for t in make_inputs(1, 3, 5, 5, 1, 4, 3))
+    with pytest.raises(RuntimeError, match="float16, bfloat16 and float32"):
+        sepconv.separable_conv2d(x, dw, pw, b)
+
+
+@pytest.mark.skipif(TRITON_DEVICE != "cpu", reason="about CPU tensors")
+def test_cpu_tensors_need_the_interpreter():
+    code = ("import torch, sepconv\n"
+            "with sepconv.use_backend('triton'):\n"
+            "    sepconv.separable_conv2d(torch.randn(1, 2, 5, 5), torch.randn(2, 1, 3, 3),"
+            " torch.randn(3, 2, 1, 1))\n")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert r.returncode != 0 and "TRITON_INTERPRET=1" in r.stderr, r.stderr
+
+
+def test_cuda_without_triton_warns_once_and_takes_the_reference(monkeypatch):
+    monkeypatch.setattr(_triton, "installed", lambda: False)
+    monkeypatch.setattr(_ops, "_warned_no_triton", False)
+    cuda_x = types.SimpleNamespace(device=torch.device("cuda"), dtype=torch.float16)
+    with pytest.warns(RuntimeWarning, match="Triton is not installed"):
+        assert _ops._impl(cuda_x, "auto") is sepconv.reference
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert _ops._impl(cuda_x, "auto") is sepconv.reference
+    with pytest.raises(RuntimeError, match="Triton is not installed"):
+        _ops._impl(cuda_x, "triton")

@@ -1,0 +1,120 @@
+"""Pieces the forward and backward kernels share: activations, the depthwise tile,
+the dot, and how block sizes are chosen."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+# Same order as sepconv.reference.ACTIVATIONS and csrc/sepconv.h.
+ACTIVATIONS = ("none", "relu", "relu6", "silu", "hardswish")
+
+# triton.jit reads this when a kernel is defined, so it is fixed at import.
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+@triton.jit
+def activate(v, ACT: tl.constexpr):
+    """act(v) with torch's formulas (NaN stays NaN)."""
+    if ACT == 1:
+        v = tl.where(v < 0, 0.0, v)
+    elif ACT == 2:
+        v = tl.where(v < 0, 0.0, tl.where(v > 6, 6.0, v))
+    elif ACT == 3:
+        v = v / (1.0 + tl.exp(-v))
+    elif ACT == 4:
+        t = v + 3.0
+        v = v * tl.where(t < 0, 0.0, tl.where(t > 6, 6.0, t)) / 6.0
+    return v
+
+
+@triton.jit
+def activation_grad(g, z, ACT: tl.constexpr):
+    """g * act'(z), as torch's threshold / hardtanh / silu / hardswish backward: a NaN
+    pre-activation passes the gradient through where torch's does."""
+    if ACT == 1:
+        g = tl.where(z <= 0, 0.0, g)
+    elif ACT == 2:
+        g = tl.where((z <= 0) | (z >= 6), 0.0, g)
+    elif ACT == 3:
+        s = 1.0 / (1.0 + tl.exp(-z))
+        g = g * (s * (1.0 + z * (1.0 - s)))
+    elif ACT == 4:
+        g = tl.where(z < -3, 0.0, tl.where(z <= 3, g * (z / 3.0 + 0.5), g))
+    return g
+
+
+@triton.jit
+def cast(v, dtype: tl.constexpr, EMULATE_BF16: tl.constexpr):
+    """fp32 v to the storage dtype, rounding to nearest even as the GPU does.
+    EMULATE_BF16 (Triton's CPU interpreter only, which truncates to bfloat16 instead)
+    rounds in fp32 bits first, so that the value then truncates exactly."""
+    if EMULATE_BF16 and dtype == tl.bfloat16:
+        bits = v.to(tl.uint32, bitcast=True)
+        bits = (bits + (0x7FFF + ((bits >> 16) & 1))) & 0xFFFF0000
+        v = bits.to(tl.float32, bitcast=True)
+    return v.to(dtype)
+
+
+@triton.jit
+def dot(a, b, acc, PRECISION: tl.constexpr, EMULATE_BF16: tl.constexpr):
+    """acc + a @ b with fp32 accumulation. EMULATE_BF16 (interpreter only, which
+    multiplies bfloat16 bit patterns as integers) feeds the operands to the dot as
+    fp32: bf16 x bf16 products are exact in fp32, so it is the same maths."""
+    if EMULATE_BF16:
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+    return tl.dot(a, b, acc, input_precision=PRECISION)
+
+
+@triton.jit
+def depthwise_tile(x, wdw, bdw, n, hi0, wi0, p_ok, cm, cm_ok, H, W,
+                   sxn, sxc, sxh, sxw, dh, dw,
+                   M: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
+                   HAS_BDW: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr):
+    """u[p, k] = b_dw[cm] + sum_ij x[n, cm // M, hi0 + i*dh, wi0 + j*dw] * wdw[cm, i, j]
+    in fp32, for a tile of output pixels (n, hi0, wi0: [BLOCK_P]) and mid channels
+    (cm: [BLOCK_K]); zero padding by masks. Offsets are int64: x may pass 2^31."""
+    row = x + n.to(tl.int64) * sxn
+    col = (cm // M).to(tl.int64) * sxc
+    u = tl.zeros((BLOCK_P, BLOCK_K), dtype=tl.float32)
+    for i in tl.static_range(KH):
+        hi = hi0 + i * dh
+        h_ok = p_ok & (hi >= 0) & (hi < H)
+        for j in tl.static_range(KW):
+            wi = wi0 + j * dw
+            ok = h_ok & (wi >= 0) & (wi < W)
+            at = row + hi.to(tl.int64) * sxh + wi.to(tl.int64) * sxw
+            xv = tl.load(at[:, None] + col[None, :], mask=ok[:, None] & cm_ok[None, :], other=0.0)
+            wv = tl.load(wdw + cm * (KH * KW) + (i * KW + j), mask=cm_ok, other=0.0)
+            u += xv.to(tl.float32) * wv.to(tl.float32)[None, :]
+    if HAS_BDW:
+        u += tl.load(bdw + cm, mask=cm_ok, other=0.0).to(tl.float32)[None, :]
+    return u
+
+
+def dot_mode(x: torch.Tensor) -> dict:
+    """PRECISION / EMULATE_BF16 for the dots and casts: tf32 for float32 only where
+    torch allows it; the interpreter's bfloat16 repaired (see cast and dot)."""
+    tf32 = x.dtype == torch.float32 and x.is_cuda and torch.backends.cuda.matmul.allow_tf32
+    return dict(PRECISION="tf32" if tf32 else "ieee",
+                EMULATE_BF16=INTERPRET and x.dtype == torch.bfloat16)
+
+
+def autotuned(x: torch.Tensor) -> bool:
+    """Tune block sizes by timing on a GPU, except under the interpreter (nothing to
+    time) and under torch.use_deterministic_algorithms: another block size sums in
+    another order, and a timing-based choice may differ from one process to the next."""
+    return x.is_cuda and not INTERPRET and not torch.are_deterministic_algorithms_enabled()
+
+
+def pixel_geometry(x, dw_weight, stride, padding, dilation, Ho, Wo) -> dict:
+    """The scalar arguments every kernel takes for the depthwise gather."""
+    return dict(H=x.shape[2], W=x.shape[3], Ho=Ho, Wo=Wo,
+                sxn=x.stride(0), sxc=x.stride(1), sxh=x.stride(2), sxw=x.stride(3),
+                sh=stride[0], sw=stride[1], pt=padding[0], pl=padding[2],
+                dh=dilation[0], dw=dilation[1],
+                M=dw_weight.shape[0] // x.shape[1], KH=dw_weight.shape[2], KW=dw_weight.shape[3])

@@ -1,0 +1,127 @@
+"""The fused forward kernel: depthwise tile in registers -> act_mid -> tl.dot with the
+pointwise weight -> bias, act -> store. The intermediate never reaches global memory.
+
+The same kernel, with GRAD set, gives the backward pass gz = grad_y * act'(z): z is
+recomputed tile by tile rather than saved, so training keeps only x.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import (
+    ACTIVATIONS,
+    INTERPRET,
+    activate,
+    activation_grad,
+    autotuned,
+    cast,
+    depthwise_tile,
+    dot,
+    dot_mode,
+    pixel_geometry,
+)
+
+
+@triton.jit(do_not_specialize=["P"])  # P follows the batch size: no recompile per batch
+def _forward(x, wdw, bdw, wpw, bpw, out, gy, P, Cm, Co, H, W, Ho, Wo,
+             sxn, sxc, sxh, sxw, son, soc, soh, sow, sh, sw, pt, pl, dh, dw,
+             M: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
+             ACT1: tl.constexpr, ACT2: tl.constexpr, HAS_BDW: tl.constexpr,
+             HAS_BPW: tl.constexpr, GRAD: tl.constexpr, PRECISION: tl.constexpr,
+             EMULATE_BF16: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_CO: tl.constexpr,
+             BLOCK_K: tl.constexpr):
+    # One program: BLOCK_P output pixels x BLOCK_CO output channels. Output-channel
+    # blocks of one pixel block are neighbours in launch order, so they find x in L2.
+    pid = tl.program_id(0)
+    n_co = tl.cdiv(Co, BLOCK_CO)
+    co = (pid % n_co) * BLOCK_CO + tl.arange(0, BLOCK_CO)
+    p = (pid // n_co) * BLOCK_P + tl.arange(0, BLOCK_P)
+    co_ok, p_ok = co < Co, p < P
+    wo = p % Wo
+    ho = (p // Wo) % Ho
+    n = p // (Wo * Ho)
+
+    acc = tl.zeros((BLOCK_P, BLOCK_CO), dtype=tl.float32)
+    if HAS_BPW:
+        acc += tl.load(bpw + co, mask=co_ok, other=0.0).to(tl.float32)[None, :]
+    for k0 in range(0, Cm, BLOCK_K):
+        cm = k0 + tl.arange(0, BLOCK_K)
+        cm_ok = cm < Cm
+        u = depthwise_tile(x, wdw, bdw, n, ho * sh - pt, wo * sw - pl, p_ok, cm, cm_ok, H, W,
+                           sxn, sxc, sxh, sxw, dh, dw, M, KH, KW, HAS_BDW, BLOCK_P, BLOCK_K)
+        mid = cast(activate(u, ACT1), wpw.dtype.element_ty, EMULATE_BF16)
+        w = tl.load(wpw + co[None, :] * Cm + cm[:, None], mask=cm_ok[:, None] & co_ok[None, :],
+                    other=0.0)
+        acc = dot(mid, w, acc, PRECISION, EMULATE_BF16)
+
+    at = n.to(tl.int64) * son + ho.to(tl.int64) * soh + wo.to(tl.int64) * sow
+    offs = at[:, None] + co.to(tl.int64)[None, :] * soc
+    mask = p_ok[:, None] & co_ok[None, :]
+    if GRAD:
+        g = tl.load(gy + offs, mask=mask, other=0.0).to(tl.float32)
+        res = activation_grad(g, acc, ACT2)
+    else:
+        res = activate(acc, ACT2)
+    tl.store(out + offs, cast(res, out.dtype.element_ty, EMULATE_BF16), mask=mask)
+
+
+def _prune(configs, named_args, **kwargs):
+    """Drop tiles much wider than the layer's channel counts."""
+    co, cm = named_args["Co"], named_args["Cm"]
+    keep = [c for c in configs if c.kwargs["BLOCK_CO"] <= max(32, triton.next_power_of_2(co))
+            and c.kwargs["BLOCK_K"] <= max(16, triton.next_power_of_2(cm))]
+    return keep or configs[:1]
+
+
+_CONFIGS = [
+    triton.Config(dict(BLOCK_P=bp, BLOCK_CO=bco, BLOCK_K=bk), num_warps=warps, num_stages=stages)
+    for bp, bco, bk, warps, stages in [
+        (64, 32, 32, 4, 2), (64, 64, 32, 4, 2), (128, 64, 32, 4, 2), (64, 128, 32, 4, 2),
+        (128, 128, 32, 8, 2), (64, 64, 64, 4, 2), (128, 128, 64, 8, 2), (64, 256, 32, 8, 2),
+        (128, 256, 32, 8, 2), (32, 64, 32, 4, 2), (32, 128, 64, 4, 2),
+    ]
+]
+# The batch (P) is not in the key: a new batch size reuses the tuned choice.
+_forward_tuned = triton.autotune(
+    _CONFIGS, key=["Cm", "Co", "H", "W", "Ho", "Wo", "sxc", "KH", "KW", "GRAD"],
+    prune_configs_by=dict(early_config_prune=_prune))(_forward)
+
+
+def _fixed_config(Co: int) -> dict:
+    if INTERPRET:  # small tiles, so that small test shapes span several blocks
+        return dict(BLOCK_P=64, BLOCK_CO=16, BLOCK_K=16)
+    return dict(BLOCK_P=64, BLOCK_CO=min(128, max(32, triton.next_power_of_2(Co))), BLOCK_K=32,
+                num_warps=4, num_stages=2)
+
+
+def launch(x, dw_weight, pw_weight, dw_bias, pw_bias, stride, padding, dilation,
+           mid_activation, activation, out, grad_y=None) -> torch.Tensor:
+    """Writes act(pw(act_mid(dw(x)))) into ``out`` or, given grad_y (same shape and
+    strides as out), grad_y * act'(z). x and out may have any strides."""
+    N, Co, Ho, Wo = out.shape
+    P, Cm = N * Ho * Wo, dw_weight.shape[0]
+    if P == 0:
+        return out
+    wdw, wpw = dw_weight.contiguous(), pw_weight.reshape(Co, Cm).contiguous()
+    bdw = wdw if dw_bias is None else dw_bias.contiguous()
+    bpw = wpw if pw_bias is None else pw_bias.contiguous()
+    if grad_y is not None:
+        assert grad_y.shape == out.shape and grad_y.stride() == out.stride()
+    args = dict(
+        P=P, Cm=Cm, Co=Co, **pixel_geometry(x, dw_weight, stride, padding, dilation, Ho, Wo),
+        son=out.stride(0), soc=out.stride(1), soh=out.stride(2), sow=out.stride(3),
+        ACT1=ACTIVATIONS.index(mid_activation), ACT2=ACTIVATIONS.index(activation),
+        HAS_BDW=dw_bias is not None, HAS_BPW=pw_bias is not None, GRAD=grad_y is not None,
+        **dot_mode(x))
+    tensors = (x, wdw, bdw, wpw, bpw, out, out if grad_y is None else grad_y)
+    if autotuned(x):
+        grid = lambda meta: (triton.cdiv(P, meta["BLOCK_P"]) * triton.cdiv(Co, meta["BLOCK_CO"]),)  # noqa: E731
+        _forward_tuned[grid](*tensors, **args)
+    else:
+        cfg = _fixed_config(Co)
+        grid = (triton.cdiv(P, cfg["BLOCK_P"]) * triton.cdiv(Co, cfg["BLOCK_CO"]),)
+        _forward[grid](*tensors, **args, **cfg)
+    return out
