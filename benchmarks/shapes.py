@@ -23,15 +23,18 @@ class Layer:
     def out_hw(self) -> int:
         return (self.hw + 2 * self.padding - self.kernel) // self.stride + 1
 
-    def flops(self, batch: int) -> int:
-        """Multiply-adds of both stages, counted as 2 flops each."""
+    def flops(self, batch: int, backward: bool = False) -> int:
+        """Multiply-adds of both stages, counted as 2 flops each; the backward pass
+        (grad of the input and of the weights) counted as twice the forward."""
         pixels = batch * self.out_hw**2
-        return 2 * pixels * self.c_in * (self.kernel**2 + self.c_out)
+        return 2 * pixels * self.c_in * (self.kernel**2 + self.c_out) * (3 if backward else 1)
 
-    def min_bytes(self, batch: int, itemsize: int) -> int:
-        """x read once, y written once, weights read once."""
-        elems = (batch * self.c_in * self.hw**2 + batch * self.c_out * self.out_hw**2
-                 + self.c_in * (self.kernel**2 + 1) + self.c_out * (self.c_in + 1))
+    def min_bytes(self, batch: int, itemsize: int, backward: bool = False) -> int:
+        """Forward: x read once, y written once, weights read once. With the backward
+        pass: x and grad_y read, grad_x written, weights read and their grads written."""
+        x, y = batch * self.c_in * self.hw**2, batch * self.c_out * self.out_hw**2
+        w = self.c_in * (self.kernel**2 + 1) + self.c_out * (self.c_in + 1)
+        elems = 3 * x + 2 * y + 3 * w if backward else x + y + w
         return elems * itemsize
 
     def name(self) -> str:

@@ -3,7 +3,8 @@
     y = act(W_pw . act_mid(dw(x) + b_dw) + b_pw)     in one kernel per direction
 
 Data flows one way: SeparableConv2d -> separable_conv2d -> torch.ops.sepconv.* ->
-sepconv._C (CPU, float32/float64) or the PyTorch reference (every other case).
+sepconv._C (CPU, float32/float64), sepconv.triton_kernels (CUDA, float16/bfloat16/
+float32) or the PyTorch reference (every other case).
 """
 
 __version__ = "0.1.0"

@@ -38,11 +38,12 @@ def current_backend() -> str:
 def use_backend(name: str) -> Iterator[None]:
     """Force an implementation inside a ``with`` block.
 
-    - ``"auto"`` (default): native kernels where they exist (C++ on CPU for float32 /
-      float64), the PyTorch reference elsewhere.
+    - ``"auto"`` (default): the C++ kernels on CPU for float32 / float64, the Triton
+      kernels on CUDA for float16 / bfloat16 / float32, the PyTorch reference elsewhere.
     - ``"native"``: the C++ kernels on CPU; raises if they are not built or the dtype
       has none.
-    - ``"triton"``: the Triton kernels (not part of this release yet: raises).
+    - ``"triton"``: the Triton kernels; raises if triton is missing or the dtype has
+      none. On CPU tensors only under ``TRITON_INTERPRET=1`` (Triton's interpreter).
     - ``"reference"``: the pure PyTorch ``F.conv2d`` pair.
     """
     global _backend

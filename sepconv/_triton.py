@@ -6,6 +6,7 @@ They run on CUDA tensors, and on CPU tensors when the process set
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import importlib.util
 import os
@@ -47,17 +48,33 @@ def unsupported(x: Tensor) -> str | None:
     return None
 
 
+def _on_device(x: Tensor):
+    """Triton launches on the current CUDA device: make it x's."""
+    return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
+
+
+def _check_pixels(x: Tensor, Ho: int, Wo: int) -> None:
+    # pixel indices are int32 in the kernels (memory offsets are int64)
+    if max(x.shape[0] * Ho * Wo, x.shape[0] * x.shape[2] * x.shape[3]) >= 2**31:
+        raise ValueError(f"the Triton kernels take fewer than 2^31 pixels per call; got x of "
+                         f"shape {tuple(x.shape)}: split the batch")
+
+
 def forward(x, dw_weight, pw_weight, dw_bias, pw_bias, stride, padding, dilation,
             mid_activation, activation) -> Tensor:
     Ho, Wo = output_size(x, dw_weight, stride, padding, dilation)
+    _check_pixels(x, Ho, Wo)
     y = torch.empty((x.shape[0], pw_weight.shape[0], Ho, Wo), dtype=x.dtype, device=x.device,
                     memory_format=memory_format(x))
-    return _load().forward.launch(x, dw_weight, pw_weight, dw_bias, pw_bias, stride, padding,
-                                  dilation, mid_activation, activation, y)
+    with _on_device(x):
+        return _load().forward.launch(x, dw_weight, pw_weight, dw_bias, pw_bias, stride,
+                                      padding, dilation, mid_activation, activation, y)
 
 
 def backward(grad_y, x, dw_weight, pw_weight, dw_bias, pw_bias, stride, padding, dilation,
              mid_activation, activation, output_mask) -> tuple[Tensor | None, ...]:
-    return _load().backward.launch(grad_y, x, dw_weight, pw_weight, dw_bias, pw_bias, stride,
-                                   padding, dilation, mid_activation, activation, output_mask,
-                                   memory_format(x))
+    _check_pixels(x, *grad_y.shape[2:])
+    with _on_device(x):
+        return _load().backward.launch(grad_y, x, dw_weight, pw_weight, dw_bias, pw_bias,
+                                       stride, padding, dilation, mid_activation, activation,
+                                       output_mask, memory_format(x))

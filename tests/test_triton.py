@@ -108,7 +108,8 @@ def test_compile_fullgraph_matches_eager():
 
 
 def test_opcheck():
-    x, dw, pw, b, bd = (t.to(dtype=torch.float32, **DEVICE) for t in make_inputs(2, 3, 7, 6, 2, 5, 3))
+    x, dw, pw, b, bd = (t.to(dtype=torch.float32, **DEVICE)
+                        for t in make_inputs(2, 3, 7, 6, 2, 5, 3))
     args = (x.requires_grad_(), dw.requires_grad_(), pw, bd, b, [2, 1], [1, 0, 2, 1], [1, 2],
             "relu", "silu", "triton")
     torch.library.opcheck(OP, args)
@@ -142,3 +143,10 @@ def test_cuda_without_triton_warns_once_and_takes_the_reference(monkeypatch):
         assert _ops._impl(cuda_x, "auto") is sepconv.reference
     with pytest.raises(RuntimeError, match="Triton is not installed"):
         _ops._impl(cuda_x, "triton")
+
+
+def test_more_than_int32_pixels_is_refused():
+    x = torch.zeros(1, 1, 1, 1, **DEVICE).expand(2**15, 1, 2**8, 2**8)  # 2^31 pixels, no memory
+    w = torch.ones(1, 1, 1, 1, **DEVICE)
+    with pytest.raises(ValueError, match="2\\^31 pixels"):
+        sepconv.separable_conv2d(x, w, w)

@@ -99,8 +99,8 @@ def depthwise_tile(x, wdw, bdw, n, hi0, wi0, p_ok, cm, cm_ok, H, W,
 def dot_mode(x: torch.Tensor) -> dict:
     """PRECISION / EMULATE_BF16 for the dots and casts: tf32 for float32 only where
     torch allows it; the interpreter's bfloat16 repaired (see cast and dot)."""
-    tf32 = x.dtype == torch.float32 and x.is_cuda and torch.backends.cuda.matmul.allow_tf32
-    return dict(PRECISION="tf32" if tf32 else "ieee",
+    ieee = x.dtype == torch.float32 and not (x.is_cuda and torch.backends.cuda.matmul.allow_tf32)
+    return dict(PRECISION="ieee" if ieee else "tf32",  # 16-bit operands: tf32 is a no-op
                 EMULATE_BF16=INTERPRET and x.dtype == torch.bfloat16)
 
 
