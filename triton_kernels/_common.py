@@ -71,11 +71,11 @@ def dot(a, b, acc, PRECISION: tl.constexpr, EMULATE_BF16: tl.constexpr):
 
 
 @triton.jit
-def depthwise_tile(x, wdw, bdw, n, hi0, wi0, p_ok, cm, cm_ok, H, W,
+def depthwise_tile(x, wdw, bdw, n, hi0, wi0, p_ok, cm, cm_ok, Cm, H, W,
                    sxn, sxc, sxh, sxw, dh, dw,
                    M: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
                    HAS_BDW: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr):
-    """u[p, k] = b_dw[cm] + sum_ij x[n, cm // M, hi0 + i*dh, wi0 + j*dw] * wdw[cm, i, j]
+    """u[p, k] = b_dw[cm] + sum_ij x[n, cm // M, hi0 + i*dh, wi0 + j*dw] * wdw[i, j, cm]
     in fp32, for a tile of output pixels (n, hi0, wi0: [BLOCK_P]) and mid channels
     (cm: [BLOCK_K]); zero padding by masks. Offsets are int64: x may pass 2^31."""
     row = x + n.to(tl.int64) * sxn
@@ -89,11 +89,17 @@ def depthwise_tile(x, wdw, bdw, n, hi0, wi0, p_ok, cm, cm_ok, H, W,
             ok = h_ok & (wi >= 0) & (wi < W)
             at = row + hi.to(tl.int64) * sxh + wi.to(tl.int64) * sxw
             xv = tl.load(at[:, None] + col[None, :], mask=ok[:, None] & cm_ok[None, :], other=0.0)
-            wv = tl.load(wdw + cm * (KH * KW) + (i * KW + j), mask=cm_ok, other=0.0)
+            wv = tl.load(wdw + (i * KW + j) * Cm + cm, mask=cm_ok, other=0.0)
             u += xv.to(tl.float32) * wv.to(tl.float32)[None, :]
     if HAS_BDW:
         u += tl.load(bdw + cm, mask=cm_ok, other=0.0).to(tl.float32)[None, :]
     return u
+
+
+def taps_major(dw_weight: torch.Tensor) -> torch.Tensor:
+    """The depthwise weight as (kh, kw, C*m): a tap's weights for a channel block are
+    then one coalesced load."""
+    return dw_weight.reshape(dw_weight.shape[0], -1).t().contiguous()
 
 
 def dot_mode(x: torch.Tensor) -> dict:

@@ -7,7 +7,8 @@
     g W_dw = sum_p gu * x[tap(p)]           _dw_weight: split over pixels, two-stage sum
     g x    = transposed depthwise of gu     _input: a gather, every element written once
 
-gu and mid live only while the backward runs (the nn.Conv2d pair keeps the
+gz, gu and mid are stored in the input dtype, as the nn.Conv2d pair stores its
+gradients, and live only while the backward runs (the nn.Conv2d pair keeps the
 intermediate from forward to backward). Weight gradients are summed in a fixed order:
 each program writes its partial sum and torch adds the partials, no float atomics,
 so the result is the same on every run.
@@ -30,6 +31,7 @@ from ._common import (
     dot,
     dot_mode,
     pixel_geometry,
+    taps_major,
 )
 
 
@@ -52,7 +54,7 @@ def _mid(x, wdw, bdw, wpw, gz, gu, mid, P, Cm, Co, H, W, Ho, Wo,
     p = (pid // n_k) * BLOCK_P + tl.arange(0, BLOCK_P)
     cm_ok, p_ok = cm < Cm, p < P
     n, ho, wo = _pixels(p, Ho, Wo)
-    u = depthwise_tile(x, wdw, bdw, n, ho * sh - pt, wo * sw - pl, p_ok, cm, cm_ok, H, W,
+    u = depthwise_tile(x, wdw, bdw, n, ho * sh - pt, wo * sw - pl, p_ok, cm, cm_ok, Cm, H, W,
                        sxn, sxc, sxh, sxw, dh, dw, M, KH, KW, HAS_BDW, BLOCK_P, BLOCK_K)
     buf = p.to(tl.int64)[:, None] * Cm + cm[None, :]
     mask = p_ok[:, None] & cm_ok[None, :]
@@ -70,7 +72,8 @@ def _mid(x, wdw, bdw, wpw, gz, gu, mid, P, Cm, Co, H, W, Ho, Wo,
                         other=0.0)
             gmid = dot(cast(g.to(tl.float32), w.dtype, EMULATE_BF16), w, gmid, PRECISION,
                        EMULATE_BF16)
-        tl.store(gu + buf, activation_grad(gmid, u, ACT1), mask=mask)
+        tl.store(gu + buf, cast(activation_grad(gmid, u, ACT1), gu.dtype.element_ty, EMULATE_BF16),
+                 mask=mask)
 
 
 @triton.jit(do_not_specialize=["P"])
@@ -104,29 +107,30 @@ def _pw_weight(gz, mid, partial, P, Cm, Co, Ho, Wo, sgn, sgc, sgh, sgw, chunk,
 def _dw_weight(x, gu, partial, P, Cm, H, W, Ho, Wo, sxn, sxc, sxh, sxw, sh, sw, pt, pl, dh, dw,
                chunk, M: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
                BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr):
-    """partial[s, cm, tap] = sum over the pixels of chunk s of gu * x at that tap."""
+    """partial[s, cm, tap] = sum over the pixels of chunk s of gu * x at that tap.
+    One tap per program: the KH*KW programs of a chunk are neighbours in launch order,
+    so gu and x come from DRAM about once, and from L2 for the other taps."""
     pid = tl.program_id(0)
+    t = pid % (KH * KW)
     n_k = tl.cdiv(Cm, BLOCK_K)
-    cm = (pid % n_k) * BLOCK_K + tl.arange(0, BLOCK_K)
-    s = pid // n_k
+    cm = (pid // (KH * KW) % n_k) * BLOCK_K + tl.arange(0, BLOCK_K)
+    s = pid // (KH * KW * n_k)
     cm_ok = cm < Cm
     col = (cm // M).to(tl.int64) * sxc
-    for t in range(KH * KW):
-        i, j = t // KW, t % KW
-        acc = tl.zeros((BLOCK_K,), dtype=tl.float32)
-        for p0 in range(s * chunk, tl.minimum(s * chunk + chunk, P), BLOCK_P):
-            p = p0 + tl.arange(0, BLOCK_P)
-            p_ok = p < P
-            n, ho, wo = _pixels(p, Ho, Wo)
-            hi, wi = ho * sh - pt + i * dh, wo * sw - pl + j * dw
-            ok = p_ok & (hi >= 0) & (hi < H) & (wi >= 0) & (wi < W)
-            at = n.to(tl.int64) * sxn + hi.to(tl.int64) * sxh + wi.to(tl.int64) * sxw
-            xv = tl.load(x + at[:, None] + col[None, :], mask=ok[:, None] & cm_ok[None, :],
-                         other=0.0)
-            g = tl.load(gu + p.to(tl.int64)[:, None] * Cm + cm[None, :],
-                        mask=p_ok[:, None] & cm_ok[None, :], other=0.0)
-            acc += tl.sum(g * xv.to(tl.float32), axis=0)
-        tl.store(partial + (s.to(tl.int64) * Cm + cm) * (KH * KW) + t, acc, mask=cm_ok)
+    i, j = t // KW, t % KW
+    acc = tl.zeros((BLOCK_K,), dtype=tl.float32)
+    for p0 in range(s * chunk, tl.minimum(s * chunk + chunk, P), BLOCK_P):
+        p = p0 + tl.arange(0, BLOCK_P)
+        p_ok = p < P
+        n, ho, wo = _pixels(p, Ho, Wo)
+        hi, wi = ho * sh - pt + i * dh, wo * sw - pl + j * dw
+        ok = p_ok & (hi >= 0) & (hi < H) & (wi >= 0) & (wi < W)
+        at = n.to(tl.int64) * sxn + hi.to(tl.int64) * sxh + wi.to(tl.int64) * sxw
+        xv = tl.load(x + at[:, None] + col[None, :], mask=ok[:, None] & cm_ok[None, :], other=0.0)
+        g = tl.load(gu + p.to(tl.int64)[:, None] * Cm + cm[None, :],
+                    mask=p_ok[:, None] & cm_ok[None, :], other=0.0)
+        acc += tl.sum(g.to(tl.float32) * xv.to(tl.float32), axis=0)
+    tl.store(partial + (s.to(tl.int64) * Cm + cm) * (KH * KW) + t, acc, mask=cm_ok)
 
 
 @triton.jit(do_not_specialize=["Q"])
@@ -134,7 +138,7 @@ def _input(gu, wdw, gx, Q, C, Cm, H, W, Ho, Wo, sgn, sgc, sgh, sgw, sh, sw, pt, 
            M: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr, EMULATE_BF16: tl.constexpr,
            BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
     """gx[n, c, hi, wi] = sum over the taps and outputs (ho, wo) that read that input of
-    gu[n, ho, wo, c*M + r] * wdw[c*M + r, i, j]: a gather, so no two programs write
+    gu[n, ho, wo, c*M + r] * wdw[i, j, c*M + r]: a gather, so no two programs write
     the same element."""
     pid = tl.program_id(0)
     n_c = tl.cdiv(C, BLOCK_C)
@@ -156,8 +160,8 @@ def _input(gu, wdw, gx, Q, C, Cm, H, W, Ho, Wo, sgn, sgc, sgh, sgw, sh, sw, pt, 
                 cm = c * M + r
                 g = tl.load(gu + row[:, None] + cm[None, :], mask=ok[:, None] & c_ok[None, :],
                             other=0.0)
-                wv = tl.load(wdw + cm * (KH * KW) + (i * KW + j), mask=c_ok, other=0.0)
-                acc += g * wv.to(tl.float32)[None, :]
+                wv = tl.load(wdw + (i * KW + j) * Cm + cm, mask=c_ok, other=0.0)
+                acc += g.to(tl.float32) * wv.to(tl.float32)[None, :]
     at = n.to(tl.int64) * sgn + hi.to(tl.int64) * sgh + wi.to(tl.int64) * sgw
     tl.store(gx + at[:, None] + c.to(tl.int64)[None, :] * sgc,
              cast(acc, gx.dtype.element_ty, EMULATE_BF16), mask=q_ok[:, None] & c_ok[None, :])
@@ -200,7 +204,7 @@ def launch(grad_y, x, dw_weight, pw_weight, dw_bias, pw_bias, stride, padding, d
         return gx, zeros(dw_weight, need_dw), zeros(pw_weight, need_pw), \
             zeros(dw_bias, need_dwb), zeros(pw_bias, need_pwb)
 
-    wdw, wpw = dw_weight.contiguous(), pw_weight.reshape(Co, Cm).contiguous()
+    wdw, wpw = taps_major(dw_weight), pw_weight.reshape(Co, Cm).contiguous()
     geom = pixel_geometry(x, dw_weight, stride, padding, dilation, Ho, Wo)
     b = _blocks()
     bco = min(b["C"], max(16, triton.next_power_of_2(Co)))
@@ -211,12 +215,11 @@ def launch(grad_y, x, dw_weight, pw_weight, dw_bias, pw_bias, stride, padding, d
     if activation == "none":
         gz = grad_y
     else:
-        gz = torch.empty(grad_y.shape, dtype=torch.float32, device=x.device,
-                         memory_format=memory_format)
+        gz = torch.empty_like(grad_y, memory_format=memory_format)
         _fwd.launch(x, dw_weight, pw_weight, dw_bias, pw_bias, stride, padding, dilation,
                     mid_activation, activation, gz, grad_y)
 
-    gu = torch.empty((P, Cm), dtype=torch.float32, device=x.device) if need_gu else None
+    gu = torch.empty((P, Cm), dtype=x.dtype, device=x.device) if need_gu else None
     mid = torch.empty((P, Cm), dtype=x.dtype, device=x.device) if need_pw else None
     if need_gu or need_pw:
         grid = (triton.cdiv(P, b["P"]) * triton.cdiv(Cm, bk),)
@@ -238,10 +241,11 @@ def launch(grad_y, x, dw_weight, pw_weight, dw_bias, pw_bias, stride, padding, d
                                  num_warps=b["WARPS"])
         gpw = partial.sum(0).to(pw_weight.dtype).view(pw_weight.shape)
     if need_dw:
-        S = _splits(x, triton.cdiv(Cm, bk), p_blocks, Cm * KK)
+        tiles = triton.cdiv(Cm, bk) * KK
+        S = _splits(x, tiles, p_blocks, Cm * KK)
         chunk = triton.cdiv(p_blocks, S) * b["P"]
         partial = torch.empty((S, Cm, KK), dtype=torch.float32, device=x.device)
-        _dw_weight[(triton.cdiv(Cm, bk) * S,)](
+        _dw_weight[(tiles * S,)](
             x, gu, partial, P, Cm, **geom, chunk=chunk, BLOCK_P=b["P"], BLOCK_K=bk,
             num_warps=b["WARPS"])
         gdw = partial.sum(0).to(dw_weight.dtype).view(dw_weight.shape)
@@ -253,6 +257,6 @@ def launch(grad_y, x, dw_weight, pw_weight, dw_bias, pw_bias, stride, padding, d
                      **{k: v for k, v in geom.items() if k not in skip}, **_strides(gx, "sg"),
                      EMULATE_BF16=mode["EMULATE_BF16"], BLOCK_P=b["P"], BLOCK_C=bc,
                      num_warps=b["WARPS"])
-    gdwb = gu.sum(0).to(dw_bias.dtype) if need_dwb else None
+    gdwb = gu.sum(0, dtype=torch.float32).to(dw_bias.dtype) if need_dwb else None
     gpwb = gz.sum((0, 2, 3), dtype=torch.float32).to(pw_bias.dtype) if need_pwb else None
     return gx, gdw, gpw, gdwb, gpwb

@@ -22,6 +22,7 @@ from ._common import (
     dot,
     dot_mode,
     pixel_geometry,
+    taps_major,
 )
 
 
@@ -50,7 +51,7 @@ def _forward(x, wdw, bdw, wpw, bpw, out, gy, P, Cm, Co, H, W, Ho, Wo,
     for k0 in range(0, Cm, BLOCK_K):
         cm = k0 + tl.arange(0, BLOCK_K)
         cm_ok = cm < Cm
-        u = depthwise_tile(x, wdw, bdw, n, ho * sh - pt, wo * sw - pl, p_ok, cm, cm_ok, H, W,
+        u = depthwise_tile(x, wdw, bdw, n, ho * sh - pt, wo * sw - pl, p_ok, cm, cm_ok, Cm, H, W,
                            sxn, sxc, sxh, sxw, dh, dw, M, KH, KW, HAS_BDW, BLOCK_P, BLOCK_K)
         mid = cast(activate(u, ACT1), wpw.dtype.element_ty, EMULATE_BF16)
         w = tl.load(wpw + co[None, :] * Cm + cm[:, None], mask=cm_ok[:, None] & co_ok[None, :],
@@ -79,7 +80,8 @@ def _prune(configs, named_args, **kwargs):
 _CONFIGS = [
     triton.Config(dict(BLOCK_P=bp, BLOCK_CO=bco, BLOCK_K=bk), num_warps=warps, num_stages=stages)
     for bp, bco, bk, warps, stages in [
-        (64, 32, 32, 4, 2), (64, 64, 32, 4, 2), (128, 64, 32, 4, 2), (64, 128, 32, 4, 2),
+        (64, 32, 32, 4, 2), (128, 32, 32, 4, 2), (128, 32, 64, 4, 2), (256, 32, 32, 8, 2),
+        (64, 64, 32, 4, 2), (128, 64, 32, 4, 2), (64, 128, 32, 4, 2),
         (128, 128, 32, 8, 2), (64, 64, 64, 4, 2), (128, 128, 64, 8, 2), (64, 256, 32, 8, 2),
         (128, 256, 32, 8, 2), (32, 64, 32, 4, 2), (32, 128, 64, 4, 2),
     ]
@@ -105,7 +107,7 @@ def launch(x, dw_weight, pw_weight, dw_bias, pw_bias, stride, padding, dilation,
     P, Cm = N * Ho * Wo, dw_weight.shape[0]
     if P == 0:
         return out
-    wdw, wpw = dw_weight.contiguous(), pw_weight.reshape(Co, Cm).contiguous()
+    wdw, wpw = taps_major(dw_weight), pw_weight.reshape(Co, Cm).contiguous()
     bdw = wdw if dw_bias is None else dw_bias.contiguous()
     bpw = wpw if pw_bias is None else pw_bias.contiguous()
     if grad_y is not None:
