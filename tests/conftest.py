@@ -121,3 +121,17 @@ def check_against_oracle(target, inputs, stride=1, padding=0, dilation=1, act1=N
         e = torch.zeros(a.shape, dtype=torch.float64) if e is None else e
         assert_close(a, e, dtype, f"grad {name}")
     return y
+
+
+def assert_compiled_matches_eager(model, inputs, **compile_kwargs):
+    """torch.compile(model, fullgraph=True) gives the eager output and gradients."""
+    compiled = torch.compile(model, fullgraph=True, **compile_kwargs)
+    for x in inputs:
+        x.requires_grad_()
+        eager_y = model(x)
+        eager_g = torch.autograd.grad(eager_y.sum(), [x, *model.parameters()])
+        y = compiled(x)
+        g = torch.autograd.grad(y.sum(), [x, *model.parameters()])
+        torch.testing.assert_close(y, eager_y)
+        for a, b in zip(g, eager_g):
+            torch.testing.assert_close(a, b)

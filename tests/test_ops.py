@@ -6,7 +6,7 @@ import sys
 
 import pytest
 import torch
-from conftest import ISAS, check_against_oracle, make_inputs
+from conftest import ISAS, assert_compiled_matches_eager, check_against_oracle, make_inputs
 
 import sepconv
 
@@ -61,16 +61,8 @@ def test_compile_fullgraph_matches_eager():
         sepconv.SeparableConv2d(3, 8, 3, padding=1, mid_activation="relu", activation="relu"),
         sepconv.SeparableConv2d(8, 4, 5, stride=2, padding="valid", depthwise_bias=True),
     )
-    compiled = torch.compile(model, fullgraph=True, dynamic=True)
-    for batch in (2, 3):
-        x = torch.randn(batch, 3, 16, 16, requires_grad=True)
-        eager_y = model(x)
-        eager_g = torch.autograd.grad(eager_y.sum(), [x, *model.parameters()])
-        y = compiled(x)
-        g = torch.autograd.grad(y.sum(), [x, *model.parameters()])
-        torch.testing.assert_close(y, eager_y)
-        for a, b in zip(g, eager_g):
-            torch.testing.assert_close(a, b)
+    assert_compiled_matches_eager(model, [torch.randn(b, 3, 16, 16) for b in (2, 3)],
+                                  dynamic=True)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

@@ -12,7 +12,7 @@ import warnings
 
 import pytest
 import torch
-from conftest import TRITON_DEVICE, check_against_oracle, make_inputs
+from conftest import TRITON_DEVICE, assert_compiled_matches_eager, check_against_oracle, make_inputs
 from test_functional import CASES, LAYOUTS
 
 import sepconv
@@ -95,16 +95,8 @@ def test_compile_fullgraph_matches_eager():
         sepconv.SeparableConv2d(5, 16, 3, padding=1, mid_activation="relu", activation="relu"),
         sepconv.SeparableConv2d(16, 8, 5, stride=2, padding="valid", depthwise_bias=True),
     ).to(**DEVICE)
-    compiled = torch.compile(model, fullgraph=True)
     x = torch.randn(2, 5, 16, 16, **DEVICE).to(memory_format=torch.channels_last)
-    x.requires_grad_()
-    eager_y = model(x)
-    eager_g = torch.autograd.grad(eager_y.sum(), [x, *model.parameters()])
-    y = compiled(x)
-    g = torch.autograd.grad(y.sum(), [x, *model.parameters()])
-    torch.testing.assert_close(y, eager_y)
-    for a, b in zip(g, eager_g):
-        torch.testing.assert_close(a, b)
+    assert_compiled_matches_eager(model, [x])
 
 
 def test_opcheck():

@@ -71,6 +71,17 @@ def dot(a, b, acc, PRECISION: tl.constexpr, EMULATE_BF16: tl.constexpr):
 
 
 @triton.jit
+def tile(pid, n_cols, BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr):
+    """Row and column indices of tile ``pid`` of a (rows x n_cols) grid of tiles. The
+    column tiles of one row tile are neighbours in launch order, so they share its
+    inputs in L2."""
+    per_row = tl.cdiv(n_cols, BLOCK_COLS)
+    rows = (pid // per_row) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
+    cols = (pid % per_row) * BLOCK_COLS + tl.arange(0, BLOCK_COLS)
+    return rows, cols
+
+
+@triton.jit
 def depthwise_tile(x, wdw, bdw, n, hi0, wi0, p_ok, cm, cm_ok, Cm, H, W,
                    sxn, sxc, sxh, sxw, dh, dw,
                    M: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,

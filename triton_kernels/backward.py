@@ -32,6 +32,7 @@ from ._common import (
     dot_mode,
     pixel_geometry,
     taps_major,
+    tile,
 )
 
 
@@ -48,10 +49,7 @@ def _mid(x, wdw, bdw, wpw, gz, gu, mid, P, Cm, Co, H, W, Ho, Wo,
          PRECISION: tl.constexpr, EMULATE_BF16: tl.constexpr, BLOCK_P: tl.constexpr,
          BLOCK_CO: tl.constexpr, BLOCK_K: tl.constexpr):
     """gu and mid ([P, Cm], pixel-major) for BLOCK_P pixels x BLOCK_K mid channels."""
-    pid = tl.program_id(0)
-    n_k = tl.cdiv(Cm, BLOCK_K)
-    cm = (pid % n_k) * BLOCK_K + tl.arange(0, BLOCK_K)
-    p = (pid // n_k) * BLOCK_P + tl.arange(0, BLOCK_P)
+    p, cm = tile(tl.program_id(0), Cm, BLOCK_P, BLOCK_K)
     cm_ok, p_ok = cm < Cm, p < P
     n, ho, wo = _pixels(p, Ho, Wo)
     u = depthwise_tile(x, wdw, bdw, n, ho * sh - pt, wo * sw - pl, p_ok, cm, cm_ok, Cm, H, W,
@@ -140,10 +138,7 @@ def _input(gu, wdw, gx, Q, C, Cm, H, W, Ho, Wo, sgn, sgc, sgh, sgw, sh, sw, pt, 
     """gx[n, c, hi, wi] = sum over the taps and outputs (ho, wo) that read that input of
     gu[n, ho, wo, c*M + r] * wdw[i, j, c*M + r]: a gather, so no two programs write
     the same element."""
-    pid = tl.program_id(0)
-    n_c = tl.cdiv(C, BLOCK_C)
-    c = (pid % n_c) * BLOCK_C + tl.arange(0, BLOCK_C)
-    q = (pid // n_c) * BLOCK_P + tl.arange(0, BLOCK_P)
+    q, c = tile(tl.program_id(0), C, BLOCK_P, BLOCK_C)
     c_ok, q_ok = c < C, q < Q
     n, hi, wi = _pixels(q, H, W)
     acc = tl.zeros((BLOCK_P, BLOCK_C), dtype=tl.float32)

@@ -23,6 +23,7 @@ from ._common import (
     dot_mode,
     pixel_geometry,
     taps_major,
+    tile,
 )
 
 
@@ -34,12 +35,8 @@ def _forward(x, wdw, bdw, wpw, bpw, out, gy, P, Cm, Co, H, W, Ho, Wo,
              HAS_BPW: tl.constexpr, GRAD: tl.constexpr, PRECISION: tl.constexpr,
              EMULATE_BF16: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_CO: tl.constexpr,
              BLOCK_K: tl.constexpr):
-    # One program: BLOCK_P output pixels x BLOCK_CO output channels. Output-channel
-    # blocks of one pixel block are neighbours in launch order, so they find x in L2.
-    pid = tl.program_id(0)
-    n_co = tl.cdiv(Co, BLOCK_CO)
-    co = (pid % n_co) * BLOCK_CO + tl.arange(0, BLOCK_CO)
-    p = (pid // n_co) * BLOCK_P + tl.arange(0, BLOCK_P)
+    # One program: BLOCK_P output pixels x BLOCK_CO output channels.
+    p, co = tile(tl.program_id(0), Co, BLOCK_P, BLOCK_CO)
     co_ok, p_ok = co < Co, p < P
     wo = p % Wo
     ho = (p // Wo) % Ho
