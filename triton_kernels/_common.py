@@ -71,6 +71,12 @@ def dot(a, b, acc, PRECISION: tl.constexpr, EMULATE_BF16: tl.constexpr):
 
 
 @triton.jit
+def pixels(p, Ho, Wo):
+    """(n, h, w) of flat pixel indices p over an N x Ho x Wo grid."""
+    return p // (Wo * Ho), (p // Wo) % Ho, p % Wo
+
+
+@triton.jit
 def tile(pid, n_cols, BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr):
     """Row and column indices of tile ``pid`` of a (rows x n_cols) grid of tiles. The
     column tiles of one row tile are neighbours in launch order, so they share its

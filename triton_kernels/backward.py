@@ -31,14 +31,10 @@ from ._common import (
     dot,
     dot_mode,
     pixel_geometry,
+    pixels,
     taps_major,
     tile,
 )
-
-
-@triton.jit
-def _pixels(p, Ho, Wo):
-    return p // (Wo * Ho), (p // Wo) % Ho, p % Wo
 
 
 @triton.jit(do_not_specialize=["P"])
@@ -51,7 +47,7 @@ def _mid(x, wdw, bdw, wpw, gz, gu, mid, P, Cm, Co, H, W, Ho, Wo,
     """gu and mid ([P, Cm], pixel-major) for BLOCK_P pixels x BLOCK_K mid channels."""
     p, cm = tile(tl.program_id(0), Cm, BLOCK_P, BLOCK_K)
     cm_ok, p_ok = cm < Cm, p < P
-    n, ho, wo = _pixels(p, Ho, Wo)
+    n, ho, wo = pixels(p, Ho, Wo)
     u = depthwise_tile(x, wdw, bdw, n, ho * sh - pt, wo * sw - pl, p_ok, cm, cm_ok, Cm, H, W,
                        sxn, sxc, sxh, sxw, dh, dw, M, KH, KW, HAS_BDW, BLOCK_P, BLOCK_K)
     buf = p.to(tl.int64)[:, None] * Cm + cm[None, :]
@@ -89,7 +85,7 @@ def _pw_weight(gz, mid, partial, P, Cm, Co, Ho, Wo, sgn, sgc, sgh, sgw, chunk,
     for p0 in range(s * chunk, tl.minimum(s * chunk + chunk, P), BLOCK_P):
         p = p0 + tl.arange(0, BLOCK_P)
         p_ok = p < P
-        n, ho, wo = _pixels(p, Ho, Wo)
+        n, ho, wo = pixels(p, Ho, Wo)
         at = n.to(tl.int64) * sgn + ho.to(tl.int64) * sgh + wo.to(tl.int64) * sgw
         g = tl.load(gz + at[:, None] + co.to(tl.int64)[None, :] * sgc,
                     mask=p_ok[:, None] & co_ok[None, :], other=0.0)
@@ -120,7 +116,7 @@ def _dw_weight(x, gu, partial, P, Cm, H, W, Ho, Wo, sxn, sxc, sxh, sxw, sh, sw, 
     for p0 in range(s * chunk, tl.minimum(s * chunk + chunk, P), BLOCK_P):
         p = p0 + tl.arange(0, BLOCK_P)
         p_ok = p < P
-        n, ho, wo = _pixels(p, Ho, Wo)
+        n, ho, wo = pixels(p, Ho, Wo)
         hi, wi = ho * sh - pt + i * dh, wo * sw - pl + j * dw
         ok = p_ok & (hi >= 0) & (hi < H) & (wi >= 0) & (wi < W)
         at = n.to(tl.int64) * sxn + hi.to(tl.int64) * sxh + wi.to(tl.int64) * sxw
@@ -140,7 +136,7 @@ def _input(gu, wdw, gx, Q, C, Cm, H, W, Ho, Wo, sgn, sgc, sgh, sgw, sh, sw, pt, 
     the same element."""
     q, c = tile(tl.program_id(0), C, BLOCK_P, BLOCK_C)
     c_ok, q_ok = c < C, q < Q
-    n, hi, wi = _pixels(q, H, W)
+    n, hi, wi = pixels(q, H, W)
     acc = tl.zeros((BLOCK_P, BLOCK_C), dtype=tl.float32)
     for i in tl.static_range(KH):
         hs = hi + pt - i * dh  # = ho * sh for the output row that reads hi at tap i

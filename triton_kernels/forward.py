@@ -22,6 +22,7 @@ from ._common import (
     dot,
     dot_mode,
     pixel_geometry,
+    pixels,
     taps_major,
     tile,
 )
@@ -38,9 +39,7 @@ def _forward(x, wdw, bdw, wpw, bpw, out, gy, P, Cm, Co, H, W, Ho, Wo,
     # One program: BLOCK_P output pixels x BLOCK_CO output channels.
     p, co = tile(tl.program_id(0), Co, BLOCK_P, BLOCK_CO)
     co_ok, p_ok = co < Co, p < P
-    wo = p % Wo
-    ho = (p // Wo) % Ho
-    n = p // (Wo * Ho)
+    n, ho, wo = pixels(p, Ho, Wo)
 
     acc = tl.zeros((BLOCK_P, BLOCK_CO), dtype=tl.float32)
     if HAS_BPW:
