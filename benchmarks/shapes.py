@@ -71,6 +71,7 @@ def _convnext() -> list[Layer]:
 
 
 SUITES = {
+    "tiny": [Layer(8, 12, 16, 1), Layer(16, 11, 8, 2, 5, "relu6", None)],  # harness tests
     "mobilenet_v1": _mobilenet_v1(),
     "mobilenet_v2": _mobilenet_v2(),
     "xception": _xception(),

@@ -1,20 +1,57 @@
-"""The benchmark harness runs end to end (its timings are not tested)."""
+"""The benchmark harness runs end to end and writes valid files (its timings are not
+tested)."""
 
+import csv
 import json
 
 from benchmarks.__main__ import main
+from benchmarks.machine import machine_name
+
+PNG = b"\x89PNG\r\n\x1a\n"
 
 
-def test_benchmark_smoke(tmp_path, capsys):
-    out = tmp_path / "r.json"
-    assert main(["--suite", "xception", "--quick", "--json", str(out)]) == 0
-    rows = json.loads(out.read_text())["suites"]["xception"]
-    assert len(rows) == 3 and all(r["speedup"] > 0 and r["gflops"] > 0 for r in rows)
-    assert "total" in capsys.readouterr().out
+def test_tiny_run_writes_every_file(tmp_path, capsys):
+    args = ["--suite", "tiny", "models", "--quick", "--resolution", "32", "--model-batch", "2",
+            "--out", str(tmp_path)]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "total" in out and "whole networks" in out
+    result = json.loads((tmp_path / "fwd_b1_float32.json").read_text())
+    rows = result["suites"]["tiny"]
+    assert len(rows) == 2 and all(r["speedup"] > 0 and r["gflops"] > 0 for r in rows)
+    assert {r["model"] for r in result["models"]} == {"mobilenet_v1", "mobilenet_v2"}
+    assert result["machine"]["torch"] and result["peaks"]["copy_gbs"] > 0
+    with (tmp_path / "fwd_b1_float32.csv").open() as f:
+        table = list(csv.DictReader(f))
+    assert len(table) == 2 and table[0]["suite"] == "tiny" and float(table[0]["speedup"]) > 0
+    md = (tmp_path / "fwd_b1_float32.md").read_text()
+    assert "| 8x12->16/s1/k3 |" in md and "mobilenet_v2" in md
+    for plot in ("speedup", "roofline"):
+        assert (tmp_path / f"fwd_b1_float32_{plot}.png").read_bytes().startswith(PNG)
 
 
-def test_benchmark_forward_backward(tmp_path):
-    out = tmp_path / "r.json"
-    assert main(["--suite", "xception", "--quick", "--mode", "fwdbwd", "--json", str(out)]) == 0
-    result = json.loads(out.read_text())
-    assert result["mode"] == "fwdbwd" and len(result["suites"]["xception"]) == 3
+def test_forward_backward_one_format(tmp_path):
+    assert main(["--suite", "tiny", "--quick", "--mode", "fwdbwd", "--format", "channels_last",
+                 "--out", str(tmp_path)]) == 0
+    result = json.loads((tmp_path / "fwdbwd_b1_float32.json").read_text())
+    row = result["suites"]["tiny"][0]
+    assert result["mode"] == "fwdbwd" and "sepconv_channels_last_s" in row
+    assert "sepconv_nchw_s" not in row
+
+
+def test_machine_names_are_folder_names():
+    cpu = {"device": "cpu", "cpu": "AMD EPYC 7B13 64-Core Processor", "cpu_cores": 2,
+           "cpu_isa": "avx512"}
+    assert machine_name(cpu) == "amd-epyc-2core-avx512"
+    assert machine_name({"device": "cuda", "gpu": "NVIDIA H100 80GB HBM3"}) == \
+        "nvidia-h100-80gb-hbm3"
+
+
+def test_default_folder_and_out_none(tmp_path, monkeypatch):
+    import benchmarks.__main__ as cli
+    monkeypatch.setattr(cli, "REPO", tmp_path)
+    assert main(["--suite", "tiny", "--quick", "--out", "none"]) == 0
+    assert not (tmp_path / "benchmarks").exists()
+    assert main(["--suite", "tiny", "--quick"]) == 0
+    (folder,) = (tmp_path / "benchmarks" / "results").iterdir()
+    assert (folder / "fwd_b1_float32.json").exists()

@@ -1,0 +1,151 @@
+"""One separable layer: sepconv against the PyTorch dw+pw pair, timed in turns."""
+
+from __future__ import annotations
+
+import statistics
+
+import torch
+import torch.nn.functional as F
+from torch.utils import benchmark as tbench
+
+import sepconv
+from benchmarks.shapes import Layer
+
+FORMATS = {"nchw": torch.contiguous_format, "channels_last": torch.channels_last}
+CACHE_BYTES = 64 << 20  # rotate inputs until this much is touched (> L2 + L3 here)
+TOLERANCE = {torch.float32: 1e-4, torch.float64: 1e-9, torch.float16: 1e-2, torch.bfloat16: 8e-2}
+
+
+def _act(name):
+    return {None: lambda t: t, "relu": lambda t: F.relu(t, inplace=True),
+            "relu6": lambda t: F.relu6(t, inplace=True)}[name]
+
+
+def pytorch_pair(layer: Layer, dw, pw, b_dw, b_pw):
+    """The unfused reference users would write: two convs (BN folded) and activations."""
+    act1, act2 = _act(layer.mid_activation), _act(layer.activation)
+
+    def run(x):
+        u = F.conv2d(x, dw, b_dw, layer.stride, layer.padding, groups=layer.c_in)
+        return act2(F.conv2d(act1(u), pw, b_pw))
+    return run
+
+
+def fused(layer: Layer, dw, pw, b_dw, b_pw):
+    def run(x):
+        return sepconv.separable_conv2d(x, dw, pw, b_pw, layer.stride, layer.padding,
+                                        depthwise_bias=b_dw, mid_activation=layer.mid_activation,
+                                        activation=layer.activation)
+    return run
+
+
+def _train_step(fn, params):
+    """Forward + backward: the gradient of every input and weight, as training needs."""
+    def run(x):
+        y = fn(x)
+        return torch.autograd.grad(y, [x, *params], torch.ones_like(y))
+    return run
+
+
+def _stepper(fn, inputs):
+    """One call of fn per step, on the next of the rotating inputs (so a layer cannot
+    run from a warm cache)."""
+    state = {"i": 0}
+
+    def step():
+        state["i"] = (state["i"] + 1) % len(inputs)
+        fn(inputs[state["i"]])
+    return step
+
+
+def interleaved_seconds(variants: dict, min_run_time: float, rounds: int = 15) -> dict:
+    """Median seconds per call of each variant (name -> (fn, inputs)).
+
+    The variants take turns in short blocks, round after round, and each gets the
+    median of its blocks: on a shared machine whose speed drifts, the drift then
+    hits every variant alike instead of whichever ran during a slow spell.
+    torch.utils.benchmark synchronises CUDA around each block.
+    """
+    timers = {}
+    for name, (fn, inputs) in variants.items():
+        step = _stepper(fn, inputs)
+        for _ in range(3):
+            step()  # warm-up: first-touch allocations, thread pools, autotuning
+        timer = tbench.Timer("step()", globals={"step": step},
+                             num_threads=torch.get_num_threads())
+        once = timer.timeit(1).mean
+        calls = max(1, int(min_run_time / rounds / max(once, 1e-7)))
+        timers[name] = (timer, calls)
+    blocks = {name: [] for name in variants}
+    for _ in range(rounds):
+        for name, (timer, calls) in timers.items():
+            blocks[name].append(timer.timeit(calls).mean)
+    return {name: statistics.median(b) for name, b in blocks.items()}
+
+
+def cuda_kernels(fn, x) -> list[str]:
+    """Names of the CUDA kernels one call of fn launches (which library ran)."""
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn(x)
+        torch.cuda.synchronize()
+    return sorted({e.key for e in prof.key_averages() if e.device_type.name == "CUDA"})
+
+
+def pair_library(kernels: list[str]) -> str:
+    """cuDNN or PyTorch's own depthwise kernel, from the kernel names."""
+    if any("conv_depthwise2d" in k for k in kernels):
+        return "aten depthwise"
+    if any("cudnn" in k.lower() or "xmma" in k or "implicit" in k for k in kernels):
+        return "cudnn"
+    return "other"
+
+
+def run_layer(layer: Layer, batch: int, device: str, dtype, mode: str, formats: list[str],
+              min_run_time: float, peaks: dict) -> dict:
+    """Times of the pair and sepconv in each format, and the derived figures."""
+    g = torch.Generator().manual_seed(0)
+
+    def rand(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=g) * scale).to(device=device, dtype=dtype)
+
+    dw = rand(layer.c_in, 1, layer.kernel, layer.kernel, scale=1 / 3)
+    pw = rand(layer.c_out, layer.c_in, 1, 1, scale=layer.c_in**-0.5)
+    b_dw, b_pw = rand(layer.c_in, scale=0.1), rand(layer.c_out, scale=0.1)
+    params = [dw, pw, b_dw, b_pw]
+    x_bytes = batch * layer.c_in * layer.hw**2 * dtype.itemsize
+    copies = max(1, min(16, CACHE_BYTES // max(x_bytes, 1)))
+    backward = mode == "fwdbwd"
+    row = {"layer": layer.name(), "c_in": layer.c_in, "hw": layer.hw, "c_out": layer.c_out,
+           "stride": layer.stride, "kernel": layer.kernel,
+           "flops": layer.flops(batch, backward),
+           "min_bytes": layer.min_bytes(batch, dtype.itemsize, backward)}
+    variants = {}
+    for fmt_name in formats:
+        fmt = FORMATS[fmt_name]
+        xs = [rand(batch, layer.c_in, layer.hw, layer.hw).contiguous(memory_format=fmt)
+              for _ in range(copies)]
+        ref, ours = pytorch_pair(layer, *params), fused(layer, *params)
+        with torch.no_grad():
+            tol = TOLERANCE[dtype]  # no speed is reported for a wrong result
+            torch.testing.assert_close(ours(xs[0]), ref(xs[0]), rtol=tol, atol=tol,
+                                       msg=f"sepconv disagrees with the pair on {layer.name()}")
+            if device == "cuda":
+                row[f"pytorch_{fmt_name}_library"] = pair_library(cuda_kernels(ref, xs[0]))
+        if backward:
+            for t in xs + params:
+                t.requires_grad_()
+            ref, ours = _train_step(ref, params), _train_step(ours, params)
+        variants[f"pytorch_{fmt_name}_s"] = (ref, xs)
+        variants[f"sepconv_{fmt_name}_s"] = (ours, xs)
+    with torch.set_grad_enabled(backward):
+        row.update(interleaved_seconds(variants, min_run_time))
+    best_pair = min(row[f"pytorch_{f}_s"] for f in formats)
+    best_ours = min(row[f"sepconv_{f}_s"] for f in formats)
+    row["speedup"] = best_pair / best_ours
+    row["gflops"] = row["flops"] / best_ours / 1e9
+    row["gbs"] = row["min_bytes"] / best_ours / 1e9
+    row["pair_gflops"] = row["flops"] / best_pair / 1e9
+    row["fraction_compute_peak"] = row["gflops"] / peaks["compute_gflops"]
+    row["fraction_bandwidth"] = row["gbs"] / peaks["copy_gbs"]
+    return row

@@ -1,0 +1,178 @@
+"""What a run prints and writes: a table on stdout, JSON, CSV, Markdown and two plots."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+VARIANTS = [("pytorch", "pair"), ("sepconv", "ours")]
+FORMAT_LABEL = {"nchw": "NCHW", "channels_last": "CL"}
+
+
+def _columns(formats):
+    return [(f"{v}_{f}_s", f"{label} {FORMAT_LABEL[f]}") for v, label in VARIANTS
+            for f in formats]
+
+
+def layer_table(suite: str, rows: list[dict], formats: list[str]) -> str:
+    cols = _columns(formats)
+    lines = [f"{suite}  (ms; speedup = best pair / best sepconv)",
+             f"{'layer':24}" + "".join(f"{h:>11}" for _, h in cols)
+             + f"{'speedup':>9}{'GFLOP/s':>9}{'GB/s':>8}{'%peak':>7}{'%BW':>6}"]
+    for r in rows:
+        lines.append(f"{r['layer']:24}" + "".join(f"{r[k] * 1e3:11.3f}" for k, _ in cols)
+                     + f"{r['speedup']:9.2f}{r['gflops']:9.1f}{r['gbs']:8.1f}"
+                     f"{100 * r['fraction_compute_peak']:7.1f}{100 * r['fraction_bandwidth']:6.1f}")
+    tot = {k: sum(r[k] for r in rows) for k, _ in cols}
+    lines.append(f"{'total':24}" + "".join(f"{tot[k] * 1e3:11.3f}" for k, _ in cols)
+                 + f"{suite_speedup(rows, formats):9.2f}")
+    return "\n".join(lines)
+
+
+def suite_speedup(rows: list[dict], formats: list[str]) -> float:
+    """Best pair format over best sepconv format, on the summed layer times."""
+    best = {v: min(sum(r[f"{v}_{f}_s"] for r in rows) for f in formats) for v, _ in VARIANTS}
+    return best["pytorch"] / best["sepconv"]
+
+
+MODEL_COLUMNS = [("latency_s", "latency b1 ms", 1e3), ("images_per_s", "images/s", 1.0),
+                 ("train_step_s", "train step ms", 1e3), ("saved_mb", "saved MiB", 1.0)]
+
+
+def _model_cell(row: dict, key: str, scale: float) -> str:
+    return " / ".join(f"{row[f'{v}_{key}'] * scale:.1f}" for v, _ in VARIANTS)
+
+
+def model_table(rows: list[dict]) -> str:
+    lines = ["whole networks (pair / sepconv)",
+             f"{'model':14}{'format':>15}{'batch':>6}"
+             + "".join(f"{h:>20}" for _, h, _ in MODEL_COLUMNS)]
+    lines += [f"{r['model']:14}{r['format']:>15}{r['batch']:>6}"
+              + "".join(f"{_model_cell(r, k, s):>20}" for k, _, s in MODEL_COLUMNS)
+              for r in rows]
+    return "\n".join(lines)
+
+
+def write_json(path: Path, result: dict) -> None:
+    path.write_text(json.dumps(result, indent=1))
+
+
+def write_csv(path: Path, result: dict) -> None:
+    """One row per (suite, layer); the run's settings on every row."""
+    rows = [{"suite": s, "batch": result["batch"], "dtype": result["dtype"],
+             "mode": result["mode"], **r} for s, rs in result["suites"].items() for r in rs]
+    if not rows:
+        return
+    keys = list(dict.fromkeys(k for r in rows for k in r))
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=keys)
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def write_markdown(path: Path, result: dict, plots: list[str]) -> None:
+    m, p = result["machine"], result["peaks"]
+    where = m.get("gpu") or f"{m['cpu']}, {m['threads']} threads, {m['cpu_isa']}"
+    out = [f"# sepconv benchmark: {result['mode']}, batch {result['batch']}, {result['dtype']}",
+           "", f"`{result['command']}`", "",
+           f"- machine: {where}; torch {m['torch']}, oneDNN {m['onednn']}"
+           + (f", cuDNN {m['cudnn']}, CUDA {m['cuda']}, driver {m['driver']}"
+              if "gpu" in m else ""),
+           f"- sepconv {m['sepconv']} at {(m['git_revision'] or 'unknown')[:12]}"
+           + (" (uncommitted changes)" if m["git_dirty"] else ""),
+           f"- measured: {p['compute_probe']} {p['compute_gflops']:.0f} GFLOP/s, "
+           f"copy {p['copy_gbs']:.1f} GB/s", ""]
+    formats = result["formats"]
+    for suite, rows in result["suites"].items():
+        cols = _columns(formats)
+        out += [f"## {suite}: {suite_speedup(rows, formats):.2f}x", "",
+                "| layer | " + " | ".join(f"{h} ms" for _, h in cols)
+                + " | speedup | % peak | % BW |",
+                "|---" * (len(cols) + 4) + "|"]
+        out += [f"| {r['layer']} | " + " | ".join(f"{r[k] * 1e3:.3f}" for k, _ in cols)
+                + f" | {r['speedup']:.2f} | {100 * r['fraction_compute_peak']:.0f}"
+                f" | {100 * r['fraction_bandwidth']:.0f} |" for r in rows]
+        out.append("")
+    if result["models"]:
+        out += ["## Whole networks (pair / sepconv)", "",
+                "| model | format | batch | " + " | ".join(h for _, h, _ in MODEL_COLUMNS) + " |",
+                "|---" * (3 + len(MODEL_COLUMNS)) + "|"]
+        out += [f"| {r['model']} | {r['format']} | {r['batch']} | "
+                + " | ".join(_model_cell(r, k, s) for k, _, s in MODEL_COLUMNS) + " |"
+                for r in result["models"]]
+        out.append("")
+    out += [f"![{name}]({name})" for name in plots]
+    path.write_text("\n".join(out) + "\n")
+
+
+def plot_speedup(path: Path, result: dict) -> bool:
+    """Speedup over the best PyTorch pair, per layer, one panel per suite."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    suites = result["suites"]
+    if not suites:
+        return False
+    fig, axes = plt.subplots(len(suites), 1, figsize=(11, 2.8 * len(suites)), squeeze=False)
+    for ax, (suite, rows) in zip(axes[:, 0], suites.items()):
+        speed = [r["speedup"] for r in rows]
+        ax.bar(range(len(rows)), speed, color=["tab:green" if s >= 1 else "tab:red"
+                                               for s in speed])
+        ax.axhline(1.0, color="black", linewidth=0.8)
+        ax.set_xticks(range(len(rows)), [r["layer"] for r in rows], rotation=30, ha="right",
+                      fontsize=7)
+        ax.set_ylabel("speedup")
+        ax.set_title(f"{suite}: {suite_speedup(rows, result['formats']):.2f}x overall",
+                     fontsize=10)
+    fig.suptitle(f"sepconv vs best PyTorch pair ({result['mode']}, batch {result['batch']}, "
+                 f"{result['dtype']}, {result['machine_name']})", fontsize=11)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def plot_roofline(path: Path, result: dict) -> bool:
+    """Each layer at its arithmetic intensity (FLOPs / minimum bytes) against the two
+    measured ceilings; sepconv filled, the best pair hollow."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [(s, r) for s, rs in result["suites"].items() for r in rs]
+    if not rows:
+        return False
+    peak, bw = result["peaks"]["compute_gflops"], result["peaks"]["copy_gbs"]
+    ai = [r["flops"] / r["min_bytes"] for _, r in rows]
+    fig, ax = plt.subplots(figsize=(8, 5.5))
+    lo, hi = min(ai) / 2, max(max(ai) * 2, 2 * peak / bw)
+    xs = [lo * (hi / lo) ** (i / 200) for i in range(201)]
+    ax.plot(xs, [min(peak, x * bw) for x in xs], color="black", linewidth=1,
+            label=f"ceiling: {peak:.0f} GFLOP/s, {bw:.0f} GB/s")
+    colours = {}
+    for (suite, r), x in zip(rows, ai):
+        c = colours.setdefault(suite, f"C{len(colours)}")
+        ax.scatter(x, r["gflops"], color=c, s=22, label=suite)
+        ax.scatter(x, r["pair_gflops"], facecolors="none", edgecolors=c, s=22)
+    handles, labels = ax.get_legend_handles_labels()
+    keep = dict(zip(labels, handles))  # one entry per suite
+    ax.legend(keep.values(), keep.keys(), fontsize=8, loc="lower right")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    plain = matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}")
+    for axis in (ax.xaxis, ax.yaxis):
+        axis.set_major_locator(matplotlib.ticker.LogLocator(subs=(1.0, 2.0, 5.0)))
+        axis.set_major_formatter(plain)
+        axis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    ax.set_xlabel("arithmetic intensity (FLOPs / minimum bytes)")
+    ax.set_ylabel("GFLOP/s")
+    ax.set_title(f"Roofline, {result['machine_name']}: sepconv filled, best PyTorch pair "
+                 f"hollow ({result['mode']}, batch {result['batch']}, {result['dtype']})",
+                 fontsize=9)
+    ax.grid(True, which="both", linewidth=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
