@@ -58,29 +58,44 @@ def _stepper(fn, inputs):
     return step
 
 
-def interleaved_seconds(variants: dict, min_run_time: float, rounds: int = 15) -> dict:
+def _block_timer(step, device: str):
+    """Seconds per call of ``calls`` back-to-back steps: CUDA events on a GPU,
+    torch.utils.benchmark on CPU."""
+    if device == "cuda":
+        def block(calls: int) -> float:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(calls):
+                step()
+            end.record()
+            end.synchronize()
+            return start.elapsed_time(end) / 1e3 / calls
+        return block
+    timer = tbench.Timer("step()", globals={"step": step}, num_threads=torch.get_num_threads())
+    return lambda calls: timer.timeit(calls).mean
+
+
+def interleaved_seconds(variants: dict, min_run_time: float, rounds: int = 15,
+                        warmup: int = 3) -> dict:
     """Median seconds per call of each variant (name -> (fn, inputs)).
 
     The variants take turns in short blocks, round after round, and each gets the
     median of its blocks: on a shared machine whose speed drifts, the drift then
     hits every variant alike instead of whichever ran during a slow spell.
-    torch.utils.benchmark synchronises CUDA around each block.
     """
-    timers = {}
+    blocks = {}
     for name, (fn, inputs) in variants.items():
         step = _stepper(fn, inputs)
-        for _ in range(3):
-            step()  # warm-up: first-touch allocations, thread pools, autotuning
-        timer = tbench.Timer("step()", globals={"step": step},
-                             num_threads=torch.get_num_threads())
-        once = timer.timeit(1).mean
+        for _ in range(warmup):
+            step()  # first-touch allocations, thread pools, autotuning
+        block = _block_timer(step, inputs[0].device.type)
+        once = block(1)
         calls = max(1, int(min_run_time / rounds / max(once, 1e-7)))
-        timers[name] = (timer, calls)
-    blocks = {name: [] for name in variants}
+        blocks[name] = (block, calls, [])
     for _ in range(rounds):
-        for name, (timer, calls) in timers.items():
-            blocks[name].append(timer.timeit(calls).mean)
-    return {name: statistics.median(b) for name, b in blocks.items()}
+        for block, calls, times in blocks.values():
+            times.append(block(calls))
+    return {name: statistics.median(times) for name, (_, _, times) in blocks.items()}
 
 
 def cuda_kernels(fn, x) -> list[str]:

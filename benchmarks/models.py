@@ -123,9 +123,10 @@ def run_model(name: str, device: str, dtype, fmt: torch.memory_format, batch: in
         torch.testing.assert_close(ours(x1), want, rtol=2e-2, atol=2e-2 * want.abs().max().item(),
                                    msg=f"sepconv {name} disagrees with the nn.Conv2d network")
         lat = interleaved_seconds({k: (m, [x1]) for k, m in models.items()}, min_run_time, 5)
-        thr = interleaved_seconds({k: (m, [xb]) for k, m in models.items()}, min_run_time, 5)
+        thr = interleaved_seconds({k: (m, [xb]) for k, m in models.items()}, min_run_time, 5,
+                                  warmup=1)
     train = interleaved_seconds({k: (_train_step(m), [xb]) for k, m in models.items()},
-                                min_run_time, 5)
+                                min_run_time, 5, warmup=1)
     for k, m in models.items():
         row[f"{k}_latency_s"] = lat[k]
         row[f"{k}_images_per_s"] = batch / thr[k]

@@ -27,7 +27,18 @@ def layer_table(suite: str, rows: list[dict], formats: list[str]) -> str:
     tot = {k: sum(r[k] for r in rows) for k, _ in cols}
     lines.append(f"{'total':24}" + "".join(f"{tot[k] * 1e3:11.3f}" for k, _ in cols)
                  + f"{suite_speedup(rows, formats):9.2f}")
+    if pair_libraries(rows, formats):
+        lines.append(pair_libraries(rows, formats))
     return "\n".join(lines)
+
+
+def pair_libraries(rows: list[dict], formats: list[str]) -> str | None:
+    """On CUDA: which library ran the pair's convolutions, per format."""
+    if f"pytorch_{formats[0]}_library" not in rows[0]:
+        return None
+    return "PyTorch pair ran on: " + ", ".join(
+        f"{FORMAT_LABEL[f]} " + "/".join(sorted({r[f"pytorch_{f}_library"] for r in rows}))
+        for f in formats)
 
 
 def suite_speedup(rows: list[dict], formats: list[str]) -> float:
@@ -93,7 +104,7 @@ def write_markdown(path: Path, result: dict, plots: list[str]) -> None:
         out += [f"| {r['layer']} | " + " | ".join(f"{r[k] * 1e3:.3f}" for k, _ in cols)
                 + f" | {r['speedup']:.2f} | {100 * r['fraction_compute_peak']:.0f}"
                 f" | {100 * r['fraction_bandwidth']:.0f} |" for r in rows]
-        out.append("")
+        out += ["", pair_libraries(rows, formats), ""] if pair_libraries(rows, formats) else [""]
     if result["models"]:
         out += ["## Whole networks (pair / sepconv)", "",
                 "| model | format | batch | " + " | ".join(h for _, h, _ in MODEL_COLUMNS) + " |",

@@ -55,3 +55,11 @@ def test_default_folder_and_out_none(tmp_path, monkeypatch):
     assert main(["--suite", "tiny", "--quick"]) == 0
     (folder,) = (tmp_path / "benchmarks" / "results").iterdir()
     assert (folder / "fwd_b1_float32.json").exists()
+
+
+def test_pair_library_from_kernel_names():
+    from benchmarks.layers import pair_library
+    aten = "void at::native::conv_depthwise2d_forward_kernel<3, float, int>(...)"
+    assert pair_library([aten, "sm90_xmma_gemm_f32f32"]) == "aten depthwise"
+    assert pair_library(["sm90_xmma_fprop_implicit_gemm_indexed_f16f16"]) == "cudnn"
+    assert pair_library(["elementwise_kernel"]) == "other"
