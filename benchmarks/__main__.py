@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
           f"{peaks['compute_gflops']:.0f} GFLOP/s, copy {peaks['copy_gbs']:.1f} GB/s")
     result = {"command": command, "machine_name": name, "machine": machine, "peaks": peaks,
               "batch": args.batch, "dtype": args.dtype, "mode": args.mode,
-              "formats": args.formats, "suites": {}, "models": []}
+              "formats": args.formats, "suites": {}, "models": [], "refused": []}
 
     layer_suites = [s for s in args.suite if s != "models"]
     jobs = [(s, layer) for s in layer_suites for layer in SUITES[s]]
@@ -80,15 +80,19 @@ def main(argv: list[str] | None = None) -> int:
         jobs += [("models", (m, f)) for m in MODELS for f in args.formats]
     min_run_time = 0.1 if args.quick else 0.6
     for suite, job in tqdm(jobs, desc="benchmarks", unit="config", file=sys.stderr):
-        if suite == "models":
-            model, fmt = job
-            row = run_model(model, args.device, dtype, FORMATS[fmt], args.model_batch,
-                            args.resolution, min_run_time)
-            result["models"].append({"format": fmt, **row})
-        else:
-            result["suites"].setdefault(suite, []).append(
-                run_layer(job, args.batch, args.device, dtype, args.mode, args.formats,
-                          min_run_time, peaks))
+        try:
+            if suite == "models":
+                model, fmt = job
+                row = run_model(model, args.device, dtype, FORMATS[fmt], args.model_batch,
+                                args.resolution, min_run_time)
+                result["models"].append({"format": fmt, **row})
+            else:
+                row = run_layer(job, args.batch, args.device, dtype, args.mode, args.formats,
+                                min_run_time, peaks)
+                result["suites"].setdefault(suite, []).append(row)
+        except AssertionError as exc:  # a wrong result: no time is reported for it
+            result["refused"].append({"suite": suite, "config": str(job), "why": str(exc)})
+            tqdm.write(f"REFUSED {suite} {job}: {exc}", file=sys.stderr)
 
     for suite, rows in result["suites"].items():
         print("\n" + report.layer_table(suite, rows, args.formats))
@@ -105,7 +109,10 @@ def main(argv: list[str] | None = None) -> int:
         report.write_csv(out / f"{stem}.csv", result)
         report.write_markdown(out / f"{stem}.md", result, plots)
         print(f"\nwrote {out}/{stem}.{{json,csv,md}} and {len(plots)} plots")
-    return 0
+    if result["refused"]:
+        print(f"\n{len(result['refused'])} configs gave a wrong result and were not timed",
+              file=sys.stderr)
+    return 1 if result["refused"] else 0
 
 
 if __name__ == "__main__":

@@ -39,6 +39,17 @@ def fused(layer: Layer, dw, pw, b_dw, b_pw):
     return run
 
 
+def check_agree(ours, pair, what: str) -> None:
+    """Refuse to time a wrong result: each of ours must match the pair's within the
+    dtype's tolerance (absolute part scaled by the largest value: gradients are sums)."""
+    for i, (a, b) in enumerate(zip(ours, pair, strict=True)):
+        tol = TOLERANCE[b.dtype]
+        scale = max(1.0, b.abs().max().item()) if b.numel() else 1.0
+        torch.testing.assert_close(a, b, rtol=tol, atol=tol * scale,
+                                   msg=lambda m: f"sepconv disagrees with the pair on {what} "
+                                   f"(tensor {i}): {m}")
+
+
 def _train_step(fn, params):
     """Forward + backward: the gradient of every input and weight, as training needs."""
     def run(x):
@@ -142,15 +153,14 @@ def run_layer(layer: Layer, batch: int, device: str, dtype, mode: str, formats: 
               for _ in range(copies)]
         ref, ours = pytorch_pair(layer, *params), fused(layer, *params)
         with torch.no_grad():
-            tol = TOLERANCE[dtype]  # no speed is reported for a wrong result
-            torch.testing.assert_close(ours(xs[0]), ref(xs[0]), rtol=tol, atol=tol,
-                                       msg=f"sepconv disagrees with the pair on {layer.name()}")
+            check_agree([ours(xs[0])], [ref(xs[0])], f"{layer.name()} {fmt_name} output")
             if device == "cuda":
                 row[f"pytorch_{fmt_name}_library"] = pair_library(cuda_kernels(ref, xs[0]))
         if backward:
             for t in xs + params:
                 t.requires_grad_()
             ref, ours = _train_step(ref, params), _train_step(ours, params)
+            check_agree(ours(xs[0]), ref(xs[0]), f"{layer.name()} {fmt_name} gradients")
         variants[f"pytorch_{fmt_name}_s"] = (ref, xs)
         variants[f"sepconv_{fmt_name}_s"] = (ours, xs)
     with torch.set_grad_enabled(backward):

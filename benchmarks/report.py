@@ -113,6 +113,11 @@ def write_markdown(path: Path, result: dict, plots: list[str]) -> None:
                 + " | ".join(_model_cell(r, k, s) for k, _, s in MODEL_COLUMNS) + " |"
                 for r in result["models"]]
         out.append("")
+    if result["refused"]:
+        out += ["## Refused (wrong result, not timed)", ""]
+        out += [f"- {r['suite']} {r['config']}: {r['why'].splitlines()[0]}"
+                for r in result["refused"]]
+        out.append("")
     out += [f"![{name}]({name})" for name in plots]
     path.write_text("\n".join(out) + "\n")
 

@@ -63,3 +63,14 @@ def test_pair_library_from_kernel_names():
     assert pair_library([aten, "sm90_xmma_gemm_f32f32"]) == "aten depthwise"
     assert pair_library(["sm90_xmma_fprop_implicit_gemm_indexed_f16f16"]) == "cudnn"
     assert pair_library(["elementwise_kernel"]) == "other"
+
+
+def test_wrong_result_is_refused_not_timed(tmp_path, monkeypatch):
+    import benchmarks.layers as layers
+    right = layers.fused
+    monkeypatch.setattr(layers, "fused", lambda *a: (lambda x: right(*a)(x) * 1.01))
+    assert main(["--suite", "tiny", "--quick", "--out", str(tmp_path)]) == 1
+    result = json.loads((tmp_path / "fwd_b1_float32.json").read_text())
+    assert result["suites"] == {} and len(result["refused"]) == 2
+    assert "disagrees" in result["refused"][0]["why"]
+    assert "Refused" in (tmp_path / "fwd_b1_float32.md").read_text()
