@@ -70,9 +70,11 @@ def write_json(path: Path, result: dict) -> None:
 
 
 def write_csv(path: Path, result: dict) -> None:
-    """One row per (suite, layer); the run's settings on every row."""
+    """One row per (suite, layer); the run's settings and the machine on every row."""
+    machine = {f"machine_{k}": v for k, v in result["machine"].items()}
     rows = [{"suite": s, "batch": result["batch"], "dtype": result["dtype"],
-             "mode": result["mode"], **r} for s, rs in result["suites"].items() for r in rs]
+             "mode": result["mode"], **r, "machine": result["machine_name"], **machine}
+            for s, rs in result["suites"].items() for r in rs]
     if not rows:
         return
     keys = list(dict.fromkeys(k for r in rows for k in r))

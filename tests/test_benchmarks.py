@@ -24,6 +24,7 @@ def test_tiny_run_writes_every_file(tmp_path, capsys):
     with (tmp_path / "fwd_b1_float32.csv").open() as f:
         table = list(csv.DictReader(f))
     assert len(table) == 2 and table[0]["suite"] == "tiny" and float(table[0]["speedup"]) > 0
+    assert table[0]["machine_torch"] == result["machine"]["torch"]
     md = (tmp_path / "fwd_b1_float32.md").read_text()
     assert "| 8x12->16/s1/k3 |" in md and "mobilenet_v2" in md
     for plot in ("speedup", "roofline"):
