@@ -83,8 +83,8 @@ def separable_copy(model: nn.Module) -> nn.Module:
     return model
 
 
-def _saved_mb(model, x) -> float:
-    """Bytes autograd keeps from the forward for the backward (activation memory)."""
+def saved_bytes(fn) -> int:
+    """Bytes autograd keeps from fn() for the backward (activation memory)."""
     total = 0
 
     def pack(t):
@@ -93,8 +93,8 @@ def _saved_mb(model, x) -> float:
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        model(x)
-    return total / 2**20
+        fn()
+    return total
 
 
 def _train_step(model):
@@ -131,7 +131,7 @@ def run_model(name: str, device: str, dtype, fmt: torch.memory_format, batch: in
         row[f"{k}_latency_s"] = lat[k]
         row[f"{k}_images_per_s"] = batch / thr[k]
         row[f"{k}_train_step_s"] = train[k]
-        row[f"{k}_saved_mb"] = _saved_mb(m, xb)
+        row[f"{k}_saved_mb"] = saved_bytes(lambda: m(xb)) / 2**20
         if device == "cuda":
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()

@@ -16,6 +16,7 @@ from conftest import TRITON_DEVICE, assert_compiled_matches_eager, check_against
 from test_functional import CASES, LAYOUTS
 
 import sepconv
+from benchmarks.models import saved_bytes
 from sepconv import _ops, _triton
 
 pytestmark = pytest.mark.skipif(not _triton.installed(), reason="triton is not installed")
@@ -63,27 +64,14 @@ def test_gradients_are_reproducible(deterministic):
         assert torch.equal(a, b)
 
 
-def _saved_bytes(fn):
-    total = 0
-
-    def pack(t):
-        nonlocal total
-        total += t.numel() * t.element_size()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        fn()
-    return total
-
-
 def test_training_keeps_less_than_the_conv2d_pair():
     """Forward saves x and the weights, not the intermediate: less than the pair."""
     x, dw, pw, b, bd = (t.to(dtype=torch.float32, **DEVICE).requires_grad_()
                         for t in make_inputs(2, 16, 12, 12, 2, 24, 3))
-    ours = _saved_bytes(lambda: sepconv.separable_conv2d(
+    ours = saved_bytes(lambda: sepconv.separable_conv2d(
         x, dw, pw, b, 1, 1, depthwise_bias=bd, mid_activation="relu", activation="relu"))
     F = torch.nn.functional
-    pair = _saved_bytes(lambda: F.relu(F.conv2d(F.relu(F.conv2d(x, dw, bd, 1, 1, groups=16)),
+    pair = saved_bytes(lambda: F.relu(F.conv2d(F.relu(F.conv2d(x, dw, bd, 1, 1, groups=16)),
                                                 pw, b)))
     weights = sum(t.numel() * 4 for t in (dw, pw, b, bd))
     assert ours <= x.numel() * 4 + weights < pair
