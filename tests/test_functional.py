@@ -52,7 +52,8 @@ CASES = {
 
 def _every_other_row(t, fmt):
     """A view equal to t whose rows lie two apart in a larger ``fmt`` tensor."""
-    big = torch.zeros(t.shape[0], t.shape[1], 2 * t.shape[2], t.shape[3], dtype=t.dtype)
+    big = torch.zeros(t.shape[0], t.shape[1], 2 * t.shape[2], t.shape[3], dtype=t.dtype,
+                      device=t.device)
     big = big.contiguous(memory_format=fmt)
     big[:, :, ::2] = t
     return big[:, :, ::2]
