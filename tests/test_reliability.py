@@ -1,0 +1,150 @@
+"""Threads, leaks, determinism and numerical edge cases (NaN / Inf, denormals, 16-bit
+range) on the native CPU kernels and, through the interpreter, the Triton kernels."""
+
+import subprocess
+import sys
+import threading
+
+import pytest
+import torch
+from conftest import ISAS, TRITON_DEVICE, make_inputs
+
+import sepconv
+from sepconv import _triton
+from sepconv._backend import _C
+
+SEP = sepconv.separable_conv2d
+NATIVE = pytest.mark.skipif(_C is None, reason="native kernels not built")
+CONFIG = dict(stride=1, padding=1, mid_activation="relu", activation="silu")
+
+
+def _fwd_bwd(inputs, fmt=torch.channels_last):
+    x, dw, pw, b, bd = (t.detach().clone().requires_grad_() for t in inputs)
+    y = SEP(x.contiguous(memory_format=fmt), dw, pw, b, depthwise_bias=bd, **CONFIG)
+    return (y, *torch.autograd.grad(y, (x, dw, pw, b, bd), torch.ones_like(y)))
+
+
+@NATIVE
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last])
+def test_native_results_are_bitwise_reproducible(isa, fmt):
+    inputs = [t.float() for t in make_inputs(3, 24, 15, 13, 1, 40, 3)]
+    previous = _C.isa()
+    _C.set_isa(isa)
+    try:
+        first, second = _fwd_bwd(inputs, fmt), _fwd_bwd(inputs, fmt)
+    finally:
+        _C.set_isa(previous)
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+
+
+@NATIVE
+def test_concurrent_calls_from_threads():
+    """Four Python threads at once (the kernels release the GIL) get what each gets alone."""
+    cases = [[t.float() for t in make_inputs(2, 8 + i, 11, 9, 1, 16, 3, seed=i)]
+             for i in range(4)]
+    alone = [_fwd_bwd(c) for c in cases]
+    together, errors = [None] * 4, []
+
+    def work(i):
+        try:
+            for _ in range(20):
+                together[i] = _fwd_bwd(cases[i])
+        except Exception as exc:  # surfaced below: a thread's exception is otherwise lost
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    for mine, ref in zip(together, alone):
+        for a, b in zip(mine, ref):
+            assert torch.equal(a, b)
+
+
+LEAK_CHECK = """
+import torch, sepconv
+def rss_mib():
+    for line in open("/proc/self/status"):
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+x = torch.randn(2, 8, 10, 10, requires_grad=True).contiguous(memory_format=torch.channels_last)
+dw = torch.randn(8, 1, 3, 3, requires_grad=True)
+pw = torch.randn(12, 8, 1, 1, requires_grad=True)
+def calls(n):
+    for _ in range(n):
+        y = sepconv.separable_conv2d(x, dw, pw, None, 1, 1, activation="relu")
+        y.sum().backward()
+        with torch.no_grad():
+            sepconv.separable_conv2d(x, dw, pw, None, 1, 1)
+calls(2000)
+before = rss_mib()
+calls(20000)
+print(rss_mib() - before)
+"""
+
+
+@NATIVE
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/status")
+def test_many_calls_keep_memory_flat():
+    r = subprocess.run([sys.executable, "-c", LEAK_CHECK], capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode == 0, r.stderr
+    assert float(r.stdout) < 16, f"RSS grew by {r.stdout.strip()} MiB over 20k calls"
+
+
+# (backend, dtype, device) for the numerical edge cases
+EDGE_PATHS = [("native", dt, "cpu") for dt in (torch.float32, torch.float64)] * (_C is not None) \
+    + [("triton", torch.float32, TRITON_DEVICE)] * _triton.installed()
+
+
+def _both(backend, dtype, device, x, dw, pw, b, **kw):
+    """sepconv on ``backend`` and the reference, same dtype: forward and every gradient."""
+    out = []
+    for name in (backend, "reference"):
+        leaves = [t.to(dtype=dtype, device=device).requires_grad_() for t in (x, dw, pw)]
+        bias = None if b is None else b.to(dtype=dtype, device=device).requires_grad_()
+        with sepconv.use_backend(name):
+            y = SEP(*leaves, bias, **kw)
+            wrt = leaves + [bias] * (bias is not None)
+            out.append((y, *torch.autograd.grad(y, wrt, torch.ones_like(y))))
+    return out
+
+
+@pytest.mark.parametrize("backend,dtype,device", EDGE_PATHS)
+def test_nan_and_inf_land_where_the_reference_puts_them(backend, dtype, device):
+    x, dw, pw, b, _ = make_inputs(2, 3, 8, 9, 1, 4, 3)
+    x[0, 1, 2, 3] = float("nan")
+    x[1, 0, 5, 5] = float("inf")
+    x[1, 2, 0, 0] = -float("inf")
+    ours, ref = _both(backend, dtype, device, x, dw, pw, b, padding=1, mid_activation="relu")
+    assert ref[0].isnan().any() and ref[0].isinf().any()  # the case tests something
+    for a, e in zip(ours, ref):
+        torch.testing.assert_close(a, e, equal_nan=True, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("backend,dtype,device", EDGE_PATHS)
+def test_denormals_are_kept(backend, dtype, device):
+    """Subnormal inputs give subnormal results, not zeros (no flush-to-zero)."""
+    tiny = torch.finfo(dtype).tiny
+    x, dw, pw, b, _ = make_inputs(1, 2, 6, 6, 1, 3, 3)
+    x = x * tiny / 64  # every x subnormal; the products with O(1) weights stay subnormal
+    ours, ref = _both(backend, dtype, device, x, dw, pw, None, padding=1)
+    assert 0 < ours[0].abs().max() < tiny
+    torch.testing.assert_close(ours[0], ref[0], rtol=1e-3, atol=tiny / 2**10)
+
+
+@pytest.mark.skipif(not _triton.installed(), reason="triton is not installed")
+def test_float16_sums_past_the_float16_range_are_accumulated_in_float32():
+    """Partial sums of 80000 (> 65504, float16's largest) that end in range: fp32
+    accumulation gives the exact 4000 where a float16 accumulator would give inf."""
+    x = torch.tensor([2000.0, 2000.0, 1900.0]).view(1, 1, 1, 3)
+    dw = torch.tensor([20.0, 20.0, -40.0]).view(1, 1, 1, 3)
+    pw = torch.ones(1, 1, 1, 1)
+    dev = dict(dtype=torch.float16, device=TRITON_DEVICE)
+    with sepconv.use_backend("triton"):
+        y = SEP(x.to(**dev), dw.to(**dev), pw.to(**dev))
+    assert y.item() == 4000.0
