@@ -27,8 +27,9 @@ def layer_table(suite: str, rows: list[dict], formats: list[str]) -> str:
     tot = {k: sum(r[k] for r in rows) for k, _ in cols}
     lines.append(f"{'total':24}" + "".join(f"{tot[k] * 1e3:11.3f}" for k, _ in cols)
                  + f"{suite_speedup(rows, formats):9.2f}")
-    if pair_libraries(rows, formats):
-        lines.append(pair_libraries(rows, formats))
+    libraries = pair_libraries(rows, formats)
+    if libraries:
+        lines.append(libraries)
     return "\n".join(lines)
 
 
@@ -106,7 +107,8 @@ def write_markdown(path: Path, result: dict, plots: list[str]) -> None:
         out += [f"| {r['layer']} | " + " | ".join(f"{r[k] * 1e3:.3f}" for k, _ in cols)
                 + f" | {r['speedup']:.2f} | {100 * r['fraction_compute_peak']:.0f}"
                 f" | {100 * r['fraction_bandwidth']:.0f} |" for r in rows]
-        out += ["", pair_libraries(rows, formats), ""] if pair_libraries(rows, formats) else [""]
+        libraries = pair_libraries(rows, formats)
+        out += ["", libraries, ""] if libraries else [""]
     if result["models"]:
         out += ["## Whole networks (pair / sepconv)", "",
                 "| model | format | batch | " + " | ".join(h for _, h, _ in MODEL_COLUMNS) + " |",

@@ -7,6 +7,7 @@ They run on CUDA tensors, and on CPU tensors when the process set
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib
 import importlib.util
 import os
@@ -20,6 +21,7 @@ DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _kernels = None
 
 
+@functools.cache  # asked on every CUDA call; the answer does not change in a process
 def installed() -> bool:
     return importlib.util.find_spec("triton") is not None
 

@@ -198,8 +198,8 @@ def launch(grad_y, x, dw_weight, pw_weight, dw_bias, pw_bias, stride, padding, d
     wdw, wpw = taps_major(dw_weight), pw_weight.reshape(Co, Cm).contiguous()
     geom = pixel_geometry(x, dw_weight, stride, padding, dilation, Ho, Wo)
     b = _blocks()
-    bco = min(b["C"], max(16, triton.next_power_of_2(Co)))
-    bk = min(b["C"], max(16, triton.next_power_of_2(Cm)))
+    channel_block = lambda n: min(b["C"], max(16, triton.next_power_of_2(n)))  # noqa: E731
+    bco, bk = channel_block(Co), channel_block(Cm)
     mode = dot_mode(x)
 
     grad_y = grad_y.contiguous(memory_format=memory_format)
@@ -241,7 +241,7 @@ def launch(grad_y, x, dw_weight, pw_weight, dw_bias, pw_bias, stride, padding, d
             num_warps=b["WARPS"])
         gdw = partial.sum(0).to(dw_weight.dtype).view(dw_weight.shape)
     if need_x:
-        bc = min(b["C"], max(16, triton.next_power_of_2(C)))
+        bc = channel_block(C)
         grid = (triton.cdiv(N * H * W, b["P"]) * triton.cdiv(C, bc),)
         skip = ("sxn", "sxc", "sxh", "sxw")
         _input[grid](gu, wdw, gx, N * H * W, C, Cm,
