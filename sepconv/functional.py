@@ -11,12 +11,19 @@ from .reference import ACTIVATIONS
 __all__ = ["separable_conv2d"]
 
 
+# Sizes, strides, paddings and dilations past int32 are certainly mistakes, and the larger
+# ones would otherwise surface as an opaque overflow inside torch or pybind11.
+LIMIT = 2**31
+
+
 def _pair(value, name: str, minimum: int) -> list[int]:
     items = list(value) if isinstance(value, (tuple, list)) else [value, value]
     if len(items) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) for v in items):
         raise TypeError(f"{name} must be an int or a pair of ints, got {value!r}")
     if min(items) < minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {value!r}")
+    if max(items) >= LIMIT:
+        raise ValueError(f"{name} must be < 2**31, got {value!r}")
     return items
 
 
