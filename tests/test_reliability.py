@@ -148,3 +148,60 @@ def test_float16_sums_past_the_float16_range_are_accumulated_in_float32():
     with sepconv.use_backend("triton"):
         y = SEP(x.to(**dev), dw.to(**dev), pw.to(**dev))
     assert y.item() == 4000.0
+
+
+def _free_bytes(device: str) -> int:
+    if device == "cuda":
+        return torch.cuda.mem_get_info()[0]
+    with open("/proc/meminfo") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable"))
+
+
+# Paths whose offsets can be checked past 2^31 elements for real: native on CPU, and the
+# Triton kernels on a GPU (the interpreter would copy 8 GiB through numpy).
+BIG_PATHS = [("native", "cpu")] * (_C is not None) \
+    + [("triton", "cuda")] * (_triton.installed() and TRITON_DEVICE == "cuda")
+
+
+# NCHW: one channel of 2^31 + 2^19 pixels, so that a row offset alone passes int32;
+# channels_last: two channels, the pixel offset times C passes it.
+BIG_LAYOUTS = {"nchw": (torch.contiguous_format, 1, 2**19 + 128),
+               "channels_last": (torch.channels_last, 2, 2**18 + 64)}
+
+
+@pytest.mark.parametrize("layout", BIG_LAYOUTS)
+@pytest.mark.parametrize("backend,device", BIG_PATHS)
+def test_element_offsets_past_2_31(backend, device, layout):
+    """x of 2^31 + 2^19 float32 elements (8 GiB; grad_x as much again): the last output
+    rows read x, and write grad_x, at offsets past int32. grad_y is zero except on those
+    rows, so the float64 pair on a slice of x is the exact reference for everything."""
+    if device == "cpu" and not sys.platform.startswith("linux"):
+        pytest.skip("reads /proc/meminfo")
+    if _free_bytes(device) < 18 * 2**30:
+        pytest.skip("needs 18 GiB of free memory")
+    fmt, C, H = BIG_LAYOUTS[layout]
+    W, s, rows = 2**12, 64, 3  # stride 64 keeps y small
+    x = torch.empty(1, C, H, W, device=device, memory_format=fmt).fill_(0.25)
+    Ho = (H - 3) // s + 1
+    top = (Ho - rows) * s  # the first x row the checked output rows read
+    g = torch.Generator().manual_seed(0)
+    part, dw, pw, b = (torch.randn(*shape, generator=g, dtype=torch.float64) for shape in
+                       ((1, C, H - top, W), (C, 1, 3, 3), (3, C, 1, 1), (3,)))
+    x[:, :, top:] = part
+    leaves = [t.float().to(device).requires_grad_() for t in (dw, pw, b)]
+    x.requires_grad_()
+    with sepconv.use_backend(backend):
+        y = SEP(x, *leaves, stride=s, activation="relu")
+        gy = torch.zeros_like(y)
+        gy[:, :, -rows:] = torch.randn(1, 3, rows, y.shape[3], generator=g).to(device)
+        grads = torch.autograd.grad(y, [x, *leaves], gy)
+    got = [y[:, :, -rows:], grads[0][:, :, top:], *grads[1:]]
+    assert grads[0][:, :, :top].count_nonzero() == 0
+
+    ref_leaves = [t.requires_grad_() for t in (part, dw, pw, b)]
+    with sepconv.use_backend("reference"):
+        ref = SEP(*ref_leaves, stride=s, activation="relu")
+    want = [ref, *torch.autograd.grad(ref, ref_leaves, gy[:, :, -rows:].double().cpu())]
+    assert ref.shape[2] == rows
+    for a, e, what in zip(got, want, ["y", "grad_x", "grad_dw", "grad_pw", "grad_b"]):
+        torch.testing.assert_close(a.double().cpu(), e, rtol=2e-4, atol=2e-4, msg=what)
