@@ -3,7 +3,7 @@
 import pytest
 import torch
 from conftest import ACTS, ISAS, TRITON_DEVICE, TRITON_DTYPES, check_against_oracle, make_inputs
-from hypothesis import assume, given, settings
+from hypothesis import assume, example, given, settings
 from hypothesis import strategies as st
 
 import sepconv
@@ -138,9 +138,46 @@ def _check_random(target, N, C, m, Co, kh, kw, stride, dilation, H, W, pad, act1
                          layout=LAYOUTS[layout])
 
 
+# (max C, max C_out, max kernel, max dilation, max H and W, layouts) drawn from
+NATIVE_RANGES = (64, 64, 7, 3, 40, list(LAYOUTS))
+TRITON_RANGES = (9, 40, 5, 2, 14, ["nchw", "channels_last"])  # the interpreter is slow
+
+# Pinned examples: every configuration a random run ever fails on goes here (with the
+# date and what broke), so that every CI run repeats it. None has failed so far (two
+# long runs of 2000); until one does, the list holds corners of the ranges, which
+# random draws seldom reach.
+CORNER = dict(N=1, C=1, m=1, Co=1, kh=1, kw=1, stride=1, dilation=1, H=1, W=1, pad=0,
+              act1=None, act2=None, layout="nchw", bias=False, dw_bias=False)
+PINNED = [
+    CORNER,
+    dict(CORNER, N=0, C=64, m=3, Co=64, kh=7, kw=7, dilation=3, H=19, W=19),  # kernel fills x
+    dict(CORNER, N=3, C=64, Co=64, kh=7, kw=7, stride=3, H=40, W=40, pad=3,
+         layout="strided_channels_last", bias=True, dw_bias=True, act1="hardswish"),
+    dict(CORNER, C=5, m=2, Co=3, kh=2, kw=6, dilation=3, H=2, W=40, pad="same",
+         layout="transposed_hw", act2="relu6"),
+    dict(CORNER, N=2, C=9, m=3, Co=40, kh=5, kw=2, stride=2, dilation=2, H=14, W=3, pad=2,
+         layout="channels_last", dw_bias=True, act1="relu6", act2="silu"),
+]
+
+
+def pinned(ranges, **extra):
+    """The PINNED configurations within ``ranges``, as hypothesis examples."""
+    C, Co, k, dilation, HW, layouts = ranges
+
+    def decorate(test):
+        for c in PINNED:
+            if (c["C"] <= C and c["Co"] <= Co and max(c["kh"], c["kw"]) <= k
+                    and c["dilation"] <= dilation and max(c["H"], c["W"]) <= HW
+                    and c["layout"] in layouts):
+                test = example(**c, **extra)(test)
+        return test
+    return decorate
+
+
 # SEPCONV_HYPOTHESIS=long (conftest) runs 2000 examples instead of CI's 60.
 @given(dtype=st.sampled_from([torch.float32, torch.float64]),
-       isa=st.sampled_from(ISAS or [None]), **_configs(64, 64, 7, 3, 40, list(LAYOUTS)))
+       isa=st.sampled_from(ISAS or [None]), **_configs(*NATIVE_RANGES))
+@pinned(NATIVE_RANGES, dtype=torch.float32, isa=None)
 def test_random_configurations(dtype, isa, **config):
     if isa is not None:
         previous = _C.isa()
@@ -155,7 +192,8 @@ def test_random_configurations(dtype, isa, **config):
 @pytest.mark.skipif(not _triton.installed(), reason="triton is not installed")
 @settings(max_examples=25)  # the interpreter is slow; the fixed cases above cover each knob
 @given(dtype=st.sampled_from(TRITON_DTYPES),
-       **_configs(9, 40, 5, 2, 14, ["nchw", "channels_last"]))
+       **_configs(*TRITON_RANGES))
+@pinned(TRITON_RANGES, dtype=torch.float32)
 def test_random_configurations_triton(dtype, **config):
     with sepconv.use_backend("triton"):
         _check_random(dict(dtype=dtype, device=TRITON_DEVICE), **config)

@@ -5,7 +5,9 @@ import math
 
 import pytest
 import torch
-from conftest import oracle
+from conftest import ACTS, TOL, oracle
+from hypothesis import event, given
+from hypothesis import strategies as st
 from torch import nn
 
 import sepconv
@@ -63,6 +65,67 @@ def test_module_matches_conv2d_pair(padding_mode, channels_last):
     want = torch.autograd.grad(expected, [x, dconv.weight], g, retain_graph=True)
     torch.testing.assert_close(got[0], want[0])
     torch.testing.assert_close(got[1], want[1])
+
+
+def _pair_of_convs(sep: sepconv.SeparableConv2d) -> nn.Sequential:
+    """The float64 nn.Conv2d pair (padding mode on the depthwise conv) with sep's weights."""
+    k = dict(kernel_size=sep.kernel_size, stride=sep.stride, padding=sep.padding,
+             dilation=sep.dilation, padding_mode=sep.padding_mode, dtype=torch.float64)
+    mid = sep.depthwise_weight.shape[0]
+    dconv = nn.Conv2d(sep.in_channels, mid, groups=sep.in_channels,
+                      bias=sep.depthwise_bias is not None, **k)
+    pconv = nn.Conv2d(mid, sep.out_channels, 1, bias=sep.bias is not None, dtype=torch.float64)
+    with torch.no_grad():
+        for conv, w, b in ((dconv, sep.depthwise_weight, sep.depthwise_bias),
+                           (pconv, sep.pointwise_weight, sep.bias)):
+            conv.weight.copy_(w)
+            if b is not None:
+                conv.bias.copy_(b)
+    return nn.Sequential(dconv, ACTS[sep.mid_activation](), pconv, ACTS[sep.activation]())
+
+
+# Every padding mode over the random-configuration ranges of test_functional, on whatever
+# backend "auto" picks on the CPU (native in float32 and float64).
+@given(N=st.integers(0, 3), C=st.integers(1, 16), m=st.integers(1, 3), Co=st.integers(1, 16),
+       kh=st.integers(1, 7), kw=st.integers(1, 7), stride=st.integers(1, 3),
+       dilation=st.integers(1, 3), H=st.integers(1, 20), W=st.integers(1, 20),
+       padding=st.one_of(st.integers(0, 4), st.just("same"), st.just("valid")),
+       padding_mode=st.sampled_from(PADDING_MODES), act1=st.sampled_from(list(ACTS)),
+       act2=st.sampled_from(list(ACTS)), bias=st.booleans(), dw_bias=st.booleans(),
+       channels_last=st.booleans(), dtype=st.sampled_from([torch.float32, torch.float64]))
+def test_random_modules_match_conv2d_pair(N, C, m, Co, kh, kw, stride, dilation, H, W, padding,
+                                          padding_mode, act1, act2, bias, dw_bias,
+                                          channels_last, dtype):
+    if padding == "same":
+        stride = 1
+    sep = sepconv.SeparableConv2d(C, Co, (kh, kw), stride, padding, dilation, bias=bias,
+                                  padding_mode=padding_mode, depth_multiplier=m,
+                                  mid_activation=act1, activation=act2, depthwise_bias=dw_bias,
+                                  dtype=torch.float64)
+    pair = _pair_of_convs(sep)
+    x = torch.randn(N, C, H, W, dtype=torch.float64)
+    try:  # padding past the input (reflect), a kernel past the padded input: both refuse
+        expected = pair(x.requires_grad_())
+    except RuntimeError:
+        event("both refuse")
+        with pytest.raises((RuntimeError, ValueError)):
+            sep(x.detach())
+        return
+    sep = sep.to(dtype)
+    xin = x.detach().to(dtype).contiguous(
+        memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    y = sep(xin.requires_grad_())
+    torch.testing.assert_close(y.double(), expected, **TOL[dtype])
+    gy = torch.randn_like(expected)
+    dconv, _, pconv, _ = pair
+    names = ["x", "depthwise_weight", "depthwise_bias", "pointwise_weight", "bias"]
+    ours = [xin, sep.depthwise_weight, sep.depthwise_bias, sep.pointwise_weight, sep.bias]
+    theirs = [x, dconv.weight, dconv.bias, pconv.weight, pconv.bias]
+    keep = [i for i, t in enumerate(ours) if t is not None]
+    got = torch.autograd.grad(y, [ours[i] for i in keep], gy.to(dtype))
+    want = torch.autograd.grad(expected, [theirs[i] for i in keep], gy)
+    for i, a, e in zip(keep, got, want):
+        torch.testing.assert_close(a.double(), e, **TOL[dtype], msg=lambda m: f"{names[i]}: {m}")
 
 
 def test_parameters_and_init_follow_conv2d():
