@@ -9,8 +9,10 @@ float32) or the PyTorch reference (every other case).
 
 __version__ = "0.1.0"
 
+from . import models  # noqa: E402
 from ._backend import backend_info, use_backend  # noqa: E402
 from .functional import separable_conv2d  # noqa: E402
 from .modules import SeparableConv2d  # noqa: E402
 
-__all__ = ["SeparableConv2d", "separable_conv2d", "use_backend", "backend_info", "__version__"]
+__all__ = ["SeparableConv2d", "separable_conv2d", "use_backend", "backend_info", "models",
+           "__version__"]
