@@ -11,8 +11,11 @@ __version__ = "0.1.0"
 
 from . import models  # noqa: E402
 from ._backend import backend_info, use_backend  # noqa: E402
+from .complexity import ComplexityReport, complexity  # noqa: E402
+from .convert import FuseReport, SeparateReport, from_conv2d, fuse, separate  # noqa: E402
 from .functional import separable_conv2d  # noqa: E402
 from .modules import SeparableConv2d  # noqa: E402
 
-__all__ = ["SeparableConv2d", "separable_conv2d", "use_backend", "backend_info", "models",
-           "__version__"]
+__all__ = ["SeparableConv2d", "separable_conv2d", "use_backend", "backend_info", "fuse",
+           "from_conv2d", "separate", "complexity", "models", "FuseReport", "SeparateReport",
+           "ComplexityReport", "__version__"]

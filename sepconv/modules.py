@@ -14,6 +14,50 @@ from .functional import _activation, _pair, resolve_padding, separable_conv2d
 __all__ = ["SeparableConv2d"]
 
 PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
+NORMS = (nn.BatchNorm2d, nn.SyncBatchNorm)
+
+
+def fold_norm(weight: Tensor, bias: Tensor | None, norm: nn.Module | None,
+              what: str) -> tuple[Tensor, Tensor | None]:
+    """(weight, bias) of a conv followed by an eval-mode batch norm, as one conv:
+    w * g / sqrt(var + eps) and (b - mean) * g / sqrt(var + eps) + beta, in float64."""
+    if norm is None:
+        return weight, bias
+    if not isinstance(norm, NORMS):
+        raise TypeError(f"{what} must be an nn.BatchNorm2d, got {type(norm).__name__}")
+    if norm.training:
+        raise ValueError(f"{what} is in training mode: a batch norm that normalises with "
+                         "batch statistics cannot be folded into weights; call .eval() first")
+    if norm.running_mean is None:
+        raise ValueError(f"{what} has track_running_stats=False: it always normalises with "
+                         "batch statistics, which cannot be folded into weights")
+    if norm.num_features != weight.shape[0]:
+        raise ValueError(f"{what} has {norm.num_features} features but the conv before it has "
+                         f"{weight.shape[0]} output channels")
+    scale = (norm.running_var.double() + norm.eps).rsqrt()
+    if norm.weight is not None:
+        scale = scale * norm.weight.double()
+    shift = -norm.running_mean.double() * scale
+    if norm.bias is not None:
+        shift = shift + norm.bias.double()
+    if bias is not None:
+        shift = shift + bias.double() * scale
+    w = weight.double() * scale.view(-1, *[1] * (weight.dim() - 1))
+    return w.to(weight.dtype), shift.to(weight.dtype)
+
+
+def pointwise_problem(conv: nn.Conv2d, channels: int) -> str | None:
+    """Why ``conv`` is not a 1x1 conv from ``channels`` channels that a fused module can
+    take, or None."""
+    if conv.kernel_size != (1, 1):
+        return f"has kernel {conv.kernel_size}, not 1x1"
+    if conv.stride != (1, 1) or conv.padding not in ((0, 0), "valid", "same"):
+        return f"has stride {conv.stride} and padding {conv.padding}; it must be 1 and 0"
+    if conv.groups != 1:
+        return f"has groups={conv.groups}; it must be 1"
+    if conv.in_channels != channels:
+        return f"takes {conv.in_channels} channels, not the {channels} before it"
+    return None
 
 
 class SeparableConv2d(nn.Module):
@@ -107,6 +151,45 @@ class SeparableConv2d(nn.Module):
                                 self.stride, padding, self.dilation,
                                 depthwise_bias=self.depthwise_bias,
                                 mid_activation=self.mid_activation, activation=self.activation)
+
+    @classmethod
+    def from_conv2d_pair(cls, depthwise: nn.Conv2d, pointwise: nn.Conv2d, *,
+                         depthwise_norm: nn.Module | None = None,
+                         mid_activation: str | None = None,
+                         pointwise_norm: nn.Module | None = None,
+                         activation: str | None = None) -> SeparableConv2d:
+        """The module computing ``act(norm(pointwise(act_mid(norm(depthwise(x))))))``
+        exactly: weights copied, eval-mode batch norms folded into weights and biases.
+
+        depthwise: ``nn.Conv2d(C, C * m, k, ..., groups=C)`` (any stride, padding,
+        dilation, padding_mode); pointwise: ``nn.Conv2d(C * m, C_out, 1)`` (stride 1, no
+        padding, groups 1). On depthwise's device and dtype, without gradients attached.
+        """
+        for conv, name in ((depthwise, "depthwise"), (pointwise, "pointwise")):
+            if not isinstance(conv, nn.Conv2d):
+                raise TypeError(f"{name} must be an nn.Conv2d, got {type(conv).__name__}")
+        c = depthwise.in_channels
+        if depthwise.groups != c or depthwise.out_channels % c:
+            raise ValueError(f"depthwise must have groups == in_channels ({c}) and a multiple of "
+                             f"them out, got groups={depthwise.groups}, "
+                             f"out_channels={depthwise.out_channels}")
+        why = pointwise_problem(pointwise, depthwise.out_channels)
+        if why:
+            raise ValueError(f"pointwise {why}")
+        dw_w, dw_b = fold_norm(depthwise.weight, depthwise.bias, depthwise_norm, "depthwise_norm")
+        pw_w, pw_b = fold_norm(pointwise.weight, pointwise.bias, pointwise_norm, "pointwise_norm")
+        module = cls(c, pointwise.out_channels, depthwise.kernel_size, depthwise.stride,
+                     depthwise.padding, depthwise.dilation, bias=pw_b is not None,
+                     padding_mode=depthwise.padding_mode, device=dw_w.device, dtype=dw_w.dtype,
+                     depth_multiplier=depthwise.out_channels // c,
+                     mid_activation=mid_activation, activation=activation,
+                     depthwise_bias=dw_b is not None)
+        with torch.no_grad():
+            for param, value in ((module.depthwise_weight, dw_w), (module.depthwise_bias, dw_b),
+                                 (module.pointwise_weight, pw_w), (module.bias, pw_b)):
+                if param is not None:
+                    param.copy_(value)
+        return module
 
     def extra_repr(self) -> str:
         s = f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}"

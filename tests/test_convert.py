@@ -1,0 +1,232 @@
+"""fuse(), SeparableConv2d.from_conv2d_pair, from_conv2d() and separate()."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+import sepconv
+from sepconv import models
+
+
+def _random_norms(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Batch norms with statistics and affine parameters far from the identity, so that
+    folding them is tested (fresh ones are the identity)."""
+    g = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            u = lambda a, b: torch.rand(m.num_features, generator=g) * (b - a) + a  # noqa: E731
+            m.running_mean.copy_(u(-1, 1))
+            m.running_var.copy_(u(0.3, 3))
+            m.weight.data.copy_(u(0.5, 1.5))
+            m.bias.data.copy_(u(-0.5, 0.5))
+    return model
+
+
+def _relative_error(a, b) -> float:
+    return ((a - b).abs().max() / b.abs().max()).item()
+
+
+@pytest.mark.parametrize("build,chains", [(models.mobilenet_v1, 13), (models.mobilenet_v2, 17),
+                                          (models.shufflenet_v2, 19)],
+                         ids=["mobilenet_v1", "mobilenet_v2", "shufflenet_v2"])
+@pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last], ids=str)
+def test_fuse_zoo_models(build, chains, fmt):
+    torch.manual_seed(0)
+    model = _random_norms(build()).eval()
+    fused, report = sepconv.fuse(model)
+    assert len(report.fused) == chains and not report.skipped
+    assert type(fused) is type(model)  # nothing needed fx: the class and forward are kept
+    assert sum(isinstance(m, sepconv.SeparableConv2d) for m in fused.modules()) == chains
+    assert not any(isinstance(m, sepconv.SeparableConv2d) for m in model.modules())  # a copy
+    x = torch.randn(2, 3, 96, 96).contiguous(memory_format=fmt)
+    with torch.no_grad():
+        assert _relative_error(fused(x), model(x)) < 1e-5
+
+
+def test_fuse_inplace_changes_the_model():
+    model = _random_norms(models.mobilenet_v1(width_mult=0.25)).eval()
+    fused, report = sepconv.fuse(model, inplace=True)
+    assert fused is model and len(report.fused) == 13
+
+
+class _Block(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.dw = nn.Conv2d(8, 16, 3, padding=1, groups=8)
+        self.bn = nn.BatchNorm2d(16)
+
+    def forward(self, x):
+        return F.relu6(self.bn(self.dw(x)))
+
+
+class _Net(nn.Module):
+    """Chains across module boundaries, with functional and method activations, and one
+    depthwise conv whose output is used twice (not fusable)."""
+
+    def __init__(self):
+        super().__init__()
+        self.block, self.pw = _Block(), nn.Conv2d(16, 12, 1)
+        self.dw2, self.pw2 = nn.Conv2d(12, 12, 3, padding=1, groups=12), nn.Conv2d(12, 12, 1)
+        self.dw3 = nn.Conv2d(12, 12, 5, padding=2, groups=12, bias=False)
+        self.pw3 = nn.Conv2d(12, 5, 1)
+
+    def forward(self, x):
+        y = torch.relu(self.pw(self.block(x)))
+        z = self.dw2(y)
+        y = y + self.pw2(z) + z
+        return F.silu(self.pw3(self.dw3(y)).relu())
+
+
+def test_fuse_through_fx_across_modules():
+    model = _random_norms(_Net()).eval()
+    fused, report = sepconv.fuse(model)
+    assert isinstance(fused, fx.GraphModule)
+    assert [names for names, _ in report.fused] == [
+        ["block.dw", "block.bn", "relu6", "pw", "relu"], ["dw3", "pw3", "relu_1"]]
+    assert report.skipped == [("dw2", "the output of dw2 has 2 users")]
+    x = torch.randn(2, 8, 10, 10)
+    with torch.no_grad():
+        assert _relative_error(fused(x), model(x)) < 1e-5
+    assert "fused 2" in str(report) and "skipped dw2" in str(report)
+
+
+def _chain(*between, after=(), dw=None, pw=None):
+    dw = dw or nn.Conv2d(4, 8, 3, padding=1, groups=4)
+    return nn.Sequential(dw, *between, pw or nn.Conv2d(8, 6, 1), *after)
+
+
+@pytest.mark.parametrize("model,act1,act2", [
+    (_chain(nn.BatchNorm2d(8), nn.Hardtanh(0.0, 6.0), after=(nn.BatchNorm2d(6), nn.SiLU())),
+     "relu6", "silu"),
+    (_chain(nn.Identity(), after=(nn.Hardswish(),)), None, "hardswish"),
+    (_chain(dw=nn.Conv2d(4, 8, (3, 5), 2, (1, 2), 2, groups=4, padding_mode="reflect"),
+            after=(nn.ReLU(inplace=True),)), None, "relu"),
+])
+def test_fuse_chain_variants(model, act1, act2):
+    model = _random_norms(model).eval()
+    fused, report = sepconv.fuse(model)
+    sep = fused[0]
+    assert len(report.fused) == 1 and isinstance(sep, sepconv.SeparableConv2d)
+    assert (sep.mid_activation, sep.activation) == (act1, act2)
+    x = torch.randn(2, 4, 11, 13)
+    with torch.no_grad():
+        assert _relative_error(fused(x), model(x)) < 1e-5
+
+
+@pytest.mark.parametrize("model,reason", [
+    (_chain(nn.BatchNorm2d(8), nn.GELU()), "followed by GELU (2)"),
+    (_chain(pw=nn.Conv2d(8, 6, 1, stride=2)), "stride (2, 2)"),
+    (_chain(pw=nn.Conv2d(8, 6, 3, padding=1)), "not 1x1"),
+    (_chain(pw=nn.Conv2d(8, 6, 1, groups=2)), "groups=2"),
+    (_chain(nn.BatchNorm2d(8, track_running_stats=False)), "track_running_stats=False"),
+    (nn.Sequential(nn.Conv2d(4, 4, 3, groups=4)), "nothing follows"),
+])
+def test_fuse_says_why_it_skips(model, reason):
+    fused, report = sepconv.fuse(model.eval())
+    assert not report.fused and len(report.skipped) == 1
+    assert reason in report.skipped[0][1]
+    x = torch.randn(1, 4, 9, 9)
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x), model(x))
+
+
+def test_fuse_refuses_batch_norm_in_training_mode():
+    with pytest.raises(ValueError, match="training mode.*eval"):
+        sepconv.fuse(_chain(nn.BatchNorm2d(8)).train())
+    model = _chain(nn.ReLU()).train()  # no norm: fused in training mode too
+    fused, report = sepconv.fuse(model)
+    assert len(report.fused) == 1
+    x = torch.randn(2, 4, 9, 9)
+    torch.testing.assert_close(fused(x), model(x))
+
+
+def test_fuse_skips_shared_modules():
+    dw = nn.Conv2d(4, 4, 3, padding=1, groups=4)
+    model = nn.Sequential(dw, nn.Conv2d(4, 4, 1), dw, nn.Conv2d(4, 4, 1))
+    fused, report = sepconv.fuse(model)
+    assert not report.fused and "shared" in report.skipped[0][1]
+
+
+def test_fuse_bad_argument():
+    with pytest.raises(TypeError, match="nn.Module"):
+        sepconv.fuse("model")
+
+
+def test_from_conv2d_pair_folds_norms_exactly():
+    dw = nn.Conv2d(3, 6, 3, 2, 1, groups=3, dtype=torch.float64)
+    pw = nn.Conv2d(6, 5, 1, bias=False, dtype=torch.float64)
+    n1, n2 = (_random_norms(nn.BatchNorm2d(c, dtype=torch.float64)).eval() for c in (6, 5))
+    sep = sepconv.SeparableConv2d.from_conv2d_pair(dw, pw, depthwise_norm=n1,
+                                                   mid_activation="relu", pointwise_norm=n2,
+                                                   activation="hardswish")
+    assert sep.depth_multiplier == 2 and sep.depthwise_weight.dtype == torch.float64
+    x = torch.randn(2, 3, 9, 9, dtype=torch.float64)
+    torch.testing.assert_close(sep(x), F.hardswish(n2(pw(F.relu(n1(dw(x)))))))
+
+
+@pytest.mark.parametrize("dw,pw,kw,error,match", [
+    (nn.Conv2d(3, 6, 3), nn.Conv2d(6, 5, 1), {}, ValueError, "groups == in_channels"),
+    (nn.Conv2d(3, 3, 3, groups=3), nn.Conv2d(4, 5, 1), {}, ValueError, "takes 4 channels"),
+    (nn.Conv2d(3, 3, 3, groups=3), nn.Linear(3, 5), {}, TypeError, "nn.Conv2d"),
+    (nn.Conv2d(3, 3, 3, groups=3), nn.Conv2d(3, 5, 1), {"depthwise_norm": nn.BatchNorm2d(3)},
+     ValueError, "training mode"),
+    (nn.Conv2d(3, 3, 3, groups=3), nn.Conv2d(3, 5, 1),
+     {"pointwise_norm": nn.BatchNorm2d(4).eval()}, ValueError, "4 features"),
+    (nn.Conv2d(3, 3, 3, groups=3), nn.Conv2d(3, 5, 1), {"depthwise_norm": nn.LayerNorm(3)},
+     TypeError, "BatchNorm2d"),
+])
+def test_from_conv2d_pair_errors(dw, pw, kw, error, match):
+    with pytest.raises(error, match=match):
+        sepconv.SeparableConv2d.from_conv2d_pair(dw, pw, **kw)
+
+
+def test_from_conv2d_is_exact_at_full_rank_and_optimal_below():
+    torch.manual_seed(0)
+    conv = nn.Conv2d(5, 7, (3, 2), stride=2, padding=(1, 0), dilation=(2, 1),
+                     padding_mode="circular", dtype=torch.float64)
+    x = torch.randn(2, 5, 12, 11, dtype=torch.float64)
+    errors = []
+    for m in (1, 2, 3, 6, 8):  # min(C_out, kh * kw) = 6
+        sep, err = sepconv.from_conv2d(conv, depth_multiplier=m)
+        assert sep.depth_multiplier == m
+        errors.append(err)
+        # Eckart-Young: the error is the discarded singular values, per input channel
+        W = conv.weight.detach().permute(1, 0, 2, 3).reshape(5, 7, 6)
+        S = torch.linalg.svdvals(W)
+        want = (S[:, m:].square().sum() / S.square().sum()).sqrt().item()
+        assert err == pytest.approx(want, abs=1e-12)
+        if m >= 6:
+            torch.testing.assert_close(sep(x), conv(x))
+    assert errors == sorted(errors, reverse=True) and errors[-1] < 1e-12 < errors[0]
+
+
+def test_from_conv2d_errors():
+    with pytest.raises(ValueError, match="groups=1"):
+        sepconv.from_conv2d(nn.Conv2d(4, 4, 3, groups=2))
+    with pytest.raises(ValueError, match="depth_multiplier"):
+        sepconv.from_conv2d(nn.Conv2d(4, 4, 3), depth_multiplier=0)
+    with pytest.raises(TypeError, match="nn.Conv2d"):
+        sepconv.from_conv2d(nn.Linear(4, 4))
+
+
+def test_separate_small_cnn():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(),
+                        nn.Conv2d(16, 32, 3, stride=2, padding=1, bias=False), nn.ReLU(),
+                        nn.Conv2d(32, 32, 1), nn.Conv2d(32, 32, 3, groups=4),
+                        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 10))
+    new, report = sepconv.separate(net, depth_multiplier=2, input_size=(1, 3, 32, 32))
+    assert [r["name"] for r in report.rows] == ["0", "2"]  # 1x1 and grouped convs stay
+    assert isinstance(new[0], sepconv.SeparableConv2d) and type(new[4]) is nn.Conv2d
+    assert type(net[0]) is nn.Conv2d  # not in place
+    for row, conv in zip(report.rows, (net[0], net[2])):
+        assert row["error"] == pytest.approx(sepconv.from_conv2d(conv, 2)[1])
+        assert row["params_after"] < row["params_before"]
+        assert row["flops_after"] < row["flops_before"]
+    # conv 2 (16 -> 32, 3x3, stride 2, no bias) at 16x16 output, seed 000 formulas
+    assert report.rows[1]["flops_before"] == (2 * 16 * 9 - 1) * 16 * 16 * 32
+    assert report.rows[1]["flops_after"] == (2 * 9 - 1) * 256 * 32 + (2 * 32 - 1) * 256 * 32
+    assert "error" in str(report)
+    x = torch.randn(2, 3, 32, 32)
+    assert new(x).shape == net(x).shape
