@@ -1,6 +1,8 @@
-"""Whole networks: MobileNetV1 and V2 with batch norm folded into the conv biases (the
-inference form), built from nn.Conv2d pairs, and the same networks, same weights,
-with every separable pair replaced by one SeparableConv2d."""
+"""Whole networks: the zoo's MobileNetV1, MobileNetV2 and ShuffleNetV2 as users have them
+(eval mode, batch norms as modules), the same with every conv + batch norm folded (the
+PyTorch baseline: what an inference deployment runs), and ``sepconv.fuse`` of the model
+with the remaining conv + batch norm pairs folded the same way, so that the last two
+differ only in the depthwise separable chains."""
 
 from __future__ import annotations
 
@@ -8,78 +10,26 @@ import copy
 
 import torch
 from torch import nn
+from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 import sepconv
 from benchmarks.layers import interleaved_seconds
-from benchmarks.shapes import SUITES, Layer
 
-_ACTS = {None: nn.Identity, "relu": nn.ReLU, "relu6": nn.ReLU6}
-
-
-class PairBlock(nn.Module):
-    """Depthwise conv -> act -> pointwise conv -> act, as users write it."""
-
-    def __init__(self, layer: Layer):
-        super().__init__()
-        self.layer = layer
-        self.dw = nn.Conv2d(layer.c_in, layer.c_in, layer.kernel, layer.stride, layer.padding,
-                            groups=layer.c_in)
-        self.pw = nn.Conv2d(layer.c_in, layer.c_out, 1)
-        self.act1, self.act2 = _ACTS[layer.mid_activation](), _ACTS[layer.activation]()
-
-    def forward(self, x):
-        return self.act2(self.pw(self.act1(self.dw(x))))
-
-    def fused(self) -> sepconv.SeparableConv2d:
-        L = self.layer
-        m = sepconv.SeparableConv2d(L.c_in, L.c_out, L.kernel, L.stride, L.padding,
-                                    depthwise_bias=True, mid_activation=L.mid_activation,
-                                    activation=L.activation)
-        with torch.no_grad():
-            for name, t in (("depthwise_weight", self.dw.weight), ("depthwise_bias", self.dw.bias),
-                            ("pointwise_weight", self.pw.weight), ("bias", self.pw.bias)):
-                getattr(m, name).copy_(t)
-        return m
+MODELS = {"mobilenet_v1": sepconv.models.mobilenet_v1,
+          "mobilenet_v2": sepconv.models.mobilenet_v2,
+          "shufflenet_v2": sepconv.models.shufflenet_v2}
 
 
-class Residual(nn.Sequential):
-    def forward(self, x):
-        return x + super().forward(x)
-
-
-def _conv(c_in, c_out, k, stride, act):
-    return [nn.Conv2d(c_in, c_out, k, stride, k // 2), act()]
-
-
-def _head(c_in, c_out=None):
-    convs = _conv(c_in, c_out, 1, 1, nn.ReLU6) if c_out else []
-    return convs + [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(c_out or c_in, 1000)]
-
-
-def mobilenet_v1() -> nn.Sequential:
-    blocks = [PairBlock(L) for L in SUITES["mobilenet_v1"]]
-    return nn.Sequential(*_conv(3, 32, 3, 2, nn.ReLU), *blocks, *_head(1024))
-
-
-def mobilenet_v2() -> nn.Sequential:
-    """Inverted residuals: 1x1 expansion (ReLU6) -> separable pair (ReLU6, linear)."""
-    parts, c = _conv(3, 32, 3, 2, nn.ReLU6), 32
-    for L in SUITES["mobilenet_v2"]:
-        body = (_conv(c, L.c_in, 1, 1, nn.ReLU6) if L.c_in != c else []) + [PairBlock(L)]
-        parts.append(Residual(*body) if L.stride == 1 and c == L.c_out else nn.Sequential(*body))
-        c = L.c_out
-    return nn.Sequential(*parts, *_head(c, 1280))
-
-
-MODELS = {"mobilenet_v1": mobilenet_v1, "mobilenet_v2": mobilenet_v2}
-
-
-def separable_copy(model: nn.Module) -> nn.Module:
-    """The same network with each PairBlock replaced by its SeparableConv2d."""
-    model = copy.deepcopy(model)
-    for name, child in model.named_children():
-        setattr(model, name, child.fused() if isinstance(child, PairBlock)
-                else separable_copy(child))
+def fold_conv_bn(model: nn.Module) -> nn.Module:
+    """Every Conv2d directly followed by a BatchNorm2d in a Sequential, folded into one
+    Conv2d (torch.nn.utils.fusion), the norm replaced by Identity. Works in place."""
+    for seq in [m for m in model.modules() if isinstance(m, nn.Sequential)]:
+        names = [n for n, _ in seq.named_children()]
+        for a, b in zip(names, names[1:]):
+            conv, bn = getattr(seq, a), getattr(seq, b)
+            if isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d):
+                setattr(seq, a, fuse_conv_bn_eval(conv, bn))
+                setattr(seq, b, nn.Identity())
     return model
 
 
@@ -109,24 +59,33 @@ def _train_step(model):
 
 def run_model(name: str, device: str, dtype, fmt: torch.memory_format, batch: int,
               resolution: int, min_run_time: float) -> dict:
-    """Latency (batch 1), throughput and one training step (batch ``batch``), and the
-    activation memory, of the nn.Conv2d network and its sepconv copy."""
+    """Latency (batch 1) of the model as given, and latency, throughput and one training
+    step (batch ``batch``) and activation memory of the BN-folded nn.Conv2d network and
+    of ``sepconv.fuse`` of it."""
     torch.manual_seed(0)
-    pair = MODELS[name]().to(device=device, dtype=dtype, memory_format=fmt)
-    ours = separable_copy(pair)
+    given = MODELS[name]().eval().to(device=device, dtype=dtype, memory_format=fmt)
+    pair = fold_conv_bn(copy.deepcopy(given))
+    ours, fused = sepconv.fuse(given)
+    ours = fold_conv_bn(ours)
     x1, xb = (torch.randn(n, 3, resolution, resolution, device=device, dtype=dtype)
               .contiguous(memory_format=fmt) for n in (1, batch))
     models = {"pytorch": pair, "sepconv": ours}
-    row = {"model": name, "batch": batch, "resolution": resolution}
+    row = {"model": name, "batch": batch, "resolution": resolution,
+           "fused_chains": len(fused.fused)}
     with torch.no_grad():
-        want = pair(x1)
-        torch.testing.assert_close(ours(x1), want, rtol=2e-2, atol=2e-2 * want.abs().max().item(),
-                                   msg=f"sepconv {name} disagrees with the nn.Conv2d network")
-        lat = interleaved_seconds({k: (m, [x1]) for k, m in models.items()}, min_run_time, 5)
+        want = given(x1)
+        for label, m in models.items():
+            torch.testing.assert_close(m(x1), want, rtol=2e-2, atol=2e-2 * want.abs().max().item(),
+                                       msg=f"{label} {name} disagrees with the model as given")
+        lat = interleaved_seconds({"given": (given, [x1])}
+                                  | {k: (m, [x1]) for k, m in models.items()}, min_run_time, 5)
         thr = interleaved_seconds({k: (m, [xb]) for k, m in models.items()}, min_run_time, 5,
                                   warmup=1)
+    for m in models.values():
+        m.train()
     train = interleaved_seconds({k: (_train_step(m), [xb]) for k, m in models.items()},
                                 min_run_time, 5, warmup=1)
+    row["given_latency_s"] = lat["given"]
     for k, m in models.items():
         row[f"{k}_latency_s"] = lat[k]
         row[f"{k}_images_per_s"] = batch / thr[k]

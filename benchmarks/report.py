@@ -57,10 +57,12 @@ def _model_cell(row: dict, key: str, scale: float) -> str:
 
 
 def model_table(rows: list[dict]) -> str:
-    lines = ["whole networks (pair / sepconv)",
-             f"{'model':14}{'format':>15}{'batch':>6}"
+    lines = ["whole networks: as given (batch norms unfolded), then BN-folded nn.Conv2d / "
+             "sepconv.fuse",
+             f"{'model':15}{'format':>15}{'batch':>6}{'fused':>6}{'as given b1 ms':>16}"
              + "".join(f"{h:>20}" for _, h, _ in MODEL_COLUMNS)]
-    lines += [f"{r['model']:14}{r['format']:>15}{r['batch']:>6}"
+    lines += [f"{r['model']:15}{r['format']:>15}{r['batch']:>6}{r['fused_chains']:>6}"
+              f"{r['given_latency_s'] * 1e3:>16.1f}"
               + "".join(f"{_model_cell(r, k, s):>20}" for k, _, s in MODEL_COLUMNS)
               for r in rows]
     return "\n".join(lines)
@@ -110,10 +112,15 @@ def write_markdown(path: Path, result: dict, plots: list[str]) -> None:
         libraries = pair_libraries(rows, formats)
         out += ["", libraries, ""] if libraries else [""]
     if result["models"]:
-        out += ["## Whole networks (pair / sepconv)", "",
-                "| model | format | batch | " + " | ".join(h for _, h, _ in MODEL_COLUMNS) + " |",
-                "|---" * (3 + len(MODEL_COLUMNS)) + "|"]
-        out += [f"| {r['model']} | {r['format']} | {r['batch']} | "
+        out += ["## Whole networks", "",
+                "As given (eval, batch norms as modules); then the same network with every "
+                "conv + batch norm folded (nn.Conv2d, the PyTorch baseline) / "
+                "`sepconv.fuse` of it (other convs folded alike).", "",
+                "| model | format | batch | fused chains | as given b1 ms | "
+                + " | ".join(f"{h} (pair / sepconv)" for _, h, _ in MODEL_COLUMNS) + " |",
+                "|---" * (5 + len(MODEL_COLUMNS)) + "|"]
+        out += [f"| {r['model']} | {r['format']} | {r['batch']} | {r['fused_chains']} | "
+                f"{r['given_latency_s'] * 1e3:.1f} | "
                 + " | ".join(_model_cell(r, k, s) for k, _, s in MODEL_COLUMNS) + " |"
                 for r in result["models"]]
         out.append("")
