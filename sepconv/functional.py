@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from . import _backend, _ops
+from . import _backend, _ops, reference
 from .reference import ACTIVATIONS
 
 __all__ = ["separable_conv2d"]
@@ -98,6 +98,13 @@ def separable_conv2d(
     ``mid_activation`` / ``activation``: None, "relu", "relu6", "silu", "hardswish".
     """
     _check_tensor(x, "x", None, None)
+    if torch.amp.is_autocast_available(x.device.type) and torch.is_autocast_enabled(x.device.type):
+        # As autocast treats F.conv2d: float32 tensors are cast to the autocast dtype (the
+        # kernels still accumulate in fp32); gradients flow back through the cast.
+        low = torch.get_autocast_dtype(x.device.type)
+        x, depthwise_weight, pointwise_weight, bias, depthwise_bias = (
+            t.to(low) if isinstance(t, Tensor) and t.dtype == torch.float32 else t
+            for t in (x, depthwise_weight, pointwise_weight, bias, depthwise_bias))
     if x.dim() == 3:
         return separable_conv2d(x.unsqueeze(0), depthwise_weight, pointwise_weight, bias,
                                 stride, padding, dilation, depthwise_bias=depthwise_bias,
@@ -141,8 +148,11 @@ def separable_conv2d(
         if size + before + after < d * (k - 1) + 1:
             raise ValueError(f"kernel {axis} {d * (k - 1) + 1} (dilated) is larger than the "
                              f"padded input {axis} {size + before + after}")
-    return _ops.call(x, depthwise_weight, pointwise_weight, depthwise_bias, bias,
-                     stride, pads, dilation, act1, act2, _backend.current_backend())
+    tensors = (x, depthwise_weight, pointwise_weight, depthwise_bias, bias)
+    if torch.onnx.is_in_onnx_export():
+        # ONNX has no sepconv op: export the same maths as standard Conv / activation nodes.
+        return reference.forward(*tensors, stride, pads, dilation, act1, act2)
+    return _ops.call(*tensors, stride, pads, dilation, act1, act2, _backend.current_backend())
 
 
 torch.fx.wrap("separable_conv2d")  # keep it one node in fx-traced models

@@ -39,7 +39,12 @@ def _pad(x: Tensor, padding: list[int]) -> Tensor:
 
 def forward(x, dw_weight, pw_weight, dw_bias, pw_bias, stride, padding, dilation,
             mid_activation, activation) -> Tensor:
-    u = F.conv2d(_pad(x, padding), dw_weight, dw_bias, stride, 0, dilation, groups=x.shape[1])
+    top, bottom, left, right = padding
+    if top == bottom and left == right:  # conv2d's own padding: one ONNX Conv node
+        u = F.conv2d(x, dw_weight, dw_bias, stride, (top, left), dilation, groups=x.shape[1])
+    else:
+        u = F.conv2d(_pad(x, padding), dw_weight, dw_bias, stride, 0, dilation,
+                     groups=x.shape[1])
     return _FORWARD[activation](F.conv2d(_FORWARD[mid_activation](u), pw_weight, pw_bias))
 
 
