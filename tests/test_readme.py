@@ -1,4 +1,5 @@
-"""The README's Python snippets run, in order, in one namespace (as a reader would)."""
+"""The README's ```python snippets run, in order, in one namespace (as a reader would).
+```py blocks need a launcher (distributed training); test_ecosystem.py runs that code."""
 
 import re
 from pathlib import Path
