@@ -57,6 +57,17 @@ def _check(width_mult: float, num_classes: int) -> None:
         raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
 
 
+class _PooledClassifier(nn.Module):
+    """torchvision's MobileNet forward: features -> global average pool -> classifier."""
+
+    features: nn.Module
+    classifier: nn.Module
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = nn.functional.adaptive_avg_pool2d(self.features(x), 1)
+        return self.classifier(torch.flatten(x, 1))
+
+
 # --- MobileNetV1 -------------------------------------------------------------------------
 
 # (C_out, stride) of the 13 depthwise separable layers (Howard et al. 2017, Table 1)
@@ -64,7 +75,7 @@ V1_LAYERS = [(64, 1), (128, 2), (128, 1), (256, 2), (256, 1), (512, 2), *[(512, 
              (1024, 2), (1024, 1)]
 
 
-class MobileNetV1(nn.Module):
+class MobileNetV1(_PooledClassifier):
     """features: stem conv, then 13 ``Sequential(dw ConvNormActivation, pw
     ConvNormActivation)``; classifier: Linear. ReLU after every batch norm."""
 
@@ -82,10 +93,6 @@ class MobileNetV1(nn.Module):
         self.features = nn.Sequential(*features)
         self.classifier = nn.Linear(c, num_classes)
         _init(self)
-
-    def forward(self, x: Tensor) -> Tensor:
-        x = nn.functional.adaptive_avg_pool2d(self.features(x), 1)
-        return self.classifier(torch.flatten(x, 1))
 
 
 def mobilenet_v1(width_mult: float = 1.0, num_classes: int = 1000) -> MobileNetV1:
@@ -122,7 +129,7 @@ V2_SETTING = [(1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96
               (6, 160, 3, 2), (6, 320, 1, 1)]
 
 
-class MobileNetV2(nn.Module):
+class MobileNetV2(_PooledClassifier):
     def __init__(self, width_mult: float = 1.0, num_classes: int = 1000,
                  dropout: float = 0.2) -> None:
         super().__init__()
@@ -140,10 +147,6 @@ class MobileNetV2(nn.Module):
         self.classifier = nn.Sequential(nn.Dropout(dropout),
                                         nn.Linear(self.last_channel, num_classes))
         _init(self)
-
-    def forward(self, x: Tensor) -> Tensor:
-        x = nn.functional.adaptive_avg_pool2d(self.features(x), 1)
-        return self.classifier(torch.flatten(x, 1))
 
 
 def mobilenet_v2(width_mult: float = 1.0, num_classes: int = 1000) -> MobileNetV2:
