@@ -100,12 +100,12 @@ int run_forward(const Geometry& g, uintptr_t x, uintptr_t dww, uintptr_t pww, ui
 }
 
 template <class T>
-int run_backward(const Geometry& g, uintptr_t gy, uintptr_t x, uintptr_t dww, uintptr_t pww,
-                 uintptr_t dwb, uintptr_t pwb, uintptr_t gx, uintptr_t gdww, uintptr_t gpww,
-                 uintptr_t gdwb, uintptr_t gpwb) {
+int run_backward(const Geometry& g, uintptr_t gy, uintptr_t y, uintptr_t x, uintptr_t dww,
+                 uintptr_t pww, uintptr_t dwb, uintptr_t pwb, uintptr_t gx, uintptr_t gdww,
+                 uintptr_t gpww, uintptr_t gdwb, uintptr_t gpwb) {
   Grads<T> out{mp<T>(gx), mp<T>(gdww), mp<T>(gpww), mp<T>(gdwb), mp<T>(gpwb)};
-  return SEPCONV_PICK(backward<T>)(g, cp<T>(gy), cp<T>(x), cp<T>(dww), cp<T>(pww), cp<T>(dwb),
-                                   cp<T>(pwb), out);
+  return SEPCONV_PICK(backward<T>)(g, cp<T>(gy), cp<T>(y), cp<T>(x), cp<T>(dww), cp<T>(pww),
+                                   cp<T>(dwb), cp<T>(pwb), out);
 }
 
 bool is_f64(const std::string& dtype) {
@@ -132,16 +132,21 @@ PYBIND11_MODULE(_C, m) {
     check(status);
   });
 
-  m.def("backward", [](py::tuple geom, const std::string& dtype, uintptr_t gy, uintptr_t x,
-                       uintptr_t dww, uintptr_t pww, uintptr_t dwb, uintptr_t pwb, uintptr_t gx,
-                       uintptr_t gdww, uintptr_t gpww, uintptr_t gdwb, uintptr_t gpwb) {
+  // y: the forward's output, or 0. Given for relu / relu6, whose derivative it determines,
+  // it saves the backward recomputing the pointwise GEMM.
+  m.def("backward", [](py::tuple geom, const std::string& dtype, uintptr_t gy, uintptr_t y,
+                       uintptr_t x, uintptr_t dww, uintptr_t pww, uintptr_t dwb, uintptr_t pwb,
+                       uintptr_t gx, uintptr_t gdww, uintptr_t gpww, uintptr_t gdwb,
+                       uintptr_t gpwb) {
     Geometry g = parse(geom);
     bool f64 = is_f64(dtype);
     int status;
     {
       py::gil_scoped_release nogil;
-      status = f64 ? run_backward<double>(g, gy, x, dww, pww, dwb, pwb, gx, gdww, gpww, gdwb, gpwb)
-                   : run_backward<float>(g, gy, x, dww, pww, dwb, pwb, gx, gdww, gpww, gdwb, gpwb);
+      status = f64 ? run_backward<double>(g, gy, y, x, dww, pww, dwb, pwb, gx, gdww, gpww, gdwb,
+                                          gpwb)
+                   : run_backward<float>(g, gy, y, x, dww, pww, dwb, pwb, gx, gdww, gpww, gdwb,
+                                         gpwb);
     }
     check(status);
   });

@@ -11,7 +11,8 @@
 // Forward, per tile of output pixels of one image:
 //   U  = act1(dw(x) + b_dw)          (tile buffer only, never a full-size tensor)
 //   y  = act2(W_pw . U + b_pw)       (register-blocked GEMM, bias + act in the epilogue)
-// Backward recomputes U (and the pre-activation of y when act2 needs it) per tile.
+// Backward recomputes U (and the pre-activation of y when act2 is silu or hardswish)
+// per tile.
 #include <math.h>
 #include <omp.h>
 #include <stdint.h>
@@ -616,12 +617,13 @@ int forward_impl(const Geometry& g, const T* x, const T* dww, const T* pww, cons
 
 // ---------------------------------------------------------------- backward
 template <class T>
-int backward_impl(const Geometry& g, const T* gy, const T* x, const T* dww, const T* pww,
-                  const T* dwb, const T* pwb, const Grads<T>& out) {
+int backward_impl(const Geometry& g, const T* gy, const T* y, const T* x, const T* dww,
+                  const T* pww, const T* dwb, const T* pwb, const Grads<T>& out) {
   constexpr int64_t nr = NR<T>();
   const int64_t HWo = g.Ho * g.Wo, Cm = g.Cm, Co = g.Co, kk = g.kh * g.kw, T_ = g.threads;
   const bool cl = g.channels_last;
   const bool need_g = out.x || out.dw_weight || out.dw_bias;  // d loss / d U needed
+  const bool from_y = y && (g.act2 == ACT_RELU || g.act2 == ACT_RELU6);
   // Tiles are bands of R whole output rows. Bands b and b+2 read disjoint input
   // rows when (R + 1) * sh > (kh - 1) * dh, so the even bands, then the odd ones,
   // can scatter into grad_x in parallel without races and in a fixed order.
@@ -678,11 +680,15 @@ int backward_impl(const Geometry& g, const T* gy, const T* x, const T* dww, cons
           for (int64_t c = 0; c < cols_u; ++c) M[r * ldu + c] = U[r * ldu + c];
           act_inplace(g.act1, M + r * ldu, cols_u);
         }
-        // GZ = dL/dz where z = W.M + b: z is recomputed only when act2 needs it.
+        // GZ = dL/dz where z = W.M + b. relu'(z) and relu6'(z) equal relu'(y) and
+        // relu6'(y) exactly (NaN included), so with y at hand z is not recomputed;
+        // silu and hardswish need z itself.
         const int64_t rows_z = cl ? np : Co, cols_z = cl ? Co : np, ldz = cl ? ldo : ldp;
-        const T* gyt = cl ? gy + (n * HWo + p0) * Co : gy + n * Co * HWo + p0;
+        const int64_t off = cl ? (n * HWo + p0) * Co : n * Co * HWo + p0;
+        const T* gyt = gy + off;
+        const T* yt = from_y ? y + off : nullptr;
         const int64_t gy_rs = cl ? Co : HWo;
-        if (g.act2 != ACT_NONE) {
+        if (g.act2 != ACT_NONE && !from_y) {
           if (cl) {
             Out<T> o{GZ, ldo, false, bias.p, pwb ? 2 : 0, ACT_NONE};
             gemm(np, Co, Cm, M, ldm, (int64_t)1, bp.p, Cm * nr, nr, o, false);
@@ -694,7 +700,8 @@ int backward_impl(const Geometry& g, const T* gy, const T* x, const T* dww, cons
         for (int64_t r = 0; r < rows_z; ++r)
           for (int64_t c = 0; c < cols_z; ++c) {
             T gv = gyt[r * gy_rs + c];
-            GZ[r * ldz + c] = g.act2 == ACT_NONE ? gv : gv * dact(g.act2, GZ[r * ldz + c]);
+            T z = from_y ? yt[r * gy_rs + c] : GZ[r * ldz + c];
+            GZ[r * ldz + c] = g.act2 == ACT_NONE ? gv : gv * dact(g.act2, z);
           }
         if (out.pw_bias)
           for (int64_t r = 0; r < rows_z; ++r)
@@ -757,9 +764,9 @@ int forward(const Geometry& g, const T* x, const T* dww, const T* pww, const T* 
 }
 
 template <class T>
-int backward(const Geometry& g, const T* gy, const T* x, const T* dww, const T* pww,
+int backward(const Geometry& g, const T* gy, const T* y, const T* x, const T* dww, const T* pww,
              const T* dwb, const T* pwb, const Grads<T>& out) {
-  return backward_impl(g, gy, x, dww, pww, dwb, pwb, out);
+  return backward_impl(g, gy, y, x, dww, pww, dwb, pwb, out);
 }
 
 template int forward<float>(const Geometry&, const float*, const float*, const float*,
@@ -767,9 +774,11 @@ template int forward<float>(const Geometry&, const float*, const float*, const f
 template int forward<double>(const Geometry&, const double*, const double*, const double*,
                              const double*, const double*, double*);
 template int backward<float>(const Geometry&, const float*, const float*, const float*,
-                             const float*, const float*, const float*, const Grads<float>&);
+                             const float*, const float*, const float*, const float*,
+                             const Grads<float>&);
 template int backward<double>(const Geometry&, const double*, const double*, const double*,
-                              const double*, const double*, const double*, const Grads<double>&);
+                              const double*, const double*, const double*, const double*,
+                              const Grads<double>&);
 
 // FMA throughput probe: independent chains of vector FMAs, enough of them to hide
 // the FMA latency. Returns GFLOP/s over all threads (2 flops per lane per FMA).

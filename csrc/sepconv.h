@@ -50,8 +50,8 @@ constexpr int OUT_OF_MEMORY = 1;
   int forward(const Geometry& g, const T* x, const T* dww, const T* pww, const T* dwb,     \
               const T* pwb, T* y);                                                         \
   template <class T>                                                                       \
-  int backward(const Geometry& g, const T* gy, const T* x, const T* dww, const T* pww,     \
-               const T* dwb, const T* pwb, const Grads<T>& out);                           \
+  int backward(const Geometry& g, const T* gy, const T* y, const T* x, const T* dww,       \
+               const T* pww, const T* dwb, const T* pwb, const Grads<T>& out);             \
   double fma_probe(int threads, int64_t iters);                                            \
   }
 

@@ -74,9 +74,15 @@ def forward(x, dw_weight, pw_weight, dw_bias, pw_bias, stride, padding, dilation
 
 
 def backward(grad_y, x, dw_weight, pw_weight, dw_bias, pw_bias, stride, padding, dilation,
-             mid_activation, activation, output_mask) -> tuple[Tensor | None, ...]:
+             mid_activation, activation, output_mask, y=None) -> tuple[Tensor | None, ...]:
+    """y: the forward's output, or None; the kernel reads relu' / relu6' from it."""
     fmt = memory_format(x)
     x, grad_y = x.contiguous(memory_format=fmt), grad_y.contiguous(memory_format=fmt)
+    if y is not None:  # read with grad_y's offsets
+        if y.shape != grad_y.shape or y.dtype != x.dtype or y.device != x.device:
+            raise ValueError(f"y must be like grad_y ({tuple(grad_y.shape)}, {x.dtype}, "
+                             f"{x.device}), got {tuple(y.shape)}, {y.dtype}, {y.device}")
+        y = y.contiguous(memory_format=fmt)
     dw_weight, pw_weight, dw_bias, pw_bias = _dense(dw_weight, pw_weight, dw_bias, pw_bias)
     geom = _geometry(x, dw_weight, pw_weight, stride, padding, dilation, fmt,
                      mid_activation, activation)
@@ -86,7 +92,7 @@ def backward(grad_y, x, dw_weight, pw_weight, dw_bias, pw_bias, stride, padding,
     gpw = torch.empty_like(pw_weight) if want_pw else None
     gdwb = torch.empty_like(dw_bias) if want_dwb and dw_bias is not None else None
     gpwb = torch.empty_like(pw_bias) if want_pwb and pw_bias is not None else None
-    _C.backward(geom, DTYPES[x.dtype], _ptr(grad_y), _ptr(x), _ptr(dw_weight), _ptr(pw_weight),
-                _ptr(dw_bias), _ptr(pw_bias), _ptr(gx), _ptr(gdw), _ptr(gpw), _ptr(gdwb),
-                _ptr(gpwb))
+    _C.backward(geom, DTYPES[x.dtype], _ptr(grad_y), _ptr(y), _ptr(x), _ptr(dw_weight),
+                _ptr(pw_weight), _ptr(dw_bias), _ptr(pw_bias), _ptr(gx), _ptr(gdw), _ptr(gpw),
+                _ptr(gdwb), _ptr(gpwb))
     return gx, gdw, gpw, gdwb, gpwb

@@ -78,12 +78,15 @@ def separable_conv2d_backward(
     grad_y: Tensor, x: Tensor, dw_weight: Tensor, pw_weight: Tensor, dw_bias: Tensor | None,
     pw_bias: Tensor | None, stride: list[int], padding: list[int], dilation: list[int],
     mid_activation: str, activation: str, backend: str, output_mask: list[bool],
+    y: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Gradients of (x, dw_weight, pw_weight, dw_bias, pw_bias); an empty tensor where
-    ``output_mask`` is False or the bias is None."""
-    grads = _impl(x, backend).backward(grad_y, x, dw_weight, pw_weight, dw_bias, pw_bias,
-                                       stride, padding, dilation, mid_activation, activation,
-                                       output_mask)
+    ``output_mask`` is False or the bias is None. ``y``, the forward's output, is given
+    where the native kernels read the activation's derivative from it."""
+    impl = _impl(x, backend)
+    args = (grad_y, x, dw_weight, pw_weight, dw_bias, pw_bias, stride, padding, dilation,
+            mid_activation, activation, output_mask)
+    grads = impl.backward(*args, y=y) if impl is _native else impl.backward(*args)
     return _pack_grads(x, grads, output_mask)
 
 
@@ -108,7 +111,7 @@ def _pack_grads(x, grads, output_mask):
 
 @separable_conv2d_backward.register_fake
 def _(grad_y, x, dw_weight, pw_weight, dw_bias, pw_bias, stride, padding, dilation,
-      mid_activation, activation, backend, output_mask):
+      mid_activation, activation, backend, output_mask, y=None):
     shapes = _grad_shapes(x, dw_weight, pw_weight, dw_bias, pw_bias, output_mask)
     return tuple(_out_like(x, s) if i == 0 and len(s) == 4 else x.new_empty(s)
                  for i, s in enumerate(shapes))
@@ -116,16 +119,20 @@ def _(grad_y, x, dw_weight, pw_weight, dw_bias, pw_bias, stride, padding, dilati
 
 def _setup_context(ctx, inputs, output):
     x, dw_weight, pw_weight, dw_bias, pw_bias, *config = inputs
-    ctx.save_for_backward(x, dw_weight, pw_weight, dw_bias, pw_bias)
+    # relu' and relu6' can be read from y: the native backward then skips recomputing
+    # the pointwise GEMM (1 of its 3). y is what the next layer saves as its input anyway.
+    activation, backend = config[4], config[5]
+    keep_y = activation in ("relu", "relu6") and _impl(x, backend) is _native
+    ctx.save_for_backward(x, dw_weight, pw_weight, dw_bias, pw_bias, output if keep_y else None)
     ctx.config = config  # stride, padding, dilation, mid_activation, activation, backend
 
 
 def _backward(ctx, grad_y):
-    x, dw_weight, pw_weight, dw_bias, pw_bias = ctx.saved_tensors
+    x, dw_weight, pw_weight, dw_bias, pw_bias, y = ctx.saved_tensors
     biases = (True, True, True, dw_bias is not None, pw_bias is not None)
     mask = [bool(need and has) for need, has in zip(ctx.needs_input_grad[:5], biases)]
     grads = separable_conv2d_backward(grad_y, x, dw_weight, pw_weight, dw_bias, pw_bias,
-                                      *ctx.config, mask)
+                                      *ctx.config, mask, y)
     return tuple(g if want else None for g, want in zip(grads, mask)) + (None,) * 6
 
 

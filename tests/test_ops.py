@@ -40,6 +40,42 @@ def test_opcheck_backward(channels_last, mask):
                                 b.detach(), *conf, mask))
 
 
+def test_opcheck_backward_with_output():
+    x, dw, pw, bd, b, stride, pad, dil, act, _, backend = _args(True, True)
+    y = OP(x, dw, pw, bd, b, stride, pad, dil, act, "relu6", backend).detach()
+    gy = torch.randn_like(y)
+    torch.library.opcheck(BWD, (gy, x.detach(), dw.detach(), pw.detach(), bd.detach(),
+                                b.detach(), stride, pad, dil, act, "relu6", backend, [True] * 5,
+                                y))
+
+
+@pytest.mark.parametrize("activation,reads_y", [("relu", True), ("relu6", True),
+                                                ("silu", False), (None, False)])
+def test_native_backward_reads_relu_derivatives_from_the_output(monkeypatch, activation,
+                                                                reads_y):
+    """relu' and relu6' come from the saved output instead of a recomputed pointwise GEMM;
+    the gradients are the same either way (test_functional compares them with float64)."""
+    if not sepconv.backend_info()["cpu_native"]:
+        pytest.skip("extension not built")
+    from sepconv import _native
+    seen, real = [], _native.backward
+    monkeypatch.setattr(_native, "backward", lambda *a, y=None: seen.append(y) or real(*a, y=y))
+    x, dw, pw, b = (t.float().requires_grad_() for t in make_inputs(2, 3, 7, 6, 1, 4, 3)[:4])
+    y = sepconv.separable_conv2d(x, dw, pw, b, 1, 1, activation=activation)
+    with_y = torch.autograd.grad(y, [x, dw, pw, b], torch.ones_like(y))
+    assert (seen[0] is not None) == reads_y
+    monkeypatch.setattr(_native, "backward", lambda *a, y=None: real(*a))
+    without_y = torch.autograd.grad(sepconv.separable_conv2d(x, dw, pw, b, 1, 1,
+                                                             activation=activation),
+                                    [x, dw, pw, b], torch.ones_like(y))
+    for a, e in zip(with_y, without_y):
+        torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-5)
+    if reads_y:
+        with pytest.raises(ValueError, match="y must be like grad_y"):
+            real(torch.ones_like(y), x, dw, pw, None, b, [1, 1], [1, 1, 1, 1], [1, 1],
+                 "none", activation, [True] * 5, y=y[:, :2])
+
+
 @pytest.mark.parametrize("isa", ISAS or [None])
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_gradcheck(isa, channels_last):
