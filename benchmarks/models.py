@@ -34,12 +34,16 @@ def fold_conv_bn(model: nn.Module) -> nn.Module:
 
 
 def saved_bytes(fn) -> int:
-    """Bytes autograd keeps from fn() for the backward (activation memory)."""
-    total = 0
+    """Bytes autograd keeps from fn() for the backward (activation memory). A storage
+    saved twice (a layer's output is also the next layer's saved input) counts once."""
+    total, seen = 0, set()
 
     def pack(t):
         nonlocal total
-        total += t.numel() * t.element_size()
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in seen:
+            seen.add(storage.data_ptr())
+            total += storage.nbytes()
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
