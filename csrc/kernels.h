@@ -126,6 +126,22 @@ template <class T> void act_inplace(int a, T* p, int64_t n) {
   }
 }
 
+// out[i] = g[i] * act'(z[i]), one loop per activation as above; out may be g or z.
+template <class T> void grad_act(int a, const T* g, const T* z, T* out, int64_t n) {
+  auto each = [=](auto f) {
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i) out[i] = g[i] * f(z[i]);
+  };
+  switch (a) {
+    case ACT_RELU: return each([](T v) { return dact(ACT_RELU, v); });
+    case ACT_RELU6: return each([](T v) { return dact(ACT_RELU6, v); });
+    case ACT_SILU: return each([](T v) { return dact(ACT_SILU, v); });
+    case ACT_HARDSWISH: return each([](T v) { return dact(ACT_HARDSWISH, v); });
+    default:
+      for (int64_t i = 0; i < n; ++i) out[i] = g[i];
+  }
+}
+
 // ---------------------------------------------------------------- aligned buffer
 // Workspaces are not cleared (they are written before being read); pass zero =
 // true for accumulators and for buffers whose padding lanes reach the arithmetic.
@@ -698,14 +714,18 @@ int backward_impl(const Geometry& g, const T* gy, const T* y, const T* x, const 
           }
         }
         for (int64_t r = 0; r < rows_z; ++r)
-          for (int64_t c = 0; c < cols_z; ++c) {
-            T gv = gyt[r * gy_rs + c];
-            T z = from_y ? yt[r * gy_rs + c] : GZ[r * ldz + c];
-            GZ[r * ldz + c] = g.act2 == ACT_NONE ? gv : gv * dact(g.act2, z);
-          }
+          grad_act(g.act2, gyt + r * gy_rs, from_y ? yt + r * gy_rs : GZ + r * ldz,
+                   GZ + r * ldz, cols_z);
         if (out.pw_bias)
-          for (int64_t r = 0; r < rows_z; ++r)
-            for (int64_t c = 0; c < cols_z; ++c) a_pwb[cl ? c : r] += GZ[r * ldz + c];
+          for (int64_t r = 0; r < rows_z; ++r) {
+            const T* z = GZ + r * ldz;
+            if (cl) {
+#pragma omp simd
+              for (int64_t c = 0; c < cols_z; ++c) a_pwb[c] += z[c];
+            } else {
+              for (int64_t c = 0; c < cols_z; ++c) a_pwb[r] += z[c];
+            }
+          }
         if (out.pw_weight) {  // gW[co][c] += sum_p GZ[p][co] * M[p][c]
           if (cl) {
             Out<T> o{a_pw, Cm, true, nullptr, 0, ACT_NONE};
@@ -728,7 +748,7 @@ int backward_impl(const Geometry& g, const T* gy, const T* y, const T* x, const 
         }
         if (g.act1 != ACT_NONE)
           for (int64_t r = 0; r < rows_u; ++r)
-            for (int64_t c = 0; c < cols_u; ++c) G[r * ldu + c] *= dact(g.act1, U[r * ldu + c]);
+            grad_act(g.act1, G + r * ldu, U + r * ldu, G + r * ldu, cols_u);
         dw_backward(g, cols.p, xn, dww, wt.p, G, ldu, p0, p1, out.dw_weight ? a_dw : nullptr,
                     out.dw_bias ? a_dwb : nullptr, gxn);
       }
