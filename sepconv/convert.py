@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
+from .complexity import complexity
 from .modules import NORMS, SeparableConv2d, pointwise_problem
 
 __all__ = ["fuse", "FuseReport", "from_conv2d", "separate", "SeparateReport"]
@@ -335,7 +336,8 @@ def from_conv2d(conv: nn.Conv2d, depth_multiplier: int = 1) -> tuple[SeparableCo
 @dataclass
 class SeparateReport:
     """One row per replaced conv: name, relative weight error, parameters and FLOPs
-    (seed 000 convention; None without ``input_size``) before and after."""
+    (seed 000 convention; None without ``input_size``, or for a conv the forward does not
+    call) before and after."""
 
     rows: list[dict] = field(default_factory=list)
 
@@ -355,13 +357,15 @@ def separate(model: nn.Module, depth_multiplier: int = 1, inplace: bool = False,
     by ``from_conv2d(conv, depth_multiplier)``: a starting point for fine-tuning. Returns
     (the model, a SeparateReport); FLOPs are reported when ``input_size`` (with the batch)
     is given."""
-    from .complexity import complexity  # complexity knows the FLOP formulas
-
     if not inplace:
         model = copy.deepcopy(model)
     targets = [(name, m) for name, m in model.named_modules()
                if type(m) is nn.Conv2d and m.groups == 1 and m.kernel_size != (1, 1)]
-    before = complexity(model, input_size).by_name() if input_size else {}
+    def flops(model) -> dict[str, int]:
+        rows = complexity(model, input_size).by_name() if input_size else {}
+        return {name: row["flops"] for name, row in rows.items()}
+
+    before = flops(model)
     report = SeparateReport()
     for name, conv in targets:
         sep, error = from_conv2d(conv, depth_multiplier)
@@ -370,10 +374,8 @@ def separate(model: nn.Module, depth_multiplier: int = 1, inplace: bool = False,
         report.rows.append(dict(name=name, error=error,
                                 params_before=sum(p.numel() for p in conv.parameters()),
                                 params_after=sum(p.numel() for p in sep.parameters()),
-                                flops_before=before[name]["flops"] if before else None,
-                                flops_after=None))
-    if input_size:
-        after = complexity(model, input_size).by_name()
-        for row in report.rows:
-            row["flops_after"] = after[row["name"]]["flops"]
+                                flops_before=before.get(name)))
+    after = flops(model)
+    for row in report.rows:
+        row["flops_after"] = after.get(row["name"])
     return model, report

@@ -230,3 +230,18 @@ def test_separate_small_cnn():
     assert "error" in str(report)
     x = torch.randn(2, 3, 32, 32)
     assert new(x).shape == net(x).shape
+
+
+def test_separate_reports_no_flops_for_a_conv_the_forward_skips():
+    class Skips(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.used, self.unused = nn.Conv2d(3, 4, 3), nn.Conv2d(3, 4, 3)
+
+        def forward(self, x):
+            return self.used(x)
+
+    _, report = sepconv.separate(Skips(), input_size=(1, 3, 8, 8))
+    rows = {r["name"]: r for r in report.rows}
+    assert rows["used"]["flops_before"] == (2 * 27) * 36 * 4  # with bias
+    assert rows["unused"]["flops_before"] is None and rows["unused"]["flops_after"] is None
