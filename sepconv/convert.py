@@ -19,6 +19,7 @@ A chain whose intermediate result has any other user is left alone.
 from __future__ import annotations
 
 import copy
+from collections import Counter
 from dataclasses import dataclass, field
 
 import torch
@@ -217,10 +218,7 @@ def _fuse_graph(model: nn.Module, left: dict, report: FuseReport) -> nn.Module:
                                              f"fx-traceable ({type(exc).__name__}: {exc})"))
         return model
     modules = dict(gm.named_modules())
-    calls: dict[str, int] = {}
-    for node in gm.graph.nodes:
-        if node.op == "call_module":
-            calls[node.target] = calls.get(node.target, 0) + 1
+    calls = Counter(n.target for n in gm.graph.nodes if n.op == "call_module")
     plans = []
     for node in gm.graph.nodes:
         if node.op != "call_module" or id(modules[node.target]) not in left:
@@ -276,9 +274,7 @@ def fuse(model: nn.Module, inplace: bool = False) -> tuple[nn.Module, FuseReport
         raise TypeError(f"fuse() takes an nn.Module, got {type(model).__name__}")
     if not inplace:
         model = copy.deepcopy(model)
-    seen: dict[int, int] = {}
-    for m in model.modules(remove_duplicate=False):
-        seen[id(m)] = seen.get(id(m), 0) + 1
+    seen = Counter(id(m) for m in model.modules(remove_duplicate=False))
     shared = {k for k, n in seen.items() if n > 1}
     report = FuseReport()
     for name, m in model.named_modules():
