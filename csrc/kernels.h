@@ -387,7 +387,20 @@ void dw_forward_nhwc(const Geometry& g, const int64_t* cols, const T* xn, const 
           u[q * ldu + c] = act(act1, acc);
         }
     };
-    if (ow >= ca && ow + PX <= cb && p + PX <= p1) {  // PX pixels with the same rectangle
+    const bool block = ow >= ca && ow + PX <= cb && p + PX <= p1;  // PX pixels, same rectangle
+    const int64_t npx = block ? PX : 1;
+    // Prefetch the input rows that output row oh + 1 adds, under these pixels' columns
+    // (to the row's end at its last pixel). The depthwise stage otherwise waits on
+    // DRAM: in a network x arrives from cold cache, and the hardware prefetcher
+    // ramps up too slowly over tiles of a few rows.
+    const int64_t c_lo = ow * g.sw, c_hi = ow + npx == g.Wo ? g.W : imin((ow + npx) * g.sw, g.W);
+    for (int64_t ih = imax(oh * g.sh - g.pt + (g.kh - 1) * g.dh + 1, 0),
+                 ie = imin((oh + 1) * g.sh - g.pt + (g.kh - 1) * g.dh + 1, g.H);
+         ih < ie && c_lo < c_hi; ++ih) {
+      const char* r = (const char*)(xn + (ih * g.W + c_lo) * C);
+      for (int64_t b = 0; b < (c_hi - c_lo) * C * (int64_t)sizeof(T); b += 64) __builtin_prefetch(r + b, 0, 2);
+    }
+    if (block) {
       int64_t c = dw_block<T, PX, 2>(x, ps, xs_i, xs_j, w, ws_i, Cm, di, dj, dwb, act1, u, ldu, 0);
       c = dw_block<T, PX, 1>(x, ps, xs_i, xs_j, w, ws_i, Cm, di, dj, dwb, act1, u, ldu, c);
       scalar_tail(PX, c);
