@@ -27,6 +27,7 @@ from benchmarks.models import MODELS, run_model
 from benchmarks.shapes import SUITES
 
 DEFAULT_SUITES = ["mobilenet_v1", "mobilenet_v2", "xception", "convnext", "models"]
+DEFAULT_THREADS = torch.get_num_threads()  # read before main() changes it
 
 
 def _parse(argv):
@@ -45,7 +46,9 @@ def _parse(argv):
     p.add_argument("--mode", choices=["fwd", "fwdbwd"], default="fwd",
                    help="forward only, or forward + backward (every gradient)")
     p.add_argument("--format", choices=["nchw", "channels_last", "both"], default="both")
-    p.add_argument("--threads", type=int, default=torch.get_num_threads())
+    p.add_argument("--threads", type=int, default=DEFAULT_THREADS,
+                   help="threads of both sepconv and PyTorch (files get a _<n>threads suffix "
+                   "when not the default)")
     p.add_argument("--quick", action="store_true", help="shorter timing runs (noisier)")
     p.add_argument("--out", type=Path, help="results folder (default "
                    "benchmarks/results/<machine>); 'none' writes nothing")
@@ -103,6 +106,8 @@ def main(argv: list[str] | None = None) -> int:
         out = args.out or REPO / "benchmarks" / "results" / name
         out.mkdir(parents=True, exist_ok=True)
         stem = f"{args.mode}_b{args.batch}_{args.dtype}"
+        if args.threads != DEFAULT_THREADS:
+            stem += f"_{args.threads}threads"  # a scaling run keeps the default run's files
         plots = [p.name for p, draw in ((out / f"{stem}_speedup.png", report.plot_speedup),
                                         (out / f"{stem}_roofline.png", report.plot_roofline))
                  if draw(p, result)]

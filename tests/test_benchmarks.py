@@ -4,6 +4,8 @@ tested)."""
 import csv
 import json
 
+import torch
+
 from benchmarks.__main__ import main
 from benchmarks.machine import machine_name
 
@@ -40,6 +42,17 @@ def test_forward_backward_one_format(tmp_path):
     row = result["suites"]["tiny"][0]
     assert result["mode"] == "fwdbwd" and "sepconv_channels_last_s" in row
     assert "sepconv_nchw_s" not in row
+
+
+def test_thread_count_other_than_the_default_keeps_its_own_files(tmp_path):
+    import benchmarks.__main__ as cli
+    try:
+        assert main(["--suite", "tiny", "--quick", "--threads", "1", "--out", str(tmp_path)]) == 0
+    finally:
+        torch.set_num_threads(cli.DEFAULT_THREADS)
+    result = json.loads((tmp_path / "fwd_b1_float32_1threads.json").read_text())
+    assert result["machine"]["threads"] == 1
+    assert not (tmp_path / "fwd_b1_float32.json").exists()
 
 
 def test_machine_names_are_folder_names():
