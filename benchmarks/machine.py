@@ -44,7 +44,9 @@ def describe(device: str) -> dict:
          "python": sys.version.split()[0], "torch": torch.__version__,
          "onednn": onednn.group(1) if onednn else None, "sepconv": info["version"],
          "platform": platform.platform(), "git_revision": _run("git", "rev-parse", "HEAD"),
-         "git_dirty": bool(_run("git", "status", "--porcelain", "--untracked-files=no"))}
+         # results written by an earlier run do not make the code dirty
+         "git_dirty": bool(_run("git", "status", "--porcelain", "--untracked-files=no", "--",
+                                ".", ":!benchmarks/results"))}
     if device == "cuda":
         props = torch.cuda.get_device_properties(torch.cuda.current_device())
         d.update(gpu=props.name, gpu_sms=props.multi_processor_count,
