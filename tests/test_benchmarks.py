@@ -90,3 +90,18 @@ def test_wrong_result_is_refused_not_timed(tmp_path, monkeypatch):
     assert result["suites"] == {} and len(result["refused"]) == 2
     assert "disagrees" in result["refused"][0]["why"]
     assert "Refused" in (tmp_path / "fwd_b1_float32.md").read_text()
+
+
+def test_gradient_check_allows_a_few_activation_kink_flips_only():
+    import pytest
+
+    from benchmarks.layers import check_agree
+    pair = torch.randn(20_000, generator=torch.Generator().manual_seed(0))
+    flipped = pair.clone()
+    flipped[:2] += 1.0  # 2 in 20,000 elements: a relu' flip or two
+    check_agree([flipped], [pair], "kinks", kinks=True)
+    with pytest.raises(AssertionError, match="disagrees"):
+        check_agree([flipped], [pair], "output")  # forward outputs get no allowance
+    flipped[:3] += 1.0  # 3 > 1 in 10^4
+    with pytest.raises(AssertionError, match="disagrees"):
+        check_agree([flipped], [pair], "kinks", kinks=True)
