@@ -675,10 +675,16 @@ int backward_impl(const Geometry& g, const T* gy, const T* y, const T* x, const 
   const int64_t P = R * g.Wo, nb = ceil_div(g.Ho, R);
   const int64_t ldm = round_up(Cm, nr), ldo = round_up(Co, nr), ldp = round_up(P, nr);
 
-  // Per-thread tile buffers: U, act1(U), dL/dz (GZ), dL/dU (G), and U^T (NCHW only).
+  // The weight gradient sums GZ^T . M over all pixels. Per tile its K is one band
+  // (49 pixels at 7x7), so each call streamed the Co x Cm accumulator from L3 for
+  // little work; NHWC keeps the M and GZ of KS consecutive tiles of a thread side by
+  // side and runs that GEMM once per KS tiles, with K of about 256 pixels.
+  const int64_t KS = cl ? imax(1, 256 / P) : 1;
+  // Per-thread tile buffers: U, dL/dU (G), KS x act1(U) (M), KS x dL/dz (GZ), and
+  // U^T (NCHW only).
   const int64_t sU = cl ? P * ldm : Cm * ldp, sGZ = cl ? P * ldo : Co * ldp;
   const int64_t sMT = cl ? 0 : P * ldm;
-  const int64_t per_thread = 3 * sU + sGZ + sMT;
+  const int64_t per_thread = (2 + KS) * sU + KS * sGZ + sMT;
   // Per-thread gradient accumulators, reduced in thread order at the end.
   const int64_t sacc = Co * Cm + kk * Cm + Cm + Co;
   Buf<T> ws(T_ * per_thread), acc(T_ * sacc, true), wt(cl ? kk * Cm : 0), bp(cl ? ldo * Cm : 0),
@@ -700,11 +706,19 @@ int backward_impl(const Geometry& g, const T* gy, const T* y, const T* x, const 
   {
     const int tid = omp_get_thread_num();
     T* U = ws.p + tid * per_thread;
-    T* M = U + sU;  // act1(U)
-    T* G = M + sU;
-    T* GZ = G + sU;
-    T* MT = GZ + sGZ;
+    T* G = U + sU;
+    T* Ms = G + sU;
+    T* GZs = Ms + KS * sU;
+    T* MT = GZs + KS * sGZ;
     T* a_pw = acc.p + tid * sacc;
+    int64_t stacked = 0;  // pixels (NHWC) in Ms / GZs whose weight gradient is pending
+    auto flush_pw = [&] {  // gW[co][c] += sum_p GZ[p][co] * M[p][c] over the stack
+      if (out.pw_weight && stacked) {
+        Out<T> o{a_pw, Cm, true, nullptr, 0, ACT_NONE};
+        gemm(Co, Cm, stacked, GZs, (int64_t)1, ldo, Ms, nr, ldm, o, false);
+      }
+      stacked = 0;
+    };
     T* a_dw = a_pw + Co * Cm;
     T* a_dwb = a_dw + kk * Cm;
     T* a_pwb = a_dwb + Cm;
@@ -714,6 +728,9 @@ int backward_impl(const Geometry& g, const T* gy, const T* y, const T* x, const 
       for (int64_t t = 0; t < g.N * per_n; ++t) {
         const int64_t n = t / per_n, band = 2 * (t % per_n) + phase;
         const int64_t p0 = band * P, p1 = imin(p0 + P, HWo), np = p1 - p0;
+        if (cl && stacked + P > KS * P) flush_pw();
+        T* M = Ms + (cl ? stacked * ldm : 0);  // act1(U)
+        T* GZ = GZs + (cl ? stacked * ldo : 0);
         const T* xn = x + n * g.C * g.H * g.W;
         T* gxn = out.x ? out.x + n * g.C * g.H * g.W : nullptr;
         dw_forward(g, cols.p, xn, dww, wt.p, dwb, ACT_NONE, p0, p1, U, cl ? ldm : ldp);
@@ -753,16 +770,13 @@ int backward_impl(const Geometry& g, const T* gy, const T* y, const T* x, const 
               for (int64_t c = 0; c < cols_z; ++c) a_pwb[r] += z[c];
             }
           }
-        if (out.pw_weight) {  // gW[co][c] += sum_p GZ[p][co] * M[p][c]
-          if (cl) {
-            Out<T> o{a_pw, Cm, true, nullptr, 0, ACT_NONE};
-            gemm(Co, Cm, np, GZ, (int64_t)1, ldo, M, nr, ldm, o, false);
-          } else {
-            for (int64_t c = 0; c < Cm; ++c)
-              for (int64_t r = 0; r < np; ++r) MT[r * ldm + c] = M[c * ldp + r];
-            Out<T> o{a_pw, Cm, true, nullptr, 0, ACT_NONE};
-            gemm(Co, Cm, np, GZ, ldp, (int64_t)1, MT, nr, ldm, o, true);
-          }
+        if (cl) {
+          stacked += np;  // its weight gradient waits for flush_pw
+        } else if (out.pw_weight) {  // gW[co][c] += sum_p GZ[co][p] * M^T[p][c]
+          for (int64_t c = 0; c < Cm; ++c)
+            for (int64_t r = 0; r < np; ++r) MT[r * ldm + c] = M[c * ldp + r];
+          Out<T> o{a_pw, Cm, true, nullptr, 0, ACT_NONE};
+          gemm(Co, Cm, np, GZ, ldp, (int64_t)1, MT, nr, ldm, o, true);
         }
         if (!need_g) continue;
         // G = dL/dU = (W^T . GZ) * act1'(U)
@@ -780,6 +794,7 @@ int backward_impl(const Geometry& g, const T* gy, const T* y, const T* x, const 
                     out.dw_bias ? a_dwb : nullptr, gxn);
       }
     }
+    flush_pw();
   }
   // Deterministic reduction of the per-thread accumulators, in thread order.
   for (int64_t t = 0; t < T_; ++t) {

@@ -43,6 +43,9 @@ CASES = {
     "wide": (2, 37, 9, 7, 1, 45, 3, 1, 1, 1),
     "wide_m2": (1, 20, 6, 11, 2, 33, 3, 2, 1, 1),
     "wide_stride2": (1, 40, 13, 17, 1, 36, 3, 2, 1, 1),
+    # 17 bands of 2 rows (the last of 1) per image: the NHWC backward stacks 3 bands
+    # per weight-gradient GEMM, so stacks fill, flush mid-loop and end part-full
+    "many_bands": (2, 5, 33, 33, 1, 7, 3, 1, 1, 1),
     "Cm256": (1, 256, 5, 6, 1, 64, 3, 1, 1, 1),  # a 1 KiB row: padded tile stride
     # spatial sizes spanning several tiles and backward bands
     "tall": (1, 3, 70, 5, 1, 4, 3, 1, 1, 1),
