@@ -43,19 +43,23 @@ def check_agree(ours, pair, what: str, kinks: bool = False) -> None:
     """Refuse to time a wrong result: each of ours must match the pair's within the
     dtype's tolerance (absolute part scaled by the largest value: gradients are sums).
 
-    kinks: gradients through relu / relu6, where a pre-activation within rounding of
-    the kink (|z| ~ 1e-7 in float32) gets derivative 0 in one implementation and 1 in
-    the other: one such flip moves about a thousand grad_x elements. At batch 32
-    MobileNetV1 layers have a few, so up to 1 element in 10^4 may differ; a real
-    indexing error (a row, a border, a channel) moves far more.
+    kinks: gradients through relu / relu6. A pre-activation within rounding of the kink
+    (|z| ~ 1e-7 in float32, where both implementations err by ~1e-6) gets derivative 0
+    in one and 1 in the other, which moves kh*kw*C grad_x elements and the weight
+    gradients that sum over them: a batch-32 MobileNetV1 layer has about one. Those
+    tensors are compared by relative L2 error (at most 1%, or the dtype's tolerance
+    if larger) instead of element by element; one flip costs 0.03-0.4% there, while a
+    wrong band, border row or channel costs several percent.
     """
     for i, (a, b) in enumerate(zip(ours, pair, strict=True)):
         tol = TOLERANCE[b.dtype]
-        scale = max(1.0, b.abs().max().item()) if b.numel() else 1.0
         if kinks:
-            off = (~torch.isclose(a, b, rtol=tol, atol=tol * scale)).sum().item()
-            if off <= b.numel() // 10_000:
-                continue
+            err = ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
+            if err > max(1e-2, tol):
+                raise AssertionError(f"sepconv disagrees with the pair on {what} (tensor {i}): "
+                                     f"relative L2 error {err:.2e} > {max(1e-2, tol):.0e}")
+            continue
+        scale = max(1.0, b.abs().max().item()) if b.numel() else 1.0
         torch.testing.assert_close(a, b, rtol=tol, atol=tol * scale,
                                    msg=lambda m: f"sepconv disagrees with the pair on {what} "
                                    f"(tensor {i}): {m}")
