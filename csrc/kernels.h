@@ -398,7 +398,8 @@ void dw_forward_nhwc(const Geometry& g, const int64_t* cols, const T* xn, const 
                  ie = imin((oh + 1) * g.sh - g.pt + (g.kh - 1) * g.dh + 1, g.H);
          ih < ie && c_lo < c_hi; ++ih) {
       const char* r = (const char*)(xn + (ih * g.W + c_lo) * C);
-      for (int64_t b = 0; b < (c_hi - c_lo) * C * (int64_t)sizeof(T); b += 64) __builtin_prefetch(r + b, 0, 2);
+      const int64_t bytes = (c_hi - c_lo) * C * (int64_t)sizeof(T);
+      for (int64_t b = 0; b < bytes; b += 64) __builtin_prefetch(r + b, 0, 2);  // T1: into L2
     }
     if (block) {
       int64_t c = dw_block<T, PX, 2>(x, ps, xs_i, xs_j, w, ws_i, Cm, di, dj, dwb, act1, u, ldu, 0);

@@ -4,9 +4,11 @@ tested)."""
 import csv
 import json
 
+import pytest
 import torch
 
 from benchmarks.__main__ import main
+from benchmarks.layers import check_agree
 from benchmarks.machine import machine_name
 
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -93,9 +95,6 @@ def test_wrong_result_is_refused_not_timed(tmp_path, monkeypatch):
 
 
 def test_gradient_check_tolerates_an_activation_kink_flip_not_a_wrong_row():
-    import pytest
-
-    from benchmarks.layers import check_agree
     pair = torch.randn(32, 16, 28, 28, generator=torch.Generator().manual_seed(0))
     flip = pair.clone()
     flip[3, :, 5:8, 5:8] += 0.3  # one relu' flip: a 3x3 x C patch of grad_x moves
