@@ -729,9 +729,9 @@ int backward_impl(const Geometry& g, const T* gy, const T* y, const T* x, const 
       for (int64_t t = 0; t < g.N * per_n; ++t) {
         const int64_t n = t / per_n, band = 2 * (t % per_n) + phase;
         const int64_t p0 = band * P, p1 = imin(p0 + P, HWo), np = p1 - p0;
-        if (cl && stacked + P > KS * P) flush_pw();
-        T* M = Ms + (cl ? stacked * ldm : 0);  // act1(U)
-        T* GZ = GZs + (cl ? stacked * ldo : 0);
+        if (stacked + P > KS * P) flush_pw();  // NCHW: KS = 1 and stacked stays 0
+        T* M = Ms + stacked * ldm;  // act1(U)
+        T* GZ = GZs + stacked * ldo;
         const T* xn = x + n * g.C * g.H * g.W;
         T* gxn = out.x ? out.x + n * g.C * g.H * g.W : nullptr;
         dw_forward(g, cols.p, xn, dww, wt.p, dwb, ACT_NONE, p0, p1, U, cl ? ldm : ldp);
