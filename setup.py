@@ -9,6 +9,7 @@ Environment switches:
                      LD_PRELOAD="$(gcc -print-file-name=libasan.so)")
 """
 
+import glob
 import os
 import platform
 
@@ -55,7 +56,7 @@ setup(
             "sepconv._C",
             sources,
             include_dirs=["csrc"],
-            depends=["csrc/sepconv.h", "csrc/kernels.h"],
+            depends=["csrc/sepconv.h", "csrc/kernels.h", *sorted(glob.glob("csrc/kernels/*.h"))],
             cxx_std=17,
             extra_compile_args=opt + native + sanitize + ["-fopenmp", "-ffp-contract=fast"],
             extra_link_args=["-fopenmp"] + sanitize,

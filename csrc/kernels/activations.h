@@ -1,0 +1,82 @@
+// Activations and their derivatives, scalar and vector.
+// A fragment of kernels.h, included inside namespace sepconv::<isa>::{anonymous}
+// (after the files listed before it there); it includes nothing itself.
+
+// Same formulas and the same NaN behaviour as torch's relu / relu6 (hardtanh) /
+// silu / hardswish and their backward kernels.
+template <class T> inline T act(int a, T v) {
+  switch (a) {
+    case ACT_RELU: return v < T(0) ? T(0) : v;
+    case ACT_RELU6: return v < T(0) ? T(0) : (v > T(6) ? T(6) : v);
+    case ACT_SILU: return v / (T(1) + ex(-v));
+    case ACT_HARDSWISH: {
+      T t = v + T(3);
+      t = t < T(0) ? T(0) : (t > T(6) ? T(6) : t);
+      return v * t / T(6);
+    }
+    default: return v;
+  }
+}
+
+// d act(z) / dz, written so that NaN passes the gradient through as torch does.
+template <class T> inline T dact(int a, T z) {
+  switch (a) {
+    case ACT_RELU: return z <= T(0) ? T(0) : T(1);
+    case ACT_RELU6: return (z <= T(0) || z >= T(6)) ? T(0) : T(1);
+    case ACT_SILU: {
+      T s = T(1) / (T(1) + ex(-z));
+      return s * (T(1) + z * (T(1) - s));
+    }
+    case ACT_HARDSWISH: return z < T(-3) ? T(0) : (z <= T(3) ? z / T(3) + T(0.5) : T(1));
+    default: return T(1);
+  }
+}
+
+template <class T> inline V<T> act_vec(int a, V<T> v) {
+  const V<T> zero = {}, six = zero + T(6);
+  switch (a) {
+    case ACT_NONE: return v;
+    case ACT_RELU: return v < zero ? zero : v;
+    case ACT_RELU6: v = v < zero ? zero : v; return v > six ? six : v;
+    case ACT_HARDSWISH: {
+      V<T> t = v + T(3);
+      t = t < zero ? zero : t;
+      t = t > six ? six : t;
+      return v * t / six;
+    }
+    default:
+      for (int l = 0; l < lanes<T>(); ++l) v[l] = act(a, v[l]);
+      return v;
+  }
+}
+
+// One loop per activation, so that each compiles to vector code.
+template <class T> void act_inplace(int a, T* p, int64_t n) {
+  auto each = [p, n](auto f) {
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i) p[i] = f(p[i]);
+  };
+  switch (a) {
+    case ACT_RELU: return each([](T v) { return act(ACT_RELU, v); });
+    case ACT_RELU6: return each([](T v) { return act(ACT_RELU6, v); });
+    case ACT_SILU: return each([](T v) { return act(ACT_SILU, v); });
+    case ACT_HARDSWISH: return each([](T v) { return act(ACT_HARDSWISH, v); });
+    default: return;
+  }
+}
+
+// out[i] = g[i] * act'(z[i]), one loop per activation as above; out may be g or z.
+template <class T> void grad_act(int a, const T* g, const T* z, T* out, int64_t n) {
+  auto each = [=](auto f) {
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i) out[i] = g[i] * f(z[i]);
+  };
+  switch (a) {
+    case ACT_RELU: return each([](T v) { return dact(ACT_RELU, v); });
+    case ACT_RELU6: return each([](T v) { return dact(ACT_RELU6, v); });
+    case ACT_SILU: return each([](T v) { return dact(ACT_SILU, v); });
+    case ACT_HARDSWISH: return each([](T v) { return dact(ACT_HARDSWISH, v); });
+    default:
+      for (int64_t i = 0; i < n; ++i) out[i] = g[i];
+  }
+}

@@ -1,0 +1,256 @@
+// The depthwise stage, forward and backward, and the walkers over its taps.
+// A fragment of kernels.h, included inside namespace sepconv::<isa>::{anonymous}
+// (after the files listed before it there); it includes nothing itself.
+
+// Output range [lo, hi) of ow whose input column ow*s + off lies in [0, W).
+inline void valid_range(int64_t W, int64_t s, int64_t off, int64_t* lo, int64_t* hi) {
+  *lo = off >= 0 ? 0 : ceil_div(-off, s);
+  *hi = W - 1 - off >= 0 ? floor_div(W - 1 - off, s) + 1 : 0;
+}
+
+// cols[2j], cols[2j+1]: the valid ow range of tap column j (computed once per call:
+// the divisions are too slow for the inner loops).
+inline void column_ranges(const Geometry& g, int64_t* cols) {
+  for (int64_t j = 0; j < g.kw; ++j) valid_range(g.W, g.sw, j * g.dw - g.pl, cols + 2 * j, cols + 2 * j + 1);
+}
+
+// For a tile of flattened output pixels [p0, p1) walk every (output row segment,
+// tap) pair that reads inside the input: f(d, i, j, ih, lo, hi, off) where the
+// tile-local index of output column ow is d + ow and the input column is ow*sw + off.
+template <class F>
+void walk_rows(const Geometry& g, const int64_t* cols, int64_t p0, int64_t p1, F&& f) {
+  for (int64_t oh = p0 / g.Wo; oh * g.Wo < p1; ++oh) {
+    int64_t owa = imax(p0 - oh * g.Wo, 0), owb = imin(p1 - oh * g.Wo, g.Wo);
+    int64_t d = oh * g.Wo - p0;
+    for (int64_t i = 0; i < g.kh; ++i) {
+      int64_t ih = oh * g.sh - g.pt + i * g.dh;
+      if (ih < 0 || ih >= g.H) continue;
+      for (int64_t j = 0; j < g.kw; ++j) {
+        int64_t lo = imax(cols[2 * j], owa), hi = imin(cols[2 * j + 1], owb);
+        if (lo < hi) f(d, i, j, ih, lo, hi, j * g.dw - g.pl);
+      }
+    }
+  }
+}
+
+// For each output pixel of [p0, p1) and each tap inside the input:
+// f(r, tap, input_pixel) with r the tile-local pixel and input_pixel = ih*W + iw.
+template <class F> void walk_pixels(const Geometry& g, int64_t p0, int64_t p1, F&& f) {
+  for (int64_t p = p0; p < p1; ++p) {
+    int64_t oh = p / g.Wo, ow = p % g.Wo;
+    for (int64_t i = 0; i < g.kh; ++i) {
+      int64_t ih = oh * g.sh - g.pt + i * g.dh;
+      if (ih < 0 || ih >= g.H) continue;
+      for (int64_t j = 0; j < g.kw; ++j) {
+        int64_t iw = ow * g.sw - g.pl + j * g.dw;
+        if (iw < 0 || iw >= g.W) continue;
+        f(p - p0, i * g.kw + j, ih * g.W + iw);
+      }
+    }
+  }
+}
+
+// ---------------------------------------------------------------- depthwise stage
+// NHWC, depth multiplier 1. The taps of output pixel (oh, ow) that read inside the
+// input form a rectangle [i0, i1) x [j0, j1). PX pixels of one row (ps apart in x,
+// ldu apart in U) times B vectors of channels accumulate in registers over it (at
+// least 4 independent FMA chains where the channels allow), and act1 is applied
+// before the one store.
+template <class T, int PX, int B>
+inline int64_t dw_block(const T* x, int64_t ps, int64_t xs_i, int64_t xs_j, const T* w,
+                        int64_t ws_i, int64_t Cm, int64_t di, int64_t dj, const T* dwb, int act1,
+                        T* u, int64_t ldu, int64_t c) {
+  constexpr int L = lanes<T>();
+  for (; c + B * L <= Cm; c += B * L) {
+    V<T> acc[PX][B];
+    for (int b = 0; b < B; ++b) acc[0][b] = dwb ? loadu(dwb + c + b * L) : V<T>{};
+    for (int q = 1; q < PX; ++q)
+      for (int b = 0; b < B; ++b) acc[q][b] = acc[0][b];
+    for (int64_t i = 0; i < di; ++i)
+      for (int64_t j = 0; j < dj; ++j) {
+        const T* xp = x + i * xs_i + j * xs_j + c;
+        const T* wp = w + i * ws_i + j * Cm + c;
+        for (int b = 0; b < B; ++b) {
+          const V<T> wv = loadu(wp + b * L);
+          for (int q = 0; q < PX; ++q) acc[q][b] += loadu(xp + q * ps + b * L) * wv;
+        }
+      }
+    for (int q = 0; q < PX; ++q)
+      for (int b = 0; b < B; ++b) storeu(u + q * ldu + c + b * L, act_vec<T>(act1, acc[q][b]));
+  }
+  return c;
+}
+
+template <class T>
+void dw_forward_nhwc(const Geometry& g, const int64_t* cols, const T* xn, const T* wt,
+                     const T* dwb, int act1, int64_t p0, int64_t p1, T* U, int64_t ldu) {
+  constexpr int PX = 4;
+  const int64_t Cm = g.Cm, C = g.C, ps = g.sw * C, xs_i = g.dh * g.W * C, xs_j = g.dw * C,
+                ws_i = g.kw * Cm;
+  // Output columns [ca, cb) see every tap column.
+  int64_t ca = 0, cb = g.Wo;
+  for (int64_t j = 0; j < g.kw; ++j) ca = imax(ca, cols[2 * j]), cb = imin(cb, cols[2 * j + 1]);
+  for (int64_t p = p0; p < p1;) {
+    const int64_t oh = p / g.Wo, ow = p % g.Wo;
+    int64_t i0 = 0, i1 = g.kh, j0 = 0, j1 = g.kw;
+    auto row_ok = [&](int64_t i) { int64_t ih = oh * g.sh - g.pt + i * g.dh; return ih >= 0 && ih < g.H; };
+    auto col_ok = [&](int64_t j) { return ow >= cols[2 * j] && ow < cols[2 * j + 1]; };
+    while (i0 < i1 && !row_ok(i0)) ++i0;
+    while (i1 > i0 && !row_ok(i1 - 1)) --i1;
+    while (j0 < j1 && !col_ok(j0)) ++j0;
+    while (j1 > j0 && !col_ok(j1 - 1)) --j1;
+    if (j0 >= j1) i1 = i0;  // no tap reads inside the input: bias only
+    const int64_t di = i1 - i0, dj = j1 - j0;
+    const T* x = xn + ((oh * g.sh - g.pt + i0 * g.dh) * g.W + ow * g.sw - g.pl + j0 * g.dw) * C;
+    const T* w = wt + (i0 * g.kw + j0) * Cm;
+    T* u = U + (p - p0) * ldu;
+    // The channels left over after the vector blocks, one at a time.
+    auto scalar_tail = [&](int64_t npx, int64_t c0) {
+      for (int64_t q = 0; q < npx; ++q)
+        for (int64_t c = c0; c < Cm; ++c) {
+          T acc = dwb ? dwb[c] : T(0);
+          for (int64_t i = 0; i < di; ++i)
+            for (int64_t j = 0; j < dj; ++j)
+              acc += x[q * ps + i * xs_i + j * xs_j + c] * w[i * ws_i + j * Cm + c];
+          u[q * ldu + c] = act(act1, acc);
+        }
+    };
+    const bool block = ow >= ca && ow + PX <= cb && p + PX <= p1;  // PX pixels, same rectangle
+    const int64_t npx = block ? PX : 1;
+    // Prefetch the input rows that output row oh + 1 adds, under these pixels' columns
+    // (to the row's end at its last pixel). The depthwise stage otherwise waits on
+    // DRAM: in a network x arrives from cold cache, and the hardware prefetcher
+    // ramps up too slowly over tiles of a few rows.
+    const int64_t c_lo = ow * g.sw, c_hi = ow + npx == g.Wo ? g.W : imin((ow + npx) * g.sw, g.W);
+    for (int64_t ih = imax(oh * g.sh - g.pt + (g.kh - 1) * g.dh + 1, 0),
+                 ie = imin((oh + 1) * g.sh - g.pt + (g.kh - 1) * g.dh + 1, g.H);
+         ih < ie && c_lo < c_hi; ++ih) {
+      const char* r = (const char*)(xn + (ih * g.W + c_lo) * C);
+      const int64_t bytes = (c_hi - c_lo) * C * (int64_t)sizeof(T);
+      for (int64_t b = 0; b < bytes; b += 64) __builtin_prefetch(r + b, 0, 2);  // T1: into L2
+    }
+    if (block) {
+      int64_t c = dw_block<T, PX, 2>(x, ps, xs_i, xs_j, w, ws_i, Cm, di, dj, dwb, act1, u, ldu, 0);
+      c = dw_block<T, PX, 1>(x, ps, xs_i, xs_j, w, ws_i, Cm, di, dj, dwb, act1, u, ldu, c);
+      scalar_tail(PX, c);
+      p += PX;
+    } else {
+      int64_t c = dw_block<T, 1, 4>(x, ps, xs_i, xs_j, w, ws_i, Cm, di, dj, dwb, act1, u, ldu, 0);
+      c = dw_block<T, 1, 1>(x, ps, xs_i, xs_j, w, ws_i, Cm, di, dj, dwb, act1, u, ldu, c);
+      scalar_tail(1, c);
+      ++p;
+    }
+  }
+}
+
+// act1(depthwise output) of pixels [p0, p1) of image xn into U, applied while the
+// tile is still in L1. NHWC: U[r][c] at U + r*ldu (channels contiguous; wt is the
+// weight as [tap][Cm]). NCHW: U[c][r] at U + c*ldu (pixels contiguous; dww as [Cm][tap]).
+template <class T>
+void dw_forward(const Geometry& g, const int64_t* cols, const T* xn, const T* dww, const T* wt,
+                const T* dwb, int act1, int64_t p0, int64_t p1, T* U, int64_t ldu) {
+  const int64_t P = p1 - p0, Cm = g.Cm, C = g.C, m = g.m, kk = g.kh * g.kw;
+  if (g.channels_last && m == 1) return dw_forward_nhwc(g, cols, xn, wt, dwb, act1, p0, p1, U, ldu);
+  if (g.channels_last) {
+    for (int64_t p = p0; p < p1; ++p) {
+      T* u = U + (p - p0) * ldu;
+      for (int64_t c = 0; c < Cm; ++c) u[c] = dwb ? dwb[c] : T(0);
+      const int64_t oh = p / g.Wo, ow = p % g.Wo;
+      for (int64_t i = 0; i < g.kh; ++i) {
+        const int64_t ih = oh * g.sh - g.pt + i * g.dh;
+        if (ih < 0 || ih >= g.H) continue;
+        for (int64_t j = 0; j < g.kw; ++j) {
+          const int64_t iw = ow * g.sw - g.pl + j * g.dw;
+          if (iw < 0 || iw >= g.W) continue;
+          const T* xp = xn + (ih * g.W + iw) * C;
+          const T* w = wt + (i * g.kw + j) * Cm;
+          for (int64_t c = 0; c < Cm; ++c) u[c] += xp[c / m] * w[c];
+        }
+      }
+      act_inplace(act1, u, Cm);
+    }
+  } else {
+    for (int64_t c = 0; c < Cm; ++c) {
+      T* u = U + c * ldu;
+      const T* xc = xn + (c / m) * g.H * g.W;
+      const T* w = dww + c * kk;
+      for (int64_t r = 0; r < P; ++r) u[r] = dwb ? dwb[c] : T(0);
+      walk_rows(g, cols, p0, p1, [&](int64_t d, int64_t i, int64_t j, int64_t ih, int64_t lo,
+                                     int64_t hi, int64_t off) {
+        const T wv = w[i * g.kw + j];
+        const T* xr = xc + ih * g.W;
+        if (g.sw == 1) {
+#pragma omp simd
+          for (int64_t ow = lo; ow < hi; ++ow) u[d + ow] += wv * xr[ow + off];
+        } else {
+          for (int64_t ow = lo; ow < hi; ++ow) u[d + ow] += wv * xr[ow * g.sw + off];
+        }
+      });
+      act_inplace(act1, u, P);
+    }
+  }
+}
+
+// Depthwise backward for pixels [p0, p1): G holds d loss / d U in U's layout.
+// Accumulates into gdw (NHWC: [tap][Cm]; NCHW: [Cm][tap]), gdwb and gxn (any may be null).
+template <class T>
+void dw_backward(const Geometry& g, const int64_t* cols, const T* xn, const T* dww, const T* wt,
+                 const T* G, int64_t ldg, int64_t p0, int64_t p1, T* gdw, T* gdwb, T* gxn) {
+  const int64_t P = p1 - p0, Cm = g.Cm, C = g.C, m = g.m, kk = g.kh * g.kw;
+  if (g.channels_last) {
+    if (gdwb)
+      for (int64_t r = 0; r < P; ++r)
+        for (int64_t c = 0; c < Cm; ++c) gdwb[c] += G[r * ldg + c];
+    if (!gdw && !gxn) return;
+    walk_pixels(g, p0, p1, [&](int64_t r, int64_t tap, int64_t ip) {
+      const T* gr = G + r * ldg;
+      const T* xp = xn + ip * C;
+      const T* w = wt + tap * Cm;
+      T* gw = gdw ? gdw + tap * Cm : nullptr;
+      T* gxp = gxn ? gxn + ip * C : nullptr;
+      if (m == 1) {
+        if (gw) {
+#pragma omp simd
+          for (int64_t c = 0; c < Cm; ++c) gw[c] += gr[c] * xp[c];
+        }
+        if (gxp) {
+#pragma omp simd
+          for (int64_t c = 0; c < Cm; ++c) gxp[c] += gr[c] * w[c];
+        }
+      } else {
+        if (gw)
+          for (int64_t c = 0; c < Cm; ++c) gw[c] += gr[c] * xp[c / m];
+        if (gxp)
+          for (int64_t c = 0; c < Cm; ++c) gxp[c / m] += gr[c] * w[c];
+      }
+    });
+  } else {
+    for (int64_t c = 0; c < Cm; ++c) {
+      const T* gc = G + c * ldg;
+      if (gdwb) {
+        T s = 0;
+#pragma omp simd reduction(+ : s)
+        for (int64_t r = 0; r < P; ++r) s += gc[r];
+        gdwb[c] += s;
+      }
+      if (!gdw && !gxn) continue;
+      const int64_t plane = (c / m) * g.H * g.W;
+      walk_rows(g, cols, p0, p1, [&](int64_t d, int64_t i, int64_t j, int64_t ih, int64_t lo,
+                                     int64_t hi, int64_t off) {
+        const int64_t tap = i * g.kw + j, s = g.sw, row = plane + ih * g.W;
+        if (gdw) {
+          const T* xr = xn + row;
+          T acc = 0;
+#pragma omp simd reduction(+ : acc)
+          for (int64_t ow = lo; ow < hi; ++ow) acc += gc[d + ow] * xr[ow * s + off];
+          gdw[c * kk + tap] += acc;
+        }
+        if (gxn) {
+          T* gxr = gxn + row;
+          const T wv = dww[c * kk + tap];
+          for (int64_t ow = lo; ow < hi; ++ow) gxr[ow * s + off] += wv * gc[d + ow];
+        }
+      });
+    }
+  }
+}

@@ -1,0 +1,118 @@
+// The register-blocked GEMM micro-kernels and their driver.
+// A fragment of kernels.h, included inside namespace sepconv::<isa>::{anonymous}
+// (after the files listed before it there); it includes nothing itself.
+
+// C[i][j] (i < M, j < N) = epilogue(sum_k A[i][k] B[k][j]).
+// A[i][k] = A[i*ars + k*acs]: any layout, read by broadcast.
+// B: panels of NR columns; panel q starts at B + q*b_panel, row k at + k*ldb.
+//    Every panel is readable for all NR columns (callers pad), so no masking.
+// C: C[i][j] at c + i*rs + j.
+template <class T> struct Out {
+  T* c;
+  int64_t rs;
+  bool accumulate;      // C += result instead of C = result
+  const T* bias;        // the sum starts from it (before the activation)
+  int bias_mode;        // 0 none, 1 bias[i] (per row), 2 bias[j] (per column, NR-padded)
+  int act;
+};
+
+// Stores a micro-tile of NVT full vectors per row. The activation and accumulation
+// are template arguments so that the unrolled stores carry no per-vector branches:
+// with a short K (32 channels) the epilogue is a good part of the micro-tile's time.
+template <class T, int M, int NVT, int A, bool ACC>
+inline void store_tile(const V<T> (&acc)[M][NVT], T* c, int64_t rs) {
+  constexpr int L = lanes<T>();
+#pragma GCC unroll 16
+  for (int i = 0; i < M; ++i)
+    for (int v = 0; v < NVT; ++v) {
+      V<T> r = acc[i][v];
+      if (ACC) r += loadu(c + i * rs + v * L);
+      storeu(c + i * rs + v * L, act_vec<T>(A, r));
+    }
+}
+
+// One micro-tile: rows [i0, i0 + M) by columns [j0, j0 + nr), nr <= NVT * L.
+// NVT = 1 serves panels of at most L columns (16 output channels), which would
+// otherwise spend half their FMAs on padding.
+template <class T, int M, int NVT>
+void micro(int64_t K, const T* A, int64_t ars, int64_t acs, const T* B, int64_t ldb,
+           const Out<T>& o, int64_t i0, int64_t j0, int64_t nr) {
+  constexpr int L = lanes<T>();
+  // The accumulators start from the bias, which leaves the epilogue bias-free.
+  V<T> acc[M][NVT];
+  for (int i = 0; i < M; ++i)
+    for (int v = 0; v < NVT; ++v)
+      acc[i][v] = o.bias_mode == 1   ? bcast(o.bias[i0 + i])
+                  : o.bias_mode == 2 ? loadu(o.bias + j0 + v * L)
+                                     : V<T>{};
+  const T* a = A + i0 * ars;
+  for (int64_t k = 0; k < K; ++k) {
+    const T* b = B + k * ldb;
+    V<T> bv[NVT];
+    for (int v = 0; v < NVT; ++v) bv[v] = loadu(b + v * L);
+    const T* ak = a + k * acs;
+#pragma GCC unroll 16
+    for (int i = 0; i < M; ++i) {
+      V<T> ai = bcast(ak[i * ars]);
+      for (int v = 0; v < NVT; ++v) acc[i][v] += ai * bv[v];
+    }
+  }
+  T* c = o.c + i0 * o.rs + j0;
+  if (nr == NVT * L && (!o.accumulate || o.act == ACT_NONE)) {
+    switch (o.accumulate ? -1 : o.act) {
+      case -1: return store_tile<T, M, NVT, ACT_NONE, true>(acc, c, o.rs);
+      case ACT_RELU: return store_tile<T, M, NVT, ACT_RELU, false>(acc, c, o.rs);
+      case ACT_RELU6: return store_tile<T, M, NVT, ACT_RELU6, false>(acc, c, o.rs);
+      case ACT_SILU: return store_tile<T, M, NVT, ACT_SILU, false>(acc, c, o.rs);
+      case ACT_HARDSWISH: return store_tile<T, M, NVT, ACT_HARDSWISH, false>(acc, c, o.rs);
+      default: return store_tile<T, M, NVT, ACT_NONE, false>(acc, c, o.rs);
+    }
+  }
+  // The last, partial panel: whole vectors, then the first nr % L lanes of one
+  // through a copy (C has no room past column nr).
+  for (int i = 0; i < M; ++i)
+    for (int v = 0; v < NVT && v * L < nr; ++v) {
+      T* cv = c + i * o.rs + v * L;
+      const int64_t n = imin(L, nr - v * L);
+      V<T> r = acc[i][v];
+      if (o.accumulate) {
+        V<T> old{};
+        __builtin_memcpy(&old, cv, n * sizeof(T));
+        r += old;
+      }
+      r = act_vec<T>(o.act, r);
+      __builtin_memcpy(cv, &r, n * sizeof(T));
+    }
+}
+
+template <class T, int NVT, int M = MR>
+void micro_rows(int mr, int64_t K, const T* A, int64_t ars, int64_t acs, const T* B,
+                int64_t ldb, const Out<T>& o, int64_t i0, int64_t j0, int64_t nr) {
+  if constexpr (M > 1) {
+    if (mr < M) return micro_rows<T, NVT, M - 1>(mr, K, A, ars, acs, B, ldb, o, i0, j0, nr);
+  }
+  micro<T, M, NVT>(K, A, ars, acs, B, ldb, o, i0, j0, nr);
+}
+
+// rows_outer: keep an MR-row block of A hot and stream the B panels, or the
+// reverse. The caller puts the weight operand in the outer loop so that the
+// weights are read once per tile while the tile-sized operand stays in L1/L2.
+template <class T>
+void gemm(int64_t M, int64_t N, int64_t K, const T* A, int64_t ars, int64_t acs, const T* B,
+          int64_t b_panel, int64_t ldb, const Out<T>& o, bool rows_outer) {
+  constexpr int64_t nr = NR<T>(), L = lanes<T>();
+  const int64_t np = ceil_div(N, nr), nm = ceil_div(M, MR);
+  if (M <= 0 || N <= 0) return;
+  for (int64_t outer = 0; outer < (rows_outer ? nm : np); ++outer) {
+    for (int64_t inner = 0; inner < (rows_outer ? np : nm); ++inner) {
+      int64_t q = rows_outer ? inner : outer, ib = rows_outer ? outer : inner;
+      int64_t i0 = ib * MR, j0 = q * nr, cols = imin(nr, N - j0);
+      int mr = (int)imin(MR, M - i0);
+      const T* bq = B + q * b_panel;
+      if (cols <= L)
+        micro_rows<T, 1>(mr, K, A, ars, acs, bq, ldb, o, i0, j0, cols);
+      else
+        micro_rows<T, NV>(mr, K, A, ars, acs, bq, ldb, o, i0, j0, cols);
+    }
+  }
+}

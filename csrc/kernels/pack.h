@@ -1,0 +1,52 @@
+// In-register transposes and the packing of the pointwise weight.
+// A fragment of kernels.h, included inside namespace sepconv::<isa>::{anonymous}
+// (after the files listed before it there); it includes nothing itself.
+
+// In-register transpose of an L x L block (r[t] = row t): log2(L) stages, each
+// swapping the off-diagonal H x H blocks of every 2H x 2H block. The shuffle
+// masks are constants after unrolling, so each step is one permute instruction.
+template <class T> struct IVecOf;
+template <> struct IVecOf<float> { typedef int32_t type __attribute__((vector_size(VB))); };
+template <> struct IVecOf<double> { typedef int64_t type __attribute__((vector_size(VB))); };
+
+template <class T, int H = lanes<T>() / 2> inline void transpose(V<T>* r) {
+  constexpr int L = lanes<T>();
+  typename IVecOf<T>::type lo, hi;
+  for (int l = 0; l < L; ++l) {
+    lo[l] = (l & H) ? L + l - H : l;
+    hi[l] = (l & H) ? L + l : l + H;
+  }
+  for (int g = 0; g < L; g += 2 * H)
+    for (int q = g; q < g + H; ++q) {
+      const V<T> a = r[q], b = r[q + H];
+      r[q] = __builtin_shuffle(a, b, lo);
+      r[q + H] = __builtin_shuffle(a, b, hi);
+    }
+  if constexpr (H > 1) transpose<T, H / 2>(r);
+}
+
+// Panel q of W_pw (Co x Cm, row-major) as B operand of y = U . W^T (NHWC):
+// Bp[q][k][jj] = W[q*NR + jj][k], zero padded. Called for each q by the threads.
+// Full panels go by L x L register transposes (2.5x faster than element copies
+// at 512 x 512); the rest by blocks of 16 k, so that each source line is read
+// whole and the destination rows stay in L1.
+template <class T> void pack_wt_panel(const T* w, int64_t Co, int64_t Cm, int64_t q, T* Bp) {
+  constexpr int64_t nr = NR<T>(), L = lanes<T>();
+  T* panel = Bp + q * Cm * nr;
+  const int64_t cols = imin(nr, Co - q * nr);
+  const T* wq = w + q * nr * Cm;
+  int64_t k0 = 0;
+  if (cols == nr)
+    for (; k0 + L <= Cm; k0 += L)
+      for (int64_t h = 0; h < NV; ++h) {
+        V<T> r[L];
+        for (int64_t t = 0; t < L; ++t) r[t] = loadu(wq + (h * L + t) * Cm + k0);
+        transpose<T>(r);
+        for (int64_t t = 0; t < L; ++t) storeu(panel + (k0 + t) * nr + h * L, r[t]);
+      }
+  for (; k0 < Cm; k0 += 16) {
+    const int64_t k1 = imin(k0 + 16, Cm);
+    for (int64_t jj = 0; jj < nr; ++jj)
+      for (int64_t k = k0; k < k1; ++k) panel[k * nr + jj] = jj < cols ? wq[jj * Cm + k] : T(0);
+  }
+}

@@ -1,0 +1,56 @@
+// Vector types, integer helpers and the aligned workspace buffer.
+// A fragment of kernels.h, included inside namespace sepconv::<isa>::{anonymous}
+// (after the files listed before it there); it includes nothing itself.
+
+constexpr int VB = SEPCONV_VEC_BYTES;
+// Rows of the GEMM micro-tile: MR x 2 accumulators + 2 B vectors + 1 broadcast
+// must fit the register file (32 zmm on AVX-512, 16 ymm/xmm otherwise).
+constexpr int MR = VB >= 64 ? 12 : 6;
+constexpr int NV = 2;  // vectors per micro-tile row
+
+template <class T> struct VecOf;
+template <> struct VecOf<float> { typedef float type __attribute__((vector_size(VB))); };
+template <> struct VecOf<double> { typedef double type __attribute__((vector_size(VB))); };
+
+template <class T> using V = typename VecOf<T>::type;
+template <class T> constexpr int lanes() { return VB / (int)sizeof(T); }
+template <class T> constexpr int NR() { return NV * lanes<T>(); }
+
+template <class T> inline V<T> loadu(const T* p) { V<T> v; __builtin_memcpy(&v, p, sizeof v); return v; }
+template <class T> inline void storeu(T* p, V<T> v) { __builtin_memcpy(p, &v, sizeof v); }
+// s - 0 is an IEEE identity, so this compiles to a bare broadcast; `V<T>{} + s`
+// is not (-0 + 0 = +0) and leaves a scalar add in front of every broadcast.
+template <class T> inline V<T> bcast(T s) { return s - V<T>{}; }
+
+inline int64_t imin(int64_t a, int64_t b) { return a < b ? a : b; }
+inline int64_t imax(int64_t a, int64_t b) { return a > b ? a : b; }
+inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+inline int64_t round_up(int64_t a, int64_t b) { return ceil_div(a, b) * b; }
+// Row stride (in elements) for a buffer whose rows are read a few at a time by the
+// GEMM: a multiple of 1 KiB puts those rows in the same few L1 sets (at a 4 KiB
+// stride, Cm = 1024 floats, the 12-row micro-tile ran 15% slower), so add a line.
+template <class T> inline int64_t padded_ld(int64_t n) {
+  const int64_t ld = (n + 15) / 16 * 16;
+  return (ld * (int64_t)sizeof(T)) % 1024 == 0 ? ld + 64 / (int64_t)sizeof(T) : ld;
+}
+// floor(a / b) for b > 0 and any sign of a
+inline int64_t floor_div(int64_t a, int64_t b) { return a >= 0 ? a / b : -((-a + b - 1) / b); }
+
+inline float ex(float v) { return expf(v); }
+inline double ex(double v) { return exp(v); }
+
+
+// ---------------------------------------------------------------- aligned buffer
+// Workspaces are not cleared (they are written before being read); pass zero =
+// true for accumulators and for buffers whose padding lanes reach the arithmetic.
+template <class T> struct Buf {
+  T* p = nullptr;
+  explicit Buf(int64_t n, bool zero = false) {
+    size_t bytes = ((size_t)(n > 0 ? n : 1) * sizeof(T) + 63) / 64 * 64;
+    p = (T*)aligned_alloc(64, bytes);
+    if (p && zero) memset(p, 0, bytes);
+  }
+  ~Buf() { free(p); }
+  Buf(const Buf&) = delete;
+  Buf& operator=(const Buf&) = delete;
+};
