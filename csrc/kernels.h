@@ -27,9 +27,9 @@ namespace {
 
 #include "kernels/vec.h"
 #include "kernels/activations.h"
+#include "kernels/pack.h"
 #include "kernels/gemm.h"
 #include "kernels/depthwise.h"
-#include "kernels/pack.h"
 #include "kernels/forward.h"
 #include "kernels/backward.h"
 

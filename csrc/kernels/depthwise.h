@@ -14,25 +14,6 @@ inline void column_ranges(const Geometry& g, int64_t* cols) {
   for (int64_t j = 0; j < g.kw; ++j) valid_range(g.W, g.sw, j * g.dw - g.pl, cols + 2 * j, cols + 2 * j + 1);
 }
 
-// For a tile of flattened output pixels [p0, p1) walk every (output row segment,
-// tap) pair that reads inside the input: f(d, i, j, ih, lo, hi, off) where the
-// tile-local index of output column ow is d + ow and the input column is ow*sw + off.
-template <class F>
-void walk_rows(const Geometry& g, const int64_t* cols, int64_t p0, int64_t p1, F&& f) {
-  for (int64_t oh = p0 / g.Wo; oh * g.Wo < p1; ++oh) {
-    int64_t owa = imax(p0 - oh * g.Wo, 0), owb = imin(p1 - oh * g.Wo, g.Wo);
-    int64_t d = oh * g.Wo - p0;
-    for (int64_t i = 0; i < g.kh; ++i) {
-      int64_t ih = oh * g.sh - g.pt + i * g.dh;
-      if (ih < 0 || ih >= g.H) continue;
-      for (int64_t j = 0; j < g.kw; ++j) {
-        int64_t lo = imax(cols[2 * j], owa), hi = imin(cols[2 * j + 1], owb);
-        if (lo < hi) f(d, i, j, ih, lo, hi, j * g.dw - g.pl);
-      }
-    }
-  }
-}
-
 // For each output pixel of [p0, p1) and each tap inside the input:
 // f(r, tap, input_pixel) with r the tile-local pixel and input_pixel = ih*W + iw.
 template <class F> void walk_pixels(const Geometry& g, int64_t p0, int64_t p1, F&& f) {
@@ -82,8 +63,9 @@ inline int64_t dw_block(const T* x, int64_t ps, int64_t xs_i, int64_t xs_j, cons
 }
 
 template <class T>
-void dw_forward_nhwc(const Geometry& g, const int64_t* cols, const T* xn, const T* wt,
-                     const T* dwb, int act1, int64_t p0, int64_t p1, T* U, int64_t ldu) {
+void dw_forward_nhwc(const Geometry& g, const int64_t* cols, const T* xn, int64_t row0,
+                     int64_t row1, const T* wt, const T* dwb, int act1, int64_t p0, int64_t p1,
+                     T* U, int64_t ldu) {
   constexpr int PX = 4;
   const int64_t Cm = g.Cm, C = g.C, ps = g.sw * C, xs_i = g.dh * g.W * C, xs_j = g.dw * C,
                 ws_i = g.kw * Cm;
@@ -101,7 +83,8 @@ void dw_forward_nhwc(const Geometry& g, const int64_t* cols, const T* xn, const 
     while (j1 > j0 && !col_ok(j1 - 1)) --j1;
     if (j0 >= j1) i1 = i0;  // no tap reads inside the input: bias only
     const int64_t di = i1 - i0, dj = j1 - j0;
-    const T* x = xn + ((oh * g.sh - g.pt + i0 * g.dh) * g.W + ow * g.sw - g.pl + j0 * g.dw) * C;
+    const T* x =
+        xn + ((oh * g.sh - g.pt + i0 * g.dh - row0) * g.W + ow * g.sw - g.pl + j0 * g.dw) * C;
     const T* w = wt + (i0 * g.kw + j0) * Cm;
     T* u = U + (p - p0) * ldu;
     // The channels left over after the vector blocks, one at a time.
@@ -123,9 +106,9 @@ void dw_forward_nhwc(const Geometry& g, const int64_t* cols, const T* xn, const 
     // ramps up too slowly over tiles of a few rows.
     const int64_t c_lo = ow * g.sw, c_hi = ow + npx == g.Wo ? g.W : imin((ow + npx) * g.sw, g.W);
     for (int64_t ih = imax(oh * g.sh - g.pt + (g.kh - 1) * g.dh + 1, 0),
-                 ie = imin((oh + 1) * g.sh - g.pt + (g.kh - 1) * g.dh + 1, g.H);
+                 ie = imin((oh + 1) * g.sh - g.pt + (g.kh - 1) * g.dh + 1, row1);
          ih < ie && c_lo < c_hi; ++ih) {
-      const char* r = (const char*)(xn + (ih * g.W + c_lo) * C);
+      const char* r = (const char*)(xn + ((ih - row0) * g.W + c_lo) * C);
       const int64_t bytes = (c_hi - c_lo) * C * (int64_t)sizeof(T);
       for (int64_t b = 0; b < bytes; b += 64) __builtin_prefetch(r + b, 0, 2);  // T1: into L2
     }
@@ -143,114 +126,65 @@ void dw_forward_nhwc(const Geometry& g, const int64_t* cols, const T* xn, const 
   }
 }
 
-// act1(depthwise output) of pixels [p0, p1) of image xn into U, applied while the
-// tile is still in L1. NHWC: U[r][c] at U + r*ldu (channels contiguous; wt is the
-// weight as [tap][Cm]). NCHW: U[c][r] at U + c*ldu (pixels contiguous; dww as [Cm][tap]).
+// act1(depthwise output) of pixels [p0, p1) of the NHWC image xn into U[r][c] at
+// U + r*ldu, applied while the tile is still in L1. xn holds input rows [row0, row1)
+// only, from row0 on; wt is the weight as [tap][Cm].
 template <class T>
-void dw_forward(const Geometry& g, const int64_t* cols, const T* xn, const T* dww, const T* wt,
-                const T* dwb, int act1, int64_t p0, int64_t p1, T* U, int64_t ldu) {
-  const int64_t P = p1 - p0, Cm = g.Cm, C = g.C, m = g.m, kk = g.kh * g.kw;
-  if (g.channels_last && m == 1) return dw_forward_nhwc(g, cols, xn, wt, dwb, act1, p0, p1, U, ldu);
-  if (g.channels_last) {
-    for (int64_t p = p0; p < p1; ++p) {
-      T* u = U + (p - p0) * ldu;
-      for (int64_t c = 0; c < Cm; ++c) u[c] = dwb ? dwb[c] : T(0);
-      const int64_t oh = p / g.Wo, ow = p % g.Wo;
-      for (int64_t i = 0; i < g.kh; ++i) {
-        const int64_t ih = oh * g.sh - g.pt + i * g.dh;
-        if (ih < 0 || ih >= g.H) continue;
-        for (int64_t j = 0; j < g.kw; ++j) {
-          const int64_t iw = ow * g.sw - g.pl + j * g.dw;
-          if (iw < 0 || iw >= g.W) continue;
-          const T* xp = xn + (ih * g.W + iw) * C;
-          const T* w = wt + (i * g.kw + j) * Cm;
-          for (int64_t c = 0; c < Cm; ++c) u[c] += xp[c / m] * w[c];
-        }
+void dw_forward(const Geometry& g, const int64_t* cols, const T* xn, int64_t row0, int64_t row1,
+                const T* wt, const T* dwb, int act1, int64_t p0, int64_t p1, T* U, int64_t ldu) {
+  const int64_t Cm = g.Cm, C = g.C, m = g.m;
+  if (m == 1) return dw_forward_nhwc(g, cols, xn, row0, row1, wt, dwb, act1, p0, p1, U, ldu);
+  for (int64_t p = p0; p < p1; ++p) {
+    T* u = U + (p - p0) * ldu;
+    for (int64_t c = 0; c < Cm; ++c) u[c] = dwb ? dwb[c] : T(0);
+    const int64_t oh = p / g.Wo, ow = p % g.Wo;
+    for (int64_t i = 0; i < g.kh; ++i) {
+      const int64_t ih = oh * g.sh - g.pt + i * g.dh;
+      if (ih < 0 || ih >= g.H) continue;
+      for (int64_t j = 0; j < g.kw; ++j) {
+        const int64_t iw = ow * g.sw - g.pl + j * g.dw;
+        if (iw < 0 || iw >= g.W) continue;
+        const T* xp = xn + ((ih - row0) * g.W + iw) * C;
+        const T* w = wt + (i * g.kw + j) * Cm;
+        for (int64_t c = 0; c < Cm; ++c) u[c] += xp[c / m] * w[c];
       }
-      act_inplace(act1, u, Cm);
     }
-  } else {
-    for (int64_t c = 0; c < Cm; ++c) {
-      T* u = U + c * ldu;
-      const T* xc = xn + (c / m) * g.H * g.W;
-      const T* w = dww + c * kk;
-      for (int64_t r = 0; r < P; ++r) u[r] = dwb ? dwb[c] : T(0);
-      walk_rows(g, cols, p0, p1, [&](int64_t d, int64_t i, int64_t j, int64_t ih, int64_t lo,
-                                     int64_t hi, int64_t off) {
-        const T wv = w[i * g.kw + j];
-        const T* xr = xc + ih * g.W;
-        if (g.sw == 1) {
-#pragma omp simd
-          for (int64_t ow = lo; ow < hi; ++ow) u[d + ow] += wv * xr[ow + off];
-        } else {
-          for (int64_t ow = lo; ow < hi; ++ow) u[d + ow] += wv * xr[ow * g.sw + off];
-        }
-      });
-      act_inplace(act1, u, P);
-    }
+    act_inplace(act1, u, Cm);
   }
 }
 
-// Depthwise backward for pixels [p0, p1): G holds d loss / d U in U's layout.
-// Accumulates into gdw (NHWC: [tap][Cm]; NCHW: [Cm][tap]), gdwb and gxn (any may be null).
+// Depthwise backward for pixels [p0, p1): G[r][c] at G + r*ldg holds d loss / d U.
+// Accumulates into gdw ([tap][Cm]), gdwb and gxn (any may be null); xn and gxn are
+// NHWC and hold input rows from row0 on.
 template <class T>
-void dw_backward(const Geometry& g, const int64_t* cols, const T* xn, const T* dww, const T* wt,
-                 const T* G, int64_t ldg, int64_t p0, int64_t p1, T* gdw, T* gdwb, T* gxn) {
-  const int64_t P = p1 - p0, Cm = g.Cm, C = g.C, m = g.m, kk = g.kh * g.kw;
-  if (g.channels_last) {
-    if (gdwb)
-      for (int64_t r = 0; r < P; ++r)
-        for (int64_t c = 0; c < Cm; ++c) gdwb[c] += G[r * ldg + c];
-    if (!gdw && !gxn) return;
-    walk_pixels(g, p0, p1, [&](int64_t r, int64_t tap, int64_t ip) {
-      const T* gr = G + r * ldg;
-      const T* xp = xn + ip * C;
-      const T* w = wt + tap * Cm;
-      T* gw = gdw ? gdw + tap * Cm : nullptr;
-      T* gxp = gxn ? gxn + ip * C : nullptr;
-      if (m == 1) {
-        if (gw) {
+void dw_backward(const Geometry& g, const T* xn, int64_t row0, const T* wt, const T* G,
+                 int64_t ldg, int64_t p0, int64_t p1, T* gdw, T* gdwb, T* gxn) {
+  const int64_t P = p1 - p0, Cm = g.Cm, C = g.C, m = g.m;
+  if (gdwb)
+    for (int64_t r = 0; r < P; ++r)
+      for (int64_t c = 0; c < Cm; ++c) gdwb[c] += G[r * ldg + c];
+  if (!gdw && !gxn) return;
+  walk_pixels(g, p0, p1, [&](int64_t r, int64_t tap, int64_t ip) {
+    ip -= row0 * g.W;
+    const T* gr = G + r * ldg;
+    const T* xp = xn + ip * C;
+    const T* w = wt + tap * Cm;
+    T* gw = gdw ? gdw + tap * Cm : nullptr;
+    T* gxp = gxn ? gxn + ip * C : nullptr;
+    if (m == 1) {
+      if (gw) {
 #pragma omp simd
-          for (int64_t c = 0; c < Cm; ++c) gw[c] += gr[c] * xp[c];
-        }
-        if (gxp) {
+        for (int64_t c = 0; c < Cm; ++c) gw[c] += gr[c] * xp[c];
+      }
+      if (gxp) {
 #pragma omp simd
-          for (int64_t c = 0; c < Cm; ++c) gxp[c] += gr[c] * w[c];
-        }
-      } else {
-        if (gw)
-          for (int64_t c = 0; c < Cm; ++c) gw[c] += gr[c] * xp[c / m];
-        if (gxp)
-          for (int64_t c = 0; c < Cm; ++c) gxp[c / m] += gr[c] * w[c];
+        for (int64_t c = 0; c < Cm; ++c) gxp[c] += gr[c] * w[c];
       }
-    });
-  } else {
-    for (int64_t c = 0; c < Cm; ++c) {
-      const T* gc = G + c * ldg;
-      if (gdwb) {
-        T s = 0;
-#pragma omp simd reduction(+ : s)
-        for (int64_t r = 0; r < P; ++r) s += gc[r];
-        gdwb[c] += s;
-      }
-      if (!gdw && !gxn) continue;
-      const int64_t plane = (c / m) * g.H * g.W;
-      walk_rows(g, cols, p0, p1, [&](int64_t d, int64_t i, int64_t j, int64_t ih, int64_t lo,
-                                     int64_t hi, int64_t off) {
-        const int64_t tap = i * g.kw + j, s = g.sw, row = plane + ih * g.W;
-        if (gdw) {
-          const T* xr = xn + row;
-          T acc = 0;
-#pragma omp simd reduction(+ : acc)
-          for (int64_t ow = lo; ow < hi; ++ow) acc += gc[d + ow] * xr[ow * s + off];
-          gdw[c * kk + tap] += acc;
-        }
-        if (gxn) {
-          T* gxr = gxn + row;
-          const T wv = dww[c * kk + tap];
-          for (int64_t ow = lo; ow < hi; ++ow) gxr[ow * s + off] += wv * gc[d + ow];
-        }
-      });
+    } else {
+      if (gw)
+        for (int64_t c = 0; c < Cm; ++c) gw[c] += gr[c] * xp[c / m];
+      if (gxp)
+        for (int64_t c = 0; c < Cm; ++c) gxp[c / m] += gr[c] * w[c];
     }
-  }
+  });
 }

@@ -6,7 +6,7 @@
 // A[i][k] = A[i*ars + k*acs]: any layout, read by broadcast.
 // B: panels of NR columns; panel q starts at B + q*b_panel, row k at + k*ldb.
 //    Every panel is readable for all NR columns (callers pad), so no masking.
-// C: C[i][j] at c + i*rs + j.
+// C: C[i][j] at c + i*rs + j, or at c + j*rs + i when transposed.
 template <class T> struct Out {
   T* c;
   int64_t rs;
@@ -14,6 +14,7 @@ template <class T> struct Out {
   const T* bias;        // the sum starts from it (before the activation)
   int bias_mode;        // 0 none, 1 bias[i] (per row), 2 bias[j] (per column, NR-padded)
   int act;
+  bool transposed = false;  // (not with accumulate)
 };
 
 // Stores a micro-tile of NVT full vectors per row. The activation and accumulation
@@ -29,6 +30,27 @@ inline void store_tile(const V<T> (&acc)[M][NVT], T* c, int64_t rs) {
       if (ACC) r += loadu(c + i * rs + v * L);
       storeu(c + i * rs + v * L, act_vec<T>(A, r));
     }
+}
+
+// Stores a micro-tile transposed: C[i][j] at c + j*rs + i for j < nr. The NHWC
+// pipeline writes an NCHW y this way: a pixel-major tile becomes channel rows, by
+// L x L register transposes (rows past M are padding and not stored).
+template <class T, int M, int NVT>
+inline void store_tile_transposed(const V<T> (&acc)[M][NVT], int a, T* c, int64_t rs,
+                                  int64_t nr) {
+  constexpr int L = lanes<T>();
+  for (int v = 0; v < NVT && v * L < nr; ++v) {
+    const int64_t n = imin(L, nr - v * L);
+#pragma GCC unroll 2
+    for (int i0 = 0; i0 < M; i0 += L) {
+      V<T> r[L];
+#pragma GCC unroll 16
+      for (int t = 0; t < L; ++t) r[t] = i0 + t < M ? act_vec<T>(a, acc[i0 + t][v]) : V<T>{};
+      transpose<T>(r);
+      const int m = M - i0 < L ? M - i0 : L;
+      for (int64_t t = 0; t < n; ++t) __builtin_memcpy(c + (v * L + t) * rs + i0, &r[t], m * sizeof(T));
+    }
+  }
 }
 
 // One micro-tile: rows [i0, i0 + M) by columns [j0, j0 + nr), nr <= NVT * L.
@@ -57,6 +79,7 @@ void micro(int64_t K, const T* A, int64_t ars, int64_t acs, const T* B, int64_t 
       for (int v = 0; v < NVT; ++v) acc[i][v] += ai * bv[v];
     }
   }
+  if (o.transposed) return store_tile_transposed<T, M, NVT>(acc, o.act, o.c + j0 * o.rs + i0, o.rs, nr);
   T* c = o.c + i0 * o.rs + j0;
   if (nr == NVT * L && (!o.accumulate || o.act == ACT_NONE)) {
     switch (o.accumulate ? -1 : o.act) {

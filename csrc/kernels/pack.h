@@ -25,6 +25,37 @@ template <class T, int H = lanes<T>() / 2> inline void transpose(V<T>* r) {
   if constexpr (H > 1) transpose<T, H / 2>(r);
 }
 
+// dst[j*ldd + i] = src[i*lds + j] (or += with ADD) for i < rows, j < cols: L x L
+// blocks by register transposes, the edges element by element. NCHW tensors become
+// NHWC tiles this way, and grad_x's NHWC bands go back.
+template <class T, bool ADD = false>
+void transpose_copy(const T* src, int64_t lds, T* dst, int64_t ldd, int64_t rows, int64_t cols) {
+  constexpr int64_t L = lanes<T>();
+  auto put = [](T* d, T v) { *d = ADD ? *d + v : v; };
+  int64_t i0 = 0;
+  for (; i0 + L <= rows; i0 += L) {
+    int64_t j0 = 0;
+    for (; j0 + L <= cols; j0 += L) {
+      V<T> r[L];
+      for (int64_t t = 0; t < L; ++t) r[t] = loadu(src + (i0 + t) * lds + j0);
+      transpose<T>(r);
+      for (int64_t t = 0; t < L; ++t) {
+        T* d = dst + (j0 + t) * ldd + i0;
+        storeu(d, ADD ? loadu(d) + r[t] : r[t]);
+      }
+    }
+    for (; j0 < cols; ++j0)
+      for (int64_t t = 0; t < L; ++t) put(dst + j0 * ldd + i0 + t, src[(i0 + t) * lds + j0]);
+  }
+  for (; i0 < rows; ++i0)
+    for (int64_t j = 0; j < cols; ++j) put(dst + j * ldd + i0, src[i0 * lds + j]);
+}
+
+template <class T>
+void transpose_add(const T* src, int64_t lds, T* dst, int64_t ldd, int64_t rows, int64_t cols) {
+  transpose_copy<T, true>(src, lds, dst, ldd, rows, cols);
+}
+
 // Panel q of W_pw (Co x Cm, row-major) as B operand of y = U . W^T (NHWC):
 // Bp[q][k][jj] = W[q*NR + jj][k], zero padded. Called for each q by the threads.
 // Full panels go by L x L register transposes (2.5x faster than element copies
