@@ -4,6 +4,7 @@
 // and this file re-checks everything that decides where the kernels read and write.
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
+#include <unistd.h>
 
 #include <atomic>
 #include <cstdint>
@@ -35,6 +36,23 @@ Isa detect_isa() {
 }
 
 const Isa kBestIsa = detect_isa();
+
+// Data cache sizes in bytes (L2 per core), read once at load; the values of a small
+// current core where the OS does not say (sysconf gives 0 or -1).
+struct Caches {
+  int64_t l1d, l2, l3;
+};
+int64_t cache_size(int name, int64_t fallback) {
+  const long v = sysconf(name);
+  return v > 0 ? (int64_t)v : fallback;
+}
+const Caches kCaches{cache_size(_SC_LEVEL1_DCACHE_SIZE, 32 << 10),
+                     cache_size(_SC_LEVEL2_CACHE_SIZE, 512 << 10),
+                     cache_size(_SC_LEVEL3_CACHE_SIZE, 8 << 20)};
+// The forward's depthwise tile (P pixels x Cm channels) takes a quarter of L2: the
+// rest holds the tile's share of the packed pointwise weights and the output rows.
+// 256 KiB on a 1 MiB-L2 Zen 4, where this was tuned.
+std::atomic<int64_t> g_tile_bytes{kCaches.l2 / 4 < (64 << 10) ? (64 << 10) : kCaches.l2 / 4};
 std::atomic<int> g_isa{kBestIsa};
 
 int64_t get(const py::tuple& t, size_t i) { return t[i].cast<int64_t>(); }
@@ -57,6 +75,7 @@ Geometry parse(const py::tuple& t) {
   g.pl = get(t, 12); int64_t pr = get(t, 13); g.dh = get(t, 14); g.dw = get(t, 15);
   g.Ho = get(t, 16); g.Wo = get(t, 17); g.channels_last = t[18].cast<bool>();
   g.act1 = (int)get(t, 19); g.act2 = (int)get(t, 20); g.threads = (int)get(t, 21);
+  g.tile_bytes = g_tile_bytes;
   auto need = [](bool ok, const char* what) {
     if (!ok) throw py::value_error(std::string("invalid geometry: ") + what);
   };
@@ -164,6 +183,18 @@ PYBIND11_MODULE(_C, m) {
     throw py::value_error("instruction set '" + name + "' is not available on this CPU (best: " +
                           kIsaNames[kBestIsa] + ")");
   }, "Force the kernels onto an instruction set this CPU supports.");
+  m.def("blocking", [] {
+    py::dict d;
+    d["l1d"] = kCaches.l1d;
+    d["l2"] = kCaches.l2;
+    d["l3"] = kCaches.l3;
+    d["tile_bytes"] = g_tile_bytes.load();
+    return d;
+  }, "Cache sizes read at load (bytes, L2 per core) and the tile budget derived from them.");
+  m.def("set_tile_bytes", [](int64_t n) {
+    if (n < 4096 || n > (int64_t(1) << 30)) throw py::value_error("tile_bytes must be in [4096, 2**30]");
+    g_tile_bytes = n;
+  }, "Override the forward's depthwise tile budget (for tuning experiments).");
   m.def("fma_peak", [](int threads, int64_t iters) {
     if (threads < 1 || iters < 1) throw py::value_error("threads and iters must be >= 1");
     py::gil_scoped_release nogil;

@@ -26,6 +26,7 @@ struct Geometry {
   bool channels_last;
   int act1, act2;         // activation after the depthwise / pointwise stage
   int threads;
+  int64_t tile_bytes;     // the forward's depthwise tile budget, from the L2 size (bindings)
 };
 
 // Gradients to compute; a null pointer in Grads means "not wanted".

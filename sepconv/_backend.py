@@ -66,6 +66,8 @@ def backend_info() -> dict:
         "cpu_native": _C is not None,
         "cpu_isa": _C.isa() if _C is not None else None,
         "cpu_isas": list(_C.supported_isas()) if _C is not None else [],
+        # cache sizes (bytes) the kernels read at load, and the blocking derived from them
+        "cpu_caches": dict(_C.blocking()) if _C is not None else None,
         "num_threads": torch.get_num_threads(),
         "triton": importlib.util.find_spec("triton") is not None,
         "cuda": torch.cuda.is_available(),

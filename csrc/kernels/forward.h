@@ -2,13 +2,13 @@
 // A fragment of kernels.h, included inside namespace sepconv::<isa>::{anonymous}
 // (after the files listed before it there); it includes nothing itself.
 
-// Pixels per tile: the depthwise tile U (P x Cm) should stay within ~256 KiB of L2,
+// Pixels per tile: the depthwise tile U (P x Cm) should stay within g.tile_bytes of L2,
 // and an image's tiles should be equal in size so that the threads finish together.
 // With few tiles in all, their number is raised to a multiple of the threads while
 // tiles keep at least min_p pixels: 7 tiles on 2 threads leave one idle for a whole tile.
 template <class T> int64_t tile_pixels(const Geometry& g, int64_t min_p) {
   const int64_t HWo = g.Ho * g.Wo;
-  const int64_t p = imax(1, imin((int64_t)(256 * 1024 / sizeof(T)) / imax(g.Cm, 1), 2048));
+  const int64_t p = imax(1, imin(g.tile_bytes / (int64_t)sizeof(T) / imax(g.Cm, 1), 2048));
   int64_t n = ceil_div(HWo, p);
   for (int64_t k = n; g.N * k < 8 * g.threads && ceil_div(HWo, k) >= min_p; ++k)
     if ((g.N * k) % g.threads == 0) {
