@@ -25,22 +25,63 @@ def _run(*cmd: str) -> str | None:
     return out.stdout.strip() if out.returncode == 0 else None
 
 
-def _cpu_model() -> str:
+def _cpuinfo() -> dict:
+    """The first processor's fields of /proc/cpuinfo ({} where there is none)."""
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
+        text = Path("/proc/cpuinfo").read_text()
     except OSError:
-        pass
-    return platform.processor() or platform.machine()
+        return {}
+    info = {}
+    for line in text.split("\n\n")[0].splitlines():
+        key, _, value = line.partition(":")
+        info.setdefault(key.strip(), value.strip())
+    return info
+
+
+def cpu_uarch(info: dict) -> str | None:
+    """The x86 microarchitecture, from the family number and the feature flags.
+
+    VMs report a generic model name ("AMD EPYC", "Intel(R) Xeon(R) Processor") and at
+    times a made-up model number, so AMD is told apart by family and AVX-512 (Zen 3
+    and Zen 4 share family 25), Intel by the newest feature it has.
+    """
+    vendor, flags = info.get("vendor_id"), set(info.get("flags", "").split())
+    try:
+        family = int(info.get("cpu family", ""))
+    except ValueError:
+        return None
+    if vendor == "AuthenticAMD":
+        if family == 26:
+            return "zen5"
+        if family == 25:
+            return "zen4" if "avx512f" in flags else "zen3"
+        if family == 23:
+            return "zen2" if "clwb" in flags else "zen1"
+        return None
+    if vendor == "GenuineIntel" and family == 6:
+        for flag, name in (("amx_fp16", "graniterapids"), ("amx_tile", "sapphirerapids"),
+                           ("avx512_vp2intersect", "tigerlake"), ("avx512_vbmi2", "icelake"),
+                           ("avx512_vnni", "cascadelake"), ("avx512f", "skylake-x"),
+                           ("avx_vnni", "alderlake"), ("avx2", "haswell")):
+            if flag in flags:
+                return name
+    return None
+
+
+def _cpu_model(info: dict) -> str:
+    return info.get("model name") or platform.processor() or platform.machine()
 
 
 def describe(device: str) -> dict:
     """Hardware, software and revision, for the results files."""
     info = sepconv.backend_info()
     onednn = re.search(r"(?:MKL-DNN|oneDNN) v([\d.]+)", torch.__config__.show())
-    d = {"device": device, "cpu": _cpu_model(), "cpu_cores": os.cpu_count(),
-         "cpu_isa": info["cpu_isa"], "threads": torch.get_num_threads(),
+    cpu = _cpuinfo()
+    d = {"device": device, "cpu": _cpu_model(cpu), "cpu_uarch": cpu_uarch(cpu),
+         "cpu_family": cpu.get("cpu family"), "cpu_model_number": cpu.get("model"),
+         "cpu_cores": os.cpu_count(), "cpu_isa": info["cpu_isa"],
+         "cpu_isas": info["cpu_isas"], "cpu_caches": info.get("cpu_caches"),
+         "threads": torch.get_num_threads(),
          "python": sys.version.split()[0], "torch": torch.__version__,
          "onednn": onednn.group(1) if onednn else None, "sepconv": info["version"],
          "platform": platform.platform(), "git_revision": _run("git", "rev-parse", "HEAD"),
@@ -63,12 +104,16 @@ def describe(device: str) -> dict:
 
 
 def machine_name(desc: dict) -> str:
-    """A folder name: the GPU's name on CUDA, else CPU vendor/model, cores and ISA."""
+    """A folder name: the GPU's name on CUDA; else the CPU's vendor and microarchitecture
+    (its first model-name word where that is unknown), cores and the ISA the kernels
+    ran with: a Zen 4 forced to AVX2 is amd-zen4-2core-avx2, not a Zen 3's folder."""
     if desc["device"] == "cuda":
         label = desc["gpu"]
     else:
-        words = [w for w in re.split(r"[\s()]+", desc["cpu"]) if w and w not in ("(R)", "(TM)")]
-        label = " ".join(words[:2]) + f" {desc['cpu_cores']}core {desc['cpu_isa'] or ''}"
+        words = [w for w in re.split(r"[\s()]+", re.sub(r"\((R|TM)\)", " ", desc["cpu"]))
+                 if w]
+        uarch = desc.get("cpu_uarch") or " ".join(words[1:2])
+        label = f"{' '.join(words[:1])} {uarch} {desc['cpu_cores']}core {desc['cpu_isa'] or ''}"
     return re.sub(r"[^a-z0-9]+", "-", label.lower()).strip("-")
 
 

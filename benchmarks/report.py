@@ -15,17 +15,30 @@ def _columns(formats):
             for f in formats]
 
 
+def same_format(row: dict, fmt: str) -> float:
+    """The pair in one memory format over sepconv in the same format."""
+    return row[f"pytorch_{fmt}_s"] / row[f"sepconv_{fmt}_s"]
+
+
+def suite_same_format(rows: list[dict], fmt: str) -> float:
+    return sum(r[f"pytorch_{fmt}_s"] for r in rows) / sum(r[f"sepconv_{fmt}_s"] for r in rows)
+
+
 def layer_table(suite: str, rows: list[dict], formats: list[str]) -> str:
     cols = _columns(formats)
-    lines = [f"{suite}  (ms; speedup = best pair / best sepconv)",
+    lines = [f"{suite}  (ms; speedup = best pair / best sepconv; '<fmt> x' = the pair over "
+             "sepconv, both in that format)",
              f"{'layer':24}" + "".join(f"{h:>11}" for _, h in cols)
+             + "".join(f"{FORMAT_LABEL[f] + ' x':>8}" for f in formats)
              + f"{'speedup':>9}{'GFLOP/s':>9}{'GB/s':>8}{'%peak':>7}{'%BW':>6}"]
     for r in rows:
         lines.append(f"{r['layer']:24}" + "".join(f"{r[k] * 1e3:11.3f}" for k, _ in cols)
+                     + "".join(f"{same_format(r, f):8.2f}" for f in formats)
                      + f"{r['speedup']:9.2f}{r['gflops']:9.1f}{r['gbs']:8.1f}"
                      f"{100 * r['fraction_compute_peak']:7.1f}{100 * r['fraction_bandwidth']:6.1f}")
     tot = {k: sum(r[k] for r in rows) for k, _ in cols}
     lines.append(f"{'total':24}" + "".join(f"{tot[k] * 1e3:11.3f}" for k, _ in cols)
+                 + "".join(f"{suite_same_format(rows, f):8.2f}" for f in formats)
                  + f"{suite_speedup(rows, formats):9.2f}")
     libraries = pair_libraries(rows, formats)
     if libraries:
@@ -53,17 +66,20 @@ MODEL_COLUMNS = [("latency_s", "latency b1 ms", 1e3), ("images_per_s", "images/s
 
 
 def _model_cell(row: dict, key: str, scale: float) -> str:
-    return " / ".join(f"{row[f'{v}_{key}'] * scale:.1f}" for v, _ in VARIANTS)
+    """pair / sepconv, and how much faster (or smaller) sepconv is."""
+    pair, ours = (row[f"{v}_{key}"] for v, _ in VARIANTS)
+    gain = ours / pair if key == "images_per_s" else pair / ours
+    return f"{pair * scale:.1f} / {ours * scale:.1f} ({gain:.2f}x)"
 
 
 def model_table(rows: list[dict]) -> str:
     lines = ["whole networks: as given (batch norms unfolded), then BN-folded nn.Conv2d / "
              "sepconv.fuse",
              f"{'model':15}{'format':>15}{'batch':>6}{'fused':>6}{'as given b1 ms':>16}"
-             + "".join(f"{h:>20}" for _, h, _ in MODEL_COLUMNS)]
+             + "".join(f"{h:>28}" for _, h, _ in MODEL_COLUMNS)]
     lines += [f"{r['model']:15}{r['format']:>15}{r['batch']:>6}{r['fused_chains']:>6}"
               f"{r['given_latency_s'] * 1e3:>16.1f}"
-              + "".join(f"{_model_cell(r, k, s):>20}" for k, _, s in MODEL_COLUMNS)
+              + "".join(f"{_model_cell(r, k, s):>28}" for k, _, s in MODEL_COLUMNS)
               for r in rows]
     return "\n".join(lines)
 
@@ -89,7 +105,11 @@ def write_csv(path: Path, result: dict) -> None:
 
 def write_markdown(path: Path, result: dict, plots: list[str]) -> None:
     m, p = result["machine"], result["peaks"]
-    where = m.get("gpu") or f"{m['cpu']}, {m['threads']} threads, {m['cpu_isa']}"
+    caches = m.get("cpu_caches") or {}
+    where = m.get("gpu") or (
+        f"{m['cpu']} ({m.get('cpu_uarch') or 'microarchitecture unknown'}"
+        + (f", L2 {caches['l2'] >> 10} KiB per core" if caches.get("l2") else "")
+        + f"), {m['threads']} threads, {m['cpu_isa']}")
     out = [f"# sepconv benchmark: {result['mode']}, batch {result['batch']}, {result['dtype']}",
            "", f"`{result['command']}`", "",
            f"- machine: {where}; torch {m['torch']}, oneDNN {m['onednn']}"
@@ -102,13 +122,20 @@ def write_markdown(path: Path, result: dict, plots: list[str]) -> None:
     formats = result["formats"]
     for suite, rows in result["suites"].items():
         cols = _columns(formats)
-        out += [f"## {suite}: {suite_speedup(rows, formats):.2f}x", "",
+        same = ", ".join(f"{FORMAT_LABEL[f]} vs {FORMAT_LABEL[f]} {suite_same_format(rows, f):.2f}x"
+                         for f in formats)
+        out += [f"## {suite}: {suite_speedup(rows, formats):.2f}x best vs best; {same}", "",
                 "| layer | " + " | ".join(f"{h} ms" for _, h in cols)
+                + "".join(f" | {FORMAT_LABEL[f]} x" for f in formats)
                 + " | speedup | % peak | % BW |",
-                "|---" * (len(cols) + 4) + "|"]
+                "|---" * (len(cols) + len(formats) + 4) + "|"]
         out += [f"| {r['layer']} | " + " | ".join(f"{r[k] * 1e3:.3f}" for k, _ in cols)
+                + "".join(f" | {same_format(r, f):.2f}" for f in formats)
                 + f" | {r['speedup']:.2f} | {100 * r['fraction_compute_peak']:.0f}"
                 f" | {100 * r['fraction_bandwidth']:.0f} |" for r in rows]
+        out += ["| total | " + " | ".join(f"{sum(r[k] for r in rows) * 1e3:.3f}" for k, _ in cols)
+                + "".join(f" | {suite_same_format(rows, f):.2f}" for f in formats)
+                + f" | {suite_speedup(rows, formats):.2f} | | |"]
         libraries = pair_libraries(rows, formats)
         out += ["", libraries, ""] if libraries else [""]
     if result["models"]:
@@ -117,7 +144,7 @@ def write_markdown(path: Path, result: dict, plots: list[str]) -> None:
                 "conv + batch norm folded (nn.Conv2d, the PyTorch baseline) / "
                 "`sepconv.fuse` of it (other convs folded alike).", "",
                 "| model | format | batch | fused chains | as given b1 ms | "
-                + " | ".join(f"{h} (pair / sepconv)" for _, h, _ in MODEL_COLUMNS) + " |",
+                + " | ".join(f"{h} (pair / sepconv, gain)" for _, h, _ in MODEL_COLUMNS) + " |",
                 "|---" * (5 + len(MODEL_COLUMNS)) + "|"]
         out += [f"| {r['model']} | {r['format']} | {r['batch']} | {r['fused_chains']} | "
                 f"{r['given_latency_s'] * 1e3:.1f} | "

@@ -3,13 +3,14 @@ tested)."""
 
 import csv
 import json
+import re
 
 import pytest
 import torch
 
 from benchmarks.__main__ import main
 from benchmarks.layers import check_agree
-from benchmarks.machine import machine_name
+from benchmarks.machine import cpu_uarch, describe, machine_name
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -60,9 +61,27 @@ def test_thread_count_other_than_the_default_keeps_its_own_files(tmp_path):
 def test_machine_names_are_folder_names():
     cpu = {"device": "cpu", "cpu": "AMD EPYC 7B13 64-Core Processor", "cpu_cores": 2,
            "cpu_isa": "avx512"}
-    assert machine_name(cpu) == "amd-epyc-2core-avx512"
+    assert machine_name(cpu) == "amd-epyc-2core-avx512"  # microarchitecture unknown
+    assert machine_name({**cpu, "cpu": "AMD EPYC", "cpu_uarch": "zen4", "cpu_isa": "avx2"}) \
+        == "amd-zen4-2core-avx2"
+    xeon = {**cpu, "cpu": "Intel(R) Xeon(R) Processor", "cpu_uarch": "sapphirerapids"}
+    assert machine_name(xeon) == "intel-sapphirerapids-2core-avx512"
     assert machine_name({"device": "cuda", "gpu": "NVIDIA H100 80GB HBM3"}) == \
         "nvidia-h100-80gb-hbm3"
+
+
+def test_microarchitecture_from_family_and_flags():
+    def info(vendor, family, flags):
+        return {"vendor_id": vendor, "cpu family": str(family), "flags": flags}
+    amd, intel = "AuthenticAMD", "GenuineIntel"
+    assert cpu_uarch(info(amd, 25, "fma avx2 avx512f avx512_bf16")) == "zen4"
+    assert cpu_uarch(info(amd, 25, "fma avx2")) == "zen3"  # same family, no AVX-512
+    assert cpu_uarch(info(intel, 6, "avx2 avx512f avx512_vnni amx_tile amx_int8")) == \
+        "sapphirerapids"
+    assert cpu_uarch(info(intel, 6, "avx2 avx512f avx512_vnni")) == "cascadelake"
+    assert cpu_uarch({"vendor_id": "ARM"}) is None and cpu_uarch({}) is None
+    here = describe("cpu")  # whatever this machine is, its name is a folder name
+    assert re.fullmatch(r"[a-z0-9-]+", machine_name(here)) and here["cpu_caches"]["l2"] > 0
 
 
 def test_default_folder_and_out_none(tmp_path, monkeypatch):
