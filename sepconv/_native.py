@@ -14,6 +14,7 @@ from ._backend import _C
 from .reference import ACTIVATIONS
 
 DTYPES = {torch.float32: "float32", torch.float64: "float64"}
+ACT_CODES = {name: code for code, name in enumerate(ACTIVATIONS)}
 
 
 def memory_format(x: Tensor) -> torch.memory_format:
@@ -50,8 +51,7 @@ def _geometry(x, dw_weight, pw_weight, stride, padding, dilation, fmt, act1, act
     Ho, Wo = output_size(x, dw_weight, stride, padding, dilation)
     return (N, C, H, W, dw_weight.shape[0] // C, pw_weight.shape[0], *dw_weight.shape[2:],
             *stride, top, bottom, left, right, *dilation, Ho, Wo,
-            fmt == torch.channels_last, ACTIVATIONS.index(act1), ACTIVATIONS.index(act2),
-            torch.get_num_threads())
+            fmt == torch.channels_last, ACT_CODES[act1], ACT_CODES[act2], torch.get_num_threads())
 
 
 def _dense(*ts: Tensor | None) -> list[Tensor | None]:

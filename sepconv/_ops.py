@@ -166,4 +166,7 @@ def call(x, dw_weight, pw_weight, dw_bias, pw_bias, stride, padding, dilation, m
     if (backend in ("auto", "native") and _native.supports(x)
             and _nothing_to_record((x, dw_weight, pw_weight, dw_bias, pw_bias))):
         return _native.forward(*args)
+    if torch.onnx.is_in_onnx_export():  # (an export traces, so it never takes the path above)
+        # ONNX has no sepconv op: export the same maths as standard Conv / activation nodes.
+        return reference.forward(*args)
     return separable_conv2d(*args, backend)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from . import _backend, _ops, reference
+from . import _backend, _ops
 from .reference import ACTIVATIONS
 
 __all__ = ["separable_conv2d"]
@@ -58,6 +58,52 @@ def resolve_padding(padding, kernel_size, stride, dilation) -> list[int]:
     return [ph, ph, pw, pw]
 
 
+def _key(v):
+    """A hashable stand-in for a hyper-parameter that keeps its types (True == 1 and
+    (1, 1) == [1, 1], but only one of each is valid)."""
+    t = type(v)
+    if t is tuple or t is list:
+        return t, tuple(v), tuple(map(type, v))
+    return t, v
+
+
+def _check_config(stride, padding, dilation, kh: int, kw: int, H: int, W: int, mid_activation,
+                  activation) -> tuple:
+    """The checked, normalised hyper-parameters of a call: (stride, [top, bottom, left,
+    right], dilation, act1, act2)."""
+    stride = _pair(stride, "stride", 1)
+    dilation = _pair(dilation, "dilation", 1)
+    pads = resolve_padding(padding, (kh, kw), stride, dilation)
+    act1 = _activation(mid_activation, "mid_activation")
+    act2 = _activation(activation, "activation")
+    for size, before, after, d, k, axis in ((H, *pads[:2], dilation[0], kh, "height"),
+                                            (W, *pads[2:], dilation[1], kw, "width")):
+        if size + before + after < d * (k - 1) + 1:
+            raise ValueError(f"kernel {axis} {d * (k - 1) + 1} (dilated) is larger than the "
+                             f"padded input {axis} {size + before + after}")
+    return tuple(stride), tuple(pads), tuple(dilation), act1, act2
+
+
+_CONFIGS: dict = {}  # _check_config's results: a layer calls with the same ones every time
+
+
+def _config(stride, padding, dilation, kh, kw, H, W, mid_activation, activation) -> tuple:
+    """_check_config, memoised: checking anew cost about a third of a small layer's
+    per-call overhead."""
+    args = (stride, padding, dilation, kh, kw, H, W, mid_activation, activation)
+    try:
+        key = (_key(stride), _key(padding), _key(dilation), kh, kw, H, W,
+               _key(mid_activation), _key(activation))
+        return _CONFIGS[key]
+    except TypeError:  # an unhashable argument: checked, not kept
+        return _check_config(*args)
+    except KeyError:
+        config = _check_config(*args)
+        if len(_CONFIGS) < 4096:
+            _CONFIGS[key] = config
+        return config
+
+
 def _check_tensor(t, name: str, x: Tensor | None, shape: tuple | None) -> None:
     if not isinstance(t, Tensor):
         raise TypeError(f"{name} must be a Tensor, got {type(t).__name__}")
@@ -98,7 +144,8 @@ def separable_conv2d(
     ``mid_activation`` / ``activation``: None, "relu", "relu6", "silu", "hardswish".
     """
     _check_tensor(x, "x", None, None)
-    if torch.amp.is_autocast_available(x.device.type) and torch.is_autocast_enabled(x.device.type):
+    if (torch._C._is_any_autocast_enabled() and torch.amp.is_autocast_available(x.device.type)
+            and torch.is_autocast_enabled(x.device.type)):
         # As autocast treats F.conv2d: float32 tensors are cast to the autocast dtype (the
         # kernels still accumulate in fp32); gradients flow back through the cast.
         low = torch.get_autocast_dtype(x.device.type)
@@ -138,21 +185,11 @@ def separable_conv2d(
         _check_tensor(bias, "bias", x, (Co,))
     if depthwise_bias is not None:
         _check_tensor(depthwise_bias, "depthwise_bias", x, (Cm,))
-    stride = _pair(stride, "stride", 1)
-    dilation = _pair(dilation, "dilation", 1)
-    pads = resolve_padding(padding, (kh, kw), stride, dilation)
-    act1 = _activation(mid_activation, "mid_activation")
-    act2 = _activation(activation, "activation")
-    for size, before, after, d, k, axis in ((H, *pads[:2], dilation[0], kh, "height"),
-                                            (W, *pads[2:], dilation[1], kw, "width")):
-        if size + before + after < d * (k - 1) + 1:
-            raise ValueError(f"kernel {axis} {d * (k - 1) + 1} (dilated) is larger than the "
-                             f"padded input {axis} {size + before + after}")
+    stride, pads, dilation, act1, act2 = _config(stride, padding, dilation, kh, kw, H, W,
+                                                 mid_activation, activation)
     tensors = (x, depthwise_weight, pointwise_weight, depthwise_bias, bias)
-    if torch.onnx.is_in_onnx_export():
-        # ONNX has no sepconv op: export the same maths as standard Conv / activation nodes.
-        return reference.forward(*tensors, stride, pads, dilation, act1, act2)
-    return _ops.call(*tensors, stride, pads, dilation, act1, act2, _backend.current_backend())
+    return _ops.call(*tensors, list(stride), list(pads), list(dilation), act1, act2,
+                     _backend.current_backend())
 
 
 torch.fx.wrap("separable_conv2d")  # keep it one node in fx-traced models

@@ -174,3 +174,16 @@ def test_backend_errors_are_explicit():
 
 if __name__ == "__main__":
     print(json.dumps(_outcomes()))
+
+
+def test_memoised_hyper_parameters_keep_their_checks():
+    """The functional memoises checked hyper-parameters; a bad value equal to a good one
+    (True == 1) is still refused after the good one was seen, and lists work as tuples."""
+    x, dw, pw = torch.randn(1, 2, 5, 5), torch.randn(2, 1, 3, 3), torch.randn(3, 2, 1, 1)
+    want = sepconv.separable_conv2d(x, dw, pw, padding=1, stride=(1, 1))
+    sepconv.separable_conv2d(x, dw, pw, padding=(1, 1), stride=1)  # both forms now seen
+    for padding, stride in ((True, 1), (1, (True, 1)), ((1, True), 1)):
+        with pytest.raises(TypeError, match="must be an int"):
+            sepconv.separable_conv2d(x, dw, pw, padding=padding, stride=stride)
+    torch.testing.assert_close(sepconv.separable_conv2d(x, dw, pw, padding=[1, 1],
+                                                        stride=[1, 1]), want)
