@@ -32,16 +32,23 @@ int backward_impl(const Geometry& g, const T* gy, const T* y, const T* x, const 
   const int64_t per_thread = (2 + KS) * sU + KS * sGZ + (cl ? 0 : sGZ + 2 * sB);
   // Per-thread gradient accumulators, reduced in thread order at the end.
   const int64_t sacc = Co * Cm + kk * Cm + Cm + Co;
-  Buf<T> ws(T_ * per_thread), acc(T_ * sacc, true), wt(kk * Cm), bp(ldo * Cm), wpad(Co * ldm),
+  Buf<T> ws(T_ * per_thread), acc(T_ * sacc, true), wt(kk * Cm), bp(ldo * Cm), wpk(Co * ldm),
       bias(ldo, true);
   Buf<int64_t> cols(2 * g.kw);
-  if (!ws.p || !acc.p || !wt.p || !bp.p || !wpad.p || !bias.p || !cols.p) return OUT_OF_MEMORY;
+  if (!ws.p || !acc.p || !wt.p || !bp.p || !wpk.p || !bias.p || !cols.p) return OUT_OF_MEMORY;
   column_ranges(g, cols.p);
   for (int64_t c = 0; c < Cm; ++c)
     for (int64_t t = 0; t < kk; ++t) wt.p[t * Cm + c] = dww[c * kk + t];
   for (int64_t q = 0; q < ldo / nr; ++q) pack_wt_panel(pww, Co, Cm, q, bp.p);
-  for (int64_t co = 0; co < Co; ++co)
-    for (int64_t c = 0; c < Cm; ++c) wpad.p[co * ldm + c] = pww[co * Cm + c];
+  // W itself is the B operand of dL/dU = GZ . W, in panels of nr mid channels, each
+  // panel contiguous (Co x nr, zero padded): a panel read straight from the Co x Cm
+  // matrix would be Co rows 4 * Cm bytes apart, 4 MiB of address range at 1024 x 1024.
+  for (int64_t q = 0; q < ldm / nr; ++q)
+    for (int64_t co = 0; co < Co; ++co)
+      for (int64_t jj = 0; jj < nr; ++jj) {
+        const int64_t c = q * nr + jj;
+        wpk.p[(q * Co + co) * nr + jj] = c < Cm ? pww[co * Cm + c] : T(0);
+      }
   if (pwb)
     for (int64_t co = 0; co < Co; ++co) bias.p[co] = pwb[co];
 
@@ -117,7 +124,7 @@ int backward_impl(const Geometry& g, const T* gy, const T* y, const T* x, const 
         if (!need_g) continue;
         // G = dL/dU = (W^T . GZ) * act1'(U)
         Out<T> o{G, ldm, false, nullptr, 0, ACT_NONE};
-        gemm(np, Cm, Co, GZ, ldo, (int64_t)1, wpad.p, nr, ldm, o, false);
+        gemm(np, Cm, Co, GZ, ldo, (int64_t)1, wpk.p, Co * nr, nr, o, false);
         if (g.act1 != ACT_NONE)
           for (int64_t r = 0; r < np; ++r)
             grad_act(g.act1, G + r * ldm, U + r * ldm, G + r * ldm, Cm);
