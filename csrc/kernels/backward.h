@@ -67,7 +67,7 @@ int backward_impl(const Geometry& g, const T* gy, const T* y, const T* x, const 
     auto flush_pw = [&] {  // gW[co][c] += sum_p GZ[p][co] * M[p][c] over the stack
       if (out.pw_weight && stacked) {
         Out<T> o{a_pw, Cm, true, nullptr, 0, ACT_NONE};
-        gemm(Co, Cm, stacked, GZs, (int64_t)1, ldo, Ms, nr, ldm, o, false);
+        gemm(Co, Cm, stacked, GZs, (int64_t)1, ldo, Ms, nr, ldm, o);
       }
       stacked = 0;
     };
@@ -109,7 +109,7 @@ int backward_impl(const Geometry& g, const T* gy, const T* y, const T* x, const 
         // silu and hardswish need z itself.
         if (g.act2 != ACT_NONE && !from_y) {
           Out<T> o{GZ, ldo, false, bias.p, pwb ? 2 : 0, ACT_NONE};
-          gemm(np, Co, Cm, M, ldm, (int64_t)1, bp.p, Cm * nr, nr, o, false);
+          gemm(np, Co, Cm, M, ldm, (int64_t)1, bp.p, Cm * nr, nr, o);
         }
         for (int64_t r = 0; r < np; ++r)
           grad_act(g.act2, gyt + r * gy_rs, from_y ? yt + r * gy_rs : GZ + r * ldo, GZ + r * ldo,
@@ -124,7 +124,7 @@ int backward_impl(const Geometry& g, const T* gy, const T* y, const T* x, const 
         if (!need_g) continue;
         // G = dL/dU = (W^T . GZ) * act1'(U)
         Out<T> o{G, ldm, false, nullptr, 0, ACT_NONE};
-        gemm(np, Cm, Co, GZ, ldo, (int64_t)1, wpk.p, Co * nr, nr, o, false);
+        gemm(np, Cm, Co, GZ, ldo, (int64_t)1, wpk.p, Co * nr, nr, o);
         if (g.act1 != ACT_NONE)
           for (int64_t r = 0; r < np; ++r)
             grad_act(g.act1, G + r * ldm, U + r * ldm, G + r * ldm, Cm);

@@ -117,21 +117,20 @@ void micro_rows(int mr, int64_t K, const T* A, int64_t ars, int64_t acs, const T
   micro<T, M, NVT>(K, A, ars, acs, B, ldb, o, i0, j0, nr);
 }
 
-// rows_outer: keep an MR-row block of A hot and stream the B panels, or the
-// reverse. The caller puts the weight operand in the outer loop so that the
-// weights are read once per tile while the tile-sized operand stays in L1/L2.
+// A panel of B (the weights, in the callers) in the outer loop, so that the weights
+// are read once per call while the row blocks of A (the tile) stream past each panel.
 template <class T>
 void gemm(int64_t M, int64_t N, int64_t K, const T* A, int64_t ars, int64_t acs, const T* B,
-          int64_t b_panel, int64_t ldb, const Out<T>& o, bool rows_outer) {
+          int64_t b_panel, int64_t ldb, const Out<T>& o) {
   constexpr int64_t nr = NR<T>(), L = lanes<T>();
   const int64_t np = ceil_div(N, nr), nm = ceil_div(M, MR);
   if (M <= 0 || N <= 0) return;
-  for (int64_t outer = 0; outer < (rows_outer ? nm : np); ++outer) {
-    for (int64_t inner = 0; inner < (rows_outer ? np : nm); ++inner) {
-      int64_t q = rows_outer ? inner : outer, ib = rows_outer ? outer : inner;
-      int64_t i0 = ib * MR, j0 = q * nr, cols = imin(nr, N - j0);
-      int mr = (int)imin(MR, M - i0);
-      const T* bq = B + q * b_panel;
+  for (int64_t q = 0; q < np; ++q) {
+    const T* bq = B + q * b_panel;
+    const int64_t j0 = q * nr, cols = imin(nr, N - j0);
+    for (int64_t ib = 0; ib < nm; ++ib) {
+      const int64_t i0 = ib * MR;
+      const int mr = (int)imin(MR, M - i0);
       if (cols <= L)
         micro_rows<T, 1>(mr, K, A, ars, acs, bq, ldb, o, i0, j0, cols);
       else
