@@ -56,10 +56,8 @@ def assert_close(got: torch.Tensor, want: torch.Tensor, dtype: torch.dtype, what
     torch.testing.assert_close(got.double().cpu(), want, **tol, msg=lambda m: f"{what}: {m}")
 
 
-@pytest.fixture(params=PATHS, ids=PATH_IDS)
-def path(request):
-    """Runs the test body on one implementation path; yields its dtype and device."""
-    backend, isa, dtype, device = request.param
+def _on_path(param):
+    backend, isa, dtype, device = param
     if isa is not None:
         previous = _C.isa()
         _C.set_isa(isa)
@@ -67,6 +65,19 @@ def path(request):
         yield dict(dtype=dtype, device=device)
     if isa is not None:
         _C.set_isa(previous)
+
+
+@pytest.fixture(params=PATHS, ids=PATH_IDS)
+def path(request):
+    """Runs the test body on one implementation path; yields its dtype and device."""
+    yield from _on_path(request.param)
+
+
+@pytest.fixture(params=[p for p in PATHS if p[0] == "native"],
+                ids=[i for i, p in zip(PATH_IDS, PATHS) if p[0] == "native"])
+def native_path(request):
+    """``path``, on the native paths only (for shapes too large for the interpreter)."""
+    yield from _on_path(request.param)
 
 
 def oracle(x, dw, pw, b, b_dw, stride, padding, dilation, act1, act2, mid_dtype=None):

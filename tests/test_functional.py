@@ -79,6 +79,18 @@ def test_shapes(path, case, layout):
                          layout=LAYOUTS[layout])
 
 
+# Rows of 4 KiB and more (512 channels in float64): the native backward packs these
+# weight-gradient stacks (GZ at Co = 520; M at Cm = 515, with a part panel), over 5
+# bands per image. Native only: the Triton interpreter takes minutes at this size.
+@pytest.mark.parametrize("case", [(2, 6, 20, 20, 1, 520), (2, 515, 20, 7, 1, 9)],
+                         ids=["Co520", "Cm515"])
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_wide_rows(native_path, case, layout):
+    check_against_oracle(native_path, make_inputs(*case, 3), 1, 1, 1, "relu", "hardswish",
+                         layout=LAYOUTS[layout])
+    check_against_oracle(native_path, make_inputs(*case, 3, seed=1), 1, 1, 1, "silu", "relu")
+
+
 @pytest.mark.parametrize("act1", list(ACTS), ids=str)
 @pytest.mark.parametrize("act2", list(ACTS), ids=str)
 def test_activations(path, act1, act2):

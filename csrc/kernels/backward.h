@@ -13,6 +13,10 @@ int backward_impl(const Geometry& g, const T* gy, const T* y, const T* x, const 
   const bool cl = g.channels_last;
   const bool need_g = out.x || out.dw_weight || out.dw_bias;  // d loss / d U needed
   const bool from_y = y && (g.act2 == ACT_RELU || g.act2 == ACT_RELU6);
+  // GZ = dL/dz where z = W.M + b. relu'(z) and relu6'(z) equal relu'(y) and relu6'(y)
+  // exactly (NaN included), so with y at hand z is not recomputed; silu and
+  // hardswish need z itself.
+  const bool need_z = g.act2 != ACT_NONE && !from_y;
   // Tiles are bands of R whole output rows. Bands b and b+2 read disjoint input
   // rows when (R + 1) * sh > (kh - 1) * dh, so the even bands, then the odd ones,
   // can scatter into grad_x in parallel without races and in a fixed order.
@@ -23,43 +27,58 @@ int backward_impl(const Geometry& g, const T* gy, const T* y, const T* x, const 
 
   // The weight gradient sums GZ^T . M over all pixels. Per tile its K is one band
   // (49 pixels at 7x7), so each call streamed the Co x Cm accumulator from L3 for
-  // little work; the M and GZ of KS consecutive tiles of a thread are kept side by
-  // side and that GEMM runs once per KS tiles, with K of about 256 pixels.
-  const int64_t KS = imax(1, 256 / P);
-  // Per-thread tile buffers: U, dL/dU (G), KS x act1(U) (M), KS x dL/dz (GZ); NCHW
-  // adds the NHWC tiles of x (its band), grad_y and grad_x (its band).
+  // little work; the M and GZ of KS consecutive tiles of a thread are stacked (KP
+  // pixels) and that GEMM runs once per stack. Stacked pixel-major, each k of that
+  // GEMM steps a whole row of each; from rows of 4 KiB (1024 channels) on, each
+  // step is a new page, which the prefetchers do not follow, and at Co = 3072 it
+  // ran at half speed. Such a stack is packed instead, as the tiles are made, in the
+  // order the GEMM reads it: GZ^T in blocks of MR output channels (KP x MR), M in
+  // panels of nr mid channels (KP x nr). Narrower rows stay as they are: the copy
+  // cost the 32- and 64-channel layers 3-7%.
+  const int64_t KS = imax(1, 256 / P), KP = KS * P;
+  const bool pack_gz = ldo * (int64_t)sizeof(T) >= 4096, pack_m = ldm * (int64_t)sizeof(T) >= 4096;
+  // Per-thread buffers: the tiles U, G (dL/dU, and act1(U) before it) and GZ (when
+  // packed), the stacks, and for NCHW grad_y's tile and the NHWC bands of x, grad_x.
   const int64_t sU = P * ldm, sGZ = P * ldo, sB = cl ? 0 : band_elems(g, P);
-  const int64_t per_thread = (2 + KS) * sU + KS * sGZ + (cl ? 0 : sGZ + 2 * sB);
+  const int64_t sMs = KP * ldm, sGZs = KP * imax(ldo, round_up(Co, MR));
+  const int64_t per_thread = 2 * sU + sGZ + sMs + sGZs + (cl ? 0 : sGZ + 2 * sB);
   // Per-thread gradient accumulators, reduced in thread order at the end.
   const int64_t sacc = Co * Cm + kk * Cm + Cm + Co;
-  Buf<T> ws(T_ * per_thread), acc(T_ * sacc, true), wt(kk * Cm), bp(ldo * Cm), wpk(Co * ldm),
-      bias(ldo, true);
+  Buf<T> ws(T_ * per_thread), acc(T_ * sacc), wt(kk * Cm), bp(need_z ? ldo * Cm : 0),
+      wpk(need_g ? Co * ldm : 0), bias(ldo, true);
   Buf<int64_t> cols(2 * g.kw);
   if (!ws.p || !acc.p || !wt.p || !bp.p || !wpk.p || !bias.p || !cols.p) return OUT_OF_MEMORY;
   column_ranges(g, cols.p);
   for (int64_t c = 0; c < Cm; ++c)
     for (int64_t t = 0; t < kk; ++t) wt.p[t * Cm + c] = dww[c * kk + t];
-  for (int64_t q = 0; q < ldo / nr; ++q) pack_wt_panel(pww, Co, Cm, q, bp.p);
-  // W itself is the B operand of dL/dU = GZ . W, in panels of nr mid channels, each
-  // panel contiguous (Co x nr, zero padded): a panel read straight from the Co x Cm
-  // matrix would be Co rows 4 * Cm bytes apart, 4 MiB of address range at 1024 x 1024.
-  for (int64_t q = 0; q < ldm / nr; ++q)
-    for (int64_t co = 0; co < Co; ++co)
-      for (int64_t jj = 0; jj < nr; ++jj) {
-        const int64_t c = q * nr + jj;
-        wpk.p[(q * Co + co) * nr + jj] = c < Cm ? pww[co * Cm + c] : T(0);
-      }
   if (pwb)
     for (int64_t co = 0; co < Co; ++co) bias.p[co] = pwb[co];
 
+  int team = 1;
 #pragma omp parallel num_threads(g.threads)
   {
     const int tid = omp_get_thread_num();
+    // The weight panels are packed by all threads, and each thread clears its own
+    // accumulators: done serially they were a tenth of the backward at 768 -> 3072.
+    // (The team may be smaller than asked for: only its threads' accumulators are
+    // cleared and summed.)
+    if (tid == 0) team = omp_get_num_threads();
+    memset(acc.p + tid * sacc, 0, sacc * sizeof(T));
+    if (need_z) {
+#pragma omp for schedule(static) nowait
+      for (int64_t q = 0; q < ldo / nr; ++q) pack_wt_panel(pww, Co, Cm, q, bp.p);
+    }
+    if (need_g) {
+#pragma omp for schedule(static) nowait
+      for (int64_t q = 0; q < ldm / nr; ++q) pack_w_panel(pww, Co, Cm, q, wpk.p);
+    }
+#pragma omp barrier
     T* U = ws.p + tid * per_thread;
     T* G = U + sU;
-    T* Ms = G + sU;
-    T* GZs = Ms + KS * sU;
-    T* GY = GZs + KS * sGZ;  // NCHW only: grad_y's tile, then the two bands
+    T* GZt = G + sU;
+    T* Ms = GZt + sGZ;
+    T* GZs = Ms + sMs;
+    T* GY = GZs + sGZs;  // NCHW only: grad_y's tile, then the two bands
     T* XB = GY + sGZ;
     T* GXB = XB + sB;
     T* a_pw = acc.p + tid * sacc;
@@ -67,7 +86,9 @@ int backward_impl(const Geometry& g, const T* gy, const T* y, const T* x, const 
     auto flush_pw = [&] {  // gW[co][c] += sum_p GZ[p][co] * M[p][c] over the stack
       if (out.pw_weight && stacked) {
         Out<T> o{a_pw, Cm, true, nullptr, 0, ACT_NONE};
-        gemm(Co, Cm, stacked, GZs, (int64_t)1, ldo, Ms, nr, ldm, o);
+        const int64_t acs = pack_gz ? MR : ldo, a_block = pack_gz ? KP * MR : MR;
+        const int64_t b_panel = pack_m ? KP * nr : nr, ldb = pack_m ? nr : ldm;
+        gemm(Co, Cm, stacked, GZs, (int64_t)1, acs, a_block, Ms, b_panel, ldb, o);
       }
       stacked = 0;
     };
@@ -80,9 +101,8 @@ int backward_impl(const Geometry& g, const T* gy, const T* y, const T* x, const 
       for (int64_t t = 0; t < g.N * per_n; ++t) {
         const int64_t n = t / per_n, band = 2 * (t % per_n) + phase;
         const int64_t p0 = band * P, p1 = imin(p0 + P, HWo), np = p1 - p0;
-        if (stacked + P > KS * P) flush_pw();
-        T* M = Ms + stacked * ldm;  // act1(U)
-        T* GZ = GZs + stacked * ldo;
+        if (stacked + P > KP) flush_pw();
+        T* GZ = pack_gz ? GZt : GZs + stacked * ldo;
         const T* xn = x + n * g.C * g.H * g.W;
         T* gxn = out.x ? out.x + n * g.C * g.H * g.W : nullptr;
         // grad_y and y of these pixels, pixel-major, rows gy_rs apart
@@ -100,16 +120,20 @@ int backward_impl(const Geometry& g, const T* gy, const T* y, const T* x, const 
           gyt = GY, yt = GZ, gy_rs = ldo;
         }
         dw_forward(g, cols.p, xn, r0, r1, wt.p, dwb, ACT_NONE, p0, p1, U, ldm);
-        for (int64_t r = 0; r < np; ++r) {
-          for (int64_t c = 0; c < Cm; ++c) M[r * ldm + c] = U[r * ldm + c];
-          act_inplace(g.act1, M + r * ldm, Cm);
+        // M = act1(U), pixel-major: straight onto an unpacked stack, else in G, or U
+        // itself when act1 is the identity.
+        const T* M = U;
+        T* Mt = out.pw_weight && !pack_m ? Ms + stacked * ldm : G;
+        if ((out.pw_weight || need_z) && (g.act1 != ACT_NONE || Mt != G)) {
+          for (int64_t r = 0; r < np; ++r) {
+            for (int64_t c = 0; c < Cm; ++c) Mt[r * ldm + c] = U[r * ldm + c];
+            act_inplace(g.act1, Mt + r * ldm, Cm);
+          }
+          M = Mt;
         }
-        // GZ = dL/dz where z = W.M + b. relu'(z) and relu6'(z) equal relu'(y) and
-        // relu6'(y) exactly (NaN included), so with y at hand z is not recomputed;
-        // silu and hardswish need z itself.
-        if (g.act2 != ACT_NONE && !from_y) {
+        if (need_z) {
           Out<T> o{GZ, ldo, false, bias.p, pwb ? 2 : 0, ACT_NONE};
-          gemm(np, Co, Cm, M, ldm, (int64_t)1, bp.p, Cm * nr, nr, o);
+          gemm(np, Co, Cm, M, ldm, (int64_t)1, MR * ldm, bp.p, Cm * nr, nr, o);
         }
         for (int64_t r = 0; r < np; ++r)
           grad_act(g.act2, gyt + r * gy_rs, from_y ? yt + r * gy_rs : GZ + r * ldo, GZ + r * ldo,
@@ -120,11 +144,25 @@ int backward_impl(const Geometry& g, const T* gy, const T* y, const T* x, const 
 #pragma omp simd
             for (int64_t c = 0; c < Co; ++c) a_pwb[c] += z[c];
           }
-        stacked += np;  // its weight gradient waits for flush_pw
+        if (out.pw_weight) {  // onto the stacks; the weight gradient waits for flush_pw
+          for (int64_t r = 0; r < np; ++r) {
+            const int64_t k = stacked + r;
+            if (pack_m)  // whole panels: M's rows are ldm long
+              for (int64_t q = 0; q < ldm / nr; ++q)
+                storeu_n<T, nr>(Ms + (q * KP + k) * nr, M + r * ldm + q * nr);
+            if (pack_gz) {
+              int64_t b = 0;
+              for (; (b + 1) * MR <= Co; ++b)
+                storeu_n<T, MR>(GZs + (b * KP + k) * MR, GZ + r * ldo + b * MR);
+              for (int64_t i = b * MR; i < Co; ++i) GZs[(b * KP + k) * MR + i - b * MR] = GZ[r * ldo + i];
+            }
+          }
+          stacked += np;
+        }
         if (!need_g) continue;
         // G = dL/dU = (W^T . GZ) * act1'(U)
         Out<T> o{G, ldm, false, nullptr, 0, ACT_NONE};
-        gemm(np, Cm, Co, GZ, ldo, (int64_t)1, wpk.p, Co * nr, nr, o);
+        gemm(np, Cm, Co, GZ, ldo, (int64_t)1, MR * ldo, wpk.p, Co * nr, nr, o);
         if (g.act1 != ACT_NONE)
           for (int64_t r = 0; r < np; ++r)
             grad_act(g.act1, G + r * ldm, U + r * ldm, G + r * ldm, Cm);
@@ -135,15 +173,28 @@ int backward_impl(const Geometry& g, const T* gy, const T* y, const T* x, const 
       }
     }
     flush_pw();
+    // The weight gradients of the threads are summed in thread order, so the result
+    // does not depend on the schedule, and split by element over the threads: at
+    // 1024 x 1024 this 4 MiB sum took 8% of the backward on one thread.
+    if (out.pw_weight) {
+#pragma omp barrier
+#pragma omp for schedule(static)
+      for (int64_t i0 = 0; i0 < Co * Cm; i0 += 4096) {
+        const int64_t n = imin(4096, Co * Cm - i0);
+        T* d = out.pw_weight + i0;
+        for (int64_t t = 0; t < team; ++t) {
+          const T* a = acc.p + t * sacc + i0;
+#pragma omp simd
+          for (int64_t i = 0; i < n; ++i) d[i] = (t ? d[i] : T(0)) + a[i];
+        }
+      }
+    }
   }
-  // Deterministic reduction of the per-thread accumulators, in thread order.
-  for (int64_t t = 0; t < T_; ++t) {
-    const T* a_pw = acc.p + t * sacc;
-    const T* a_dw = a_pw + Co * Cm;
+  // The small accumulators, likewise in thread order.
+  for (int64_t t = 0; t < team; ++t) {
+    const T* a_dw = acc.p + t * sacc + Co * Cm;
     const T* a_dwb = a_dw + kk * Cm;
     const T* a_pwb = a_dwb + Cm;
-    if (out.pw_weight)
-      for (int64_t i = 0; i < Co * Cm; ++i) out.pw_weight[i] = (t ? out.pw_weight[i] : T(0)) + a_pw[i];
     if (out.dw_weight)  // accumulated as [tap][Cm]; the result is [Cm][tap]
       for (int64_t c = 0; c < Cm; ++c)
         for (int64_t k = 0; k < kk; ++k)

@@ -3,7 +3,9 @@
 // (after the files listed before it there); it includes nothing itself.
 
 // C[i][j] (i < M, j < N) = epilogue(sum_k A[i][k] B[k][j]).
-// A[i][k] = A[i*ars + k*acs]: any layout, read by broadcast.
+// A: row blocks of MR rows; block b starts at A + b*a_block, and its row i, column k
+//    is at + i*ars + k*acs. A strided matrix has a_block = MR*ars; the weight
+//    gradient packs A into blocks of K x MR (ars = 1, acs = MR) that it reads in order.
 // B: panels of NR columns; panel q starts at B + q*b_panel, row k at + k*ldb.
 //    Every panel is readable for all NR columns (callers pad), so no masking.
 // C: C[i][j] at c + i*rs + j, or at c + j*rs + i when transposed.
@@ -53,11 +55,11 @@ inline void store_tile_transposed(const V<T> (&acc)[M][NVT], int a, T* c, int64_
   }
 }
 
-// One micro-tile: rows [i0, i0 + M) by columns [j0, j0 + nr), nr <= NVT * L.
-// NVT = 1 serves panels of at most L columns (16 output channels), which would
-// otherwise spend half their FMAs on padding.
+// One micro-tile: rows [i0, i0 + M) by columns [j0, j0 + nr), nr <= NVT * L; a is
+// the first row's A. NVT = 1 serves panels of at most L columns (16 output
+// channels), which would otherwise spend half their FMAs on padding.
 template <class T, int M, int NVT>
-void micro(int64_t K, const T* A, int64_t ars, int64_t acs, const T* B, int64_t ldb,
+void micro(int64_t K, const T* a, int64_t ars, int64_t acs, const T* B, int64_t ldb,
            const Out<T>& o, int64_t i0, int64_t j0, int64_t nr) {
   constexpr int L = lanes<T>();
   // The accumulators start from the bias, which leaves the epilogue bias-free.
@@ -67,7 +69,6 @@ void micro(int64_t K, const T* A, int64_t ars, int64_t acs, const T* B, int64_t 
       acc[i][v] = o.bias_mode == 1   ? bcast(o.bias[i0 + i])
                   : o.bias_mode == 2 ? loadu(o.bias + j0 + v * L)
                                      : V<T>{};
-  const T* a = A + i0 * ars;
   for (int64_t k = 0; k < K; ++k) {
     const T* b = B + k * ldb;
     V<T> bv[NVT];
@@ -109,19 +110,19 @@ void micro(int64_t K, const T* A, int64_t ars, int64_t acs, const T* B, int64_t 
 }
 
 template <class T, int NVT, int M = MR>
-void micro_rows(int mr, int64_t K, const T* A, int64_t ars, int64_t acs, const T* B,
+void micro_rows(int mr, int64_t K, const T* a, int64_t ars, int64_t acs, const T* B,
                 int64_t ldb, const Out<T>& o, int64_t i0, int64_t j0, int64_t nr) {
   if constexpr (M > 1) {
-    if (mr < M) return micro_rows<T, NVT, M - 1>(mr, K, A, ars, acs, B, ldb, o, i0, j0, nr);
+    if (mr < M) return micro_rows<T, NVT, M - 1>(mr, K, a, ars, acs, B, ldb, o, i0, j0, nr);
   }
-  micro<T, M, NVT>(K, A, ars, acs, B, ldb, o, i0, j0, nr);
+  micro<T, M, NVT>(K, a, ars, acs, B, ldb, o, i0, j0, nr);
 }
 
 // A panel of B (the weights, in the callers) in the outer loop, so that the weights
 // are read once per call while the row blocks of A (the tile) stream past each panel.
 template <class T>
-void gemm(int64_t M, int64_t N, int64_t K, const T* A, int64_t ars, int64_t acs, const T* B,
-          int64_t b_panel, int64_t ldb, const Out<T>& o) {
+void gemm(int64_t M, int64_t N, int64_t K, const T* A, int64_t ars, int64_t acs,
+          int64_t a_block, const T* B, int64_t b_panel, int64_t ldb, const Out<T>& o) {
   constexpr int64_t nr = NR<T>(), L = lanes<T>();
   const int64_t np = ceil_div(N, nr), nm = ceil_div(M, MR);
   if (M <= 0 || N <= 0) return;
@@ -131,10 +132,11 @@ void gemm(int64_t M, int64_t N, int64_t K, const T* A, int64_t ars, int64_t acs,
     for (int64_t ib = 0; ib < nm; ++ib) {
       const int64_t i0 = ib * MR;
       const int mr = (int)imin(MR, M - i0);
+      const T* a = A + ib * a_block;
       if (cols <= L)
-        micro_rows<T, 1>(mr, K, A, ars, acs, bq, ldb, o, i0, j0, cols);
+        micro_rows<T, 1>(mr, K, a, ars, acs, bq, ldb, o, i0, j0, cols);
       else
-        micro_rows<T, NV>(mr, K, A, ars, acs, bq, ldb, o, i0, j0, cols);
+        micro_rows<T, NV>(mr, K, a, ars, acs, bq, ldb, o, i0, j0, cols);
     }
   }
 }

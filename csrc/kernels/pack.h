@@ -81,3 +81,14 @@ template <class T> void pack_wt_panel(const T* w, int64_t Co, int64_t Cm, int64_
       for (int64_t k = k0; k < k1; ++k) panel[k * nr + jj] = jj < cols ? wq[jj * Cm + k] : T(0);
   }
 }
+
+// Panel q of W_pw as the B operand of dL/dU = GZ . W: Bp[q][co][jj] = W[co][q*NR + jj],
+// zero padded. Contiguous panels: read straight from the Co x Cm matrix, a panel would
+// be Co rows 4 * Cm bytes apart, 4 MiB of address range at 1024 x 1024.
+template <class T> void pack_w_panel(const T* w, int64_t Co, int64_t Cm, int64_t q, T* Bp) {
+  constexpr int64_t nr = NR<T>();
+  T* panel = Bp + q * Co * nr;
+  const int64_t cols = imin(nr, Cm - q * nr);
+  for (int64_t co = 0; co < Co; ++co)
+    for (int64_t jj = 0; jj < nr; ++jj) panel[co * nr + jj] = jj < cols ? w[co * Cm + q * nr + jj] : T(0);
+}

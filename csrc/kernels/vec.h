@@ -18,6 +18,8 @@ template <class T> constexpr int NR() { return NV * lanes<T>(); }
 
 template <class T> inline V<T> loadu(const T* p) { V<T> v; __builtin_memcpy(&v, p, sizeof v); return v; }
 template <class T> inline void storeu(T* p, V<T> v) { __builtin_memcpy(p, &v, sizeof v); }
+// Copies N elements, N a compile-time constant (so: vector moves, no call).
+template <class T, int64_t N> inline void storeu_n(T* d, const T* s) { __builtin_memcpy(d, s, N * sizeof(T)); }
 // s - 0 is an IEEE identity, so this compiles to a bare broadcast; `V<T>{} + s`
 // is not (-0 + 0 = +0) and leaves a scalar add in front of every broadcast.
 template <class T> inline V<T> bcast(T s) { return s - V<T>{}; }
