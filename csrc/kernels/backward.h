@@ -40,8 +40,8 @@ int backward_impl(const Geometry& g, const T* gy, const T* y, const T* x, const 
   // Per-thread buffers: the tiles U, G (dL/dU, and act1(U) before it) and GZ (when
   // packed), the stacks, and for NCHW grad_y's tile and the NHWC bands of x, grad_x.
   const int64_t sU = P * ldm, sGZ = P * ldo, sB = cl ? 0 : band_elems(g, P);
-  const int64_t sMs = KP * ldm, sGZs = KP * imax(ldo, round_up(Co, MR));
-  const int64_t per_thread = 2 * sU + sGZ + sMs + sGZs + (cl ? 0 : sGZ + 2 * sB);
+  const int64_t sGZt = pack_gz ? sGZ : 0, sMs = KP * ldm, sGZs = KP * imax(ldo, round_up(Co, MR));
+  const int64_t per_thread = 2 * sU + sGZt + sMs + sGZs + (cl ? 0 : sGZ + 2 * sB);
   // Per-thread gradient accumulators, reduced in thread order at the end.
   const int64_t sacc = Co * Cm + kk * Cm + Cm + Co;
   Buf<T> ws(T_ * per_thread), acc(T_ * sacc), wt(kk * Cm), bp(need_z ? ldo * Cm : 0),
@@ -76,7 +76,7 @@ int backward_impl(const Geometry& g, const T* gy, const T* y, const T* x, const 
     T* U = ws.p + tid * per_thread;
     T* G = U + sU;
     T* GZt = G + sU;
-    T* Ms = GZt + sGZ;
+    T* Ms = GZt + sGZt;
     T* GZs = Ms + sMs;
     T* GY = GZs + sGZs;  // NCHW only: grad_y's tile, then the two bands
     T* XB = GY + sGZ;
