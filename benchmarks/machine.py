@@ -81,6 +81,7 @@ def describe(device: str) -> dict:
          "cpu_family": cpu.get("cpu family"), "cpu_model_number": cpu.get("model"),
          "cpu_cores": os.cpu_count(), "cpu_isa": info["cpu_isa"],
          "cpu_isas": info["cpu_isas"], "cpu_caches": info.get("cpu_caches"),
+         "cpu_flush_denormal": info.get("cpu_flush_denormal"),
          "threads": torch.get_num_threads(),
          "python": sys.version.split()[0], "torch": torch.__version__,
          "onednn": onednn.group(1) if onednn else None, "sepconv": info["version"],

@@ -8,6 +8,7 @@
 
 #include <atomic>
 #include <cstdint>
+#include <cstdlib>
 #include <new>
 #include <string>
 #include <vector>
@@ -54,6 +55,18 @@ const Caches kCaches{cache_size(_SC_LEVEL1_DCACHE_SIZE, 32 << 10),
 // 256 KiB on a 1 MiB-L2 Zen 4, where this was tuned.
 std::atomic<int64_t> g_tile_bytes{kCaches.l2 / 4 < (64 << 10) ? (64 << 10) : kCaches.l2 / 4};
 std::atomic<int> g_isa{kBestIsa};
+// Subnormals flushed to zero inside the kernels (see DenormalMode in kernels/vec.h).
+std::atomic<bool> g_flush_denormals{true};
+
+// The scratch blocks of this thread, grown as needed and freed when the thread ends.
+struct ScratchBlocks {
+  void* p[sepconv::kScratchSlots] = {};
+  size_t cap[sepconv::kScratchSlots] = {};
+  ~ScratchBlocks() {
+    for (void* q : p) free(q);
+  }
+};
+thread_local ScratchBlocks t_scratch;
 
 int64_t get(const py::tuple& t, size_t i) { return t[i].cast<int64_t>(); }
 
@@ -76,6 +89,7 @@ Geometry parse(const py::tuple& t) {
   g.Ho = get(t, 16); g.Wo = get(t, 17); g.channels_last = t[18].cast<bool>();
   g.act1 = (int)get(t, 19); g.act2 = (int)get(t, 20); g.threads = (int)get(t, 21);
   g.tile_bytes = g_tile_bytes;
+  g.flush_denormals = g_flush_denormals;
   auto need = [](bool ok, const char* what) {
     if (!ok) throw py::value_error(std::string("invalid geometry: ") + what);
   };
@@ -134,6 +148,18 @@ bool is_f64(const std::string& dtype) {
 }
 
 }  // namespace
+
+void* sepconv::scratch(int slot, size_t bytes, bool* owned) {
+  *owned = bytes > kScratchKeep || slot < 0 || slot >= kScratchSlots;
+  if (*owned) return aligned_alloc(64, bytes);
+  ScratchBlocks& s = t_scratch;
+  if (s.cap[slot] < bytes) {
+    free(s.p[slot]);
+    s.p[slot] = aligned_alloc(64, bytes);
+    s.cap[slot] = s.p[slot] ? bytes : 0;
+  }
+  return s.p[slot];
+}
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "Fused depthwise-separable convolution CPU kernels (raw pointers; use sepconv).";
@@ -195,6 +221,11 @@ PYBIND11_MODULE(_C, m) {
     if (n < 4096 || n > (int64_t(1) << 30)) throw py::value_error("tile_bytes must be in [4096, 2**30]");
     g_tile_bytes = n;
   }, "Override the forward's depthwise tile budget (for tuning experiments).");
+  m.def("flush_denormal", [] { return g_flush_denormals.load(); },
+        "Whether the kernels treat subnormal inputs and results as zero (FTZ + DAZ).");
+  m.def("set_flush_denormal", [](bool on) { g_flush_denormals = on; },
+        "Flush subnormals to zero inside the kernels (True, the default) or keep IEEE "
+        "gradual underflow (False; subnormal data then runs 10-100x slower).");
   m.def("fma_peak", [](int threads, int64_t iters) {
     if (threads < 1 || iters < 1) throw py::value_error("threads and iters must be >= 1");
     py::gil_scoped_release nogil;

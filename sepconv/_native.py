@@ -87,7 +87,7 @@ def backward(grad_y, x, dw_weight, pw_weight, dw_bias, pw_bias, stride, padding,
     geom = _geometry(x, dw_weight, pw_weight, stride, padding, dilation, fmt,
                      mid_activation, activation)
     want_x, want_dw, want_pw, want_dwb, want_pwb = output_mask
-    gx = torch.zeros_like(x, memory_format=fmt) if want_x else None
+    gx = torch.empty_like(x, memory_format=fmt) if want_x else None  # cleared by the kernel
     gdw = torch.empty_like(dw_weight) if want_dw else None
     gpw = torch.empty_like(pw_weight) if want_pw else None
     gdwb = torch.empty_like(dw_bias) if want_dwb and dw_bias is not None else None

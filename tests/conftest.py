@@ -56,6 +56,29 @@ def assert_close(got: torch.Tensor, want: torch.Tensor, dtype: torch.dtype, what
     torch.testing.assert_close(got.double().cpu(), want, **tol, msg=lambda m: f"{what}: {m}")
 
 
+class _PoisonedTorch:
+    """``torch`` as sepconv._native sees it in the tests: its output buffers come
+    filled with NaN, so a kernel that leaves any element of y or of a gradient
+    unwritten (grad_x is cleared by the kernel itself) fails the comparison."""
+
+    def __getattr__(self, name):
+        return getattr(torch, name)
+
+    @staticmethod
+    def empty(*args, **kwargs):
+        return torch.empty(*args, **kwargs).fill_(float("nan"))
+
+    @staticmethod
+    def empty_like(*args, **kwargs):
+        return torch.empty_like(*args, **kwargs).fill_(float("nan"))
+
+
+@pytest.fixture(autouse=True)
+def _poisoned_native_outputs(monkeypatch):
+    from sepconv import _native
+    monkeypatch.setattr(_native, "torch", _PoisonedTorch())
+
+
 def _on_path(param):
     backend, isa, dtype, device = param
     if isa is not None:

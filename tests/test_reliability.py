@@ -126,15 +126,61 @@ def test_nan_and_inf_land_where_the_reference_puts_them(backend, dtype, device):
         torch.testing.assert_close(a, e, equal_nan=True, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("backend,dtype,device", EDGE_PATHS)
-def test_denormals_are_kept(backend, dtype, device):
-    """Subnormal inputs give subnormal results, not zeros (no flush-to-zero)."""
+@pytest.fixture
+def keep_denormals():
+    previous = sepconv.set_flush_denormal(False)
+    yield
+    sepconv.set_flush_denormal(previous)
+
+
+def _subnormal_inputs(dtype):
     tiny = torch.finfo(dtype).tiny
     x, dw, pw, b, _ = make_inputs(1, 2, 6, 6, 1, 3, 3)
-    x = x * tiny / 64  # every x subnormal; the products with O(1) weights stay subnormal
+    return tiny, x, dw, pw, x * tiny / 64  # every x subnormal; products with O(1) weights too
+
+
+@pytest.mark.parametrize("backend,dtype,device", EDGE_PATHS)
+def test_denormals_are_kept_when_asked(backend, dtype, device, keep_denormals):
+    """With flushing off (and always on Triton), subnormal inputs give subnormal
+    results equal to the reference's, not zeros."""
+    tiny, _, dw, pw, x = _subnormal_inputs(dtype)
     ours, ref = _both(backend, dtype, device, x, dw, pw, None, padding=1)
     assert 0 < ours[0].abs().max() < tiny
     torch.testing.assert_close(ours[0], ref[0], rtol=1e-3, atol=tiny / 2**10)
+
+
+@NATIVE
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_native_flushes_denormals_by_default_and_leaves_the_caller_alone(isa, dtype):
+    """By default the native kernels treat subnormals as zero: subnormal x gives an
+    exact zero y, normal data is unaffected, and the
+    caller's own arithmetic still keeps subnormals afterwards."""
+    assert sepconv.backend_info()["cpu_flush_denormal"]
+    tiny, normal, dw, pw, x = _subnormal_inputs(dtype)
+    previous = _C.isa()
+    _C.set_isa(isa)
+    try:
+        with sepconv.use_backend("native"):
+            y = SEP(x.to(dtype), dw.to(dtype), pw.to(dtype), padding=1)
+            assert y.abs().max() == 0
+            ours, ref = _both("native", dtype, "cpu", normal, dw, pw, None, padding=1)
+    finally:
+        _C.set_isa(previous)
+    for a, e in zip(ours, ref):
+        torch.testing.assert_close(a, e)
+    half_tiny = torch.tensor(tiny, dtype=dtype) / 2
+    assert half_tiny > 0 and (half_tiny * torch.ones(64, dtype=dtype)).min() > 0
+
+
+def test_set_flush_denormal_returns_the_previous_mode():
+    if _C is None:
+        assert sepconv.set_flush_denormal(True) is False
+        return
+    assert sepconv.set_flush_denormal(False) is True
+    assert sepconv.backend_info()["cpu_flush_denormal"] is False
+    assert sepconv.set_flush_denormal(True) is False
+    assert sepconv.backend_info()["cpu_flush_denormal"] is True
 
 
 @pytest.mark.skipif(not _triton.installed(), reason="triton is not installed")

@@ -44,9 +44,9 @@ int backward_impl(const Geometry& g, const T* gy, const T* y, const T* x, const 
   const int64_t per_thread = 2 * sU + sGZt + sMs + sGZs + (cl ? 0 : sGZ + 2 * sB);
   // Per-thread gradient accumulators, reduced in thread order at the end.
   const int64_t sacc = Co * Cm + kk * Cm + Cm + Co;
-  Buf<T> ws(T_ * per_thread), acc(T_ * sacc), wt(kk * Cm), bp(need_z ? ldo * Cm : 0),
-      wpk(need_g ? Co * ldm : 0), bias(ldo, true);
-  Buf<int64_t> cols(2 * g.kw);
+  Buf<T> ws(0, T_ * per_thread), acc(1, T_ * sacc), wt(2, kk * Cm), bp(3, need_z ? ldo * Cm : 0),
+      wpk(4, need_g ? Co * ldm : 0), bias(5, ldo, true);
+  Buf<int64_t> cols(6, 2 * g.kw);
   if (!ws.p || !acc.p || !wt.p || !bp.p || !wpk.p || !bias.p || !cols.p) return OUT_OF_MEMORY;
   column_ranges(g, cols.p);
   for (int64_t c = 0; c < Cm; ++c)
@@ -55,8 +55,10 @@ int backward_impl(const Geometry& g, const T* gy, const T* y, const T* x, const 
     for (int64_t co = 0; co < Co; ++co) bias.p[co] = pwb[co];
 
   int team = 1;
+  const DenormalMode mode(g.flush_denormals);  // also for the sums after the threads
 #pragma omp parallel num_threads(g.threads)
   {
+    const DenormalMode thread_mode(g.flush_denormals);
     const int tid = omp_get_thread_num();
     // The weight panels are packed by all threads, and each thread clears its own
     // accumulators: done serially they were a tenth of the backward at 768 -> 3072.
@@ -105,6 +107,20 @@ int backward_impl(const Geometry& g, const T* gy, const T* y, const T* x, const 
         T* GZ = pack_gz ? GZt : GZs + stacked * ldo;
         const T* xn = x + n * g.C * g.H * g.W;
         T* gxn = out.x ? out.x + n * g.C * g.H * g.W : nullptr;
+        // grad_x is cleared here rather than by the caller (a whole extra pass over
+        // it, 6% of a MobileNetV2 training step): an even band clears the rows from
+        // its first input row to the next even band's, all of the image together,
+        // before any odd band (the next phase) adds to them.
+        if (gxn && phase == 0) {
+          auto first_row = [&](int64_t b) { return imin(g.H, imax(0, b * R * g.sh - g.pt)); };
+          const int64_t z0 = band == 0 ? 0 : first_row(band);
+          const int64_t z1 = band + 2 < nb ? first_row(band + 2) : g.H;
+          if (cl)
+            memset(gxn + z0 * g.W * g.C, 0, (z1 - z0) * g.W * g.C * sizeof(T));
+          else
+            for (int64_t c = 0; c < g.C; ++c)
+              memset(gxn + (c * g.H + z0) * g.W, 0, (z1 - z0) * g.W * sizeof(T));
+        }
         // grad_y and y of these pixels, pixel-major, rows gy_rs apart
         const T* gyt = gy + (n * HWo + p0) * Co;
         const T* yt = from_y ? y + (n * HWo + p0) * Co : nullptr;

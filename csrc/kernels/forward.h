@@ -58,10 +58,10 @@ int forward_impl(const Geometry& g, const T* x, const T* dww, const T* pww, cons
   co_splits = ceil_div(Co, co_block);
 
   const int64_t npanels = ceil_div(Co, nr);
-  Buf<T> wt(kk * Cm), bp(npanels * nr * Cm), bias(round_up(Co, nr), true);
-  Buf<int64_t> cols(2 * g.kw);
+  Buf<T> wt(0, kk * Cm), bp(1, npanels * nr * Cm), bias(2, round_up(Co, nr), true);
+  Buf<int64_t> cols(3, 2 * g.kw);
   const int64_t band = cl ? 0 : band_elems(g, P), per_thread = P * ldu + band;
-  Buf<T> ws(g.threads * per_thread);
+  Buf<T> ws(4, g.threads * per_thread);
   if (!wt.p || !bp.p || !bias.p || !ws.p || !cols.p) return OUT_OF_MEMORY;
   column_ranges(g, cols.p);
   for (int64_t c = 0; c < Cm; ++c)
@@ -72,6 +72,7 @@ int forward_impl(const Geometry& g, const T* x, const T* dww, const T* pww, cons
   const int64_t ntiles = pixel_tiles * co_splits;
 #pragma omp parallel num_threads(g.threads)
   {
+  const DenormalMode mode(g.flush_denormals);
 #pragma omp for schedule(static)
   for (int64_t q = 0; q < npanels; ++q) pack_wt_panel(pww, Co, Cm, q, bp.p);
 #pragma omp for schedule(static)

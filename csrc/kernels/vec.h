@@ -45,14 +45,41 @@ inline double ex(double v) { return exp(v); }
 // ---------------------------------------------------------------- aligned buffer
 // Workspaces are not cleared (they are written before being read); pass zero =
 // true for accumulators and for buffers whose padding lanes reach the arithmetic.
+// Each buffer of a call takes its own scratch slot, so the memory is reused by the
+// next call on this thread (see scratch() in sepconv.h).
 template <class T> struct Buf {
   T* p = nullptr;
-  explicit Buf(int64_t n, bool zero = false) {
+  bool owned = false;
+  Buf(int slot, int64_t n, bool zero = false) {
     size_t bytes = ((size_t)(n > 0 ? n : 1) * sizeof(T) + 63) / 64 * 64;
-    p = (T*)aligned_alloc(64, bytes);
+    p = (T*)scratch(slot, bytes, &owned);
     if (p && zero) memset(p, 0, bytes);
   }
-  ~Buf() { free(p); }
+  ~Buf() {
+    if (owned) free(p);
+  }
   Buf(const Buf&) = delete;
   Buf& operator=(const Buf&) = delete;
+};
+
+// Denormal (subnormal) floats run 10-100x slower through the FMA units (a microcode
+// assist per operation). They arise in real training: gradients of 1e-19 times
+// activations of 1e-22 sum to 1e-41, and a weight-gradient GEMM whose accumulators
+// stay subnormal ran 8-12x slower than on normal data. Where the caller asks for it
+// (Geometry::flush_denormals, the default), each thread of a kernel sets FTZ and DAZ
+// in MXCSR for its share of the call and restores its previous mode on the way out:
+// values under FLT_MIN (DBL_MIN) become zero, as in XNNPACK and TensorFlow, and the
+// caller's threads (also PyTorch's) keep their own mode.
+struct DenormalMode {
+#if defined(__x86_64__) || defined(__i386__)
+  unsigned saved;
+  explicit DenormalMode(bool flush) : saved(__builtin_ia32_stmxcsr()) {
+    if (flush) __builtin_ia32_ldmxcsr(saved | 0x8040u);  // FTZ (bit 15) | DAZ (bit 6)
+  }
+  ~DenormalMode() { __builtin_ia32_ldmxcsr(saved); }
+#else
+  explicit DenormalMode(bool) {}  // other CPUs: IEEE gradual underflow, as given
+#endif
+  DenormalMode(const DenormalMode&) = delete;
+  DenormalMode& operator=(const DenormalMode&) = delete;
 };
