@@ -70,10 +70,24 @@ def _convnext() -> list[Layer]:
             for c, hw in ((96, 56), (192, 28), (384, 14), (768, 7))]
 
 
+def _shufflenet_v2() -> list[Layer]:
+    """The 19 chains fuse() takes in sepconv.models.shufflenet_v2() (width 1.0): dw 3x3
+    -> BN -> 1x1 -> BN -> ReLU, per stage a stride-2 unit (both branches) and then
+    stride-1 units (branch 2 only, on half the channels)."""
+    layers, c_in, hw = [], 24, 56
+    for half, repeats in ((58, 4), (116, 8), (232, 4)):
+        layers += [Layer(c_in, hw, half, 2, 3, None, "relu"), Layer(half, hw, half, 2, 3, None, "relu")]
+        hw = (hw - 1) // 2 + 1
+        layers += [Layer(half, hw, half, 1, 3, None, "relu")] * (repeats - 1)
+        c_in = 2 * half
+    return layers
+
+
 SUITES = {
     "tiny": [Layer(8, 12, 16, 1), Layer(16, 11, 8, 2, 5, "relu6", None)],  # harness tests
     "mobilenet_v1": _mobilenet_v1(),
     "mobilenet_v2": _mobilenet_v2(),
     "xception": _xception(),
     "convnext": _convnext(),
+    "shufflenet_v2": _shufflenet_v2(),
 }
