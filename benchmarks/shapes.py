@@ -76,7 +76,7 @@ def _shufflenet_v2() -> list[Layer]:
     stride-1 units (branch 2 only, on half the channels)."""
     layers, c_in, hw = [], 24, 56
     for half, repeats in ((58, 4), (116, 8), (232, 4)):
-        layers += [Layer(c_in, hw, half, 2, 3, None, "relu"), Layer(half, hw, half, 2, 3, None, "relu")]
+        layers += [Layer(c, hw, half, 2, 3, None, "relu") for c in (c_in, half)]
         hw = (hw - 1) // 2 + 1
         layers += [Layer(half, hw, half, 1, 3, None, "relu")] * (repeats - 1)
         c_in = 2 * half

@@ -16,6 +16,6 @@ from .convert import FuseReport, SeparateReport, from_conv2d, fuse, separate  # 
 from .functional import separable_conv2d  # noqa: E402
 from .modules import SeparableConv2d  # noqa: E402
 
-__all__ = ["SeparableConv2d", "separable_conv2d", "use_backend", "backend_info", "set_flush_denormal", "fuse",
-           "from_conv2d", "separate", "complexity", "models", "FuseReport", "SeparateReport",
-           "ComplexityReport", "__version__"]
+__all__ = ["SeparableConv2d", "separable_conv2d", "use_backend", "backend_info",
+           "set_flush_denormal", "fuse", "from_conv2d", "separate", "complexity", "models",
+           "FuseReport", "SeparateReport", "ComplexityReport", "__version__"]

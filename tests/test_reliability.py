@@ -149,24 +149,16 @@ def test_denormals_are_kept_when_asked(backend, dtype, device, keep_denormals):
     torch.testing.assert_close(ours[0], ref[0], rtol=1e-3, atol=tiny / 2**10)
 
 
-@NATIVE
-@pytest.mark.parametrize("isa", ISAS)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_native_flushes_denormals_by_default_and_leaves_the_caller_alone(isa, dtype):
+def test_native_flushes_denormals_by_default_and_leaves_the_caller_alone(native_path):
     """By default the native kernels treat subnormals as zero: subnormal x gives an
-    exact zero y, normal data is unaffected, and the
-    caller's own arithmetic still keeps subnormals afterwards."""
+    exact zero y, normal data is unaffected, and the caller's own arithmetic still
+    keeps subnormals afterwards."""
+    dtype = native_path["dtype"]
     assert sepconv.backend_info()["cpu_flush_denormal"]
     tiny, normal, dw, pw, x = _subnormal_inputs(dtype)
-    previous = _C.isa()
-    _C.set_isa(isa)
-    try:
-        with sepconv.use_backend("native"):
-            y = SEP(x.to(dtype), dw.to(dtype), pw.to(dtype), padding=1)
-            assert y.abs().max() == 0
-            ours, ref = _both("native", dtype, "cpu", normal, dw, pw, None, padding=1)
-    finally:
-        _C.set_isa(previous)
+    y = SEP(x.to(dtype), dw.to(dtype), pw.to(dtype), padding=1)
+    assert y.abs().max() == 0
+    ours, ref = _both("native", dtype, "cpu", normal, dw, pw, None, padding=1)
     for a, e in zip(ours, ref):
         torch.testing.assert_close(a, e)
     half_tiny = torch.tensor(tiny, dtype=dtype) / 2

@@ -42,7 +42,7 @@ inline int64_t dw_block(const T* x, int64_t ps, int64_t xs_i, int64_t xs_j, cons
                         int64_t ws_i, int64_t Cm, int64_t di, int64_t dj, const T* dwb, int act1,
                         T* u, int64_t ldu, int64_t c) {
   constexpr int L = lanes<T>();
-  for (; c + B * L <= Cm; c += B * L) {
+  auto channels = [&](int64_t c) {  // channels [c, c + B*L) of the PX pixels
     V<T> acc[PX][B];
     for (int b = 0; b < B; ++b) acc[0][b] = dwb ? loadu(dwb + c + b * L) : V<T>{};
     for (int q = 1; q < PX; ++q)
@@ -58,6 +58,15 @@ inline int64_t dw_block(const T* x, int64_t ps, int64_t xs_i, int64_t xs_j, cons
       }
     for (int q = 0; q < PX; ++q)
       for (int b = 0; b < B; ++b) storeu(u + q * ldu + c + b * L, act_vec<T>(act1, acc[q][b]));
+  };
+  for (; c + B * L <= Cm; c += B * L) channels(c);
+  // One vector (B = 1, the last block the callers run) also takes the channels past
+  // the last whole vector where Cm >= L: a vector ending at Cm recomputes a few
+  // channels of the one before it (the same arithmetic, so the same bits) instead of
+  // the scalar tail, which at Cm = 58 took 10 of 58 channels and most of the stage.
+  if (B == 1 && c < Cm && Cm >= L) {
+    channels(Cm - L);
+    c = Cm;
   }
   return c;
 }
@@ -66,7 +75,7 @@ template <class T>
 void dw_forward_nhwc(const Geometry& g, const int64_t* cols, const T* xn, int64_t row0,
                      int64_t row1, const T* wt, const T* dwb, int act1, int64_t p0, int64_t p1,
                      T* U, int64_t ldu) {
-  constexpr int PX = 4, L = lanes<T>();
+  constexpr int PX = 4;
   const int64_t Cm = g.Cm, C = g.C, ps = g.sw * C, xs_i = g.dh * g.W * C, xs_j = g.dw * C,
                 ws_i = g.kw * Cm;
   // Output columns [ca, cb) see every tap column.
@@ -87,10 +96,7 @@ void dw_forward_nhwc(const Geometry& g, const int64_t* cols, const T* xn, int64_
         xn + ((oh * g.sh - g.pt + i0 * g.dh - row0) * g.W + ow * g.sw - g.pl + j0 * g.dw) * C;
     const T* w = wt + (i0 * g.kw + j0) * Cm;
     T* u = U + (p - p0) * ldu;
-    // Channels past the last whole vector: where Cm >= L, one more vector ending at
-    // Cm recomputes a few channels of the one before it (the same arithmetic, so the
-    // same bits) instead of a scalar loop, which at Cm = 58 took 10 of 58 channels
-    // and most of the stage's time. Narrower layers go one channel at a time.
+    // The channels dw_block leaves (only where Cm < one vector), one at a time.
     auto scalar_tail = [&](int64_t npx, int64_t c0) {
       for (int64_t q = 0; q < npx; ++q)
         for (int64_t c = c0; c < Cm; ++c) {
@@ -118,15 +124,11 @@ void dw_forward_nhwc(const Geometry& g, const int64_t* cols, const T* xn, int64_
     if (block) {
       int64_t c = dw_block<T, PX, 2>(x, ps, xs_i, xs_j, w, ws_i, Cm, di, dj, dwb, act1, u, ldu, 0);
       c = dw_block<T, PX, 1>(x, ps, xs_i, xs_j, w, ws_i, Cm, di, dj, dwb, act1, u, ldu, c);
-      if (c < Cm && Cm >= L)  // the last vector of channels, overlapping the one before
-        c = dw_block<T, PX, 1>(x, ps, xs_i, xs_j, w, ws_i, Cm, di, dj, dwb, act1, u, ldu, Cm - L);
       scalar_tail(PX, c);
       p += PX;
     } else {
       int64_t c = dw_block<T, 1, 4>(x, ps, xs_i, xs_j, w, ws_i, Cm, di, dj, dwb, act1, u, ldu, 0);
       c = dw_block<T, 1, 1>(x, ps, xs_i, xs_j, w, ws_i, Cm, di, dj, dwb, act1, u, ldu, c);
-      if (c < Cm && Cm >= L)
-        c = dw_block<T, 1, 1>(x, ps, xs_i, xs_j, w, ws_i, Cm, di, dj, dwb, act1, u, ldu, Cm - L);
       scalar_tail(1, c);
       ++p;
     }
