@@ -18,6 +18,9 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#if SEPCONV_VEC_BYTES >= 32
+#include <immintrin.h>  // masked loads and stores (vec.h); static inline only
+#endif
 
 #include "sepconv.h"
 

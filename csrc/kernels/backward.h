@@ -182,7 +182,7 @@ int backward_impl(const Geometry& g, const T* gy, const T* y, const T* x, const 
         if (g.act1 != ACT_NONE)
           for (int64_t r = 0; r < np; ++r)
             grad_act(g.act1, G + r * ldm, U + r * ldm, G + r * ldm, Cm);
-        dw_backward(g, xn, r0, wt.p, G, ldm, p0, p1, out.dw_weight ? a_dw : nullptr,
+        dw_backward(g, cols.p, xn, r0, wt.p, G, ldm, p0, p1, out.dw_weight ? a_dw : nullptr,
                     out.dw_bias ? a_dwb : nullptr, cl ? gxn : (gxn ? GXB : nullptr));
         if (!cl && gxn && r1 > r0)
           transpose_add(GXB, g.C, gxn + r0 * g.W, g.H * g.W, (r1 - r0) * g.W, g.C);

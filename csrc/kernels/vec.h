@@ -18,6 +18,46 @@ template <class T> constexpr int NR() { return NV * lanes<T>(); }
 
 template <class T> inline V<T> loadu(const T* p) { V<T> v; __builtin_memcpy(&v, p, sizeof v); return v; }
 template <class T> inline void storeu(T* p, V<T> v) { __builtin_memcpy(p, &v, sizeof v); }
+// Lanes [0, n) of a vector, 0 < n < lanes: loaded (the others read as 0) and stored
+// (the others left alone in memory), for the channels past the last whole vector of
+// an accumulator, where an overlapping whole vector would add some channels twice.
+// (The #if tests the macro: VB is a C++ constant, which the preprocessor reads as 0.)
+#if SEPCONV_VEC_BYTES == 64
+inline __mmask16 lane_mask(int n) { return (__mmask16)((1u << n) - 1); }
+inline V<float> load_n(const float* p, int n) {
+  return (V<float>)_mm512_maskz_loadu_ps(lane_mask(n), p);
+}
+inline V<double> load_n(const double* p, int n) {
+  return (V<double>)_mm512_maskz_loadu_pd((__mmask8)lane_mask(n), p);
+}
+inline void store_n(float* p, V<float> v, int n) {
+  _mm512_mask_storeu_ps(p, lane_mask(n), (__m512)v);
+}
+inline void store_n(double* p, V<double> v, int n) {
+  _mm512_mask_storeu_pd(p, (__mmask8)lane_mask(n), (__m512d)v);
+}
+#elif SEPCONV_VEC_BYTES == 32
+// AVX2: lane i takes part where the mask lane's sign bit is set, i.e. where i < n.
+inline __m256i lane_mask32(int n) {
+  return _mm256_cmpgt_epi32(_mm256_set1_epi32(n), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+}
+inline __m256i lane_mask64(int n) {
+  return _mm256_cmpgt_epi64(_mm256_set1_epi64x(n), _mm256_setr_epi64x(0, 1, 2, 3));
+}
+inline V<float> load_n(const float* p, int n) { return (V<float>)_mm256_maskload_ps(p, lane_mask32(n)); }
+inline V<double> load_n(const double* p, int n) { return (V<double>)_mm256_maskload_pd(p, lane_mask64(n)); }
+inline void store_n(float* p, V<float> v, int n) { _mm256_maskstore_ps(p, lane_mask32(n), (__m256)v); }
+inline void store_n(double* p, V<double> v, int n) { _mm256_maskstore_pd(p, lane_mask64(n), (__m256d)v); }
+#else  // SSE2 / NEON: lane by lane
+template <class T> inline V<T> load_n(const T* p, int n) {
+  V<T> v{};
+  for (int i = 0; i < n; ++i) v[i] = p[i];
+  return v;
+}
+template <class T> inline void store_n(T* p, V<T> v, int n) {
+  for (int i = 0; i < n; ++i) p[i] = v[i];
+}
+#endif
 // Copies N elements, N a compile-time constant (so: vector moves, no call).
 template <class T, int64_t N> inline void storeu_n(T* d, const T* s) { __builtin_memcpy(d, s, N * sizeof(T)); }
 // s - 0 is an IEEE identity, so this compiles to a bare broadcast; `V<T>{} + s`
