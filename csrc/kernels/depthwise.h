@@ -8,10 +8,13 @@ inline void valid_range(int64_t W, int64_t s, int64_t off, int64_t* lo, int64_t*
   *hi = W - 1 - off >= 0 ? floor_div(W - 1 - off, s) + 1 : 0;
 }
 
-// cols[2j], cols[2j+1]: the valid ow range of tap column j (computed once per call:
-// the divisions are too slow for the inner loops).
+// cols[2j], cols[2j+1]: the valid ow range of tap column j, within [0, Wo) (computed
+// once per call: the divisions are too slow for the inner loops).
 inline void column_ranges(const Geometry& g, int64_t* cols) {
-  for (int64_t j = 0; j < g.kw; ++j) valid_range(g.W, g.sw, j * g.dw - g.pl, cols + 2 * j, cols + 2 * j + 1);
+  for (int64_t j = 0; j < g.kw; ++j) {
+    valid_range(g.W, g.sw, j * g.dw - g.pl, cols + 2 * j, cols + 2 * j + 1);
+    cols[2 * j + 1] = imin(cols[2 * j + 1], g.Wo);
+  }
 }
 
 // For each output pixel of [p0, p1) and each tap inside the input:
@@ -53,10 +56,10 @@ inline TapRect tap_rect(const Geometry& g, const int64_t* cols, int64_t oh, int6
   return {i1 - i0, j1 - j0, x * g.C, (i0 * g.kw + j0) * g.Cm};
 }
 
-// NHWC, depth multiplier 1, over the taps' rectangle (tap_rect). PX pixels of one row (ps apart in x,
-// ldu apart in U) times B vectors of channels accumulate in registers over it (at
-// least 4 independent FMA chains where the channels allow), and act1 is applied
-// before the one store.
+// NHWC, depth multiplier 1, over the taps' rectangle (tap_rect). PX pixels of one
+// row (ps apart in x, ldu apart in U) times B vectors of channels accumulate in
+// registers over it (at least 4 independent FMA chains where the channels allow), and
+// act1 is applied before the one store.
 template <class T, int PX, int B>
 inline int64_t dw_block(const T* x, int64_t ps, int64_t xs_i, int64_t xs_j, const T* w,
                         int64_t ws_i, int64_t Cm, int64_t di, int64_t dj, const T* dwb, int act1,
@@ -199,7 +202,7 @@ void dw_backward_rows(const Geometry& g, const int64_t* cols, const T* xn, int64
       const int64_t ih = oh * g.sh - g.pt + i * g.dh;
       if (ih < 0 || ih >= g.H) continue;
       for (int64_t j = 0; j < g.kw; ++j) {
-        const int64_t lo = cols[2 * j], hi = imin(cols[2 * j + 1], g.Wo), tap = i * g.kw + j;
+        const int64_t lo = cols[2 * j], hi = cols[2 * j + 1], tap = i * g.kw + j;
         if (lo >= hi) continue;
         const int64_t off = ((ih - row0) * g.W + lo * g.sw - g.pl + j * g.dw) * g.C + c;
         const T* g0 = G + ((oh - oh0) * g.Wo + lo) * ldg + c;
