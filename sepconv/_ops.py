@@ -143,28 +143,55 @@ _PLAIN = (Tensor, torch.nn.Parameter)
 
 
 def _nothing_to_record(tensors) -> bool:
-    """True when a call may skip the dispatcher: eager, no autograd graph to build, no
-    tracer, compiler, dispatch / function mode, functorch transform or tensor subclass
-    that needs to see the op. The custom-op machinery costs ~40 us per call, as much
-    as a whole batch-1 MobileNet layer's kernel at 7x7."""
-    grad = torch.is_grad_enabled()
+    """True when a call may skip the dispatcher: eager, no tracer, compiler, profiler,
+    dispatch / function mode, functorch transform or tensor subclass that needs to see
+    the op. The custom-op machinery costs ~40 us per call under no_grad (~100 us with
+    its autograd node), as much as a whole batch-1 MobileNet layer's kernel at 7x7."""
     return not (
         torch.compiler.is_compiling() or torch.jit.is_tracing()
         or torch._C._len_torch_dispatch_stack() or torch._C._is_torch_function_mode_enabled()
         or torch._C._are_functorch_transforms_active()
         or torch.autograd.profiler._is_profiler_enabled
-        or any(t is not None and (type(t) not in _PLAIN or (grad and t.requires_grad))
-               for t in tensors))
+        or any(t is not None and type(t) not in _PLAIN for t in tensors))
+
+
+class _NativeAutograd(torch.autograd.Function):
+    """The op's autograd formula (_setup_context / _backward) on the native kernels,
+    without the dispatcher: in eager grad mode the custom op and its autograd node cost
+    ~100 us more per call than this. The same kernels, so the same results."""
+
+    @staticmethod
+    def forward(ctx, x, dw_weight, pw_weight, dw_bias, pw_bias, *config):
+        y = _native.forward(x, dw_weight, pw_weight, dw_bias, pw_bias, *config)
+        keep_y = config[4] in ("relu", "relu6")  # as in _setup_context
+        ctx.save_for_backward(x, dw_weight, pw_weight, dw_bias, pw_bias, y if keep_y else None)
+        ctx.config = config  # stride, padding, dilation, mid_activation, activation
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x, dw_weight, pw_weight, dw_bias, pw_bias, y = ctx.saved_tensors
+        biases = (True, True, True, dw_bias is not None, pw_bias is not None)
+        mask = [bool(need and has) for need, has in zip(ctx.needs_input_grad[:5], biases)]
+        args = (grad_y, x, dw_weight, pw_weight, dw_bias, pw_bias, *ctx.config)
+        if torch.is_grad_enabled():  # create_graph: the backward op, whose own backward
+            grads = separable_conv2d_backward(*args, "native", mask, y)  # raises clearly
+        else:
+            grads = _native.backward(*args, mask, y=y)
+        return tuple(g if want else None for g, want in zip(grads, mask)) + (None,) * 5
 
 
 def call(x, dw_weight, pw_weight, dw_bias, pw_bias, stride, padding, dilation, mid_activation,
          activation, backend) -> Tensor:
     """The forward op, or its native CPU kernel directly where nothing needs to see
-    the op (same kernel, same result)."""
+    the op (same kernel, same result): plain under no_grad, through _NativeAutograd
+    where a gradient is wanted."""
     args = (x, dw_weight, pw_weight, dw_bias, pw_bias, stride, padding, dilation,
             mid_activation, activation)
     if (backend in ("auto", "native") and _native.supports(x)
             and _nothing_to_record((x, dw_weight, pw_weight, dw_bias, pw_bias))):
+        if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in args[:5]):
+            return _NativeAutograd.apply(*args)
         return _native.forward(*args)
     if torch.onnx.is_in_onnx_export():  # (an export traces, so it never takes the path above)
         # ONNX has no sepconv op: export the same maths as standard Conv / activation nodes.
