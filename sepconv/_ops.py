@@ -117,23 +117,38 @@ def _(grad_y, x, dw_weight, pw_weight, dw_bias, pw_bias, stride, padding, dilati
                  for i, s in enumerate(shapes))
 
 
+def _native_keeps_y(activation: str) -> bool:
+    """relu' and relu6' can be read from y: the native backward then skips recomputing
+    the pointwise GEMM (1 of its 3). y is what the next layer saves as its input anyway."""
+    return activation in ("relu", "relu6")
+
+
+def _grad_mask(ctx, dw_bias, pw_bias) -> list[bool]:
+    """The output_mask of the backward op: the gradients autograd wants and that exist."""
+    biases = (True, True, True, dw_bias is not None, pw_bias is not None)
+    return [bool(need and has) for need, has in zip(ctx.needs_input_grad[:5], biases)]
+
+
+def _grads_or_none(grads, mask, n_config: int) -> tuple:
+    """The backward's return: a gradient per tensor input (None where not wanted), then
+    None for each of the n_config hyper-parameters."""
+    return tuple(g if want else None for g, want in zip(grads, mask)) + (None,) * n_config
+
+
 def _setup_context(ctx, inputs, output):
     x, dw_weight, pw_weight, dw_bias, pw_bias, *config = inputs
-    # relu' and relu6' can be read from y: the native backward then skips recomputing
-    # the pointwise GEMM (1 of its 3). y is what the next layer saves as its input anyway.
     activation, backend = config[4], config[5]
-    keep_y = activation in ("relu", "relu6") and _impl(x, backend) is _native
+    keep_y = _native_keeps_y(activation) and _impl(x, backend) is _native
     ctx.save_for_backward(x, dw_weight, pw_weight, dw_bias, pw_bias, output if keep_y else None)
     ctx.config = config  # stride, padding, dilation, mid_activation, activation, backend
 
 
 def _backward(ctx, grad_y):
     x, dw_weight, pw_weight, dw_bias, pw_bias, y = ctx.saved_tensors
-    biases = (True, True, True, dw_bias is not None, pw_bias is not None)
-    mask = [bool(need and has) for need, has in zip(ctx.needs_input_grad[:5], biases)]
+    mask = _grad_mask(ctx, dw_bias, pw_bias)
     grads = separable_conv2d_backward(grad_y, x, dw_weight, pw_weight, dw_bias, pw_bias,
                                       *ctx.config, mask, y)
-    return tuple(g if want else None for g, want in zip(grads, mask)) + (None,) * 6
+    return _grads_or_none(grads, mask, len(ctx.config))
 
 
 separable_conv2d.register_autograd(_backward, setup_context=_setup_context)
@@ -163,7 +178,7 @@ class _NativeAutograd(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, dw_weight, pw_weight, dw_bias, pw_bias, *config):
         y = _native.forward(x, dw_weight, pw_weight, dw_bias, pw_bias, *config)
-        keep_y = config[4] in ("relu", "relu6")  # as in _setup_context
+        keep_y = _native_keeps_y(config[4])
         ctx.save_for_backward(x, dw_weight, pw_weight, dw_bias, pw_bias, y if keep_y else None)
         ctx.config = config  # stride, padding, dilation, mid_activation, activation
         return y
@@ -171,14 +186,13 @@ class _NativeAutograd(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_y):
         x, dw_weight, pw_weight, dw_bias, pw_bias, y = ctx.saved_tensors
-        biases = (True, True, True, dw_bias is not None, pw_bias is not None)
-        mask = [bool(need and has) for need, has in zip(ctx.needs_input_grad[:5], biases)]
+        mask = _grad_mask(ctx, dw_bias, pw_bias)
         args = (grad_y, x, dw_weight, pw_weight, dw_bias, pw_bias, *ctx.config)
         if torch.is_grad_enabled():  # create_graph: the backward op, whose own backward
             grads = separable_conv2d_backward(*args, "native", mask, y)  # raises clearly
         else:
             grads = _native.backward(*args, mask, y=y)
-        return tuple(g if want else None for g, want in zip(grads, mask)) + (None,) * 5
+        return _grads_or_none(grads, mask, len(ctx.config))
 
 
 def call(x, dw_weight, pw_weight, dw_bias, pw_bias, stride, padding, dilation, mid_activation,

@@ -191,7 +191,8 @@ def test_eager_training_skips_the_dispatcher(monkeypatch, channels_last):
         else:
             y = sepconv.separable_conv2d(x, dw, pw, b, 2, 1, depthwise_bias=bd,
                                          mid_activation="relu6", activation="relu")
-        assert len(calls) == 0 and y.grad_fn is not None
+        assert use_op or not calls  # (OP is the registered op itself, not the spied name)
+        assert y.grad_fn is not None
         y.backward(gy)
         results.append([y, x.grad, dw.grad, pw.grad, b.grad, bd.grad])
     for got, want in zip(*results):
