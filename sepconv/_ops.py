@@ -154,7 +154,7 @@ def _backward(ctx, grad_y):
 separable_conv2d.register_autograd(_backward, setup_context=_setup_context)
 
 
-_PLAIN = (Tensor, torch.nn.Parameter)
+_PLAIN = frozenset((Tensor, torch.nn.Parameter, type(None)))
 
 
 def _nothing_to_record(tensors) -> bool:
@@ -167,7 +167,7 @@ def _nothing_to_record(tensors) -> bool:
         or torch._C._len_torch_dispatch_stack() or torch._C._is_torch_function_mode_enabled()
         or torch._C._are_functorch_transforms_active()
         or torch.autograd.profiler._is_profiler_enabled
-        or any(t is not None and type(t) not in _PLAIN for t in tensors))
+        or not _PLAIN.issuperset(map(type, tensors)))
 
 
 class _NativeAutograd(torch.autograd.Function):

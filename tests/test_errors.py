@@ -176,14 +176,32 @@ if __name__ == "__main__":
     print(json.dumps(_outcomes()))
 
 
-def test_memoised_hyper_parameters_keep_their_checks():
-    """The functional memoises checked hyper-parameters; a bad value equal to a good one
-    (True == 1) is still refused after the good one was seen, and lists work as tuples."""
+def test_memoised_calls_keep_their_checks():
+    """The functional memoises the signatures of checked calls (tensor types, shapes,
+    dtypes, devices; hyper-parameters with their types). A bad call equal to a good one
+    (True == 1, 1.0 == 1, same shapes in another dtype or on meta) is still refused after
+    the good one was seen, and lists work as tuples."""
+    from sepconv import functional
+
     x, dw, pw = torch.randn(1, 2, 5, 5), torch.randn(2, 1, 3, 3), torch.randn(3, 2, 1, 1)
     want = sepconv.separable_conv2d(x, dw, pw, padding=1, stride=(1, 1))
     sepconv.separable_conv2d(x, dw, pw, padding=(1, 1), stride=1)  # both forms now seen
-    for padding, stride in ((True, 1), (1, (True, 1)), ((1, True), 1)):
+    seen = len(functional._CALLS)
+    sepconv.separable_conv2d(x, dw, pw, padding=(1, 1), stride=1)
+    assert len(functional._CALLS) == seen  # a hit: the memo is in use
+    for padding, stride in ((True, 1), (1, (True, 1)), ((1, True), 1), (1.0, 1), (1, (1.0, 1))):
         with pytest.raises(TypeError, match="must be an int"):
             sepconv.separable_conv2d(x, dw, pw, padding=padding, stride=stride)
+    with pytest.raises(ValueError, match="unknown activation"):
+        sepconv.separable_conv2d(x, dw, pw, padding=1, activation=("relu",))
+    with pytest.raises(TypeError, match="floating-point"):
+        sepconv.separable_conv2d(x, dw.int(), pw, padding=1, stride=(1, 1))
+    with pytest.raises(TypeError, match="has dtype"):
+        sepconv.separable_conv2d(x, dw, pw.double(), padding=1, stride=(1, 1))
+    with pytest.raises(ValueError, match="meta"):
+        sepconv.separable_conv2d(x.to("meta"), dw.to("meta"), pw.to("meta"), padding=1,
+                                 stride=(1, 1))
+    with pytest.raises(TypeError, match="must be a Tensor"):
+        sepconv.separable_conv2d(x, dw, pw.numpy(), padding=1, stride=(1, 1))
     torch.testing.assert_close(sepconv.separable_conv2d(x, dw, pw, padding=[1, 1],
                                                         stride=[1, 1]), want)

@@ -115,7 +115,8 @@ def test_cpu_tensors_need_the_interpreter():
 def test_cuda_without_triton_warns_once_and_takes_the_reference(monkeypatch):
     monkeypatch.setattr(_triton, "installed", lambda: False)
     monkeypatch.setattr(_ops, "_warned_no_triton", False)
-    cuda_x = types.SimpleNamespace(device=torch.device("cuda"), dtype=torch.float16)
+    cuda_x = types.SimpleNamespace(device=torch.device("cuda"), is_cpu=False,
+                                   dtype=torch.float16)
     with pytest.warns(RuntimeWarning, match="Triton is not installed"):
         assert _ops._impl(cuda_x, "auto") is sepconv.reference
     with warnings.catch_warnings():
