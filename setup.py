@@ -7,6 +7,7 @@ Environment switches:
   SEPCONV_DEBUG=1    -O0 -g instead of -O3
   SEPCONV_SANITIZE=1 AddressSanitizer + UndefinedBehaviorSanitizer (run Python with
                      LD_PRELOAD="$(gcc -print-file-name=libasan.so)")
+  SEPCONV_BUILD_JOBS=N compile N files at a time (default: one per core)
 """
 
 import glob
@@ -42,7 +43,7 @@ class BuildExt(build_ext):
         super().build_extensions()
 
 
-# The four files compile in parallel, one per core (SEPCONV_BUILD_JOBS=N to choose):
+# The extension's files compile in parallel, one per core unless SEPCONV_BUILD_JOBS says:
 # serially, the sanitizer build alone took 7.5 of CI's 25 minutes.
 ParallelCompile("SEPCONV_BUILD_JOBS").install()
 
