@@ -82,6 +82,7 @@ def describe(device: str) -> dict:
          "cpu_cores": os.cpu_count(), "cpu_isa": info["cpu_isa"],
          "cpu_isas": info["cpu_isas"], "cpu_caches": info.get("cpu_caches"),
          "cpu_flush_denormal": info.get("cpu_flush_denormal"),
+         "cpu_huge_pages": info.get("cpu_huge_pages"),
          "threads": torch.get_num_threads(),
          "python": sys.version.split()[0], "torch": torch.__version__,
          "onednn": onednn.group(1) if onednn else None, "sepconv": info["version"],

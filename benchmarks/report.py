@@ -110,7 +110,8 @@ def write_markdown(path: Path, result: dict, plots: list[str]) -> None:
         f"{m['cpu']} ({m.get('cpu_uarch') or 'microarchitecture unknown'}"
         + (f", L2 {caches['l2'] >> 10} KiB per core" if caches.get("l2") else "")
         + f"), {m['threads']} threads, {m['cpu_isa']}"
-        + (", subnormals kept" if m.get("cpu_flush_denormal") is False else ""))
+        + (", subnormals kept" if m.get("cpu_flush_denormal") is False else "")
+        + (", no huge pages" if m.get("cpu_huge_pages") is False else ""))
     out = [f"# sepconv benchmark: {result['mode']}, batch {result['batch']}, {result['dtype']}",
            "", f"`{result['command']}`", "",
            f"- machine: {where}; torch {m['torch']}, oneDNN {m['onednn']}"

@@ -4,7 +4,10 @@
 // and this file re-checks everything that decides where the kernels read and write.
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
+#include <sys/mman.h>
 #include <unistd.h>
+
+#include <fstream>
 
 #include <atomic>
 #include <cstdint>
@@ -57,6 +60,31 @@ std::atomic<int64_t> g_tile_bytes{kCaches.l2 / 4 < (64 << 10) ? (64 << 10) : kCa
 std::atomic<int> g_isa{kBestIsa};
 // Subnormals flushed to zero inside the kernels (see DenormalMode in kernels/vec.h).
 std::atomic<bool> g_flush_denormals{true};
+
+// Transparent huge pages for large outputs. A fresh output of tens of MiB is a fresh
+// mmap, and the compute threads fault in and clear its 4 KiB pages one at a time:
+// 10-13 ms of a 60 ms call at 38 MiB (convnext 384x14->1536, batch 32, Sapphire Rapids),
+// against 2-3 ms in 2 MiB pages. Linux's default THP mode, "madvise", gives huge pages
+// only where asked; PyTorch asks only under THP_MEM_ALLOC_ENABLE=1. The advice covers
+// the whole huge pages inside the buffer, so no neighbouring memory is affected.
+int64_t huge_page_size() {
+  std::ifstream f("/sys/kernel/mm/transparent_hugepage/hpage_pmd_size");
+  int64_t n = 0;
+  return f >> n && n > 0 && (n & (n - 1)) == 0 ? n : 0;
+}
+const int64_t kHugePage = huge_page_size();  // 0: no THP here
+std::atomic<bool> g_huge_pages{true};
+
+void advise_huge_pages(uintptr_t p, int64_t bytes) {
+#ifdef MADV_HUGEPAGE
+  if (!g_huge_pages || kHugePage == 0 || bytes < 2 * kHugePage) return;
+  const uintptr_t mask = uintptr_t(kHugePage) - 1, a = (p + mask) & ~mask,
+                  e = (p + uintptr_t(bytes)) & ~mask;
+  if (e > a) madvise(reinterpret_cast<void*>(a), e - a, MADV_HUGEPAGE);  // advice: errors ignored
+#else
+  (void)p, (void)bytes;
+#endif
+}
 
 // The scratch blocks of this thread, grown as needed and freed when the thread ends.
 struct ScratchBlocks {
@@ -171,6 +199,7 @@ PYBIND11_MODULE(_C, m) {
     int status;
     {
       py::gil_scoped_release nogil;
+      advise_huge_pages(y, g.N * g.Co * g.Ho * g.Wo * (f64 ? 8 : 4));
       status = f64 ? run_forward<double>(g, x, dww, pww, dwb, pwb, y)
                    : run_forward<float>(g, x, dww, pww, dwb, pwb, y);
     }
@@ -188,6 +217,7 @@ PYBIND11_MODULE(_C, m) {
     int status;
     {
       py::gil_scoped_release nogil;
+      if (gx) advise_huge_pages(gx, g.N * g.C * g.H * g.W * (f64 ? 8 : 4));
       status = f64 ? run_backward<double>(g, gy, y, x, dww, pww, dwb, pwb, gx, gdww, gpww, gdwb,
                                           gpwb)
                    : run_backward<float>(g, gy, y, x, dww, pww, dwb, pwb, gx, gdww, gpww, gdwb,
@@ -226,6 +256,13 @@ PYBIND11_MODULE(_C, m) {
   m.def("set_flush_denormal", [](bool on) { g_flush_denormals = on; },
         "Flush subnormals to zero inside the kernels (True, the default) or keep IEEE "
         "gradual underflow (False; subnormal data then runs 10-100x slower).");
+  m.def("huge_pages", [] { return kHugePage > 0 && g_huge_pages.load(); },
+        "Whether large outputs are advised onto transparent huge pages (MADV_HUGEPAGE).");
+  m.def("huge_page_bytes", [] { return kHugePage; },
+        "The transparent huge page size the kernel reports (0: none).");
+  m.def("set_huge_pages", [](bool on) { g_huge_pages = on; },
+        "Advise outputs of 2 huge pages and more onto transparent huge pages (True, the "
+        "default) or leave the memory as allocated (False).");
   m.def("fma_peak", [](int threads, int64_t iters) {
     if (threads < 1 || iters < 1) throw py::value_error("threads and iters must be >= 1");
     py::gil_scoped_release nogil;

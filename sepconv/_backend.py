@@ -29,6 +29,29 @@ if _C is not None and os.environ.get("SEPCONV_ISA"):
 if _C is not None and os.environ.get("SEPCONV_FLUSH_DENORMAL", "1") == "0":
     _C.set_flush_denormal(False)
 
+if _C is not None and os.environ.get("SEPCONV_HUGE_PAGES", "1") == "0":
+    _C.set_huge_pages(False)
+
+
+def set_huge_pages(mode: bool) -> bool:
+    """Whether the native CPU kernels advise their large outputs (``y``, ``grad_x``)
+    onto transparent huge pages; returns the previous setting.
+
+    On by default. A fresh output of tens of MiB is a fresh mapping whose 4 KiB pages
+    the kernel's threads fault in and clear one by one: 10-13 ms of a 60 ms forward at
+    38 MiB. With ``madvise(MADV_HUGEPAGE)`` on the whole 2 MiB pages inside the output
+    (Linux, THP mode ``madvise`` or ``always``) that falls to 2-3 ms. PyTorch does the
+    same for all its large allocations under ``THP_MEM_ALLOC_ENABLE=1``. The data are
+    unaffected; only where the memory comes from changes. ``False`` (or
+    ``SEPCONV_HUGE_PAGES=0`` at import) leaves the memory as allocated, e.g. where the
+    kernel's huge-page compaction stalls (THP ``defrag`` setting) matter more.
+    """
+    if _C is None:
+        return False
+    previous = bool(_C.huge_pages())
+    _C.set_huge_pages(bool(mode))
+    return previous
+
 
 def set_flush_denormal(mode: bool) -> bool:
     """Whether the native CPU kernels treat subnormal numbers as zero (FTZ + DAZ on
@@ -92,6 +115,7 @@ def backend_info() -> dict:
         # cache sizes (bytes) the kernels read at load, and the blocking derived from them
         "cpu_caches": dict(_C.blocking()) if _C is not None else None,
         "cpu_flush_denormal": bool(_C.flush_denormal()) if _C is not None else False,
+        "cpu_huge_pages": bool(_C.huge_pages()) if _C is not None else False,
         "num_threads": torch.get_num_threads(),
         "triton": importlib.util.find_spec("triton") is not None,
         "cuda": torch.cuda.is_available(),

@@ -175,6 +175,40 @@ def test_set_flush_denormal_returns_the_previous_mode():
     assert sepconv.backend_info()["cpu_flush_denormal"] is True
 
 
+def test_set_huge_pages_returns_the_previous_mode():
+    if _C is None:
+        assert sepconv.set_huge_pages(True) is False
+        return
+    available = _C.huge_page_bytes() > 0  # False where the OS has no transparent huge pages
+    assert sepconv.backend_info()["cpu_huge_pages"] is available
+    assert sepconv.set_huge_pages(False) is available
+    assert sepconv.backend_info()["cpu_huge_pages"] is False
+    assert sepconv.set_huge_pages(True) is False
+    assert sepconv.backend_info()["cpu_huge_pages"] is available
+
+
+@NATIVE
+@pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last])
+def test_huge_page_advice_leaves_large_outputs_unchanged(fmt):
+    """y and grad_x over 4 MiB (so holding whole 2 MiB pages, wherever they start) are advised
+    onto huge pages by default: same bits as with the advice off, and equal to the
+    reference."""
+    inputs = make_inputs(2, 36, 131, 127, 1, 40, 3)  # y 5.3 MB, grad_x 4.8 MB in fp32
+    runs = []
+    for mode in (True, False):
+        previous = sepconv.set_huge_pages(mode)
+        try:
+            runs.append(_fwd_bwd([t.float() for t in inputs], fmt))
+        finally:
+            sepconv.set_huge_pages(previous)
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
+    with sepconv.use_backend("reference"):
+        ref = _fwd_bwd([t.float() for t in inputs], fmt)
+    for a, e in zip(runs[0], ref):
+        torch.testing.assert_close(a, e, rtol=1e-4, atol=1e-3)
+
+
 @pytest.mark.skipif(not _triton.installed(), reason="triton is not installed")
 def test_float16_sums_past_the_float16_range_are_accumulated_in_float32():
     """Partial sums of 80000 (> 65504, float16's largest) that end in range: fp32
