@@ -63,10 +63,11 @@ std::atomic<bool> g_flush_denormals{true};
 
 // Transparent huge pages for large outputs. A fresh output of tens of MiB is a fresh
 // mmap, and the compute threads fault in and clear its 4 KiB pages one at a time:
-// 10-13 ms of a 60 ms call at 38 MiB (convnext 384x14->1536, batch 32, Sapphire Rapids),
-// against 2-3 ms in 2 MiB pages. Linux's default THP mode, "madvise", gives huge pages
-// only where asked; PyTorch asks only under THP_MEM_ALLOC_ENABLE=1. The advice covers
-// the whole huge pages inside the buffer, so no neighbouring memory is affected.
+// 10-13 ms of a 60 ms call at 38 MiB (convnext 384x14->1536, batch 32, Sapphire
+// Rapids); in 2 MiB pages the call took 8-10 ms less. Linux's default THP mode,
+// "madvise", gives huge pages only where asked; PyTorch asks only under
+// THP_MEM_ALLOC_ENABLE=1. The advice covers the whole huge pages inside the buffer, so
+// no neighbouring memory is affected.
 int64_t huge_page_size() {
   std::ifstream f("/sys/kernel/mm/transparent_hugepage/hpage_pmd_size");
   int64_t n = 0;
@@ -156,6 +157,7 @@ template <class F> F pick(F generic, F avx2, F avx512) {
 template <class T>
 int run_forward(const Geometry& g, uintptr_t x, uintptr_t dww, uintptr_t pww, uintptr_t dwb,
                 uintptr_t pwb, uintptr_t y) {
+  advise_huge_pages(y, g.N * g.Co * g.Ho * g.Wo * int64_t(sizeof(T)));
   return SEPCONV_PICK(forward<T>)(g, cp<T>(x), cp<T>(dww), cp<T>(pww), cp<T>(dwb), cp<T>(pwb),
                                   mp<T>(y));
 }
@@ -164,6 +166,7 @@ template <class T>
 int run_backward(const Geometry& g, uintptr_t gy, uintptr_t y, uintptr_t x, uintptr_t dww,
                  uintptr_t pww, uintptr_t dwb, uintptr_t pwb, uintptr_t gx, uintptr_t gdww,
                  uintptr_t gpww, uintptr_t gdwb, uintptr_t gpwb) {
+  if (gx) advise_huge_pages(gx, g.N * g.C * g.H * g.W * int64_t(sizeof(T)));
   Grads<T> out{mp<T>(gx), mp<T>(gdww), mp<T>(gpww), mp<T>(gdwb), mp<T>(gpwb)};
   return SEPCONV_PICK(backward<T>)(g, cp<T>(gy), cp<T>(y), cp<T>(x), cp<T>(dww), cp<T>(pww),
                                    cp<T>(dwb), cp<T>(pwb), out);
@@ -199,7 +202,6 @@ PYBIND11_MODULE(_C, m) {
     int status;
     {
       py::gil_scoped_release nogil;
-      advise_huge_pages(y, g.N * g.Co * g.Ho * g.Wo * (f64 ? 8 : 4));
       status = f64 ? run_forward<double>(g, x, dww, pww, dwb, pwb, y)
                    : run_forward<float>(g, x, dww, pww, dwb, pwb, y);
     }
@@ -217,7 +219,6 @@ PYBIND11_MODULE(_C, m) {
     int status;
     {
       py::gil_scoped_release nogil;
-      if (gx) advise_huge_pages(gx, g.N * g.C * g.H * g.W * (f64 ? 8 : 4));
       status = f64 ? run_backward<double>(g, gy, y, x, dww, pww, dwb, pwb, gx, gdww, gpww, gdwb,
                                           gpwb)
                    : run_backward<float>(g, gy, y, x, dww, pww, dwb, pwb, gx, gdww, gpww, gdwb,

@@ -40,7 +40,7 @@ def set_huge_pages(mode: bool) -> bool:
     On by default. A fresh output of tens of MiB is a fresh mapping whose 4 KiB pages
     the kernel's threads fault in and clear one by one: 10-13 ms of a 60 ms forward at
     38 MiB. With ``madvise(MADV_HUGEPAGE)`` on the whole 2 MiB pages inside the output
-    (Linux, THP mode ``madvise`` or ``always``) that falls to 2-3 ms. PyTorch does the
+    (Linux, THP mode ``madvise`` or ``always``) the call took 8-10 ms less. PyTorch does the
     same for all its large allocations under ``THP_MEM_ALLOC_ENABLE=1``. The data are
     unaffected; only where the memory comes from changes. ``False`` (or
     ``SEPCONV_HUGE_PAGES=0`` at import) leaves the memory as allocated, e.g. where the
