@@ -60,6 +60,7 @@ std::atomic<int64_t> g_tile_bytes{kCaches.l2 / 4 < (64 << 10) ? (64 << 10) : kCa
 std::atomic<int> g_isa{kBestIsa};
 // Subnormals flushed to zero inside the kernels (see DenormalMode in kernels/vec.h).
 std::atomic<bool> g_flush_denormals{true};
+std::atomic<int> g_backward_mode{sepconv::BACKWARD_AUTO};
 
 // Transparent huge pages for large outputs. A fresh output of tens of MiB is a fresh
 // mmap, and the compute threads fault in and clear its 4 KiB pages one at a time:
@@ -119,6 +120,7 @@ Geometry parse(const py::tuple& t) {
   g.act1 = (int)get(t, 19); g.act2 = (int)get(t, 20); g.threads = (int)get(t, 21);
   g.tile_bytes = g_tile_bytes;
   g.flush_denormals = g_flush_denormals;
+  g.backward_mode = g_backward_mode;
   auto need = [](bool ok, const char* what) {
     if (!ok) throw py::value_error(std::string("invalid geometry: ") + what);
   };
@@ -252,6 +254,20 @@ PYBIND11_MODULE(_C, m) {
     if (n < 4096 || n > (int64_t(1) << 30)) throw py::value_error("tile_bytes must be in [4096, 2**30]");
     g_tile_bytes = n;
   }, "Override the forward's depthwise tile budget (for tuning experiments).");
+  m.def("backward_mode", [] {
+    const char* names[] = {"auto", "bands", "split"};
+    return std::string(names[g_backward_mode.load()]);
+  }, "How the backward shares out its work: 'auto', or 'bands' / 'split' forced.");
+  m.def("set_backward_mode", [](const std::string& name) {
+    const char* names[] = {"auto", "bands", "split"};
+    for (int i = 0; i < 3; ++i)
+      if (name == names[i]) { g_backward_mode = i; return; }
+    throw py::value_error("backward mode must be 'auto', 'bands' or 'split', got '" + name + "'");
+  }, "Force the backward onto bands of pixels or onto split mid channels (tests and tuning; "
+     "'split' applies where the shape allows it).");
+  m.def("backward_splits", [](py::tuple geom, const std::string& dtype) {
+    return SEPCONV_PICK(backward_splits)(parse(geom), is_f64(dtype));
+  }, "Whether a backward call of this geometry splits the mid channels over the threads.");
   m.def("flush_denormal", [] { return g_flush_denormals.load(); },
         "Whether the kernels treat subnormal inputs and results as zero (FTZ + DAZ).");
   m.def("set_flush_denormal", [](bool on) { g_flush_denormals = on; },

@@ -61,6 +61,10 @@ template int backward<double>(const Geometry&, const double*, const double*, con
                               const double*, const double*, const double*, const double*,
                               const Grads<double>&);
 
+bool backward_splits(const Geometry& g, bool f64) {
+  return f64 ? splits_channels<double>(g) : splits_channels<float>(g);
+}
+
 // FMA throughput probe: independent chains of vector FMAs, enough of them to hide
 // the FMA latency. Returns GFLOP/s over all threads (2 flops per lane per FMA).
 double fma_probe(int threads, int64_t iters) {

@@ -28,7 +28,12 @@ struct Geometry {
   int threads;
   int64_t tile_bytes;     // the forward's depthwise tile budget, from the L2 size (bindings)
   bool flush_denormals;   // treat subnormal inputs and results as zero (FTZ + DAZ) in the call
+  int backward_mode;      // BACKWARD_AUTO, or one forced for tests and tuning (bindings)
 };
+
+// How the backward shares out its work: bands of pixels, or the mid channels
+// (kernels/backward.h, splits_channels); AUTO picks by the shape and the threads.
+enum BackwardMode : int { BACKWARD_AUTO = 0, BACKWARD_BANDS = 1, BACKWARD_SPLIT = 2 };
 
 // Gradients to compute; a null pointer in Grads means "not wanted".
 template <class T>
@@ -64,6 +69,7 @@ constexpr int OUT_OF_MEMORY = 1;
   template <class T>                                                                       \
   int backward(const Geometry& g, const T* gy, const T* y, const T* x, const T* dww,       \
                const T* pww, const T* dwb, const T* pwb, const Grads<T>& out);             \
+  bool backward_splits(const Geometry& g, bool f64);                                       \
   double fma_probe(int threads, int64_t iters);                                            \
   }
 

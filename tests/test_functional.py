@@ -101,6 +101,89 @@ def test_wide_rows(native_path, case, layout):
                          layout=LAYOUTS[layout])
 
 
+# The native backward shares out its work in one of two ways: bands of pixels in
+# parallel, or (where few bands would leave threads idle: batch 1 from 7x7 to 14x14)
+# the mid channels split over the threads. Both, forced, on cases that reach each
+# branch of the split: packed weight-gradient operands (rows of 4 KiB: Co = 520, and
+# Cm = 515 in float64, with a part panel), a depth multiplier, several bands per image,
+# z recomputed (hardswish, silu) or read from y (relu, relu6), and 1-3 threads (3: a
+# team larger than Co = 40's panels on AVX-512).
+# (N, C, H, W, m, Co, k, stride, act1, act2)
+SPLIT_CASES = {
+    "7x7_k7": (1, 70, 7, 7, 1, 40, 7, 1, "relu", "hardswish"),
+    "two_images_two_bands": (2, 45, 23, 9, 1, 33, 3, 1, "relu6", "relu"),
+    "m2_stride2": (1, 24, 9, 11, 2, 19, 3, 2, "silu", "relu6"),
+    "Co520": (1, 40, 5, 5, 1, 520, 3, 1, None, "silu"),
+    "Cm515": (1, 515, 6, 5, 1, 9, 3, 1, "hardswish", None),
+}
+
+
+@pytest.fixture(params=["bands", "split"])
+def backward_mode(request):
+    """The native backward forced onto one way of sharing out its work."""
+    before = _C.backward_mode()
+    _C.set_backward_mode(request.param)
+    yield request.param
+    _C.set_backward_mode(before)
+
+
+@pytest.mark.parametrize("case", SPLIT_CASES)
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_backward_modes(native_path, backward_mode, case, threads, layout):
+    N, C, H, W, m, Co, k, s, act1, act2 = SPLIT_CASES[case]
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        check_against_oracle(native_path, make_inputs(N, C, H, W, m, Co, k), s, k // 2, 1,
+                             act1, act2, layout=LAYOUTS[layout])
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("mask", [(True, False, False, False, False),
+                                  (False, True, False, True, False),
+                                  (False, False, True, False, True)])
+def test_backward_modes_partial_gradients(native_path, backward_mode, mask):
+    """Each gradient alone is the one computed with all the others (same bits)."""
+    from sepconv import _native
+    x, dw, pw, b, bd = (t.to(native_path["dtype"]) for t in make_inputs(1, 70, 7, 7, 1, 40, 7))
+    conf = ((1, 1), (3, 3, 3, 3), (1, 1), "relu", "silu")
+    gy = torch.randn(1, 40, 7, 7, dtype=x.dtype)
+    full = _native.backward(gy, x, dw, pw, bd, b, *conf, (True,) * 5)
+    part = _native.backward(gy, x, dw, pw, bd, b, *conf, mask)
+    for want, a, e in zip(mask, part, full):
+        assert (a is not None) == want
+        if want:
+            assert torch.equal(a, e)
+
+
+@pytest.mark.skipif(_C is None, reason="extension not built")
+def test_backward_mode_rule():
+    """Batch 1 at 7x7 on 2 threads splits the channels (as bands it is one band, one
+    thread's work); batch 8, one thread, or too few channels for a panel each: bands."""
+    from sepconv import _native
+
+    def splits(N, C, hw, threads, m=1):
+        before = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            geom = _native._build_geometry(
+                torch.empty(N, C, hw, hw), torch.empty(C * m, 1, 3, 3),
+                torch.empty(64, C * m, 1, 1), (1, 1), (1, 1, 1, 1), (1, 1),
+                torch.contiguous_format, "relu", "relu")
+        finally:
+            torch.set_num_threads(before)
+        return _C.backward_splits(geom, "float32")
+
+    assert splits(1, 768, 7, 2) and splits(1, 512, 14, 2)
+    assert not splits(8, 768, 7, 2) and not splits(1, 768, 7, 1)
+    assert not splits(1, 768, 56, 2) and not splits(1, 8, 7, 2)
+    assert not splits(0, 768, 7, 2)
+    with pytest.raises(ValueError, match="backward mode"):
+        _C.set_backward_mode("channels")
+
+
 @pytest.mark.parametrize("act1", list(ACTS), ids=str)
 @pytest.mark.parametrize("act2", list(ACTS), ids=str)
 def test_activations(path, act1, act2):

@@ -2,6 +2,212 @@
 // A fragment of kernels.h, included inside namespace sepconv::<isa>::{anonymous}
 // (after the files listed before it there); it includes nothing itself.
 
+// What a backward call computes besides the gradients asked for.
+struct BackwardNeeds {
+  bool g;       // d loss / d U: for grad_x or a depthwise gradient
+  bool from_y;  // dL/dz from y
+  bool z;       // z = W.M + b recomputed
+};
+template <class T> BackwardNeeds backward_needs(const Geometry& g, const T* y, const Grads<T>& out) {
+  // GZ = dL/dz where z = W.M + b. relu'(z) and relu6'(z) equal relu'(y) and relu6'(y)
+  // exactly (NaN included), so with y at hand z is not recomputed; silu and
+  // hardswish need z itself.
+  const bool from_y = y && (g.act2 == ACT_RELU || g.act2 == ACT_RELU6);
+  return {out.x || out.dw_weight || out.dw_bias, from_y, g.act2 != ACT_NONE && !from_y};
+}
+
+// The weight-gradient GEMM's operands, packed where their rows reach 4 KiB (see
+// backward_impl): GZ^T in blocks of MR output channels, M in panels of nr channels.
+template <class T> bool packs(int64_t ld) { return ld * (int64_t)sizeof(T) >= 4096; }
+
+// backward_impl's tiles: bands of R whole output rows. Bands b and b+2 read disjoint
+// input rows when (R + 1) * sh > (kh - 1) * dh, so the even bands, then the odd ones,
+// can scatter into grad_x in parallel without races and in a fixed order.
+inline int64_t band_rows(const Geometry& g) {
+  const int64_t r_min = imax(1, (g.kh - 1) * g.dh / g.sh);
+  return imin(imax(r_min, ceil_div(64, g.Wo)), imax(g.Ho, 1));
+}
+
+// Whether the backward splits the mid channels over the threads (backward_split)
+// rather than running bands in parallel: where the bands' two phases would leave the
+// threads idle a fifth of the time or more (steps: band-times of the slowest thread).
+// Each thread needs a panel of channels, of whole input channels. Measured on Zen 5,
+// batch 1, 2 threads, backward call: 768x7->3072 (k7) 3.73 -> 1.67 ms, 1024x7 1.18 ->
+// 0.68, 384x14->1536 (k7) 2.02 -> 1.43, 512x14 0.74 -> 0.67, 960x7->160 0.22 -> 0.18;
+// kept on bands: 728x19 (2.29 / 2.37, one fifth idle) and 256x28 (0.73 / 0.94).
+template <class T> bool splits_channels(const Geometry& g) {
+  constexpr int64_t nr = NR<T>();
+  const int64_t nb = ceil_div(g.Ho, band_rows(g)), T_ = g.threads;
+  if (g.N * nb == 0 || nr % g.m != 0 || g.backward_mode == BACKWARD_BANDS) return false;
+  if (g.backward_mode == BACKWARD_SPLIT) return true;
+  const int64_t steps = ceil_div(g.N * ceil_div(nb, 2), T_) + ceil_div(g.N * (nb / 2), T_);
+  return T_ > 1 && ceil_div(g.Cm, nr) >= T_ && 4 * steps * T_ > 5 * g.N * nb;
+}
+
+// The backward with the mid channels split over the threads, for calls with few
+// bands: backward_impl runs bands in parallel, and a 7x7 image at batch 1 is one
+// band, so one thread ran the whole backward (19x19 and 14x14: 1.2-1.3x band-times
+// of idling). Here all threads work on one band at a time. Each owns whole panels
+// of mid channels: its share of U, dL/dU, grad_x, both depthwise gradients and the
+// pointwise weight gradient's columns, so no gradient needs a private copy or a
+// reduction. dL/dz is shared out by output channels. Barriers order the two stages
+// that cross the shares: z reads all of M, and dL/dU all of dL/dz.
+template <class T>
+int backward_split(const Geometry& g, const T* gy, const T* y, const T* x, const T* dww,
+                   const T* pww, const T* dwb, const T* pwb, const Grads<T>& out) {
+  constexpr int64_t nr = NR<T>();
+  const int64_t HWo = g.Ho * g.Wo, HW = g.H * g.W, C = g.C, Cm = g.Cm, Co = g.Co;
+  const int64_t kk = g.kh * g.kw;
+  const bool cl = g.channels_last;
+  const BackwardNeeds need = backward_needs(g, y, out);
+  // Bands of whole output rows, about 128 pixels (one at a time: no height constraint).
+  const int64_t R = imin(ceil_div(128, g.Wo), g.Ho), P = R * g.Wo, nb = ceil_div(g.Ho, R);
+  const int64_t ldm = round_up(Cm, nr), ldo = round_up(Co, nr);
+  const bool pack_gz = packs<T>(ldo), pack_m = packs<T>(ldm);
+  const int64_t sU = P * ldm, sGZ = P * ldo, sB = cl ? 0 : band_elems(g, P);
+  const int64_t sGZs = pack_gz ? P * round_up(Co, MR) : 0, sMs = pack_m ? P * ldm : 0;
+  Buf<T> ws(0, 2 * sU + sGZ + sGZs + sMs + (cl ? 0 : sGZ + 2 * sB)), acc(1, kk * Cm + Cm + Co),
+      wt(2, kk * Cm), bp(3, need.z ? ldo * Cm : 0), wpk(4, need.g ? Co * ldm : 0),
+      bias(5, ldo, true);
+  Buf<int64_t> cols(6, 2 * g.kw);
+  if (!ws.p || !acc.p || !wt.p || !bp.p || !wpk.p || !bias.p || !cols.p) return OUT_OF_MEMORY;
+  prepare_weights(g, dww, pwb, wt.p, bias.p, cols.p);
+  T* U = ws.p;
+  T* G = U + sU;
+  T* GZ = G + sU;
+  T* GZs = GZ + sGZ;
+  T* Ms = GZs + sGZs;
+  T* GY = Ms + sMs;  // NCHW only: grad_y's tile, then the two bands
+  T* XB = GY + sGZ;
+  T* GXB = XB + sB;
+  T* a_dw = acc.p;  // [tap][Cm]
+  T* a_dwb = a_dw + kk * Cm;
+  T* a_pwb = a_dwb + Cm;
+  T* M = g.act1 == ACT_NONE ? U : G;  // act1(U); dL/dU overwrites it after its last use
+#pragma omp parallel num_threads(g.threads)
+  {
+    const DenormalMode thread_mode(g.flush_denormals);
+    const int64_t tid = omp_get_thread_num(), team = omp_get_num_threads();
+    // [*lo, *hi): this thread's share of n units of `unit` elements, within [0, end)
+    auto share = [&](int64_t n, int64_t unit, int64_t end, int64_t* lo, int64_t* hi) {
+      *lo = imin(n * tid / team * unit, end);
+      *hi = imin(n * (tid + 1) / team * unit, end);
+    };
+    int64_t c0, c1, o0, o1, b0, b1;
+    share(ceil_div(Cm, nr), nr, Cm, &c0, &c1);           // mid channels: whole panels
+    share(ceil_div(Co, nr), nr, Co, &o0, &o1);           // output channels, for dL/dz
+    share(ceil_div(Co, MR), 1, ceil_div(Co, MR), &b0, &b1);  // GZ^T's packed blocks
+    const int64_t nc = c1 - c0, i0 = c0 / g.m, i1 = c1 / g.m;  // i: input channels
+    if (need.z) {
+#pragma omp for schedule(static) nowait
+      for (int64_t q = 0; q < ldo / nr; ++q) pack_wt_panel(pww, Co, Cm, q, bp.p);
+    }
+    if (need.g) {
+#pragma omp for schedule(static) nowait
+      for (int64_t q = 0; q < ldm / nr; ++q) pack_w_panel(pww, Co, Cm, q, wpk.p);
+    }
+    for (int64_t t = 0; t < kk; ++t) memset(a_dw + t * Cm + c0, 0, nc * sizeof(T));
+    memset(a_dwb + c0, 0, nc * sizeof(T));
+    memset(a_pwb + o0, 0, (o1 - o0) * sizeof(T));
+#pragma omp barrier
+    for (int64_t n = 0; n < g.N; ++n)
+      for (int64_t band = 0; band < nb; ++band) {
+        const int64_t p0 = band * P, p1 = imin(p0 + P, HWo), np = p1 - p0;
+        const T* xn = x + n * C * HW;
+        T* gxn = out.x ? out.x + n * C * HW : nullptr;
+        if (gxn && band == 0 && i1 > i0) {  // this thread's channels of grad_x, cleared
+          if (cl)
+            for (int64_t p = 0; p < HW; ++p) memset(gxn + p * C + i0, 0, (i1 - i0) * sizeof(T));
+          else
+            memset(gxn + i0 * HW, 0, (i1 - i0) * HW * sizeof(T));
+        }
+        int64_t r0 = 0, r1 = g.H;
+        if (!cl) {  // this thread's channels of the band of x (and grad_x), NHWC
+          input_rows(g, p0, p1, &r0, &r1);
+          if (r1 > r0)
+            transpose_copy(xn + i0 * HW + r0 * g.W, HW, XB + i0, C, i1 - i0, (r1 - r0) * g.W);
+          xn = XB;
+          if (gxn)
+            for (int64_t p = 0; p < (r1 - r0) * g.W; ++p)
+              memset(GXB + p * C + i0, 0, (i1 - i0) * sizeof(T));
+        }
+        if (nc > 0) {
+          dw_forward(g, cols.p, xn, r0, r1, wt.p, dwb, ACT_NONE, p0, p1, U, ldm, c0, c1);
+          if (M != U)
+            for (int64_t r = 0; r < np; ++r) {
+              memcpy(M + r * ldm + c0, U + r * ldm + c0, nc * sizeof(T));
+              act_inplace(g.act1, M + r * ldm + c0, nc);
+            }
+        }
+        // All of M is made, and every thread is done with the last band's dL/dz.
+#pragma omp barrier
+        // GZ = dL/dz of output channels [o0, o1), pixel-major
+        const T* gyt = gy + (n * HWo + p0) * Co;
+        const T* yt = need.from_y ? y + (n * HWo + p0) * Co : nullptr;
+        int64_t gy_rs = Co;
+        if (!cl) {
+          const int64_t off = n * Co * HWo + p0 + o0 * HWo;
+          transpose_copy(gy + off, HWo, GY + o0, ldo, o1 - o0, np);
+          if (need.from_y) transpose_copy(y + off, HWo, GZ + o0, ldo, o1 - o0, np);
+          gyt = GY, yt = GZ, gy_rs = ldo;
+        }
+        if (need.z && o1 > o0) {
+          Out<T> o{GZ + o0, ldo, false, bias.p + o0, pwb ? 2 : 0, ACT_NONE};
+          gemm(np, o1 - o0, Cm, M, ldm, (int64_t)1, MR * ldm, bp.p + o0 * Cm, Cm * nr, nr, o);
+        }
+        for (int64_t r = 0; r < np; ++r) {
+          T* z = GZ + r * ldo + o0;
+          grad_act(g.act2, gyt + r * gy_rs + o0, need.from_y ? yt + r * gy_rs + o0 : z, z,
+                   o1 - o0);
+          if (out.pw_bias)
+#pragma omp simd
+            for (int64_t co = 0; co < o1 - o0; ++co) a_pwb[o0 + co] += z[co];
+        }
+#pragma omp barrier
+        if (out.pw_weight && pack_gz) {  // GZ^T, in the order the GEMM reads it
+          for (int64_t b = b0; b < b1; ++b)
+            for (int64_t k = 0; k < np; ++k)
+              for (int64_t i = 0; i < MR && b * MR + i < Co; ++i)
+                GZs[(b * P + k) * MR + i] = GZ[k * ldo + b * MR + i];
+#pragma omp barrier
+        }
+        if (nc == 0) continue;
+        if (out.pw_weight) {  // gW[:, c0:c1] (+)= GZ^T . M[:, c0:c1]
+          const T* B = M + c0;
+          int64_t b_panel = nr, ldb = ldm;
+          if (pack_m) {
+            for (int64_t q = c0 / nr; q < ceil_div(c1, nr); ++q)
+              for (int64_t k = 0; k < np; ++k)
+                storeu_n<T, nr>(Ms + (q * P + k) * nr, M + k * ldm + q * nr);
+            B = Ms + c0 * P, b_panel = P * nr, ldb = nr;
+          }
+          Out<T> o{out.pw_weight + c0, Cm, n > 0 || band > 0, nullptr, 0, ACT_NONE};
+          gemm(Co, nc, np, pack_gz ? GZs : GZ, (int64_t)1, pack_gz ? MR : ldo,
+               pack_gz ? P * MR : MR, B, b_panel, ldb, o);
+        }
+        if (!need.g) continue;
+        // G = dL/dU = (W^T . GZ) * act1'(U), this thread's channels
+        Out<T> o{G + c0, ldm, false, nullptr, 0, ACT_NONE};
+        gemm(np, nc, Co, GZ, ldo, (int64_t)1, MR * ldo, wpk.p + c0 * Co, Co * nr, nr, o);
+        if (g.act1 != ACT_NONE)
+          for (int64_t r = 0; r < np; ++r)
+            grad_act(g.act1, G + r * ldm + c0, U + r * ldm + c0, G + r * ldm + c0, nc);
+        dw_backward(g, cols.p, xn, r0, wt.p, G, ldm, p0, p1, out.dw_weight ? a_dw : nullptr,
+                    out.dw_bias ? a_dwb : nullptr, cl ? gxn : (gxn ? GXB : nullptr), c0, c1);
+        if (!cl && gxn && r1 > r0)
+          transpose_add(GXB + i0, C, gxn + i0 * HW + r0 * g.W, HW, (r1 - r0) * g.W, i1 - i0);
+      }
+    if (out.dw_weight)  // accumulated as [tap][Cm]; the result is [Cm][tap]
+      for (int64_t c = c0; c < c1; ++c)
+        for (int64_t k = 0; k < kk; ++k) out.dw_weight[c * kk + k] = a_dw[k * Cm + c];
+    if (out.dw_bias)
+      for (int64_t c = c0; c < c1; ++c) out.dw_bias[c] = a_dwb[c];
+    if (out.pw_bias)
+      for (int64_t co = o0; co < o1; ++co) out.pw_bias[co] = a_pwb[co];
+  }
+  return OK;
+}
+
 // Both layouts run one pipeline, pixel-major as in the forward: an NCHW x, grad_y
 // and y are transposed into NHWC tiles per band, and grad_x is gathered in an NHWC
 // band and added into the NCHW tensor by a transpose.
@@ -11,18 +217,10 @@ int backward_impl(const Geometry& g, const T* gy, const T* y, const T* x, const 
   constexpr int64_t nr = NR<T>();
   const int64_t HWo = g.Ho * g.Wo, Cm = g.Cm, Co = g.Co, kk = g.kh * g.kw, T_ = g.threads;
   const bool cl = g.channels_last;
-  const bool need_g = out.x || out.dw_weight || out.dw_bias;  // d loss / d U needed
-  const bool from_y = y && (g.act2 == ACT_RELU || g.act2 == ACT_RELU6);
-  // GZ = dL/dz where z = W.M + b. relu'(z) and relu6'(z) equal relu'(y) and relu6'(y)
-  // exactly (NaN included), so with y at hand z is not recomputed; silu and
-  // hardswish need z itself.
-  const bool need_z = g.act2 != ACT_NONE && !from_y;
-  // Tiles are bands of R whole output rows. Bands b and b+2 read disjoint input
-  // rows when (R + 1) * sh > (kh - 1) * dh, so the even bands, then the odd ones,
-  // can scatter into grad_x in parallel without races and in a fixed order.
-  const int64_t r_min = imax(1, (g.kh - 1) * g.dh / g.sh);
-  const int64_t R = imin(imax(r_min, ceil_div(64, g.Wo)), imax(g.Ho, 1));
-  const int64_t P = R * g.Wo, nb = ceil_div(g.Ho, R);
+  const BackwardNeeds need = backward_needs(g, y, out);
+  const bool need_g = need.g, from_y = need.from_y, need_z = need.z;
+  if (splits_channels<T>(g)) return backward_split(g, gy, y, x, dww, pww, dwb, pwb, out);
+  const int64_t R = band_rows(g), P = R * g.Wo, nb = ceil_div(g.Ho, R);
   const int64_t ldm = round_up(Cm, nr), ldo = round_up(Co, nr);
 
   // The weight gradient sums GZ^T . M over all pixels. Per tile its K is one band
@@ -36,7 +234,7 @@ int backward_impl(const Geometry& g, const T* gy, const T* y, const T* x, const 
   // panels of nr mid channels (KP x nr). Narrower rows stay as they are: the copy
   // cost the 32- and 64-channel layers 3-7%.
   const int64_t KS = imax(1, 256 / P), KP = KS * P;
-  const bool pack_gz = ldo * (int64_t)sizeof(T) >= 4096, pack_m = ldm * (int64_t)sizeof(T) >= 4096;
+  const bool pack_gz = packs<T>(ldo), pack_m = packs<T>(ldm);
   // Per-thread buffers: the tiles U, G (dL/dU, and act1(U) before it) and GZ (when
   // packed), the stacks, and for NCHW grad_y's tile and the NHWC bands of x, grad_x.
   const int64_t sU = P * ldm, sGZ = P * ldo, sB = cl ? 0 : band_elems(g, P);
@@ -48,11 +246,7 @@ int backward_impl(const Geometry& g, const T* gy, const T* y, const T* x, const 
       wpk(4, need_g ? Co * ldm : 0), bias(5, ldo, true);
   Buf<int64_t> cols(6, 2 * g.kw);
   if (!ws.p || !acc.p || !wt.p || !bp.p || !wpk.p || !bias.p || !cols.p) return OUT_OF_MEMORY;
-  column_ranges(g, cols.p);
-  for (int64_t c = 0; c < Cm; ++c)
-    for (int64_t t = 0; t < kk; ++t) wt.p[t * Cm + c] = dww[c * kk + t];
-  if (pwb)
-    for (int64_t co = 0; co < Co; ++co) bias.p[co] = pwb[co];
+  prepare_weights(g, dww, pwb, wt.p, bias.p, cols.p);
 
   int team = 1;
   const DenormalMode mode(g.flush_denormals);  // also for the sums after the threads
@@ -135,7 +329,7 @@ int backward_impl(const Geometry& g, const T* gy, const T* y, const T* x, const 
           if (from_y) transpose_copy(y + off, HWo, GZ, ldo, Co, np);
           gyt = GY, yt = GZ, gy_rs = ldo;
         }
-        dw_forward(g, cols.p, xn, r0, r1, wt.p, dwb, ACT_NONE, p0, p1, U, ldm);
+        dw_forward(g, cols.p, xn, r0, r1, wt.p, dwb, ACT_NONE, p0, p1, U, ldm, 0, Cm);
         // M = act1(U), pixel-major: straight onto an unpacked stack, else in G, or U
         // itself when act1 is the identity.
         const T* M = U;
@@ -183,7 +377,7 @@ int backward_impl(const Geometry& g, const T* gy, const T* y, const T* x, const 
           for (int64_t r = 0; r < np; ++r)
             grad_act(g.act1, G + r * ldm, U + r * ldm, G + r * ldm, Cm);
         dw_backward(g, cols.p, xn, r0, wt.p, G, ldm, p0, p1, out.dw_weight ? a_dw : nullptr,
-                    out.dw_bias ? a_dwb : nullptr, cl ? gxn : (gxn ? GXB : nullptr));
+                    out.dw_bias ? a_dwb : nullptr, cl ? gxn : (gxn ? GXB : nullptr), 0, Cm);
         if (!cl && gxn && r1 > r0)
           transpose_add(GXB, g.C, gxn + r0 * g.W, g.H * g.W, (r1 - r0) * g.W, g.C);
       }

@@ -59,11 +59,12 @@ inline TapRect tap_rect(const Geometry& g, const int64_t* cols, int64_t oh, int6
 // NHWC, depth multiplier 1, over the taps' rectangle (tap_rect). PX pixels of one
 // row (ps apart in x, ldu apart in U) times B vectors of channels accumulate in
 // registers over it (at least 4 independent FMA chains where the channels allow), and
-// act1 is applied before the one store.
+// act1 is applied before the one store. Channels [c, nc) of the pointers given (a
+// range's first channel); Cm is the weight's row stride.
 template <class T, int PX, int B>
 inline int64_t dw_block(const T* x, int64_t ps, int64_t xs_i, int64_t xs_j, const T* w,
-                        int64_t ws_i, int64_t Cm, int64_t di, int64_t dj, const T* dwb, int act1,
-                        T* u, int64_t ldu, int64_t c) {
+                        int64_t ws_i, int64_t Cm, int64_t nc, int64_t di, int64_t dj,
+                        const T* dwb, int act1, T* u, int64_t ldu, int64_t c) {
   constexpr int L = lanes<T>();
   auto channels = [&](int64_t c) {  // channels [c, c + B*L) of the PX pixels
     V<T> acc[PX][B];
@@ -82,14 +83,14 @@ inline int64_t dw_block(const T* x, int64_t ps, int64_t xs_i, int64_t xs_j, cons
     for (int q = 0; q < PX; ++q)
       for (int b = 0; b < B; ++b) storeu(u + q * ldu + c + b * L, act_vec<T>(act1, acc[q][b]));
   };
-  for (; c + B * L <= Cm; c += B * L) channels(c);
+  for (; c + B * L <= nc; c += B * L) channels(c);
   // One vector (B = 1, the last block the callers run) also takes the channels past
-  // the last whole vector where Cm >= L: a vector ending at Cm recomputes a few
+  // the last whole vector where nc >= L: a vector ending at nc recomputes a few
   // channels of the one before it (the same arithmetic, so the same bits) instead of
   // the scalar tail, which at Cm = 58 took 10 of 58 channels and most of the stage.
-  if (B == 1 && c < Cm && Cm >= L) {
-    channels(Cm - L);
-    c = Cm;
+  if (B == 1 && c < nc && nc >= L) {
+    channels(nc - L);
+    c = nc;
   }
   return c;
 }
@@ -97,10 +98,11 @@ inline int64_t dw_block(const T* x, int64_t ps, int64_t xs_i, int64_t xs_j, cons
 template <class T>
 void dw_forward_nhwc(const Geometry& g, const int64_t* cols, const T* xn, int64_t row0,
                      int64_t row1, const T* wt, const T* dwb, int act1, int64_t p0, int64_t p1,
-                     T* U, int64_t ldu) {
+                     T* U, int64_t ldu, int64_t c0, int64_t c1) {
   constexpr int PX = 4;
   const int64_t Cm = g.Cm, C = g.C, ps = g.sw * C, xs_i = g.dh * g.W * C, xs_j = g.dw * C,
-                ws_i = g.kw * Cm;
+                ws_i = g.kw * Cm, nc = c1 - c0;
+  if (dwb) dwb += c0;
   // Output columns [ca, cb) see every tap column.
   int64_t ca = 0, cb = g.Wo;
   for (int64_t j = 0; j < g.kw; ++j) ca = imax(ca, cols[2 * j]), cb = imin(cb, cols[2 * j + 1]);
@@ -108,13 +110,13 @@ void dw_forward_nhwc(const Geometry& g, const int64_t* cols, const T* xn, int64_
     const int64_t oh = p / g.Wo, ow = p % g.Wo;
     const TapRect t = tap_rect(g, cols, oh, ow, row0);
     const int64_t di = t.di, dj = t.dj;
-    const T* x = xn + t.x;
-    const T* w = wt + t.w;
-    T* u = U + (p - p0) * ldu;
-    // The channels dw_block leaves (only where Cm < one vector), one at a time.
-    auto scalar_tail = [&](int64_t npx, int64_t c0) {
+    const T* x = xn + t.x + c0;
+    const T* w = wt + t.w + c0;
+    T* u = U + (p - p0) * ldu + c0;
+    // The channels dw_block leaves (only where nc < one vector), one at a time.
+    auto scalar_tail = [&](int64_t npx, int64_t from) {
       for (int64_t q = 0; q < npx; ++q)
-        for (int64_t c = c0; c < Cm; ++c) {
+        for (int64_t c = from; c < nc; ++c) {
           T acc = dwb ? dwb[c] : T(0);
           for (int64_t i = 0; i < di; ++i)
             for (int64_t j = 0; j < dj; ++j)
@@ -137,30 +139,32 @@ void dw_forward_nhwc(const Geometry& g, const int64_t* cols, const T* xn, int64_
       for (int64_t b = 0; b < bytes; b += 64) __builtin_prefetch(r + b, 0, 2);  // T1: into L2
     }
     if (block) {
-      int64_t c = dw_block<T, PX, 2>(x, ps, xs_i, xs_j, w, ws_i, Cm, di, dj, dwb, act1, u, ldu, 0);
-      c = dw_block<T, PX, 1>(x, ps, xs_i, xs_j, w, ws_i, Cm, di, dj, dwb, act1, u, ldu, c);
+      int64_t c = dw_block<T, PX, 2>(x, ps, xs_i, xs_j, w, ws_i, Cm, nc, di, dj, dwb, act1, u, ldu, 0);
+      c = dw_block<T, PX, 1>(x, ps, xs_i, xs_j, w, ws_i, Cm, nc, di, dj, dwb, act1, u, ldu, c);
       scalar_tail(PX, c);
       p += PX;
     } else {
-      int64_t c = dw_block<T, 1, 4>(x, ps, xs_i, xs_j, w, ws_i, Cm, di, dj, dwb, act1, u, ldu, 0);
-      c = dw_block<T, 1, 1>(x, ps, xs_i, xs_j, w, ws_i, Cm, di, dj, dwb, act1, u, ldu, c);
+      int64_t c = dw_block<T, 1, 4>(x, ps, xs_i, xs_j, w, ws_i, Cm, nc, di, dj, dwb, act1, u, ldu, 0);
+      c = dw_block<T, 1, 1>(x, ps, xs_i, xs_j, w, ws_i, Cm, nc, di, dj, dwb, act1, u, ldu, c);
       scalar_tail(1, c);
       ++p;
     }
   }
 }
 
-// act1(depthwise output) of pixels [p0, p1) of the NHWC image xn into U[r][c] at
-// U + r*ldu, applied while the tile is still in L1. xn holds input rows [row0, row1)
-// only, from row0 on; wt is the weight as [tap][Cm].
+// act1(depthwise output) of pixels [p0, p1) and mid channels [c0, c1) of the NHWC
+// image xn into U[r][c] at U + r*ldu, applied while the tile is still in L1. xn holds
+// input rows [row0, row1) only, from row0 on; wt is the weight as [tap][Cm].
 template <class T>
 void dw_forward(const Geometry& g, const int64_t* cols, const T* xn, int64_t row0, int64_t row1,
-                const T* wt, const T* dwb, int act1, int64_t p0, int64_t p1, T* U, int64_t ldu) {
+                const T* wt, const T* dwb, int act1, int64_t p0, int64_t p1, T* U, int64_t ldu,
+                int64_t c0, int64_t c1) {
   const int64_t Cm = g.Cm, C = g.C, m = g.m;
-  if (m == 1) return dw_forward_nhwc(g, cols, xn, row0, row1, wt, dwb, act1, p0, p1, U, ldu);
+  if (m == 1)
+    return dw_forward_nhwc(g, cols, xn, row0, row1, wt, dwb, act1, p0, p1, U, ldu, c0, c1);
   for (int64_t p = p0; p < p1; ++p) {
     T* u = U + (p - p0) * ldu;
-    for (int64_t c = 0; c < Cm; ++c) u[c] = dwb ? dwb[c] : T(0);
+    for (int64_t c = c0; c < c1; ++c) u[c] = dwb ? dwb[c] : T(0);
     const int64_t oh = p / g.Wo, ow = p % g.Wo;
     for (int64_t i = 0; i < g.kh; ++i) {
       const int64_t ih = oh * g.sh - g.pt + i * g.dh;
@@ -170,10 +174,10 @@ void dw_forward(const Geometry& g, const int64_t* cols, const T* xn, int64_t row
         if (iw < 0 || iw >= g.W) continue;
         const T* xp = xn + ((ih - row0) * g.W + iw) * C;
         const T* w = wt + (i * g.kw + j) * Cm;
-        for (int64_t c = 0; c < Cm; ++c) u[c] += xp[c / m] * w[c];
+        for (int64_t c = c0; c < c1; ++c) u[c] += xp[c / m] * w[c];
       }
     }
-    act_inplace(act1, u, Cm);
+    act_inplace(act1, u + c0, c1 - c0);
   }
 }
 
@@ -233,50 +237,54 @@ void dw_backward_rows(const Geometry& g, const int64_t* cols, const T* xn, int64
     }
 }
 
-// All channels of dw_backward_rows: blocks of 4 vectors, the whole vectors left, the tail.
+// Channels [c0, c1) of dw_backward_rows: blocks of 4 vectors, the whole vectors left,
+// the tail.
 template <class T>
 void dw_backward_nhwc(const Geometry& g, const int64_t* cols, const T* xn, int64_t row0,
                       const T* wt, const T* G, int64_t ldg, int64_t oh0, int64_t oh1, T* gdw,
-                      T* gxn) {
+                      T* gxn, int64_t c0, int64_t c1) {
   constexpr int L = lanes<T>();
-  int64_t c = 0;
-  for (; c + 4 * L <= g.Cm; c += 4 * L)
+  int64_t c = c0;
+  for (; c + 4 * L <= c1; c += 4 * L)
     dw_backward_rows<T, 4, false>(g, cols, xn, row0, wt, G, ldg, oh0, oh1, c, 0, gdw, gxn);
-  const int tail = (int)(g.Cm % L);
+  const int tail = (int)((c1 - c0) % L);
   auto run = [&](auto f) { f(g, cols, xn, row0, wt, G, ldg, oh0, oh1, c, tail, gdw, gxn); };
-  switch ((g.Cm - c) / L) {
+  switch ((c1 - c) / L) {
     case 1: run(dw_backward_rows<T, 1, false>); break;
     case 2: run(dw_backward_rows<T, 2, false>); break;
     case 3: run(dw_backward_rows<T, 3, false>); break;
   }
-  c = g.Cm - tail;
+  c = c1 - tail;
   if (tail) run(dw_backward_rows<T, 1, true>);
 }
 
-// Depthwise backward for pixels [p0, p1): G[r][c] at G + r*ldg holds d loss / d U.
-// Accumulates into gdw ([tap][Cm]), gdwb and gxn (any may be null); xn and gxn are
-// NHWC and hold input rows from row0 on.
+// Depthwise backward for pixels [p0, p1) and mid channels [c0, c1) (whole input
+// channels: multiples of m): G[r][c] at G + r*ldg holds d loss / d U. Accumulates into
+// gdw ([tap][Cm]), gdwb and gxn (any may be null); xn and gxn are NHWC and hold input
+// rows from row0 on.
 template <class T>
 void dw_backward(const Geometry& g, const int64_t* cols, const T* xn, int64_t row0, const T* wt,
-                 const T* G, int64_t ldg, int64_t p0, int64_t p1, T* gdw, T* gdwb, T* gxn) {
+                 const T* G, int64_t ldg, int64_t p0, int64_t p1, T* gdw, T* gdwb, T* gxn,
+                 int64_t c0, int64_t c1) {
   const int64_t P = p1 - p0, Cm = g.Cm, C = g.C, m = g.m;
   if (gdwb)
     for (int64_t r = 0; r < P; ++r) {
       const T* gr = G + r * ldg;
 #pragma omp simd
-      for (int64_t c = 0; c < Cm; ++c) gdwb[c] += gr[c];
+      for (int64_t c = c0; c < c1; ++c) gdwb[c] += gr[c];
     }
   if (!gdw && !gxn) return;
   if (m == 1)  // bands are whole output rows: p0 and p1 are multiples of Wo
-    return dw_backward_nhwc(g, cols, xn, row0, wt, G, ldg, p0 / g.Wo, p1 / g.Wo, gdw, gxn);
+    return dw_backward_nhwc(g, cols, xn, row0, wt, G, ldg, p0 / g.Wo, p1 / g.Wo, gdw, gxn, c0,
+                            c1);
   walk_pixels(g, p0, p1, [&](int64_t r, int64_t tap, int64_t ip) {
     ip -= row0 * g.W;
     const T* gr = G + r * ldg;
     const T* xp = xn + ip * C;
     const T* w = wt + tap * Cm;
     if (gdw)
-      for (int64_t c = 0; c < Cm; ++c) gdw[tap * Cm + c] += gr[c] * xp[c / m];
+      for (int64_t c = c0; c < c1; ++c) gdw[tap * Cm + c] += gr[c] * xp[c / m];
     if (gxn)
-      for (int64_t c = 0; c < Cm; ++c) gxn[ip * C + c / m] += gr[c] * w[c];
+      for (int64_t c = c0; c < c1; ++c) gxn[ip * C + c / m] += gr[c] * w[c];
   });
 }

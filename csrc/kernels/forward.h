@@ -18,6 +18,18 @@ template <class T> int64_t tile_pixels(const Geometry& g, int64_t min_p) {
   return ceil_div(HWo, n);
 }
 
+// The depthwise weight as [tap][Cm], the pointwise bias into its (zeroed, NR-padded)
+// buffer, and each tap column's valid ow range: the start of both directions.
+template <class T>
+void prepare_weights(const Geometry& g, const T* dww, const T* pwb, T* wt, T* bias, int64_t* cols) {
+  const int64_t kk = g.kh * g.kw;
+  column_ranges(g, cols);
+  for (int64_t c = 0; c < g.Cm; ++c)
+    for (int64_t t = 0; t < kk; ++t) wt[t * g.Cm + c] = dww[c * kk + t];
+  if (pwb)
+    for (int64_t co = 0; co < g.Co; ++co) bias[co] = pwb[co];
+}
+
 // ---------------------------------------------------------------- forward
 // Input rows that output pixels [p0, p1) read: [*r0, *r1), within the image.
 inline void input_rows(const Geometry& g, int64_t p0, int64_t p1, int64_t* r0, int64_t* r1) {
@@ -63,11 +75,7 @@ int forward_impl(const Geometry& g, const T* x, const T* dww, const T* pww, cons
   const int64_t band = cl ? 0 : band_elems(g, P), per_thread = P * ldu + band;
   Buf<T> ws(4, g.threads * per_thread);
   if (!wt.p || !bp.p || !bias.p || !ws.p || !cols.p) return OUT_OF_MEMORY;
-  column_ranges(g, cols.p);
-  for (int64_t c = 0; c < Cm; ++c)
-    for (int64_t t = 0; t < kk; ++t) wt.p[t * Cm + c] = dww[c * kk + t];
-  if (pwb)
-    for (int64_t co = 0; co < Co; ++co) bias.p[co] = pwb[co];
+  prepare_weights(g, dww, pwb, wt.p, bias.p, cols.p);
 
   const int64_t ntiles = pixel_tiles * co_splits;
 #pragma omp parallel num_threads(g.threads)
@@ -91,7 +99,7 @@ int forward_impl(const Geometry& g, const T* x, const T* dww, const T* pww, cons
       if (r1 > r0) transpose_copy(xn + r0 * g.W, g.H * g.W, xb, g.C, g.C, (r1 - r0) * g.W);
       xn = xb;
     }
-    dw_forward(g, cols.p, xn, r0, r1, wt.p, dwb, g.act1, p0, p1, U, ldu);
+    dw_forward(g, cols.p, xn, r0, r1, wt.p, dwb, g.act1, p0, p1, U, ldu, 0, Cm);
     Out<T> o = cl ? Out<T>{y + (n * HWo + p0) * Co + co0, Co, false, bias.p + co0, pwb ? 2 : 0,
                            g.act2}
                   : Out<T>{y + (n * Co + co0) * HWo + p0, HWo, false, bias.p + co0, pwb ? 2 : 0,
