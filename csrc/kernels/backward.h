@@ -20,28 +20,59 @@ template <class T> BackwardNeeds backward_needs(const Geometry& g, const T* y, c
 // backward_impl): GZ^T in blocks of MR output channels, M in panels of nr channels.
 template <class T> bool packs(int64_t ld) { return ld * (int64_t)sizeof(T) >= 4096; }
 
+// Output rows the busiest thread computes over backward_impl's two phases, with bands
+// of R rows (OpenMP's static schedule: the first n % T threads take one task more).
+inline int64_t busiest_rows(const Geometry& g, int64_t R) {
+  const int64_t nb = ceil_div(g.Ho, R), T = g.threads;
+  int64_t total = 0;
+  for (int phase = 0; phase < 2; ++phase) {
+    const int64_t per_n = (nb + 1 - phase) / 2, n = g.N * per_n, q = n / imax(T, 1), r = n % T;
+    int64_t most = 0;
+    for (int64_t t = 0, task = 0; t < imin(T, n); ++t) {
+      int64_t rows = 0;
+      for (const int64_t end = task + q + (t < r); task < end; ++task)
+        rows += imin(R, g.Ho - (2 * (task % per_n) + phase) * R);
+      most = imax(most, rows);
+    }
+    total += most;
+  }
+  return total;
+}
+
 // backward_impl's tiles: bands of R whole output rows. Bands b and b+2 read disjoint
 // input rows when (R + 1) * sh > (kh - 1) * dh, so the even bands, then the odd ones,
-// can scatter into grad_x in parallel without races and in a fixed order.
+// can scatter into grad_x in parallel without races and in a fixed order. About 64
+// pixels a band; with few bands in all, the height from about 32 to 256 pixels whose
+// phases keep the threads busiest. At batch 1 on 2 threads, 19x19 in bands of 4 rows
+// kept one thread busy 12 row-times for 19 rows, 5 rows take 10 (train step 728x19
+// 1.14x, 256x28 1.17x, 192x28->32 1.15x; Zen 5, A/B in one process).
 inline int64_t band_rows(const Geometry& g) {
-  const int64_t r_min = imax(1, (g.kh - 1) * g.dh / g.sh);
-  return imin(imax(r_min, ceil_div(64, g.Wo)), imax(g.Ho, 1));
+  const int64_t r_min = imax(1, (g.kh - 1) * g.dh / g.sh), Ho = imax(g.Ho, 1);
+  const int64_t r0 = imin(imax(r_min, ceil_div(64, g.Wo)), Ho);
+  if (g.N * ceil_div(Ho, r0) > 16 * g.threads) return r0;  // many bands: even enough
+  int64_t best = r0, cost = busiest_rows(g, r0);
+  for (int64_t R = imin(imax(r_min, ceil_div(32, g.Wo)), Ho); R <= imin(ceil_div(256, g.Wo), Ho);
+       ++R) {
+    const int64_t c = busiest_rows(g, R);
+    if (c < cost || (c == cost && imax(R - r0, r0 - R) < imax(best - r0, r0 - best)))
+      best = R, cost = c;
+  }
+  return best;
 }
 
 // Whether the backward splits the mid channels over the threads (backward_split)
-// rather than running bands in parallel: where the bands' two phases would leave the
-// threads idle a fifth of the time or more (steps: band-times of the slowest thread).
-// Each thread needs a panel of channels, of whole input channels. Measured on Zen 5,
-// batch 1, 2 threads, backward call: 768x7->3072 (k7) 3.73 -> 1.67 ms, 1024x7 1.18 ->
-// 0.68, 384x14->1536 (k7) 2.02 -> 1.43, 512x14 0.74 -> 0.67, 960x7->160 0.22 -> 0.18;
-// kept on bands: 728x19 (2.29 / 2.37, one fifth idle) and 256x28 (0.73 / 0.94).
+// rather than running bands in parallel: where the bands' phases would leave the
+// threads idle a tenth of the time or more. Each thread needs a panel of channels, of
+// whole input channels. Measured on Zen 5, batch 1, 2 threads, backward call against
+// bands of the old fixed height: 768x7->3072 (k7) 3.73 -> 1.67 ms, 1024x7 1.18 -> 0.68,
+// 384x14->1536 (k7) 2.02 -> 1.43, 512x14 0.74 -> 0.67, 960x7->160 0.22 -> 0.18. Where
+// band_rows balances the phases (19x19, 28x28, 56x56) bands were as fast or faster.
 template <class T> bool splits_channels(const Geometry& g) {
   constexpr int64_t nr = NR<T>();
-  const int64_t nb = ceil_div(g.Ho, band_rows(g)), T_ = g.threads;
-  if (g.N * nb == 0 || nr % g.m != 0 || g.backward_mode == BACKWARD_BANDS) return false;
+  if (g.N == 0 || nr % g.m != 0 || g.backward_mode == BACKWARD_BANDS) return false;
   if (g.backward_mode == BACKWARD_SPLIT) return true;
-  const int64_t steps = ceil_div(g.N * ceil_div(nb, 2), T_) + ceil_div(g.N * (nb / 2), T_);
-  return T_ > 1 && ceil_div(g.Cm, nr) >= T_ && 4 * steps * T_ > 5 * g.N * nb;
+  return g.threads > 1 && ceil_div(g.Cm, nr) >= g.threads &&
+         9 * busiest_rows(g, band_rows(g)) * g.threads > 10 * g.N * g.Ho;
 }
 
 // The backward with the mid channels split over the threads, for calls with few
