@@ -184,7 +184,7 @@ int backward_split(const Geometry& g, const T* gy, const T* y, const T* x, const
         }
         if (need.z && o1 > o0) {
           Out<T> o{GZ + o0, ldo, false, bias.p + o0, pwb ? 2 : 0, ACT_NONE};
-          gemm(np, o1 - o0, Cm, M, ldm, (int64_t)1, MR * ldm, bp.p + o0 * Cm, Cm * nr, nr, o);
+          gemm(np, o1 - o0, Cm, M, ldm, (int64_t)1, (int64_t)0, bp.p + o0 * Cm, Cm * nr, nr, o);
         }
         for (int64_t r = 0; r < np; ++r) {
           T* z = GZ + r * ldo + o0;
@@ -214,12 +214,12 @@ int backward_split(const Geometry& g, const T* gy, const T* y, const T* x, const
           }
           Out<T> o{out.pw_weight + c0, Cm, n > 0 || band > 0, nullptr, 0, ACT_NONE};
           gemm(Co, nc, np, pack_gz ? GZs : GZ, (int64_t)1, pack_gz ? MR : ldo,
-               pack_gz ? P * MR : MR, B, b_panel, ldb, o);
+               pack_gz ? P * MR : 0, B, b_panel, ldb, o);
         }
         if (!need.g) continue;
         // G = dL/dU = (W^T . GZ) * act1'(U), this thread's channels
         Out<T> o{G + c0, ldm, false, nullptr, 0, ACT_NONE};
-        gemm(np, nc, Co, GZ, ldo, (int64_t)1, MR * ldo, wpk.p + c0 * Co, Co * nr, nr, o);
+        gemm(np, nc, Co, GZ, ldo, (int64_t)1, (int64_t)0, wpk.p + c0 * Co, Co * nr, nr, o);
         if (g.act1 != ACT_NONE)
           for (int64_t r = 0; r < np; ++r)
             grad_act(g.act1, G + r * ldm + c0, U + r * ldm + c0, G + r * ldm + c0, nc);
@@ -313,7 +313,7 @@ int backward_impl(const Geometry& g, const T* gy, const T* y, const T* x, const 
     auto flush_pw = [&] {  // gW[co][c] += sum_p GZ[p][co] * M[p][c] over the stack
       if (out.pw_weight && stacked) {
         Out<T> o{a_pw, Cm, true, nullptr, 0, ACT_NONE};
-        const int64_t acs = pack_gz ? MR : ldo, a_block = pack_gz ? KP * MR : MR;
+        const int64_t acs = pack_gz ? MR : ldo, a_block = pack_gz ? KP * MR : 0;
         const int64_t b_panel = pack_m ? KP * nr : nr, ldb = pack_m ? nr : ldm;
         gemm(Co, Cm, stacked, GZs, (int64_t)1, acs, a_block, Ms, b_panel, ldb, o);
       }
@@ -374,7 +374,7 @@ int backward_impl(const Geometry& g, const T* gy, const T* y, const T* x, const 
         }
         if (need_z) {
           Out<T> o{GZ, ldo, false, bias.p, pwb ? 2 : 0, ACT_NONE};
-          gemm(np, Co, Cm, M, ldm, (int64_t)1, MR * ldm, bp.p, Cm * nr, nr, o);
+          gemm(np, Co, Cm, M, ldm, (int64_t)1, (int64_t)0, bp.p, Cm * nr, nr, o);
         }
         for (int64_t r = 0; r < np; ++r)
           grad_act(g.act2, gyt + r * gy_rs, from_y ? yt + r * gy_rs : GZ + r * ldo, GZ + r * ldo,
@@ -403,7 +403,7 @@ int backward_impl(const Geometry& g, const T* gy, const T* y, const T* x, const 
         if (!need_g) continue;
         // G = dL/dU = (W^T . GZ) * act1'(U)
         Out<T> o{G, ldm, false, nullptr, 0, ACT_NONE};
-        gemm(np, Cm, Co, GZ, ldo, (int64_t)1, MR * ldo, wpk.p, Co * nr, nr, o);
+        gemm(np, Cm, Co, GZ, ldo, (int64_t)1, (int64_t)0, wpk.p, Co * nr, nr, o);
         if (g.act1 != ACT_NONE)
           for (int64_t r = 0; r < np; ++r)
             grad_act(g.act1, G + r * ldm, U + r * ldm, G + r * ldm, Cm);

@@ -104,7 +104,7 @@ int forward_impl(const Geometry& g, const T* x, const T* dww, const T* pww, cons
                            g.act2}
                   : Out<T>{y + (n * Co + co0) * HWo + p0, HWo, false, bias.p + co0, pwb ? 2 : 0,
                            g.act2, true};
-    gemm(p1 - p0, co1 - co0, Cm, U, ldu, (int64_t)1, MR * ldu, bp.p + (co0 / nr) * Cm * nr,
+    gemm(p1 - p0, co1 - co0, Cm, U, ldu, (int64_t)1, (int64_t)0, bp.p + (co0 / nr) * Cm * nr,
          Cm * nr, nr, o);
   }
   }

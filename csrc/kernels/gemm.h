@@ -3,9 +3,9 @@
 // (after the files listed before it there); it includes nothing itself.
 
 // C[i][j] (i < M, j < N) = epilogue(sum_k A[i][k] B[k][j]).
-// A: row blocks of MR rows; block b starts at A + b*a_block, and its row i, column k
-//    is at + i*ars + k*acs. A strided matrix has a_block = MR*ars; the weight
-//    gradient packs A into blocks of K x MR (ars = 1, acs = MR) that it reads in order.
+// A: row i, column k at A + i*ars + k*acs where a_block = 0 (a strided matrix);
+//    else row blocks of MR rows, block b from A + b*a_block (the weight gradient packs
+//    A into blocks of K x MR, ars = 1, acs = MR, that it reads in order).
 // B: panels of NR columns; panel q starts at B + q*b_panel, row k at + k*ldb.
 //    Every panel is readable for all NR columns (callers pad), so no masking.
 // C: C[i][j] at c + i*rs + j, or at c + j*rs + i when transposed.
@@ -130,9 +130,15 @@ void gemm(int64_t M, int64_t N, int64_t K, const T* A, int64_t ars, int64_t acs,
     const T* bq = B + q * b_panel;
     const int64_t j0 = q * nr, cols = imin(nr, N - j0);
     for (int64_t ib = 0; ib < nm; ++ib) {
-      const int64_t i0 = ib * MR;
-      const int mr = (int)imin(MR, M - i0);
-      const T* a = A + ib * a_block;
+      // A strided A whose last MR-row block would have 1-3 rows is cut into blocks of
+      // near-equal height instead: such a block has 2-6 independent accumulators,
+      // fewer than the FMA latency x pipes, and runs at a fraction of the peak (49
+      // pixels = 4 x 12 + 1). Zen 5, batch 1 forward, same process: 768x7->3072
+      // 1.07x, 1024x7 1.04x, xception 1.04-1.05x, suites 1.01-1.05x.
+      const bool even = !a_block && M % MR != 0 && M % MR < 4;
+      const int64_t i0 = even ? ib * M / nm : ib * MR;
+      const int mr = (int)(even ? (ib + 1) * M / nm - i0 : imin(MR, M - i0));
+      const T* a = a_block ? A + ib * a_block : A + i0 * ars;
       if (cols <= L)
         micro_rows<T, 1>(mr, K, a, ars, acs, bq, ldb, o, i0, j0, cols);
       else
