@@ -131,7 +131,7 @@ int backward_split(const Geometry& g, const T* gy, const T* y, const T* x, const
     const int64_t nc = c1 - c0, i0 = c0 / g.m, i1 = c1 / g.m;  // i: input channels
     if (need.z) {
 #pragma omp for schedule(static) nowait
-      for (int64_t q = 0; q < ldo / nr; ++q) pack_wt_panel(pww, Co, Cm, q, bp.p);
+      for (int64_t q = 0; q < ldo / nr; ++q) pack_wt_panel(pww, Co, Cm, q, bp.p + q * Cm * nr);
     }
     if (need.g) {
 #pragma omp for schedule(static) nowait
@@ -293,7 +293,7 @@ int backward_impl(const Geometry& g, const T* gy, const T* y, const T* x, const 
     memset(acc.p + tid * sacc, 0, sacc * sizeof(T));
     if (need_z) {
 #pragma omp for schedule(static) nowait
-      for (int64_t q = 0; q < ldo / nr; ++q) pack_wt_panel(pww, Co, Cm, q, bp.p);
+      for (int64_t q = 0; q < ldo / nr; ++q) pack_wt_panel(pww, Co, Cm, q, bp.p + q * Cm * nr);
     }
     if (need_g) {
 #pragma omp for schedule(static) nowait

@@ -77,13 +77,12 @@ void transpose_add(const T* src, int64_t lds, T* dst, int64_t ldd, int64_t rows,
 }
 
 // Panel q of W_pw (Co x Cm, row-major) as B operand of y = U . W^T (NHWC):
-// Bp[q][k][jj] = W[q*NR + jj][k], zero padded. Called for each q by the threads.
+// panel[k][jj] = W[q*NR + jj][k], zero padded (Cm x NR).
 // Full panels go by L x L register transposes (2.5x faster than element copies
 // at 512 x 512); the rest by blocks of 16 k, so that each source line is read
 // whole and the destination rows stay in L1.
-template <class T> void pack_wt_panel(const T* w, int64_t Co, int64_t Cm, int64_t q, T* Bp) {
+template <class T> void pack_wt_panel(const T* w, int64_t Co, int64_t Cm, int64_t q, T* panel) {
   constexpr int64_t nr = NR<T>(), L = lanes<T>();
-  T* panel = Bp + q * Cm * nr;
   const int64_t cols = imin(nr, Co - q * nr);
   const T* wq = w + q * nr * Cm;
   int64_t k0 = 0;
