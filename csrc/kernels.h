@@ -62,7 +62,8 @@ template int backward<double>(const Geometry&, const double*, const double*, con
                               const Grads<double>&);
 
 bool backward_splits(const Geometry& g, bool f64) {
-  return f64 ? splits_channels<double>(g) : splits_channels<float>(g);
+  return f64 ? splits_channels<double>(g, band_rows(g))
+             : splits_channels<float>(g, band_rows(g));
 }
 
 // FMA throughput probe: independent chains of vector FMAs, enough of them to hide

@@ -8,12 +8,29 @@ struct BackwardNeeds {
   bool from_y;  // dL/dz from y
   bool z;       // z = W.M + b recomputed
 };
-template <class T> BackwardNeeds backward_needs(const Geometry& g, const T* y, const Grads<T>& out) {
+template <class T>
+BackwardNeeds backward_needs(const Geometry& g, const T* y, const Grads<T>& out) {
   // GZ = dL/dz where z = W.M + b. relu'(z) and relu6'(z) equal relu'(y) and relu6'(y)
   // exactly (NaN included), so with y at hand z is not recomputed; silu and
   // hardswish need z itself.
   const bool from_y = y && (g.act2 == ACT_RELU || g.act2 == ACT_RELU6);
   return {out.x || out.dw_weight || out.dw_bias, from_y, g.act2 != ACT_NONE && !from_y};
+}
+
+// The pointwise weight's panels both backward drivers read, packed by the calling
+// team (inside a parallel region; no barrier): as W^T for z = W.M + b, as W for dL/dU.
+template <class T>
+void pack_weights(const Geometry& g, const T* pww, const BackwardNeeds& need, T* bp, T* wpk) {
+  constexpr int64_t nr = NR<T>();
+  const int64_t Co = g.Co, Cm = g.Cm;
+  if (need.z) {
+#pragma omp for schedule(static) nowait
+    for (int64_t q = 0; q < ceil_div(Co, nr); ++q) pack_wt_panel(pww, Co, Cm, q, bp + q * Cm * nr);
+  }
+  if (need.g) {
+#pragma omp for schedule(static) nowait
+    for (int64_t q = 0; q < ceil_div(Cm, nr); ++q) pack_w_panel(pww, Co, Cm, q, wpk + q * Co * nr);
+  }
 }
 
 // The weight-gradient GEMM's operands, packed where their rows reach 4 KiB (see
@@ -67,12 +84,12 @@ inline int64_t band_rows(const Geometry& g) {
 // bands of the old fixed height: 768x7->3072 (k7) 3.73 -> 1.67 ms, 1024x7 1.18 -> 0.68,
 // 384x14->1536 (k7) 2.02 -> 1.43, 512x14 0.74 -> 0.67, 960x7->160 0.22 -> 0.18. Where
 // band_rows balances the phases (19x19, 28x28, 56x56) bands were as fast or faster.
-template <class T> bool splits_channels(const Geometry& g) {
+template <class T> bool splits_channels(const Geometry& g, int64_t R) {
   constexpr int64_t nr = NR<T>();
   if (g.N == 0 || nr % g.m != 0 || g.backward_mode == BACKWARD_BANDS) return false;
   if (g.backward_mode == BACKWARD_SPLIT) return true;
   return g.threads > 1 && ceil_div(g.Cm, nr) >= g.threads &&
-         9 * busiest_rows(g, band_rows(g)) * g.threads > 10 * g.N * g.Ho;
+         9 * busiest_rows(g, R) * g.threads > 10 * g.N * g.Ho;
 }
 
 // The backward with the mid channels split over the threads, for calls with few
@@ -129,14 +146,7 @@ int backward_split(const Geometry& g, const T* gy, const T* y, const T* x, const
     share(ceil_div(Co, nr), nr, Co, &o0, &o1);           // output channels, for dL/dz
     share(ceil_div(Co, MR), 1, ceil_div(Co, MR), &b0, &b1);  // GZ^T's packed blocks
     const int64_t nc = c1 - c0, i0 = c0 / g.m, i1 = c1 / g.m;  // i: input channels
-    if (need.z) {
-#pragma omp for schedule(static) nowait
-      for (int64_t q = 0; q < ldo / nr; ++q) pack_wt_panel(pww, Co, Cm, q, bp.p + q * Cm * nr);
-    }
-    if (need.g) {
-#pragma omp for schedule(static) nowait
-      for (int64_t q = 0; q < ldm / nr; ++q) pack_w_panel(pww, Co, Cm, q, wpk.p);
-    }
+    pack_weights(g, pww, need, bp.p, wpk.p);
     for (int64_t t = 0; t < kk; ++t) memset(a_dw + t * Cm + c0, 0, nc * sizeof(T));
     memset(a_dwb + c0, 0, nc * sizeof(T));
     memset(a_pwb + o0, 0, (o1 - o0) * sizeof(T));
@@ -248,10 +258,10 @@ int backward_impl(const Geometry& g, const T* gy, const T* y, const T* x, const 
   constexpr int64_t nr = NR<T>();
   const int64_t HWo = g.Ho * g.Wo, Cm = g.Cm, Co = g.Co, kk = g.kh * g.kw, T_ = g.threads;
   const bool cl = g.channels_last;
+  const int64_t R = band_rows(g), P = R * g.Wo, nb = ceil_div(g.Ho, R);
+  if (splits_channels<T>(g, R)) return backward_split(g, gy, y, x, dww, pww, dwb, pwb, out);
   const BackwardNeeds need = backward_needs(g, y, out);
   const bool need_g = need.g, from_y = need.from_y, need_z = need.z;
-  if (splits_channels<T>(g)) return backward_split(g, gy, y, x, dww, pww, dwb, pwb, out);
-  const int64_t R = band_rows(g), P = R * g.Wo, nb = ceil_div(g.Ho, R);
   const int64_t ldm = round_up(Cm, nr), ldo = round_up(Co, nr);
 
   // The weight gradient sums GZ^T . M over all pixels. Per tile its K is one band
@@ -291,14 +301,7 @@ int backward_impl(const Geometry& g, const T* gy, const T* y, const T* x, const 
     // cleared and summed.)
     if (tid == 0) team = omp_get_num_threads();
     memset(acc.p + tid * sacc, 0, sacc * sizeof(T));
-    if (need_z) {
-#pragma omp for schedule(static) nowait
-      for (int64_t q = 0; q < ldo / nr; ++q) pack_wt_panel(pww, Co, Cm, q, bp.p + q * Cm * nr);
-    }
-    if (need_g) {
-#pragma omp for schedule(static) nowait
-      for (int64_t q = 0; q < ldm / nr; ++q) pack_w_panel(pww, Co, Cm, q, wpk.p);
-    }
+    pack_weights(g, pww, need, bp.p, wpk.p);
 #pragma omp barrier
     T* U = ws.p + tid * per_thread;
     T* G = U + sU;

@@ -101,12 +101,11 @@ template <class T> void pack_wt_panel(const T* w, int64_t Co, int64_t Cm, int64_
   }
 }
 
-// Panel q of W_pw as the B operand of dL/dU = GZ . W: Bp[q][co][jj] = W[co][q*NR + jj],
-// zero padded. Contiguous panels: read straight from the Co x Cm matrix, a panel would
+// Panel q of W_pw as the B operand of dL/dU = GZ . W: panel[co][jj] = W[co][q*NR + jj],
+// zero padded (Co x NR). Contiguous panels: read straight from the Co x Cm matrix, a panel would
 // be Co rows 4 * Cm bytes apart, 4 MiB of address range at 1024 x 1024.
-template <class T> void pack_w_panel(const T* w, int64_t Co, int64_t Cm, int64_t q, T* Bp) {
+template <class T> void pack_w_panel(const T* w, int64_t Co, int64_t Cm, int64_t q, T* panel) {
   constexpr int64_t nr = NR<T>();
-  T* panel = Bp + q * Co * nr;
   const int64_t cols = imin(nr, Cm - q * nr);
   if (cols == nr) {  // whole rows as vector moves: element by element took 0.7 ms at 3072 x 768
     for (int64_t co = 0; co < Co; ++co) storeu_n<T, nr>(panel + co * nr, w + co * Cm + q * nr);
