@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from benchmarks import report
 from benchmarks.layers import FORMATS, run_layer
-from benchmarks.machine import REPO, describe, machine_name, measure_peaks
+from benchmarks.machine import REPO, describe, machine_name, measure_peaks, set_allocator
 from benchmarks.models import MODELS, run_model
 from benchmarks.shapes import SUITES
 
@@ -49,6 +49,10 @@ def _parse(argv):
     p.add_argument("--threads", type=int, default=DEFAULT_THREADS,
                    help="threads of both sepconv and PyTorch (files get a _<n>threads suffix "
                    "when not the default)")
+    p.add_argument("--malloc", choices=["reuse", "system"], default="reuse",
+                   help="CPU memory policy for both sides: freed memory reused (default; "
+                   "kernel against kernel) or the C library's defaults (large blocks "
+                   "faulted in anew on every call)")
     p.add_argument("--quick", action="store_true", help="shorter timing runs (noisier)")
     p.add_argument("--out", type=Path, help="results folder (default "
                    "benchmarks/results/<machine>); 'none' writes nothing")
@@ -66,8 +70,9 @@ def _parse(argv):
 def main(argv: list[str] | None = None) -> int:
     args = _parse(argv)
     torch.set_num_threads(args.threads)
+    allocator = set_allocator(args.malloc) if args.device == "cpu" else "torch CUDA caching"
     dtype = getattr(torch, args.dtype)
-    machine = describe(args.device)
+    machine = {**describe(args.device), "allocator": allocator}
     name = machine_name(machine)
     peaks = measure_peaks(args.device, dtype)
     command = shlex.join(["python", "-m", "benchmarks", *(sys.argv[1:] if argv is None else argv)])

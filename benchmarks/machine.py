@@ -105,6 +105,34 @@ def describe(device: str) -> dict:
     return d
 
 
+def set_allocator(policy: str) -> str:
+    """Fix how freed CPU memory comes back, the same for both sides; returns its description.
+
+    glibc serves blocks over its mmap threshold (at most 32 MiB) with fresh pages, which
+    the next call faults in and clears again, 4 KiB at a time. Below that, whether a
+    block reuses freed heap memory depends on the heap's history. So one run of a layer
+    with a 38 MB output measured the pair at 0.80x and the next at 2.00x, the kernels
+    unchanged, and the pair, which also allocates its intermediate, faulted in millions
+    of pages per layer. 'reuse' keeps every block on the heap (M_MMAP_MAX 0) and freed
+    memory mapped (M_TRIM_THRESHOLD 1 GiB): calls after the first reuse memory, as under
+    a caching allocator such as jemalloc or tcmalloc, and the kernels are compared
+    with each other. 'system' leaves the C library's defaults.
+    """
+    if policy == "system":
+        return "system defaults"
+    import ctypes
+    import ctypes.util
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c"))
+        m_trim_threshold, m_mmap_max = -1, -4  # malloc.h
+        ok = libc.mallopt(m_mmap_max, 0) == 1 and libc.mallopt(m_trim_threshold, 1 << 30) == 1
+    except (OSError, AttributeError, TypeError):
+        ok = False
+    if not ok:
+        return "system defaults (mallopt unavailable)"
+    return "heap reuse (glibc mallopt: M_MMAP_MAX 0, M_TRIM_THRESHOLD 1 GiB)"
+
+
 def machine_name(desc: dict) -> str:
     """A folder name: the GPU's name on CUDA; else the CPU's vendor and microarchitecture
     (its first model-name word where that is unknown), cores and the ISA the kernels

@@ -120,7 +120,8 @@ def write_markdown(path: Path, result: dict, plots: list[str]) -> None:
            f"- sepconv {m['sepconv']} at {(m['git_revision'] or 'unknown')[:12]}"
            + (" (uncommitted changes)" if m["git_dirty"] else ""),
            f"- measured: {p['compute_probe']} {p['compute_gflops']:.0f} GFLOP/s, "
-           f"copy {p['copy_gbs']:.1f} GB/s", ""]
+           f"copy {p['copy_gbs']:.1f} GB/s",
+           f"- memory: {m.get('allocator') or 'system defaults'}", ""]
     formats = result["formats"]
     for suite, rows in result["suites"].items():
         cols = _columns(formats)

@@ -28,6 +28,7 @@ def test_tiny_run_writes_every_file(tmp_path, capsys):
                                                       "shufflenet_v2"}
     assert [r["fused_chains"] for r in result["models"]][::2] == [13, 17, 19]
     assert result["machine"]["torch"] and result["peaks"]["copy_gbs"] > 0
+    assert result["machine"]["allocator"].startswith(("heap reuse", "system defaults"))
     with (tmp_path / "fwd_b1_float32.csv").open() as f:
         table = list(csv.DictReader(f))
     assert len(table) == 2 and table[0]["suite"] == "tiny" and float(table[0]["speedup"]) > 0
@@ -40,8 +41,10 @@ def test_tiny_run_writes_every_file(tmp_path, capsys):
 
 def test_forward_backward_one_format(tmp_path):
     assert main(["--suite", "tiny", "--quick", "--mode", "fwdbwd", "--format", "channels_last",
-                 "--out", str(tmp_path)]) == 0
+                 "--malloc", "system", "--out", str(tmp_path)]) == 0
     result = json.loads((tmp_path / "fwdbwd_b1_float32.json").read_text())
+    assert result["machine"]["allocator"] == "system defaults"
+    assert "- memory: system defaults" in (tmp_path / "fwdbwd_b1_float32.md").read_text()
     row = result["suites"]["tiny"][0]
     assert result["mode"] == "fwdbwd" and "sepconv_channels_last_s" in row
     assert "sepconv_nchw_s" not in row
