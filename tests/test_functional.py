@@ -51,6 +51,12 @@ CASES = {
     "tall": (1, 3, 70, 5, 1, 4, 3, 1, 1, 1),
     "long_rows": (1, 3, 5, 150, 1, 4, 3, 1, 1, 1),
     "large_k_pad": (1, 2, 12, 12, 1, 3, 7, 2, 5, 2),
+    # rows long enough for the native forward's 5- and 7-tap row segments (8 pixels on
+    # AVX-512, 4 on AVX2 and the baseline) beside single pixels and 4-pixel blocks, with
+    # channels past the last whole vector
+    "k7_rows": (1, 19, 9, 26, 1, 6, 7, 1, 3, 1),
+    "k5_stride2_rows": (1, 17, 9, 40, 1, 5, 5, 2, 2, 1),
+    "k7_stride2_rows": (1, 16, 9, 44, 1, 5, 7, 2, 3, 1),
 }
 
 def _every_other_row(t, fmt):
@@ -74,7 +80,8 @@ LAYOUTS = {
 # The largest cases take 12-19 s each under Triton's CPU interpreter in bfloat16, a
 # sixth of CI's test time. Their code paths are float32's, which runs them in full,
 # and bfloat16 runs every other case; on a GPU, every dtype runs every case.
-INTERPRETER_FLOAT32_ONLY = {"Cm256", "many_bands", "k7"}
+INTERPRETER_FLOAT32_ONLY = {"Cm256", "many_bands", "k7", "k7_rows", "k5_stride2_rows",
+                            "k7_stride2_rows"}
 
 
 @pytest.mark.parametrize("name", CASES)
