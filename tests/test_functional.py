@@ -51,9 +51,9 @@ CASES = {
     "tall": (1, 3, 70, 5, 1, 4, 3, 1, 1, 1),
     "long_rows": (1, 3, 5, 150, 1, 4, 3, 1, 1, 1),
     "large_k_pad": (1, 2, 12, 12, 1, 3, 7, 2, 5, 2),
-    # rows long enough for the native forward's 5- and 7-tap row segments (8 pixels on
-    # AVX-512, 4 on AVX2 and the baseline) beside single pixels and 4-pixel blocks, with
-    # channels past the last whole vector
+    # rows long enough for the native forward's 5- and 7-tap row segments (8 pixels,
+    # AVX-512) beside single pixels and 4-pixel blocks, with channels past the last
+    # whole vector
     "k7_rows": (1, 19, 9, 26, 1, 6, 7, 1, 3, 1),
     "k5_stride2_rows": (1, 17, 9, 40, 1, 5, 5, 2, 2, 1),
     "k7_stride2_rows": (1, 16, 9, 44, 1, 5, 7, 2, 3, 1),

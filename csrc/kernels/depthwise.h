@@ -104,8 +104,10 @@ inline int64_t dw_block(const T* x, int64_t ps, int64_t xs_i, int64_t xs_j, cons
 // then the taps row by row), so the bits are the same. Zen 5, one thread, cycles per
 // output vector with the image in L2: 7x7 taps 52 -> 41 at 56 columns, 74 -> 60 at 28,
 // 86 -> 79 at 14; no gain at 3x3 (13.4 either way), where it is not used.
+// AVX-512 only: with 16 registers, 4 pixels are all that fit, and 4 accumulators are
+// fewer than the FMA latency x pipes (AVX2, one thread: 7x7 at 14 columns 1.15x slower).
 template <int S, int KW, int SW> constexpr bool segment_fits() {
-  return S + (S - 1) * SW + KW + 1 <= (VB >= 64 ? 32 : 16);  // accumulators, inputs, weight
+  return VB >= 64 && S + (S - 1) * SW + KW + 1 <= 32;  // accumulators, inputs, weight
 }
 template <class T, int S, int KW, int SW>
 void dw_segment(const T* x, int64_t xs_c, int64_t xs_i, const T* w, int64_t ws_i, int64_t Cm,
@@ -145,7 +147,7 @@ void dw_forward_nhwc(const Geometry& g, const int64_t* cols, const T* xn, int64_
   for (int64_t j = 0; j < g.kw; ++j) ca = imax(ca, cols[2 * j]), cb = imin(cb, cols[2 * j + 1]);
   // Row segments (dw_segment) where the shape has one: 5 or 7 tap columns, stride 1 or
   // 2, no dilation, at least one vector of channels, and registers for the window.
-  constexpr int SEG = VB >= 64 ? 8 : 4;
+  constexpr int SEG = 8;
   using Seg = void (*)(const T*, int64_t, int64_t, const T*, int64_t, int64_t, int64_t, int64_t,
                        const T*, int, T*, int64_t);
   Seg segment = nullptr;
