@@ -106,13 +106,11 @@ inline int64_t dw_block(const T* x, int64_t ps, int64_t xs_i, int64_t xs_j, cons
 // 86 -> 79 at 14; no gain at 3x3 (13.4 either way), where it is not used.
 // AVX-512 only: with 16 registers, 4 pixels are all that fit, and 4 accumulators are
 // fewer than the FMA latency x pipes (AVX2, one thread: 7x7 at 14 columns 1.15x slower).
-template <int S, int KW, int SW> constexpr bool segment_fits() {
-  return VB >= 64 && S + (S - 1) * SW + KW + 1 <= 32;  // accumulators, inputs, weight
-}
 template <class T, int S, int KW, int SW>
 void dw_segment(const T* x, int64_t xs_c, int64_t xs_i, const T* w, int64_t ws_i, int64_t Cm,
                 int64_t nc, int64_t di, const T* dwb, int act1, T* u, int64_t ldu) {
   constexpr int L = lanes<T>(), NX = (S - 1) * SW + KW;
+  static_assert(S + NX + 1 <= 32, "accumulators, inputs and a weight in 32 registers");
   // Channels [c, c + L); the last vector ends at nc, overlapping the one before it
   // where nc is not a multiple of L (the same arithmetic, so the same bits).
   for (int64_t c0 = 0; c0 < nc; c0 += L) {
@@ -145,21 +143,16 @@ void dw_forward_nhwc(const Geometry& g, const int64_t* cols, const T* xn, int64_
   // Output columns [ca, cb) see every tap column.
   int64_t ca = 0, cb = g.Wo;
   for (int64_t j = 0; j < g.kw; ++j) ca = imax(ca, cols[2 * j]), cb = imin(cb, cols[2 * j + 1]);
-  // Row segments (dw_segment) where the shape has one: 5 or 7 tap columns, stride 1 or
-  // 2, no dilation, at least one vector of channels, and registers for the window.
+  // Row segments (dw_segment, AVX-512) where the shape has them: 5 or 7 tap columns,
+  // stride 1 or 2, no dilation, at least one vector of channels.
   constexpr int SEG = 8;
-  using Seg = void (*)(const T*, int64_t, int64_t, const T*, int64_t, int64_t, int64_t, int64_t,
-                       const T*, int, T*, int64_t);
-  Seg segment = nullptr;
-  if (g.dw == 1 && nc >= lanes<T>()) {
-    auto pick = [&](auto kw, auto sw) {
-      constexpr int KW = decltype(kw)::value, SW = decltype(sw)::value;
-      if constexpr (segment_fits<SEG, KW, SW>()) {
-        if (g.kw == KW && g.sw == SW) segment = dw_segment<T, SEG, KW, SW>;
-      }
-    };
-    pick(Int<5>{}, Int<1>{}), pick(Int<7>{}, Int<1>{}), pick(Int<5>{}, Int<2>{}),
-        pick(Int<7>{}, Int<2>{});
+  void (*segment)(const T*, int64_t, int64_t, const T*, int64_t, int64_t, int64_t, int64_t,
+                  const T*, int, T*, int64_t) = nullptr;
+  if constexpr (VB >= 64) {
+    if (g.dw == 1 && nc >= lanes<T>() && (g.sw == 1 || g.sw == 2)) {
+      if (g.kw == 5) segment = g.sw == 1 ? dw_segment<T, SEG, 5, 1> : dw_segment<T, SEG, 5, 2>;
+      if (g.kw == 7) segment = g.sw == 1 ? dw_segment<T, SEG, 7, 1> : dw_segment<T, SEG, 7, 2>;
+    }
   }
   for (int64_t p = p0; p < p1;) {
     const int64_t oh = p / g.Wo, ow = p % g.Wo;
@@ -180,7 +173,7 @@ void dw_forward_nhwc(const Geometry& g, const int64_t* cols, const T* xn, int64_
         }
     };
     const bool block = ow >= ca && ow + PX <= cb && p + PX <= p1;  // PX pixels, same rectangle
-    const bool seg = segment && ow + SEG <= cb && p + SEG <= p1 && ow >= ca;
+    const bool seg = segment && ow >= ca && ow + SEG <= cb && p + SEG <= p1;
     const int64_t npx = seg ? SEG : block ? PX : 1;
     // Prefetch the input rows that output row oh + 1 adds, under these pixels' columns
     // (to the row's end at its last pixel). The depthwise stage otherwise waits on

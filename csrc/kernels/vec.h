@@ -13,7 +13,6 @@ template <> struct VecOf<float> { typedef float type __attribute__((vector_size(
 template <> struct VecOf<double> { typedef double type __attribute__((vector_size(VB))); };
 
 template <class T> using V = typename VecOf<T>::type;
-template <int N> struct Int { static constexpr int value = N; };  // a constant as a type
 template <class T> constexpr int lanes() { return VB / (int)sizeof(T); }
 template <class T> constexpr int NR() { return NV * lanes<T>(); }
 
