@@ -1,5 +1,6 @@
 """The torch.library ops: opcheck, gradcheck, torch.compile, backends and fallbacks."""
 
+import itertools
 import os
 import subprocess
 import sys
@@ -258,7 +259,8 @@ def test_follows_torch_num_threads():
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_tile_budget_from_the_cache_and_its_extremes(channels_last):
     """The forward's tile budget comes from the L2 size read at load; any budget, down to
-    one-pixel tiles and up to whole images, gives the same results."""
+    one-pixel tiles and up to whole images, on any number of threads (each takes a run
+    of tiles and prefetches the next one's input), gives the same results."""
     _C = sepconv._backend._C
     info = sepconv.backend_info()["cpu_caches"]
     assert info["l2"] > 0 and info["l1d"] > 0 and info["tile_bytes"] == max(info["l2"] // 4,
@@ -266,13 +268,16 @@ def test_tile_budget_from_the_cache_and_its_extremes(channels_last):
     inputs = make_inputs(2, 24, 11, 13, 2, 9, 3)
     layout = (lambda t: t.contiguous(memory_format=torch.channels_last)) if channels_last \
         else (lambda t: t)
+    before = torch.get_num_threads()
     try:
-        for budget in (4096, 1 << 30):  # 4096 B: 10-pixel tiles (float64, Cm = 48); or one
-            _C.set_tile_bytes(budget)
+        for budget, threads in itertools.product((4096, 1 << 30), (1, 2, 3)):
+            _C.set_tile_bytes(budget)  # 4096 B: 10-pixel tiles (float64, Cm = 48); or one
+            torch.set_num_threads(threads)
             assert sepconv.backend_info()["cpu_caches"]["tile_bytes"] == budget
             check_against_oracle(dict(dtype=torch.float64), inputs, 2, 1, 1, "relu6", "silu",
                                  layout)
     finally:
         _C.set_tile_bytes(info["tile_bytes"])
+        torch.set_num_threads(before)
     with pytest.raises(ValueError, match="tile_bytes"):
         _C.set_tile_bytes(100)

@@ -9,6 +9,24 @@
 // B: panels of NR columns; panel q starts at B + q*b_panel, row k at + k*ldb.
 //    Every panel is readable for all NR columns (callers pad), so no masking.
 // C: C[i][j] at c + i*rs + j, or at c + j*rs + i when transposed.
+// Memory for the GEMM to pull into L2 while it computes (the forward's next tile of
+// input): `runs` runs of `bytes`, `stride` apart. Two lines per step of the micro-
+// kernel's k loop spread the misses over the GEMM instead of one burst that would
+// fill the miss buffers and stall it.
+struct Prefetch {
+  const char* p = nullptr;
+  int64_t bytes = 0, stride = 0, runs = 0;
+  int64_t run = 0, off = 0;  // the cursor
+  void step() {
+    if (run >= runs) return;
+    const char* q = p + run * stride + off;
+    __builtin_prefetch(q, 0, 2);  // prefetcht1: into L2
+    __builtin_prefetch(q + 64, 0, 2);
+    off += 128;
+    if (off >= bytes) off = 0, ++run;
+  }
+};
+
 template <class T> struct Out {
   T* c;
   int64_t rs;
@@ -17,6 +35,7 @@ template <class T> struct Out {
   int bias_mode;        // 0 none, 1 bias[i] (per row), 2 bias[j] (per column, NR-padded)
   int act;
   bool transposed = false;  // (not with accumulate)
+  Prefetch* prefetch = nullptr;  // advanced once per k step, or null
 };
 
 // Stores a micro-tile of NVT full vectors per row. The activation and accumulation
@@ -74,6 +93,7 @@ void micro(int64_t K, const T* a, int64_t ars, int64_t acs, const T* B, int64_t 
     V<T> bv[NVT];
     for (int v = 0; v < NVT; ++v) bv[v] = loadu(b + v * L);
     const T* ak = a + k * acs;
+    if (o.prefetch) o.prefetch->step();
 #pragma GCC unroll 16
     for (int i = 0; i < M; ++i) {
       V<T> ai = bcast(ak[i * ars]);
