@@ -119,7 +119,7 @@ Geometry parse(const py::tuple& t) {
   g.Ho = get(t, 16); g.Wo = get(t, 17); g.channels_last = t[18].cast<bool>();
   g.act1 = (int)get(t, 19); g.act2 = (int)get(t, 20); g.threads = (int)get(t, 21);
   g.tile_bytes = g_tile_bytes;
-  g.prefetch_bytes = kCaches.l2 / 2;  // with the tile (a quarter) and the weights
+  g.l2_bytes = kCaches.l2;
   g.flush_denormals = g_flush_denormals;
   g.backward_mode = g_backward_mode;
   auto need = [](bool ok, const char* what) {

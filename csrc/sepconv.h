@@ -27,7 +27,7 @@ struct Geometry {
   int act1, act2;         // activation after the depthwise / pointwise stage
   int threads;
   int64_t tile_bytes;     // the forward's depthwise tile budget, from the L2 size (bindings)
-  int64_t prefetch_bytes; // the most input the forward pulls into L2 ahead of a tile (bindings)
+  int64_t l2_bytes;       // L2 per core (bindings): bounds what the drivers prefetch
   bool flush_denormals;   // treat subnormal inputs and results as zero (FTZ + DAZ) in the call
   int backward_mode;      // BACKWARD_AUTO, or one forced for tests and tuning (bindings)
 };

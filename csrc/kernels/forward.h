@@ -37,6 +37,28 @@ inline void input_rows(const Geometry& g, int64_t p0, int64_t p1, int64_t* r0, i
   *r1 = imin(g.H, ((p1 - 1) / g.Wo) * g.sh - g.pt + (g.kh - 1) * g.dh + 1);
 }
 
+// The input band that output pixels [p0, p1) of image xn read, added to f (NHWC: one
+// run; NCHW: a run per channel plane), at most half the L2 of it.
+template <class T>
+void add_input_band(const Geometry& g, const T* xn, int64_t p0, int64_t p1, Prefetch* f) {
+  int64_t r0, r1;
+  input_rows(g, p0, p1, &r0, &r1);
+  if (r1 <= r0) return;
+  const int64_t row = g.W * (int64_t)sizeof(T), planes = g.channels_last ? 1 : g.C;
+  const int64_t run = (r1 - r0) * row * (g.channels_last ? g.C : 1), most = g.l2_bytes / 2;
+  f->add((const char*)xn + r0 * row * (g.channels_last ? g.C : 1), imin(run, most), g.H * row,
+         imin(planes, imax(1, most / run)));
+}
+
+// [*lo, *hi): thread tid's share of n tasks, dealt as OpenMP's static schedule deals
+// them (the first n % team threads take one more; busiest_rows counts on it), but
+// explicitly, so that each thread knows its next task and can prefetch its input.
+inline void static_range(int64_t n, int64_t tid, int64_t team, int64_t* lo, int64_t* hi) {
+  const int64_t q = n / team, r = n % team;
+  *lo = tid * q + imin(tid, r);
+  *hi = *lo + q + (tid < r);
+}
+
 // Elements of the NHWC band that holds the input rows of any P consecutive output
 // pixels (they span at most P / Wo + 2 output rows).
 inline int64_t band_elems(const Geometry& g, int64_t P) {
@@ -86,18 +108,11 @@ int forward_impl(const Geometry& g, const T* x, const T* dww, const T* pww, cons
   prepare_weights(g, dww, pwb, wt.p, bias.p, cols.p);
 
   const int64_t ntiles = pixel_tiles * co_splits, tiles_per_image = ceil_div(HWo, P);
-  // Where tile t's input band lies in x, as a Prefetch: NHWC one run, NCHW a run per
-  // channel plane; at most g.prefetch_bytes of it.
+  // Tile t's input band in x, for the GEMM before it to prefetch.
   auto input_of = [&](int64_t t) {
-    const int64_t pt = t % pixel_tiles, n = pt / tiles_per_image, p0 = (pt % tiles_per_image) * P;
-    int64_t r0, r1;
-    input_rows(g, p0, imin(p0 + P, HWo), &r0, &r1);
+    const int64_t pt = t % pixel_tiles, p0 = (pt % tiles_per_image) * P;
     Prefetch f;
-    const int64_t row = g.W * (int64_t)sizeof(T), run = (r1 - r0) * row * (cl ? g.C : 1);
-    f.p = (const char*)(x + n * g.C * g.H * g.W) + r0 * row * (cl ? g.C : 1);
-    f.stride = g.H * row;
-    f.bytes = imin(run, g.prefetch_bytes);
-    f.runs = r1 <= r0 ? 0 : cl ? 1 : imin(g.C, g.prefetch_bytes / imax(run, 1));
+    add_input_band(g, x + pt / tiles_per_image * g.C * g.H * g.W, p0, imin(p0 + P, HWo), &f);
     return f;
   };
 #pragma omp parallel num_threads(g.threads)
@@ -112,11 +127,12 @@ int forward_impl(const Geometry& g, const T* x, const T* dww, const T* pww, cons
   // waits on DRAM while no input is in flight during the GEMM: stride-2 layers, which
   // read 4 input pixels per output pixel, at batch 32 (x far beyond L3), Zen 5, CL,
   // one process per variant: 192x28->64 1.2-1.3x, 144x56->32 1.25-1.3x, 96x112->24 1.2x.
-  const int64_t team = omp_get_num_threads(), tid = omp_get_thread_num();
-  const int64_t t_end = ntiles * (tid + 1) / team;
+  const int64_t tid = omp_get_thread_num();
+  int64_t t_begin, t_end;
+  static_range(ntiles, tid, omp_get_num_threads(), &t_begin, &t_end);
   T* U = ws.p + tid * per_thread;
   T* xb = U + P * ldu;
-  for (int64_t t = ntiles * tid / team; t < t_end; ++t) {
+  for (int64_t t = t_begin; t < t_end; ++t) {
     // Output-channel block major: with few pixel tiles each thread keeps to one
     // weight block, and unequal pixel tiles are shared out evenly.
     const int64_t cb = t / pixel_tiles, pt = t % pixel_tiles;

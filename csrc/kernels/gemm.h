@@ -9,21 +9,35 @@
 // B: panels of NR columns; panel q starts at B + q*b_panel, row k at + k*ldb.
 //    Every panel is readable for all NR columns (callers pad), so no masking.
 // C: C[i][j] at c + i*rs + j, or at c + j*rs + i when transposed.
-// Memory for the GEMM to pull into L2 while it computes (the forward's next tile of
-// input): `runs` runs of `bytes`, `stride` apart. Two lines per step of the micro-
-// kernel's k loop spread the misses over the GEMM instead of one burst that would
-// fill the miss buffers and stall it.
+// Memory for the GEMM to pull into L2 while it computes: the next tile's input (and
+// in the backward its grad_y and y), up to three regions of `runs` runs of `bytes`,
+// `stride` apart. Two lines per step of the micro-kernel's k loop spread the misses
+// over the GEMM instead of one burst that would fill the miss buffers and stall it.
 struct Prefetch {
-  const char* p = nullptr;
-  int64_t bytes = 0, stride = 0, runs = 0;
-  int64_t run = 0, off = 0;  // the cursor
+  struct Region {
+    const char* p;
+    int64_t bytes, stride, runs;
+  };
+  Region r[3];
+  int n = 0, i = 0;          // regions, and the one being fetched
+  int64_t run = 0, off = 0;  // the cursor within it
+  void add(const void* p, int64_t bytes, int64_t stride, int64_t runs) {
+    if (bytes > 0 && runs > 0 && n < 3) r[n++] = {(const char*)p, bytes, stride, runs};
+  }
+  int64_t bytes() const {
+    int64_t b = 0;
+    for (int k = 0; k < n; ++k) b += r[k].bytes * r[k].runs;
+    return b;
+  }
   void step() {
-    if (run >= runs) return;
-    const char* q = p + run * stride + off;
+    if (i >= n) return;
+    const char* q = r[i].p + run * r[i].stride + off;
     __builtin_prefetch(q, 0, 2);  // prefetcht1: into L2
     __builtin_prefetch(q + 64, 0, 2);
     off += 128;
-    if (off >= bytes) off = 0, ++run;
+    if (off < r[i].bytes) return;
+    off = 0;
+    if (++run == r[i].runs) run = 0, ++i;
   }
 };
 
