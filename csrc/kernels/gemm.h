@@ -24,6 +24,7 @@ struct Prefetch {
   void add(const void* p, int64_t bytes, int64_t stride, int64_t runs) {
     if (bytes > 0 && runs > 0 && n < 3) r[n++] = {(const char*)p, bytes, stride, runs};
   }
+  bool pending() const { return i < n; }
   int64_t bytes() const {
     int64_t b = 0;
     for (int k = 0; k < n; ++k) b += r[k].bytes * r[k].runs;
@@ -49,7 +50,7 @@ template <class T> struct Out {
   int bias_mode;        // 0 none, 1 bias[i] (per row), 2 bias[j] (per column, NR-padded)
   int act;
   bool transposed = false;  // (not with accumulate)
-  Prefetch* prefetch = nullptr;  // advanced once per k step, or null
+  Prefetch* prefetch = nullptr;  // advanced by the full-height micro-tiles, or null
 };
 
 // Stores a micro-tile of NVT full vectors per row. The activation and accumulation
@@ -90,8 +91,10 @@ inline void store_tile_transposed(const V<T> (&acc)[M][NVT], int a, T* c, int64_
 
 // One micro-tile: rows [i0, i0 + M) by columns [j0, j0 + nr), nr <= NVT * L; a is
 // the first row's A. NVT = 1 serves panels of at most L columns (16 output
-// channels), which would otherwise spend half their FMAs on padding.
-template <class T, int M, int NVT>
+// channels), which would otherwise spend half their FMAs on padding. PF: advance
+// o.prefetch once per k step (a separate instantiation: the test alone, in every
+// micro-tile's k loop, cost the GEMM-bound convnext layers 5-8%).
+template <class T, int M, int NVT, bool PF = false>
 void micro(int64_t K, const T* a, int64_t ars, int64_t acs, const T* B, int64_t ldb,
            const Out<T>& o, int64_t i0, int64_t j0, int64_t nr) {
   constexpr int L = lanes<T>();
@@ -107,7 +110,7 @@ void micro(int64_t K, const T* a, int64_t ars, int64_t acs, const T* B, int64_t 
     V<T> bv[NVT];
     for (int v = 0; v < NVT; ++v) bv[v] = loadu(b + v * L);
     const T* ak = a + k * acs;
-    if (o.prefetch) o.prefetch->step();
+    if constexpr (PF) o.prefetch->step();
 #pragma GCC unroll 16
     for (int i = 0; i < M; ++i) {
       V<T> ai = bcast(ak[i * ars]);
@@ -143,13 +146,13 @@ void micro(int64_t K, const T* a, int64_t ars, int64_t acs, const T* B, int64_t 
     }
 }
 
-template <class T, int NVT, int M = MR>
+template <class T, int NVT, int M = MR, bool PF = false>
 void micro_rows(int mr, int64_t K, const T* a, int64_t ars, int64_t acs, const T* B,
                 int64_t ldb, const Out<T>& o, int64_t i0, int64_t j0, int64_t nr) {
   if constexpr (M > 1) {
-    if (mr < M) return micro_rows<T, NVT, M - 1>(mr, K, a, ars, acs, B, ldb, o, i0, j0, nr);
+    if (mr < M) return micro_rows<T, NVT, M - 1, PF>(mr, K, a, ars, acs, B, ldb, o, i0, j0, nr);
   }
-  micro<T, M, NVT>(K, a, ars, acs, B, ldb, o, i0, j0, nr);
+  micro<T, M, NVT, PF>(K, a, ars, acs, B, ldb, o, i0, j0, nr);
 }
 
 // A panel of B (the weights, in the callers) in the outer loop, so that the weights
@@ -173,10 +176,13 @@ void gemm(int64_t M, int64_t N, int64_t K, const T* A, int64_t ars, int64_t acs,
       const int64_t i0 = even ? ib * M / nm : ib * MR;
       const int mr = (int)(even ? (ib + 1) * M / nm - i0 : imin(MR, M - i0));
       const T* a = a_block ? A + ib * a_block : A + i0 * ars;
+      const bool pf = o.prefetch && o.prefetch->pending();
       if (cols <= L)
-        micro_rows<T, 1>(mr, K, a, ars, acs, bq, ldb, o, i0, j0, cols);
+        (pf ? micro_rows<T, 1, MR, true> : micro_rows<T, 1>)(mr, K, a, ars, acs, bq, ldb, o, i0,
+                                                             j0, cols);
       else
-        micro_rows<T, NV>(mr, K, a, ars, acs, bq, ldb, o, i0, j0, cols);
+        (pf ? micro_rows<T, NV, MR, true> : micro_rows<T, NV>)(mr, K, a, ars, acs, bq, ldb, o, i0,
+                                                               j0, cols);
     }
   }
 }
