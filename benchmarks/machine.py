@@ -84,6 +84,12 @@ def describe(device: str) -> dict:
          "cpu_flush_denormal": info.get("cpu_flush_denormal"),
          "cpu_huge_pages": info.get("cpu_huge_pages"),
          "threads": torch.get_num_threads(),
+         # the pair's instruction sets: ATen's kernels, and oneDNN's cap where one is set
+         # (ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 with SEPCONV_ISA=avx2 stand
+         # in for an AVX2-only CPU on both sides)
+         "pytorch_cpu_isa": torch.backends.cpu.get_cpu_capability(),
+         "onednn_max_isa": (os.environ.get("ONEDNN_MAX_CPU_ISA")
+                            or os.environ.get("DNNL_MAX_CPU_ISA")),
          "python": sys.version.split()[0], "torch": torch.__version__,
          "onednn": onednn.group(1) if onednn else None, "sepconv": info["version"],
          "platform": platform.platform(), "git_revision": _run("git", "rev-parse", "HEAD"),

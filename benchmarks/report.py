@@ -121,7 +121,9 @@ def write_markdown(path: Path, result: dict, plots: list[str]) -> None:
            + (" (uncommitted changes)" if m["git_dirty"] else ""),
            f"- measured: {p['compute_probe']} {p['compute_gflops']:.0f} GFLOP/s, "
            f"copy {p['copy_gbs']:.1f} GB/s",
-           f"- memory: {m.get('allocator') or 'system defaults'}", ""]
+           f"- memory: {m.get('allocator') or 'system defaults'}",
+           f"- the pair: ATen {m.get('pytorch_cpu_isa') or 'unknown'}, oneDNN "
+           + (f"capped at {m['onednn_max_isa']}" if m.get("onednn_max_isa") else "uncapped"), ""]
     formats = result["formats"]
     for suite, rows in result["suites"].items():
         cols = _columns(formats)

@@ -44,7 +44,11 @@ def test_forward_backward_one_format(tmp_path):
                  "--malloc", "system", "--out", str(tmp_path)]) == 0
     result = json.loads((tmp_path / "fwdbwd_b1_float32.json").read_text())
     assert result["machine"]["allocator"] == "system defaults"
-    assert "- memory: system defaults" in (tmp_path / "fwdbwd_b1_float32.md").read_text()
+    md = (tmp_path / "fwdbwd_b1_float32.md").read_text()
+    assert "- memory: system defaults" in md
+    # the pair's instruction sets are named (ATen's always, oneDNN's cap when one is set)
+    assert result["machine"]["pytorch_cpu_isa"] == torch.backends.cpu.get_cpu_capability()
+    assert f"- the pair: ATen {torch.backends.cpu.get_cpu_capability()}, oneDNN " in md
     row = result["suites"]["tiny"][0]
     assert result["mode"] == "fwdbwd" and "sepconv_channels_last_s" in row
     assert "sepconv_nchw_s" not in row
