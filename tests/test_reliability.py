@@ -126,6 +126,31 @@ def test_nan_and_inf_land_where_the_reference_puts_them(backend, dtype, device):
         torch.testing.assert_close(a, e, equal_nan=True, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("act", ["relu", "relu6"])
+def test_infinite_gradient_where_the_activation_is_flat(native_path, act):
+    """relu' and relu6' are 0 below 0 (and above 6): there torch's backward gives 0 for
+    any incoming gradient, inf included (a select, not g * 0 = NaN); in both stages,
+    with y above 6 for relu6, on every ISA path (their vector code differs)."""
+    dtype = native_path["dtype"]
+    x, dw, pw, b, bd = (t.to(dtype) * 4 for t in make_inputs(2, 3, 8, 9, 1, 21, 3))
+    leaves = [t.clone().requires_grad_() for t in (x, dw, pw, b, bd)]
+    conf = dict(padding=1, mid_activation=act, activation=act)
+    runs = []
+    for name in ("native", "reference"):
+        with sepconv.use_backend(name):
+            xs = [t.detach().clone().requires_grad_() for t in leaves]
+            runs.append((xs, SEP(xs[0], xs[1], xs[2], xs[3], depthwise_bias=xs[4], **conf)))
+    # inf where both outputs sit on a flat part (exactly 0, or 6 for relu6)
+    flat = [(y <= 0) | (y >= 6) if act == "relu6" else y <= 0 for _, y in runs]
+    flat = flat[0] & flat[1]
+    assert flat.any() and (~flat).any()
+    gy = torch.where(flat, torch.inf, torch.randn_like(runs[0][1]))
+    grads = [torch.autograd.grad(y, xs, gy) for xs, y in runs]
+    for a, e in zip(*grads):
+        assert a.isfinite().all()
+        torch.testing.assert_close(a, e, rtol=1e-4, atol=1e-4)
+
+
 @pytest.fixture
 def keep_denormals():
     previous = sepconv.set_flush_denormal(False)
