@@ -18,11 +18,10 @@ template <class T> inline T act(int a, T v) {
   }
 }
 
-// d act(z) / dz, written so that NaN passes the gradient through as torch does.
+// d act(z) / dz for silu and hardswish, written so that NaN passes the gradient
+// through as torch does (relu and relu6 select in grad_act instead).
 template <class T> inline T dact(int a, T z) {
   switch (a) {
-    case ACT_RELU: return z <= T(0) ? T(0) : T(1);
-    case ACT_RELU6: return (z <= T(0) || z >= T(6)) ? T(0) : T(1);
     case ACT_SILU: {
       T s = T(1) / (T(1) + ex(-z));
       return s * (T(1) + z * (T(1) - s));

@@ -44,9 +44,9 @@ void add_input_band(const Geometry& g, const T* xn, int64_t p0, int64_t p1, Pref
   int64_t r0, r1;
   input_rows(g, p0, p1, &r0, &r1);
   if (r1 <= r0) return;
-  const int64_t row = g.W * (int64_t)sizeof(T), planes = g.channels_last ? 1 : g.C;
-  const int64_t run = (r1 - r0) * row * (g.channels_last ? g.C : 1), most = g.l2_bytes / 2;
-  f->add((const char*)xn + r0 * row * (g.channels_last ? g.C : 1), imin(run, most), g.H * row,
+  const int64_t row = g.W * (int64_t)sizeof(T) * (g.channels_last ? g.C : 1);  // one input row
+  const int64_t planes = g.channels_last ? 1 : g.C, run = (r1 - r0) * row, most = g.l2_bytes / 2;
+  f->add((const char*)xn + r0 * row, imin(run, most), g.H * g.W * (int64_t)sizeof(T),
          imin(planes, imax(1, most / run)));
 }
 
@@ -108,12 +108,14 @@ int forward_impl(const Geometry& g, const T* x, const T* dww, const T* pww, cons
   prepare_weights(g, dww, pwb, wt.p, bias.p, cols.p);
 
   const int64_t ntiles = pixel_tiles * co_splits, tiles_per_image = ceil_div(HWo, P);
-  // Tile t's input band in x, for the GEMM before it to prefetch.
-  auto input_of = [&](int64_t t) {
-    const int64_t pt = t % pixel_tiles, p0 = (pt % tiles_per_image) * P;
-    Prefetch f;
-    add_input_band(g, x + pt / tiles_per_image * g.C * g.H * g.W, p0, imin(p0 + P, HWo), &f);
-    return f;
+  // Tile t's image and output pixels [p0, p1). Output-channel block major: with few
+  // pixel tiles each thread keeps to one weight block, and unequal pixel tiles are
+  // shared out evenly.
+  auto pixels_of = [&](int64_t t, int64_t* n, int64_t* p0, int64_t* p1) {
+    const int64_t pt = t % pixel_tiles;
+    *n = pt / tiles_per_image;
+    *p0 = (pt % tiles_per_image) * P;
+    *p1 = imin(*p0 + P, HWo);
   };
 #pragma omp parallel num_threads(g.threads)
   {
@@ -133,11 +135,9 @@ int forward_impl(const Geometry& g, const T* x, const T* dww, const T* pww, cons
   T* U = ws.p + tid * per_thread;
   T* xb = U + P * ldu;
   for (int64_t t = t_begin; t < t_end; ++t) {
-    // Output-channel block major: with few pixel tiles each thread keeps to one
-    // weight block, and unequal pixel tiles are shared out evenly.
-    const int64_t cb = t / pixel_tiles, pt = t % pixel_tiles;
-    const int64_t n = pt / tiles_per_image, p0 = (pt % tiles_per_image) * P;
-    const int64_t p1 = imin(p0 + P, HWo), co0 = cb * co_block, co1 = imin(co0 + co_block, Co);
+    int64_t n, p0, p1;
+    pixels_of(t, &n, &p0, &p1);
+    const int64_t co0 = t / pixel_tiles * co_block, co1 = imin(co0 + co_block, Co);
     const T* xn = x + n * g.C * g.H * g.W;
     int64_t r0 = 0, r1 = g.H;
     if (!cl) {  // the band of input rows these pixels read, as NHWC
@@ -146,7 +146,12 @@ int forward_impl(const Geometry& g, const T* x, const T* dww, const T* pww, cons
       xn = xb;
     }
     dw_forward(g, cols.p, xn, r0, r1, wt.p, dwb, g.act1, p0, p1, U, ldu, 0, Cm);
-    Prefetch next = t + 1 < t_end && (t + 1) % pixel_tiles != pt ? input_of(t + 1) : Prefetch{};
+    Prefetch next;  // the next tile's input, unless it is this tile's (another weight block)
+    if (t + 1 < t_end && (t + 1) % pixel_tiles != t % pixel_tiles) {
+      int64_t n2, q0, q1;
+      pixels_of(t + 1, &n2, &q0, &q1);
+      add_input_band(g, x + n2 * g.C * g.H * g.W, q0, q1, &next);
+    }
     Out<T> o = cl ? Out<T>{y + (n * HWo + p0) * Co + co0, Co, false, bias.p + co0, pwb ? 2 : 0,
                            g.act2}
                   : Out<T>{y + (n * Co + co0) * HWo + p0, HWo, false, bias.p + co0, pwb ? 2 : 0,

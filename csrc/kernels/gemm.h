@@ -2,13 +2,6 @@
 // A fragment of kernels.h, included inside namespace sepconv::<isa>::{anonymous}
 // (after the files listed before it there); it includes nothing itself.
 
-// C[i][j] (i < M, j < N) = epilogue(sum_k A[i][k] B[k][j]).
-// A: row i, column k at A + i*ars + k*acs where a_block = 0 (a strided matrix);
-//    else row blocks of MR rows, block b from A + b*a_block (the weight gradient packs
-//    A into blocks of K x MR, ars = 1, acs = MR, that it reads in order).
-// B: panels of NR columns; panel q starts at B + q*b_panel, row k at + k*ldb.
-//    Every panel is readable for all NR columns (callers pad), so no masking.
-// C: C[i][j] at c + i*rs + j, or at c + j*rs + i when transposed.
 // Memory for the GEMM to pull into L2 while it computes: the next tile's input (and
 // in the backward its grad_y and y), up to three regions of `runs` runs of `bytes`,
 // `stride` apart. Two lines per step of the micro-kernel's k loop spread the misses
@@ -42,6 +35,13 @@ struct Prefetch {
   }
 };
 
+// C[i][j] (i < M, j < N) = epilogue(sum_k A[i][k] B[k][j]).
+// A: row i, column k at A + i*ars + k*acs where a_block = 0 (a strided matrix);
+//    else row blocks of MR rows, block b from A + b*a_block (the weight gradient packs
+//    A into blocks of K x MR, ars = 1, acs = MR, that it reads in order).
+// B: panels of NR columns; panel q starts at B + q*b_panel, row k at + k*ldb.
+//    Every panel is readable for all NR columns (callers pad), so no masking.
+// C: C[i][j] at c + i*rs + j, or at c + j*rs + i when transposed.
 template <class T> struct Out {
   T* c;
   int64_t rs;
