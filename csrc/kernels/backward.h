@@ -110,7 +110,7 @@ int backward_split(const Geometry& g, const T* gy, const T* y, const T* x, const
   const BackwardNeeds need = backward_needs(g, y, out);
   // Bands of whole output rows, about 128 pixels (one at a time: no height constraint).
   const int64_t R = imin(ceil_div(128, g.Wo), g.Ho), P = R * g.Wo, nb = ceil_div(g.Ho, R);
-  const int64_t ldm = padded_ld<T>(Cm, nr), ldo = padded_ld<T>(Co, nr);
+  const int64_t ldm = padded_ld<T>(Cm, nr, 128), ldo = padded_ld<T>(Co, nr, 128);
   const bool pack_gz = packs<T>(ldo), pack_m = packs<T>(ldm);
   const int64_t sU = P * ldm, sGZ = P * ldo, sB = cl ? 0 : band_elems(g, P);
   const int64_t sGZs = pack_gz ? P * round_up(Co, MR) : 0, sMs = pack_m ? P * ldm : 0;
@@ -262,7 +262,7 @@ int backward_impl(const Geometry& g, const T* gy, const T* y, const T* x, const 
   if (splits_channels<T>(g, R)) return backward_split(g, gy, y, x, dww, pww, dwb, pwb, out);
   const BackwardNeeds need = backward_needs(g, y, out);
   const bool need_g = need.g, from_y = need.from_y, need_z = need.z;
-  const int64_t ldm = padded_ld<T>(Cm, nr), ldo = padded_ld<T>(Co, nr);
+  const int64_t ldm = padded_ld<T>(Cm, nr, 128), ldo = padded_ld<T>(Co, nr, 128);
 
   // The weight gradient sums GZ^T . M over all pixels. Per tile its K is one band
   // (49 pixels at 7x7), so each call streamed the Co x Cm accumulator from L3 for

@@ -78,7 +78,7 @@ int forward_impl(const Geometry& g, const T* x, const T* dww, const T* pww, cons
   const int64_t HWo = g.Ho * g.Wo, Cm = g.Cm, Co = g.Co, kk = g.kh * g.kw;
   const bool cl = g.channels_last;
   const int64_t P = tile_pixels<T>(g, 4 * MR);
-  const int64_t ldu = padded_ld<T>(Cm, 16);
+  const int64_t ldu = padded_ld<T>(Cm, 16, 1024);
   const int64_t pixel_tiles = g.N * ceil_div(HWo, P);
   // Split the output channels too when there are few pixel tiles (batch 1, 7x7):
   // up to two tiles per thread, each holding a share of the weights in L2. Each

@@ -68,19 +68,21 @@ inline int64_t imin(int64_t a, int64_t b) { return a < b ? a : b; }
 inline int64_t imax(int64_t a, int64_t b) { return a > b ? a : b; }
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 inline int64_t round_up(int64_t a, int64_t b) { return ceil_div(a, b) * b; }
-// Row stride (in elements) of a pixel-major buffer of n channels, a multiple of m.
-// The GEMMs read such a buffer a row per k step (the backward's stacks: 228 rows of
-// 728 channels) or a few rows at a time, and rows an even number of cache lines
-// apart use only some of the L1 sets: at 2944 B, half of them, where a 228-row stack
-// and its B panel overflow the 12 ways and the weight-gradient GEMM ran from L2. So
-// rows of 1 KiB and more get an odd number of lines. Zen 5, batch 32 training step,
-// in-process A/B: 728x19 1.04x (AVX2) / 1.12x (AVX-512) CL, 512x14 1.05-1.07x,
-// 256x28 1.02-1.07x; the forward 0.99-1.05x (at 4 KiB rows the 12-row micro-tile had
-// run 15% slower).
-template <class T> inline int64_t padded_ld(int64_t n, int64_t m) {
-  constexpr int64_t line = 64 / (int64_t)sizeof(T);
-  const int64_t ld = round_up(n, m);
-  return ld >= 16 * line && ld % (2 * line) == 0 ? ld + line : ld;
+// Row stride (in elements) of a pixel-major buffer of n channels: a multiple of m,
+// plus one cache line where rows of 1 KiB or more would be a multiple of `alias`
+// bytes apart. Rows a multiple of 1 KiB apart share a few L1 sets (at 4 KiB, Cm =
+// 1024 floats, the forward's 12-row micro-tile ran 15% slower): the forward pads
+// those. The backward's weight-gradient GEMM reads its stacks a row per k step (228
+// rows of 728 channels, 2944 B = 46 lines), and any even line count leaves half the
+// sets unused: the stack and its B panel overflowed the ways and ran from L2. So the
+// backward pads every even line count (alias 128). Zen 5, batch 32 training step,
+// in-process A/B: 728x19 CL 1.04x (AVX2) / 1.12x (AVX-512), 512x14 1.05-1.07x, 256x28
+// 1.02-1.07x. Odd lines in the forward too: 0.99-1.11x on five layers, and at
+// 384x14->1536 CL 0.86-0.93x against the pair where this rule gave 0.86-0.99x (noise
+// either way); the forward keeps its rule.
+template <class T> inline int64_t padded_ld(int64_t n, int64_t m, int64_t alias) {
+  const int64_t ld = round_up(n, m), bytes = ld * (int64_t)sizeof(T);
+  return bytes >= 1024 && bytes % alias == 0 ? ld + 64 / (int64_t)sizeof(T) : ld;
 }
 // floor(a / b) for b > 0 and any sign of a
 inline int64_t floor_div(int64_t a, int64_t b) { return a >= 0 ? a / b : -((-a + b - 1) / b); }
