@@ -265,7 +265,9 @@ def test_tile_budget_from_the_cache_and_its_extremes(channels_last):
     info = sepconv.backend_info()["cpu_caches"]
     assert info["l2"] > 0 and info["l1d"] > 0 and info["tile_bytes"] == max(info["l2"] // 4,
                                                                              64 << 10)
-    inputs = make_inputs(2, 24, 11, 13, 2, 9, 3)
+    # 3x3 taps, and 7x7 on 14x14 (the padded band, with tiles that end mid-row)
+    cases = [(make_inputs(2, 24, 11, 13, 2, 9, 3), 2, 1),
+             (make_inputs(2, 20, 14, 14, 1, 9, 7), 1, 3)]
     layout = (lambda t: t.contiguous(memory_format=torch.channels_last)) if channels_last \
         else (lambda t: t)
     before = torch.get_num_threads()
@@ -274,8 +276,9 @@ def test_tile_budget_from_the_cache_and_its_extremes(channels_last):
             _C.set_tile_bytes(budget)  # 4096 B: 10-pixel tiles (float64, Cm = 48); or one
             torch.set_num_threads(threads)
             assert sepconv.backend_info()["cpu_caches"]["tile_bytes"] == budget
-            check_against_oracle(dict(dtype=torch.float64), inputs, 2, 1, 1, "relu6", "silu",
-                                 layout)
+            for inputs, stride, padding in cases:
+                check_against_oracle(dict(dtype=torch.float64), inputs, stride, padding, 1,
+                                     "relu6", "silu", layout)
     finally:
         _C.set_tile_bytes(info["tile_bytes"])
         torch.set_num_threads(before)
