@@ -67,6 +67,14 @@ def _parse(argv):
     return args
 
 
+def steady_host(before: dict, after: dict, tolerance: float = 0.15) -> bool:
+    """Whether the compute probe read the same (within tolerance) before and after."""
+    a, b = before["compute_gflops"], after["compute_gflops"]
+    if a != a or b != b:  # NaN: no probe on this path
+        return True
+    return abs(a - b) <= tolerance * max(a, b)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parse(argv)
     torch.set_num_threads(args.threads)
@@ -103,6 +111,11 @@ def main(argv: list[str] | None = None) -> int:
             result["refused"].append({"suite": suite, "config": str(job), "why": str(exc)})
             tqdm.write(f"REFUSED {suite} {job}: {exc}", file=sys.stderr)
 
+    # The compute probe again: on a shared host another tenant can take the cores for
+    # minutes (a Zen 5 VM read 480-510 GFLOP/s quiet, 217-250 shared), and ratios
+    # measured then moved by up to 15%. A run whose probe moved is marked, not hidden.
+    result["peaks_after"] = after = measure_peaks(args.device, dtype)
+    result["host_steady"] = steady_host(peaks, after)
     for suite, rows in result["suites"].items():
         print("\n" + report.layer_table(suite, rows, args.formats))
     if result["models"]:
@@ -120,6 +133,10 @@ def main(argv: list[str] | None = None) -> int:
         report.write_csv(out / f"{stem}.csv", result)
         report.write_markdown(out / f"{stem}.md", result, plots)
         print(f"\nwrote {out}/{stem}.{{json,csv,md}} and {len(plots)} plots")
+    if not result["host_steady"]:
+        print(f"\nWARNING: the compute probe read {peaks['compute_gflops']:.0f} GFLOP/s before "
+              f"the run and {after['compute_gflops']:.0f} after: the host was shared or "
+              "throttled, and this run's ratios are unreliable", file=sys.stderr)
     if result["refused"]:
         print(f"\n{len(result['refused'])} configs gave a wrong result and were not timed",
               file=sys.stderr)

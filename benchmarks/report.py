@@ -120,7 +120,11 @@ def write_markdown(path: Path, result: dict, plots: list[str]) -> None:
            f"- sepconv {m['sepconv']} at {(m['git_revision'] or 'unknown')[:12]}"
            + (" (uncommitted changes)" if m["git_dirty"] else ""),
            f"- measured: {p['compute_probe']} {p['compute_gflops']:.0f} GFLOP/s, "
-           f"copy {p['copy_gbs']:.1f} GB/s",
+           f"copy {p['copy_gbs']:.1f} GB/s"
+           + (f"; after the run {result['peaks_after']['compute_gflops']:.0f} GFLOP/s"
+              if "peaks_after" in result else "")
+           + ("" if result.get("host_steady", True) else
+              " (**the probe moved: a shared or throttled host, ratios unreliable**)"),
            f"- memory: {m.get('allocator') or 'system defaults'}",
            f"- the pair: ATen {m.get('pytorch_cpu_isa') or 'unknown'}, oneDNN "
            + (f"capped at {m['onednn_max_isa']}" if m.get("onednn_max_isa") else "uncapped"), ""]

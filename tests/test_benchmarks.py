@@ -28,6 +28,7 @@ def test_tiny_run_writes_every_file(tmp_path, capsys):
                                                       "shufflenet_v2"}
     assert [r["fused_chains"] for r in result["models"]][::2] == [13, 17, 19]
     assert result["machine"]["torch"] and result["peaks"]["copy_gbs"] > 0
+    assert result["peaks_after"]["compute_gflops"] > 0 and "host_steady" in result
     assert result["machine"]["allocator"].startswith(("heap reuse", "system defaults"))
     with (tmp_path / "fwd_b1_float32.csv").open() as f:
         table = list(csv.DictReader(f))
@@ -99,6 +100,14 @@ def test_default_folder_and_out_none(tmp_path, monkeypatch):
     assert main(["--suite", "tiny", "--quick"]) == 0
     (folder,) = (tmp_path / "benchmarks" / "results").iterdir()
     assert (folder / "fwd_b1_float32.json").exists()
+
+
+def test_a_moved_probe_marks_the_run():
+    from benchmarks.__main__ import steady_host
+    assert steady_host({"compute_gflops": 500.0}, {"compute_gflops": 470.0})
+    assert not steady_host({"compute_gflops": 500.0}, {"compute_gflops": 250.0})
+    assert not steady_host({"compute_gflops": 250.0}, {"compute_gflops": 500.0})
+    assert steady_host({"compute_gflops": float("nan")}, {"compute_gflops": 1.0})
 
 
 def test_pair_library_from_kernel_names():
