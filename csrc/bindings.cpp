@@ -41,22 +41,43 @@ Isa detect_isa() {
 
 const Isa kBestIsa = detect_isa();
 
-// Data cache sizes in bytes (L2 per core), read once at load; the values of a small
-// current core where the OS does not say (sysconf gives 0 or -1).
+// Data cache sizes in bytes (L2 per core), read once at load: from sysfs, which
+// gives the cache of one core's own domain, else sysconf, else the values of a small
+// current core. (In a KVM guest on Zen 5, glibc's sysconf gave 384 MiB of L3, the
+// host's total; sysfs gave the guest's 32 MiB.)
 struct Caches {
   int64_t l1d, l2, l3;
 };
-int64_t cache_size(int name, int64_t fallback) {
+int64_t sysfs_cache(int level) {  // 0 where sysfs does not say
+  for (int i = 0; i < 8; ++i) {
+    const std::string dir = "/sys/devices/system/cpu/cpu0/cache/index" + std::to_string(i) + "/";
+    std::ifstream lv(dir + "level"), ty(dir + "type"), sz(dir + "size");
+    int l = 0;
+    std::string type, size;
+    if (!(lv >> l) || !(ty >> type) || !(sz >> size)) continue;
+    if (l != level || type == "Instruction") continue;
+    const int64_t n = std::atoll(size.c_str());
+    const char unit = size.back();
+    return unit == 'K' ? n << 10 : unit == 'M' ? n << 20 : n;
+  }
+  return 0;
+}
+int64_t cache_size(int level, int name, int64_t fallback) {
+  if (const int64_t n = sysfs_cache(level); n > 0) return n;
   const long v = sysconf(name);
   return v > 0 ? (int64_t)v : fallback;
 }
-const Caches kCaches{cache_size(_SC_LEVEL1_DCACHE_SIZE, 32 << 10),
-                     cache_size(_SC_LEVEL2_CACHE_SIZE, 512 << 10),
-                     cache_size(_SC_LEVEL3_CACHE_SIZE, 8 << 20)};
+const Caches kCaches{cache_size(1, _SC_LEVEL1_DCACHE_SIZE, 32 << 10),
+                     cache_size(2, _SC_LEVEL2_CACHE_SIZE, 512 << 10),
+                     cache_size(3, _SC_LEVEL3_CACHE_SIZE, 8 << 20)};
 // The forward's depthwise tile (P pixels x Cm channels) takes a quarter of L2: the
 // rest holds the tile's share of the packed pointwise weights and the output rows.
 // 256 KiB on a 1 MiB-L2 Zen 4, where this was tuned.
 std::atomic<int64_t> g_tile_bytes{kCaches.l2 / 4 < (64 << 10) ? (64 << 10) : kCaches.l2 / 4};
+// Forward outputs (channels-last) of at least this many bytes go around the caches
+// (kernels/gemm.h, store_tile): half the L3, beyond which little of the output is
+// still cached when the next layer reads it.
+std::atomic<int64_t> g_stream_bytes{kCaches.l3 / 2};
 std::atomic<int> g_isa{kBestIsa};
 // Subnormals flushed to zero inside the kernels (see DenormalMode in kernels/vec.h).
 std::atomic<bool> g_flush_denormals{true};
@@ -120,6 +141,7 @@ Geometry parse(const py::tuple& t) {
   g.act1 = (int)get(t, 19); g.act2 = (int)get(t, 20); g.threads = (int)get(t, 21);
   g.tile_bytes = g_tile_bytes;
   g.l2_bytes = kCaches.l2;
+  g.stream_bytes = g_stream_bytes;
   g.flush_denormals = g_flush_denormals;
   g.backward_mode = g_backward_mode;
   auto need = [](bool ok, const char* what) {
@@ -249,8 +271,15 @@ PYBIND11_MODULE(_C, m) {
     d["l2"] = kCaches.l2;
     d["l3"] = kCaches.l3;
     d["tile_bytes"] = g_tile_bytes.load();
+    d["stream_bytes"] = g_stream_bytes.load();
     return d;
-  }, "Cache sizes read at load (bytes, L2 per core) and the tile budget derived from them.");
+  }, "Cache sizes read at load (bytes, L2 per core), the tile budget derived from them and "
+     "the output size from which the forward stores around the caches.");
+  m.def("set_stream_bytes", [](int64_t n) {
+    if (n < 0) throw py::value_error("stream_bytes must be >= 0");
+    g_stream_bytes = n;
+  }, "Override the output size from which the forward stores around the caches (0: always; "
+     "for tests and tuning).");
   m.def("set_tile_bytes", [](int64_t n) {
     if (n < 4096 || n > (int64_t(1) << 30)) throw py::value_error("tile_bytes must be in [4096, 2**30]");
     g_tile_bytes = n;

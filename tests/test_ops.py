@@ -284,3 +284,37 @@ def test_tile_budget_from_the_cache_and_its_extremes(channels_last):
         torch.set_num_threads(before)
     with pytest.raises(ValueError, match="tile_bytes"):
         _C.set_tile_bytes(100)
+
+
+@pytest.mark.parametrize("isa", ISAS or [None])
+def test_non_temporal_output_stores(isa):
+    """A channels-last forward output of at least stream_bytes (half the L3 read at load)
+    is stored non-temporally. Forced on for every size, it gives the same results:
+    output rows aligned to a whole vector (Co = 64) and not (Co = 40, 9), the bias and
+    activation epilogues, one and several threads, and the backward after it."""
+    _C = sepconv._backend._C
+    info = sepconv.backend_info()["cpu_caches"]
+    assert info["l3"] > 0 and info["stream_bytes"] == info["l3"] // 2
+    l3 = "/sys/devices/system/cpu/cpu0/cache/index3/size"
+    if os.path.exists(l3):  # the guest's own L3, not glibc's sysconf (the host's total in a VM)
+        with open(l3) as f:
+            assert info["l3"] == int(f.read().strip().rstrip("K")) << 10
+    previous = _C.isa()
+    if isa:
+        _C.set_isa(isa)
+    cl = lambda t: t.contiguous(memory_format=torch.channels_last)  # noqa: E731
+    before = torch.get_num_threads()
+    try:
+        _C.set_stream_bytes(0)
+        assert sepconv.backend_info()["cpu_caches"]["stream_bytes"] == 0
+        for threads, co in itertools.product((1, 2), (64, 40, 9)):
+            torch.set_num_threads(threads)
+            for dtype in (torch.float32, torch.float64):
+                check_against_oracle(dict(dtype=dtype), make_inputs(2, 24, 11, 13, 1, co, 3),
+                                     1, 1, 1, "relu", "relu6", cl)
+    finally:
+        _C.set_stream_bytes(info["stream_bytes"])
+        _C.set_isa(previous)
+        torch.set_num_threads(before)
+    with pytest.raises(ValueError, match="stream_bytes"):
+        _C.set_stream_bytes(-1)

@@ -51,14 +51,23 @@ template <class T> struct Out {
   int act;
   bool transposed = false;  // (not with accumulate)
   Prefetch* prefetch = nullptr;  // advanced by the full-height micro-tiles, or null
+  bool stream = false;           // aligned whole vectors stored non-temporally (not with accumulate)
 };
 
 // Stores a micro-tile of NVT full vectors per row. The activation and accumulation
 // are template arguments so that the unrolled stores carry no per-vector branches:
 // with a short K (32 channels) the epilogue is a good part of the micro-tile's time.
+// With `nt` (rows aligned to whole vectors) the stores are non-temporal: they skip the
+// read for ownership of each line and leave the caches to the input and weights.
 template <class T, int M, int NVT, int A, bool ACC>
-inline void store_tile(const V<T> (&acc)[M][NVT], T* c, int64_t rs) {
+inline void store_tile(const V<T> (&acc)[M][NVT], T* c, int64_t rs, bool nt) {
   constexpr int L = lanes<T>();
+  if (!ACC && nt) {
+#pragma GCC unroll 16
+    for (int i = 0; i < M; ++i)
+      for (int v = 0; v < NVT; ++v) stream_store(c + i * rs + v * L, act_vec<T>(A, acc[i][v]));
+    return;
+  }
 #pragma GCC unroll 16
   for (int i = 0; i < M; ++i)
     for (int v = 0; v < NVT; ++v) {
@@ -119,14 +128,15 @@ void micro(int64_t K, const T* a, int64_t ars, int64_t acs, const T* B, int64_t 
   }
   if (o.transposed) return store_tile_transposed<T, M, NVT>(acc, o.act, o.c + j0 * o.rs + i0, o.rs, nr);
   T* c = o.c + i0 * o.rs + j0;
+  const bool nt = o.stream && (uintptr_t)c % VB == 0 && o.rs * (int64_t)sizeof(T) % VB == 0;
   if (nr == NVT * L && (!o.accumulate || o.act == ACT_NONE)) {
     switch (o.accumulate ? -1 : o.act) {
-      case -1: return store_tile<T, M, NVT, ACT_NONE, true>(acc, c, o.rs);
-      case ACT_RELU: return store_tile<T, M, NVT, ACT_RELU, false>(acc, c, o.rs);
-      case ACT_RELU6: return store_tile<T, M, NVT, ACT_RELU6, false>(acc, c, o.rs);
-      case ACT_SILU: return store_tile<T, M, NVT, ACT_SILU, false>(acc, c, o.rs);
-      case ACT_HARDSWISH: return store_tile<T, M, NVT, ACT_HARDSWISH, false>(acc, c, o.rs);
-      default: return store_tile<T, M, NVT, ACT_NONE, false>(acc, c, o.rs);
+      case -1: return store_tile<T, M, NVT, ACT_NONE, true>(acc, c, o.rs, nt);
+      case ACT_RELU: return store_tile<T, M, NVT, ACT_RELU, false>(acc, c, o.rs, nt);
+      case ACT_RELU6: return store_tile<T, M, NVT, ACT_RELU6, false>(acc, c, o.rs, nt);
+      case ACT_SILU: return store_tile<T, M, NVT, ACT_SILU, false>(acc, c, o.rs, nt);
+      case ACT_HARDSWISH: return store_tile<T, M, NVT, ACT_HARDSWISH, false>(acc, c, o.rs, nt);
+      default: return store_tile<T, M, NVT, ACT_NONE, false>(acc, c, o.rs, nt);
     }
   }
   // The last, partial panel: whole vectors, then the first nr % L lanes of one

@@ -36,6 +36,10 @@ inline void store_n(float* p, V<float> v, int n) {
 inline void store_n(double* p, V<double> v, int n) {
   _mm512_mask_storeu_pd(p, (__mmask8)lane_mask(n), (__m512d)v);
 }
+// A whole vector stored around the caches (non-temporal; p aligned to the vector).
+inline void stream_store(float* p, V<float> v) { _mm512_stream_ps(p, (__m512)v); }
+inline void stream_store(double* p, V<double> v) { _mm512_stream_pd(p, (__m512d)v); }
+inline void stream_fence() { _mm_sfence(); }
 #elif SEPCONV_VEC_BYTES == 32
 // AVX2: lane i takes part where the mask lane's sign bit is set, i.e. where i < n.
 inline __m256i lane_mask32(int n) {
@@ -48,6 +52,9 @@ inline V<float> load_n(const float* p, int n) { return (V<float>)_mm256_maskload
 inline V<double> load_n(const double* p, int n) { return (V<double>)_mm256_maskload_pd(p, lane_mask64(n)); }
 inline void store_n(float* p, V<float> v, int n) { _mm256_maskstore_ps(p, lane_mask32(n), (__m256)v); }
 inline void store_n(double* p, V<double> v, int n) { _mm256_maskstore_pd(p, lane_mask64(n), (__m256d)v); }
+inline void stream_store(float* p, V<float> v) { _mm256_stream_ps(p, (__m256)v); }
+inline void stream_store(double* p, V<double> v) { _mm256_stream_pd(p, (__m256d)v); }
+inline void stream_fence() { _mm_sfence(); }
 #else  // SSE2 / NEON: lane by lane
 template <class T> inline V<T> load_n(const T* p, int n) {
   V<T> v{};
@@ -57,6 +64,8 @@ template <class T> inline V<T> load_n(const T* p, int n) {
 template <class T> inline void store_n(T* p, V<T> v, int n) {
   for (int i = 0; i < n; ++i) p[i] = v[i];
 }
+template <class T> inline void stream_store(T* p, V<T> v) { storeu(p, v); }
+inline void stream_fence() {}
 #endif
 // Copies N elements, N a compile-time constant (so: vector moves, no call).
 template <class T, int64_t N> inline void storeu_n(T* d, const T* s) { __builtin_memcpy(d, s, N * sizeof(T)); }
