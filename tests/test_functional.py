@@ -205,6 +205,19 @@ def test_activations(path, act1, act2):
     check_against_oracle(path, (3 * x, dw, 2 * pw, b, bd), 1, 1, 1, act1, act2)
 
 
+# The native depthwise runs a row's full-tap pixels in one call, with act1 a template
+# argument (dw_run): each activation over rows of 23 and 11 such pixels (whole 4-pixel
+# blocks and a last block that starts early), at 20 and 40 channels (whole vectors and
+# a part), stride 1 and 2. test_activations' 4 channels never reach it.
+@pytest.mark.parametrize("act1", list(ACTS), ids=str)
+@pytest.mark.parametrize("C,s", [(20, 1), (40, 2)], ids=["C20s1", "C40s2"])
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_activations_on_long_rows(native_path, act1, C, s, layout):
+    x, dw, pw, b, bd = make_inputs(2, C, 9, 25, 1, 7, 3, seed=2)
+    check_against_oracle(native_path, (3 * x, dw, 2 * pw, b, bd), s, 1, 1, act1, "relu",
+                         layout=LAYOUTS[layout])
+
+
 @pytest.mark.parametrize("bias,dw_bias", [(False, False), (True, False), (False, True)])
 def test_bias_combinations(path, bias, dw_bias):
     inputs = make_inputs(2, 3, 8, 7, 2, 5, 3, bias=bias, dw_bias=dw_bias)
