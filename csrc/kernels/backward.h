@@ -389,12 +389,19 @@ int backward_impl(const Geometry& g, const T* gy, const T* y, const T* x, const 
           if (from_y) transpose_copy(y + off, HWo, GZ, ldo, Co, np);
           gyt = GY, yt = GZ, gy_rs = ldo;
         }
-        dw_forward(g, cols.p, xn, r0, r1, wt.p, dwb, ACT_NONE, p0, p1, U, ldm, 0, Cm);
-        // M = act1(U), pixel-major: straight onto an unpacked stack, else in G, or U
-        // itself when act1 is the identity.
-        const T* M = U;
+        // M = act1(U), pixel-major: onto an unpacked stack, else in G, or U itself when
+        // act1 is the identity. Where it goes onto the stack and act1 is the identity,
+        // relu or relu6, the depthwise writes it there and U is not made: act1' is read
+        // from M (relu'(u) is relu'(relu(u)) exactly, as for y). The copy cost the
+        // backward 3-7% (Zen 5, AVX-512, batch 32, CL and NCHW, in-process A/B:
+        // 32x112->64 relu 1.07x, 32x112->16 relu6 1.06x, 576x14->96 1.05x, 728x19 1.01x).
         T* Mt = out.pw_weight && !pack_m ? Ms + stacked * ldm : G;
-        if ((out.pw_weight || need_z) && (g.act1 != ACT_NONE || Mt != G)) {
+        const bool direct =
+            Mt != G && (g.act1 == ACT_NONE || g.act1 == ACT_RELU || g.act1 == ACT_RELU6);
+        dw_forward(g, cols.p, xn, r0, r1, wt.p, dwb, direct ? g.act1 : ACT_NONE, p0, p1,
+                   direct ? Mt : U, ldm, 0, Cm);
+        const T* M = direct ? Mt : U;
+        if (!direct && (out.pw_weight || need_z) && (g.act1 != ACT_NONE || Mt != G)) {
           for (int64_t r = 0; r < np; ++r) {
             for (int64_t c = 0; c < Cm; ++c) Mt[r * ldm + c] = U[r * ldm + c];
             act_inplace(g.act1, Mt + r * ldm, Cm);
@@ -437,7 +444,7 @@ int backward_impl(const Geometry& g, const T* gy, const T* y, const T* x, const 
         gemm(np, Cm, Co, GZ, ldo, (int64_t)1, (int64_t)0, wpk.p, Co * nr, nr, o);
         if (g.act1 != ACT_NONE)
           for (int64_t r = 0; r < np; ++r)
-            grad_act(g.act1, G + r * ldm, U + r * ldm, G + r * ldm, Cm);
+            grad_act(g.act1, G + r * ldm, (direct ? M : U) + r * ldm, G + r * ldm, Cm);
         dw_backward(g, cols.p, xn, r0, wt.p, G, ldm, p0, p1, out.dw_weight ? a_dw : nullptr,
                     out.dw_bias ? a_dwb : nullptr, cl ? gxn : (gxn ? GXB : nullptr), 0, Cm);
         if (!cl && gxn && r1 > r0)
