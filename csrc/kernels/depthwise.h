@@ -313,6 +313,34 @@ void dw_backward_rows(const Geometry& g, const int64_t* cols, const T* xn, int64
         if (lo >= hi) continue;
         const int64_t off = ((ih - row0) * g.W + lo * g.sw - g.pl + j * g.dw) * g.C + c;
         const T* g0 = G + ((oh - oh0) * g.Wo + lo) * ldg + c;
+        // With both gradients and 32 registers, one sweep: each G vector is loaded once
+        // for both. The sums run as in the separate sweeps (even and odd pixels apart),
+        // so that either gradient alone has the same bits. Zen 5, backward call, batch
+        // 32, in-process A/B: CL 1.03-1.06x at 16-96 channels, 1.01x at 728; NCHW
+        // 1.03-1.06x. AVX2 (16 registers): 0.97-1.02x, so it keeps two sweeps.
+        if (VB >= 64 && gdw && gxn) {
+          V<T> a0[NC] = {}, a1[NC] = {}, wv[NC];
+          for (int k = 0; k < NC; ++k) wv[k] = ld(wt + tap * Cm + c + k * L);
+          const T* gp = g0;
+          const T* xp = xn + off;
+          T* gx = gxn + off;
+          auto one = [&](V<T>* a, const T* gq, const T* xq, T* gxq) {
+            for (int k = 0; k < NC; ++k) {
+              const V<T> gv = ld(gq + k * L);
+              a[k] += gv * ld(xq + k * L);
+              st(gxq + k * L, ld(gxq + k * L) + gv * wv[k]);
+            }
+          };
+          int64_t ow = lo;
+          for (; ow + 1 < hi; ow += 2, gp += 2 * ldg, xp += 2 * xs, gx += 2 * xs) {
+            one(a0, gp, xp, gx);
+            one(a1, gp + ldg, xp + xs, gx + xs);
+          }
+          if (ow < hi) one(a0, gp, xp, gx);
+          T* gw = gdw + tap * Cm + c;
+          for (int k = 0; k < NC; ++k) st(gw + k * L, ld(gw + k * L) + (a0[k] + a1[k]));
+          continue;
+        }
         if (gdw) {  // two sets of sums (even and odd pixels) for independent FMA chains
           V<T> a0[NC] = {}, a1[NC] = {};  // (indexed by constants only: kept in registers)
           const T* gp = g0;
