@@ -257,10 +257,12 @@ def test_follows_torch_num_threads():
 
 
 @pytest.mark.parametrize("channels_last", [False, True])
-def test_tile_budget_from_the_cache_and_its_extremes(channels_last):
+@pytest.mark.parametrize("isa", ISAS or [None])
+def test_tile_budget_from_the_cache_and_its_extremes(channels_last, isa):
     """The forward's tile budget comes from the L2 size read at load; any budget, down to
     one-pixel tiles and up to whole images, on any number of threads (each takes a run
-    of tiles and prefetches the next one's input), gives the same results."""
+    of tiles and prefetches the next one's input), on every ISA path (AVX2 and generic
+    round many small tiles up to whole 6-row GEMM blocks), gives the same results."""
     _C = sepconv._backend._C
     info = sepconv.backend_info()["cpu_caches"]
     assert info["l2"] > 0 and info["l1d"] > 0 and info["tile_bytes"] == max(info["l2"] // 4,
@@ -270,8 +272,10 @@ def test_tile_budget_from_the_cache_and_its_extremes(channels_last):
              (make_inputs(2, 20, 14, 14, 1, 9, 7), 1, 3)]
     layout = (lambda t: t.contiguous(memory_format=torch.channels_last)) if channels_last \
         else (lambda t: t)
-    before = torch.get_num_threads()
+    before, isa_before = torch.get_num_threads(), _C.isa()
     try:
+        if isa:
+            _C.set_isa(isa)
         for budget, threads in itertools.product((4096, 1 << 30), (1, 2, 3)):
             _C.set_tile_bytes(budget)  # 4096 B: 10-pixel tiles (float64, Cm = 48); or one
             torch.set_num_threads(threads)
@@ -282,6 +286,7 @@ def test_tile_budget_from_the_cache_and_its_extremes(channels_last):
     finally:
         _C.set_tile_bytes(info["tile_bytes"])
         torch.set_num_threads(before)
+        _C.set_isa(isa_before)
     with pytest.raises(ValueError, match="tile_bytes"):
         _C.set_tile_bytes(100)
 
