@@ -241,10 +241,8 @@ void dw_forward_nhwc(const Geometry& g, const int64_t* cols, const T* xn, int64_
     } else if (run) {
       dw_run_act<T, PX>(act1, npx / PX, x, ps, xs_i, xs_j, w, ws_i, Cm, nc, di, dj, dwb, u, ldu);
       p += npx;
-    } else if (block) {
-      int64_t c = dw_block<T, PX, 2>(x, ps, xs_i, xs_j, w, ws_i, Cm, nc, di, dj, dwb, act1, u, ldu, 0);
-      c = dw_block<T, PX, 1>(x, ps, xs_i, xs_j, w, ws_i, Cm, nc, di, dj, dwb, act1, u, ldu, c);
-      scalar_tail(PX, c);
+    } else if (block) {  // fewer channels than a vector: the scalar loop takes them all
+      scalar_tail(PX, 0);
       p += PX;
     } else {
       int64_t c = dw_block<T, 1, 4>(x, ps, xs_i, xs_j, w, ws_i, Cm, nc, di, dj, dwb, act1, u, ldu, 0);
@@ -313,22 +311,22 @@ void dw_backward_rows(const Geometry& g, const int64_t* cols, const T* xn, int64
         if (lo >= hi) continue;
         const int64_t off = ((ih - row0) * g.W + lo * g.sw - g.pl + j * g.dw) * g.C + c;
         const T* g0 = G + ((oh - oh0) * g.Wo + lo) * ldg + c;
-        // With both gradients and 32 registers, one sweep: each G vector is loaded once
-        // for both. The sums run as in the separate sweeps (even and odd pixels apart),
-        // so that either gradient alone has the same bits. Zen 5, backward call, batch
-        // 32, in-process A/B: CL 1.03-1.06x at 16-96 channels, 1.01x at 728; NCHW
-        // 1.03-1.06x. AVX2 (16 registers): 0.97-1.02x, so it keeps two sweeps.
-        if (VB >= 64 && gdw && gxn) {
+        // A sweep along the row for dW (dw), dx (dx) or both: two sets of sums (even and
+        // odd pixels) for independent FMA chains, indexed by constants only (kept in
+        // registers); dx's updates in pixel order. Its arguments are literals, so each
+        // call compiles to the sweep it asks for.
+        auto sweep = [&](bool dw, bool dx) {
           V<T> a0[NC] = {}, a1[NC] = {}, wv[NC];
-          for (int k = 0; k < NC; ++k) wv[k] = ld(wt + tap * Cm + c + k * L);
+          if (dx)
+            for (int k = 0; k < NC; ++k) wv[k] = ld(wt + tap * Cm + c + k * L);
           const T* gp = g0;
           const T* xp = xn + off;
           T* gx = gxn + off;
           auto one = [&](V<T>* a, const T* gq, const T* xq, T* gxq) {
             for (int k = 0; k < NC; ++k) {
               const V<T> gv = ld(gq + k * L);
-              a[k] += gv * ld(xq + k * L);
-              st(gxq + k * L, ld(gxq + k * L) + gv * wv[k]);
+              if (dw) a[k] += gv * ld(xq + k * L);
+              if (dx) st(gxq + k * L, ld(gxq + k * L) + gv * wv[k]);
             }
           };
           int64_t ow = lo;
@@ -337,33 +335,22 @@ void dw_backward_rows(const Geometry& g, const int64_t* cols, const T* xn, int64
             one(a1, gp + ldg, xp + xs, gx + xs);
           }
           if (ow < hi) one(a0, gp, xp, gx);
-          T* gw = gdw + tap * Cm + c;
-          for (int k = 0; k < NC; ++k) st(gw + k * L, ld(gw + k * L) + (a0[k] + a1[k]));
+          if (dw) {
+            T* gw = gdw + tap * Cm + c;
+            for (int k = 0; k < NC; ++k) st(gw + k * L, ld(gw + k * L) + (a0[k] + a1[k]));
+          }
+        };
+        // With both gradients and 32 registers, one sweep: each G vector is loaded once
+        // for both, and either gradient alone has the same bits (the same sums, in the
+        // same order). Zen 5, backward call, batch 32, in-process A/B: CL 1.03-1.06x at
+        // 16-96 channels, 1.01x at 728; NCHW 1.03-1.06x. AVX2 (16 registers):
+        // 0.97-1.02x, so it keeps two sweeps.
+        if (VB >= 64 && gdw && gxn) {
+          sweep(true, true);
           continue;
         }
-        if (gdw) {  // two sets of sums (even and odd pixels) for independent FMA chains
-          V<T> a0[NC] = {}, a1[NC] = {};  // (indexed by constants only: kept in registers)
-          const T* gp = g0;
-          const T* xp = xn + off;
-          int64_t ow = lo;
-          for (; ow + 1 < hi; ow += 2, gp += 2 * ldg, xp += 2 * xs)
-            for (int k = 0; k < NC; ++k) {
-              a0[k] += ld(gp + k * L) * ld(xp + k * L);
-              a1[k] += ld(gp + ldg + k * L) * ld(xp + xs + k * L);
-            }
-          if (ow < hi)
-            for (int k = 0; k < NC; ++k) a0[k] += ld(gp + k * L) * ld(xp + k * L);
-          T* gw = gdw + tap * Cm + c;
-          for (int k = 0; k < NC; ++k) st(gw + k * L, ld(gw + k * L) + (a0[k] + a1[k]));
-        }
-        if (gxn) {
-          V<T> wv[NC];
-          for (int k = 0; k < NC; ++k) wv[k] = ld(wt + tap * Cm + c + k * L);
-          const T* gp = g0;
-          T* gx = gxn + off;
-          for (int64_t ow = lo; ow < hi; ++ow, gp += ldg, gx += xs)
-            for (int k = 0; k < NC; ++k) st(gx + k * L, ld(gx + k * L) + ld(gp + k * L) * wv[k]);
-        }
+        if (gdw) sweep(true, false);
+        if (gxn) sweep(false, true);
       }
     }
 }
