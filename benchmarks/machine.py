@@ -59,6 +59,11 @@ def cpu_uarch(info: dict) -> str | None:
             return "zen2" if "clwb" in flags else "zen1"
         return None
     if vendor == "GenuineIntel" and family == 6:
+        # A guest may hide AMX-FP16 (and report a client's model number), but not the
+        # L3: more than 320 MiB, Emerald Rapids' most, is a Granite Rapids host.
+        l3_kib = int((re.findall(r"\d+", info.get("cache size", "")) or ["0"])[0])
+        if "amx_tile" in flags and l3_kib > 320 * 1024:
+            return "graniterapids"
         for flag, name in (("amx_fp16", "graniterapids"), ("amx_tile", "sapphirerapids"),
                            ("avx512_vp2intersect", "tigerlake"), ("avx512_vbmi2", "icelake"),
                            ("avx512_vnni", "cascadelake"), ("avx512f", "skylake-x"),

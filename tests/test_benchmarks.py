@@ -86,6 +86,9 @@ def test_microarchitecture_from_family_and_flags():
     assert cpu_uarch(info(amd, 25, "fma avx2")) == "zen3"  # same family, no AVX-512
     assert cpu_uarch(info(intel, 6, "avx2 avx512f avx512_vnni amx_tile amx_int8")) == \
         "sapphirerapids"
+    spr = info(intel, 6, "avx2 avx512f amx_tile")  # a guest with AMX-FP16 hidden:
+    assert cpu_uarch({**spr, "cache size": "107520 KB"}) == "sapphirerapids"
+    assert cpu_uarch({**spr, "cache size": "491520 KB"}) == "graniterapids"  # its L3
     assert cpu_uarch(info(intel, 6, "avx2 avx512f avx512_vnni")) == "cascadelake"
     assert cpu_uarch({"vendor_id": "ARM"}) is None and cpu_uarch({}) is None
     here = describe("cpu")  # whatever this machine is, its name is a folder name
