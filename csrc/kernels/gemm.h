@@ -119,6 +119,12 @@ void micro(int64_t K, const T* a, int64_t ars, int64_t acs, const T* B, int64_t 
     V<T> bv[NVT];
     for (int v = 0; v < NVT; ++v) bv[v] = loadu(b + v * L);
     const T* ak = a + k * acs;
+    // B's row 16 steps ahead into L1: a weight panel of a few hundred input channels
+    // (96 KiB at 768) streams from L2 on every micro-tile, and the hardware
+    // prefetchers left the FMAs waiting on it. (Past B's end the address is only
+    // prefetched, which never faults; within L1 it costs a spare load slot.)
+    const uintptr_t ahead = (uintptr_t)(b) + 16 * ldb * sizeof(T);
+    for (int v = 0; v < NVT * L * (int)sizeof(T); v += 64) __builtin_prefetch((const void*)(ahead + v), 0, 3);
     if constexpr (PF) o.prefetch->step();
 #pragma GCC unroll 16
     for (int i = 0; i < M; ++i) {
@@ -187,6 +193,17 @@ void gemm(int64_t M, int64_t N, int64_t K, const T* A, int64_t ars, int64_t acs,
       const int mr = (int)(even ? (ib + 1) * M / nm - i0 : imin(MR, M - i0));
       const T* a = a_block ? A + ib * a_block : A + i0 * ars;
       const bool pf = o.prefetch && o.prefetch->pending();
+      // The next row block's output lines, for writing (prefetchw), while this one
+      // computes: a row-major C (channels-last y, the backward's stacks) takes a micro-
+      // tile's rows from lines rs apart, each a miss whose read for ownership stalled
+      // the stores. (A transposed C is written in part lines, and left as it was.)
+      if (!o.transposed && ib + 1 < nm) {
+        const int64_t n0 = even ? (ib + 1) * M / nm : (ib + 1) * MR;
+        const int64_t n1 = even ? (ib + 2) * M / nm : imin(M, n0 + MR);
+        for (int64_t i = n0; i < n1; ++i)
+          for (int64_t v = 0; v < cols * (int64_t)sizeof(T); v += 64)
+            __builtin_prefetch((const char*)(o.c + i * o.rs + j0) + v, 1, 3);
+      }
       if (cols <= L)
         (pf ? micro_rows<T, 1, MR, true> : micro_rows<T, 1>)(mr, K, a, ars, acs, bq, ldb, o, i0,
                                                              j0, cols);
