@@ -52,6 +52,7 @@ template <class T> struct Out {
   bool transposed = false;  // (not with accumulate)
   Prefetch* prefetch = nullptr;  // advanced by the full-height micro-tiles, or null
   bool stream = false;           // aligned whole vectors stored non-temporally (not with accumulate)
+  bool rows_outer = false;       // row blocks in the outer loop (not with transposed)
 };
 
 // Stores a micro-tile of NVT full vectors per row. The activation and accumulation
@@ -173,16 +174,21 @@ void micro_rows(int mr, int64_t K, const T* a, int64_t ars, int64_t acs, const T
 
 // A panel of B (the weights, in the callers) in the outer loop, so that the weights
 // are read once per call while the row blocks of A (the tile) stream past each panel.
+// With o.rows_outer (weights that stay in L2) the row blocks are the outer loop: each
+// block of A stays in L1 across the panels, and C's rows are written whole, line
+// after line, instead of a panel's 128 bytes per row, Co * 4 bytes apart.
 template <class T>
 void gemm(int64_t M, int64_t N, int64_t K, const T* A, int64_t ars, int64_t acs,
           int64_t a_block, const T* B, int64_t b_panel, int64_t ldb, const Out<T>& o) {
   constexpr int64_t nr = NR<T>(), L = lanes<T>();
   const int64_t np = ceil_div(N, nr), nm = ceil_div(M, MR);
   if (M <= 0 || N <= 0) return;
-  for (int64_t q = 0; q < np; ++q) {
+  const bool rows_outer = o.rows_outer && !o.transposed;
+  for (int64_t it = 0; it < np * nm; ++it) {
+    const int64_t q = rows_outer ? it % np : it / nm, ib = rows_outer ? it / np : it % nm;
     const T* bq = B + q * b_panel;
     const int64_t j0 = q * nr, cols = imin(nr, N - j0);
-    for (int64_t ib = 0; ib < nm; ++ib) {
+    {
       // A strided A whose last MR-row block would have 1-3 rows is cut into blocks of
       // near-equal height instead: such a block has 2-6 independent accumulators,
       // fewer than the FMA latency x pipes, and runs at a fraction of the peak (49
