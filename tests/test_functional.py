@@ -114,6 +114,15 @@ def test_wide_rows(native_path, case, layout):
                          layout=LAYOUTS[layout])
 
 
+# Pointwise weights beyond half of any L2 up to 4 MiB (545 x 520 in float64: 2.3 MB):
+# the channels-last forward writes y by groups of weight panels, the last one part
+# full (and a part panel: 520 = 32 x 16 + 8). Native only, as above.
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_large_weights(native_path, layout):
+    check_against_oracle(native_path, make_inputs(2, 545, 6, 5, 1, 520, 3), 1, 1, 1, "relu6",
+                         "silu", layout=LAYOUTS[layout])
+
+
 # The native backward shares out its work in one of two ways: bands of pixels in
 # parallel, or (where few bands would leave threads idle: batch 1 from 7x7 to 14x14)
 # the mid channels split over the threads. Both, forced, on cases that reach each

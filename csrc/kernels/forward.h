@@ -189,11 +189,18 @@ int forward_impl(const Geometry& g, const T* x, const T* dww, const T* pww, cons
   // AVX2 on the same machine 0.99-1.03x (those layers are not waiting on stores there).
   // (An NCHW y is stored transposed, in part lines: left as it is.)
   const bool stream = cl && g.N * HWo * Co * (int64_t)sizeof(T) >= g.stream_bytes;
-  // A channels-last y whose packed weights fit in half the L2 is written pixel row by
-  // pixel row (gemm, rows_outer). Granite Rapids guest, batch 8, in-process A/B: 96x56->
-  // 384 1.16x, 192x28->768 1.08x, 32x112->64 1.05x, 512x14->512 1.03x, others 0.98-
-  // 1.02x; AVX2 path 1.00-1.06x. Larger weights would stream from L3 once per row block.
-  const bool rows_outer = cl && Cm * round_up(Co, nr) * (int64_t)sizeof(T) <= g.l2_bytes / 2;
+  // A channels-last y is written by groups of weight panels (gemm, panel_group): all of
+  // them where the packed weights fit in half the L2, else as many as fit in a quarter
+  // (all at once, larger weights would stream from L3 once per row block). Granite
+  // Rapids guest, in-process A/B against one panel at a time, batch 8: all panels
+  // 96x56->384 1.16x, 192x28->768 1.08x, 32x112->64 1.05x, 512x14->512 1.03x, others
+  // 0.98-1.02x (AVX2 path 1.00-1.06x); groups of 5-10 panels 728x19->728, 384x14->
+  // 1536, 768x7->3072, 1024x7->1024 1.01-1.02x (AVX2 1.01-1.02x), batch 32 1.03-1.06x.
+  // An NCHW y (stored transposed, in part lines) keeps one panel at a time.
+  const int64_t panel_bytes = Cm * nr * (int64_t)sizeof(T);
+  const int64_t panel_group = !cl ? 1
+                              : npanels * panel_bytes <= g.l2_bytes / 2 ? npanels
+                                                                        : imax(1, g.l2_bytes / 4 / panel_bytes);
 #pragma omp parallel num_threads(g.threads)
   {
   const DenormalMode mode(g.flush_denormals);
@@ -242,7 +249,7 @@ int forward_impl(const Geometry& g, const T* x, const T* dww, const T* pww, cons
                            g.act2, true};
     o.prefetch = &next;
     o.stream = stream;
-    o.rows_outer = rows_outer;
+    o.panel_group = panel_group;
     if (!pack_each) {
       gemm(p1 - p0, co1 - co0, Cm, U, ldu, (int64_t)1, (int64_t)0, bp.p + (co0 / nr) * Cm * nr,
            Cm * nr, nr, o);

@@ -52,7 +52,7 @@ template <class T> struct Out {
   bool transposed = false;  // (not with accumulate)
   Prefetch* prefetch = nullptr;  // advanced by the full-height micro-tiles, or null
   bool stream = false;           // aligned whole vectors stored non-temporally (not with accumulate)
-  bool rows_outer = false;       // row blocks in the outer loop (not with transposed)
+  int64_t panel_group = 1;       // panels per sweep of the row blocks (not with transposed)
 };
 
 // Stores a micro-tile of NVT full vectors per row. The activation and accumulation
@@ -174,48 +174,49 @@ void micro_rows(int mr, int64_t K, const T* a, int64_t ars, int64_t acs, const T
 
 // A panel of B (the weights, in the callers) in the outer loop, so that the weights
 // are read once per call while the row blocks of A (the tile) stream past each panel.
-// With o.rows_outer (weights that stay in L2) the row blocks are the outer loop: each
-// block of A stays in L1 across the panels, and C's rows are written whole, line
-// after line, instead of a panel's 128 bytes per row, Co * 4 bytes apart.
+// With o.panel_group > 1 the panels are taken in groups (that stay in L2), and within
+// a group the row blocks are the outer loop: each block of A stays in L1 across the
+// group's panels, and C's rows are written a group's width at a time instead of a
+// panel's 128 bytes per row, Co * 4 bytes apart; all panels in one group where the
+// weights fit.
 template <class T>
 void gemm(int64_t M, int64_t N, int64_t K, const T* A, int64_t ars, int64_t acs,
           int64_t a_block, const T* B, int64_t b_panel, int64_t ldb, const Out<T>& o) {
   constexpr int64_t nr = NR<T>(), L = lanes<T>();
   const int64_t np = ceil_div(N, nr), nm = ceil_div(M, MR);
   if (M <= 0 || N <= 0) return;
-  const bool rows_outer = o.rows_outer && !o.transposed;
-  for (int64_t it = 0; it < np * nm; ++it) {
-    const int64_t q = rows_outer ? it % np : it / nm, ib = rows_outer ? it / np : it % nm;
-    const T* bq = B + q * b_panel;
-    const int64_t j0 = q * nr, cols = imin(nr, N - j0);
-    {
-      // A strided A whose last MR-row block would have 1-3 rows is cut into blocks of
-      // near-equal height instead: such a block has 2-6 independent accumulators,
-      // fewer than the FMA latency x pipes, and runs at a fraction of the peak (49
-      // pixels = 4 x 12 + 1). Zen 5, batch 1 forward, same process: 768x7->3072
-      // 1.07x, 1024x7 1.04x, xception 1.04-1.05x, suites 1.01-1.05x.
-      const bool even = !a_block && M % MR != 0 && M % MR < 4;
-      const int64_t i0 = even ? ib * M / nm : ib * MR;
-      const int mr = (int)(even ? (ib + 1) * M / nm - i0 : imin(MR, M - i0));
-      const T* a = a_block ? A + ib * a_block : A + i0 * ars;
-      const bool pf = o.prefetch && o.prefetch->pending();
-      // The next row block's output lines, for writing (prefetchw), while this one
-      // computes: a row-major C (channels-last y, the backward's stacks) takes a micro-
-      // tile's rows from lines rs apart, each a miss whose read for ownership stalled
-      // the stores. (A transposed C is written in part lines, and left as it was.)
-      if (!o.transposed && ib + 1 < nm) {
-        const int64_t n0 = even ? (ib + 1) * M / nm : (ib + 1) * MR;
-        const int64_t n1 = even ? (ib + 2) * M / nm : imin(M, n0 + MR);
-        for (int64_t i = n0; i < n1; ++i)
-          for (int64_t v = 0; v < cols * (int64_t)sizeof(T); v += 64)
-            __builtin_prefetch((const char*)(o.c + i * o.rs + j0) + v, 1, 3);
-      }
-      if (cols <= L)
-        (pf ? micro_rows<T, 1, MR, true> : micro_rows<T, 1>)(mr, K, a, ars, acs, bq, ldb, o, i0,
-                                                             j0, cols);
-      else
-        (pf ? micro_rows<T, NV, MR, true> : micro_rows<T, NV>)(mr, K, a, ars, acs, bq, ldb, o, i0,
+  const int64_t group = o.transposed ? 1 : imax(1, imin(o.panel_group, np));
+  for (int64_t g0 = 0; g0 < np; g0 += group)
+    for (int64_t ib = 0; ib < nm; ++ib)
+      for (int64_t q = g0; q < imin(np, g0 + group); ++q) {
+        const T* bq = B + q * b_panel;
+        const int64_t j0 = q * nr, cols = imin(nr, N - j0);
+        // A strided A whose last MR-row block would have 1-3 rows is cut into blocks of
+        // near-equal height instead: such a block has 2-6 independent accumulators,
+        // fewer than the FMA latency x pipes, and runs at a fraction of the peak (49
+        // pixels = 4 x 12 + 1). Zen 5, batch 1 forward, same process: 768x7->3072
+        // 1.07x, 1024x7 1.04x, xception 1.04-1.05x, suites 1.01-1.05x.
+        const bool even = !a_block && M % MR != 0 && M % MR < 4;
+        const int64_t i0 = even ? ib * M / nm : ib * MR;
+        const int mr = (int)(even ? (ib + 1) * M / nm - i0 : imin(MR, M - i0));
+        const T* a = a_block ? A + ib * a_block : A + i0 * ars;
+        const bool pf = o.prefetch && o.prefetch->pending();
+        // The next row block's output lines, for writing (prefetchw), while this one
+        // computes: a row-major C (channels-last y, the backward's stacks) takes a micro-
+        // tile's rows from lines rs apart, each a miss whose read for ownership stalled
+        // the stores. (A transposed C is written in part lines, and left as it was.)
+        if (!o.transposed && ib + 1 < nm) {
+          const int64_t n0 = even ? (ib + 1) * M / nm : (ib + 1) * MR;
+          const int64_t n1 = even ? (ib + 2) * M / nm : imin(M, n0 + MR);
+          for (int64_t i = n0; i < n1; ++i)
+            for (int64_t v = 0; v < cols * (int64_t)sizeof(T); v += 64)
+              __builtin_prefetch((const char*)(o.c + i * o.rs + j0) + v, 1, 3);
+        }
+        if (cols <= L)
+          (pf ? micro_rows<T, 1, MR, true> : micro_rows<T, 1>)(mr, K, a, ars, acs, bq, ldb, o, i0,
                                                                j0, cols);
-    }
-  }
+        else
+          (pf ? micro_rows<T, NV, MR, true> : micro_rows<T, NV>)(mr, K, a, ars, acs, bq, ldb, o, i0,
+                                                                 j0, cols);
+      }
 }
