@@ -52,7 +52,7 @@ template <class T> struct Out {
   bool transposed = false;  // (not with accumulate)
   Prefetch* prefetch = nullptr;  // advanced by the full-height micro-tiles, or null
   bool stream = false;           // aligned whole vectors stored non-temporally (not with accumulate)
-  int64_t panel_group = 1;       // panels per sweep of the row blocks (not with transposed)
+  int64_t panel_group = 1;       // panels per sweep of the row blocks (the forward: 1 with transposed)
 };
 
 // Stores a micro-tile of NVT full vectors per row. The activation and accumulation
@@ -185,33 +185,31 @@ void gemm(int64_t M, int64_t N, int64_t K, const T* A, int64_t ars, int64_t acs,
   constexpr int64_t nr = NR<T>(), L = lanes<T>();
   const int64_t np = ceil_div(N, nr), nm = ceil_div(M, MR);
   if (M <= 0 || N <= 0) return;
-  const int64_t group = o.transposed ? 1 : imax(1, imin(o.panel_group, np));
+  // A strided A whose last MR-row block would have 1-3 rows is cut into blocks of
+  // near-equal height instead: such a block has 2-6 independent accumulators, fewer
+  // than the FMA latency x pipes, and runs at a fraction of the peak (49 pixels =
+  // 4 x 12 + 1). Zen 5, batch 1 forward, same process: 768x7->3072 1.07x, 1024x7
+  // 1.04x, xception 1.04-1.05x, suites 1.01-1.05x.
+  const bool even = !a_block && M % MR != 0 && M % MR < 4;
+  auto first_row = [&](int64_t ib) { return imin(M, even ? ib * M / nm : ib * MR); };
+  const int64_t group = imax(1, imin(o.panel_group, np));
   for (int64_t g0 = 0; g0 < np; g0 += group)
     for (int64_t ib = 0; ib < nm; ++ib)
       for (int64_t q = g0; q < imin(np, g0 + group); ++q) {
         const T* bq = B + q * b_panel;
         const int64_t j0 = q * nr, cols = imin(nr, N - j0);
-        // A strided A whose last MR-row block would have 1-3 rows is cut into blocks of
-        // near-equal height instead: such a block has 2-6 independent accumulators,
-        // fewer than the FMA latency x pipes, and runs at a fraction of the peak (49
-        // pixels = 4 x 12 + 1). Zen 5, batch 1 forward, same process: 768x7->3072
-        // 1.07x, 1024x7 1.04x, xception 1.04-1.05x, suites 1.01-1.05x.
-        const bool even = !a_block && M % MR != 0 && M % MR < 4;
-        const int64_t i0 = even ? ib * M / nm : ib * MR;
-        const int mr = (int)(even ? (ib + 1) * M / nm - i0 : imin(MR, M - i0));
+        const int64_t i0 = first_row(ib), i1 = first_row(ib + 1);
+        const int mr = (int)(i1 - i0);
         const T* a = a_block ? A + ib * a_block : A + i0 * ars;
         const bool pf = o.prefetch && o.prefetch->pending();
         // The next row block's output lines, for writing (prefetchw), while this one
         // computes: a row-major C (channels-last y, the backward's stacks) takes a micro-
         // tile's rows from lines rs apart, each a miss whose read for ownership stalled
         // the stores. (A transposed C is written in part lines, and left as it was.)
-        if (!o.transposed && ib + 1 < nm) {
-          const int64_t n0 = even ? (ib + 1) * M / nm : (ib + 1) * MR;
-          const int64_t n1 = even ? (ib + 2) * M / nm : imin(M, n0 + MR);
-          for (int64_t i = n0; i < n1; ++i)
+        if (!o.transposed)
+          for (int64_t i = i1; i < first_row(ib + 2); ++i)
             for (int64_t v = 0; v < cols * (int64_t)sizeof(T); v += 64)
               __builtin_prefetch((const char*)(o.c + i * o.rs + j0) + v, 1, 3);
-        }
         if (cols <= L)
           (pf ? micro_rows<T, 1, MR, true> : micro_rows<T, 1>)(mr, K, a, ars, acs, bq, ldb, o, i0,
                                                                j0, cols);
