@@ -123,6 +123,24 @@ def test_large_weights(native_path, layout):
                          "silu", layout=LAYOUTS[layout])
 
 
+# The native backward's weight-gradient GEMM past its older rules: GZ^T (Co = 301, rows
+# of 1.2 KiB in float32, 2.4 KiB in float64) packed because 15-57 weight panels read it,
+# and the 301 x 450 accumulator (1.1 MB in float64: beyond a quarter of any L2 up to 4
+# MiB) taken in whole rows across all panels; two images in 17 bands of 2 rows (NCHW:
+# 12 of 3), stacks flushed several times, a part panel and a part row block (301 =
+# 25 x 12 + 1).
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+@pytest.mark.parametrize("act2", [None, "relu"])
+def test_wide_weight_gradient(native_path, layout, act2):
+    before = _C.backward_mode()
+    _C.set_backward_mode("bands")
+    try:
+        check_against_oracle(native_path, make_inputs(2, 450, 34, 33, 1, 301, 3), 1, 1, 1, "relu",
+                             act2, layout=LAYOUTS[layout])
+    finally:
+        _C.set_backward_mode(before)
+
+
 # The native backward shares out its work in one of two ways: bands of pixels in
 # parallel, or (where few bands would leave threads idle: batch 1 from 7x7 to 14x14)
 # the mid channels split over the threads. Both, forced, on cases that reach each

@@ -36,6 +36,19 @@ void pack_weights(const Geometry& g, const T* pww, const BackwardNeeds& need, T*
 // The weight-gradient GEMM's operands, packed where their rows reach 4 KiB (see
 // backward_impl): GZ^T in blocks of MR output channels, M in panels of nr channels.
 template <class T> bool packs(int64_t ld) { return ld * (int64_t)sizeof(T) >= 4096; }
+// backward_impl also packs GZ^T where its rows are wide and read by many weight
+// panels: unpacked, each k step of a micro-tile takes MR channels (48 bytes) from a row
+// ldo apart, part of a line, and again for each of the ceil(Cm / nr) panels. Granite
+// Rapids guest, training step, in-process A/B against rows of 4 KiB only, AVX-512,
+// batch 1 / 8 / 32: 728x19->728 1.04 / 1.05 / 1.08-1.11x, 512x14->512 1.02 / 1.04 /
+// 1.04-1.05x, 256x28->256 1.01 / 1.01 / 1.01-1.03x, 960x7->320 1.00 / 1.02 / 1.02x;
+// AVX2 path, batch 8: 728x19 1.07x, 512x14 1.05x, 256x28 1.02x. Not repaid on narrower
+// rows or fewer panels: 32x112->64 0.94x, 192x28->768 (6 panels) 0.99x, 960x7->160
+// 0.95-1.06x, 384x14->64 0.96-1.00x. (backward_split's share of the panels is smaller:
+// there it measured 0.96-1.00x, and it keeps the 4 KiB rule.)
+template <class T> bool packs_gz(int64_t Co, int64_t ldo, int64_t Cm) {
+  return packs<T>(ldo) || (Co * (int64_t)sizeof(T) >= 1024 && ceil_div(Cm, NR<T>()) >= 8);
+}
 
 // Output rows the busiest thread computes over backward_impl's two phases, with bands
 // of R rows (OpenMP's static schedule: the first n % T threads take one task more).
@@ -272,10 +285,11 @@ int backward_impl(const Geometry& g, const T* gy, const T* y, const T* x, const 
   // step is a new page, which the prefetchers do not follow, and at Co = 3072 it
   // ran at half speed. Such a stack is packed instead, as the tiles are made, in the
   // order the GEMM reads it: GZ^T in blocks of MR output channels (KP x MR), M in
-  // panels of nr mid channels (KP x nr). Narrower rows stay as they are: the copy
-  // cost the 32- and 64-channel layers 3-7%.
+  // panels of nr mid channels (KP x nr). Narrower rows stay as they are (the copy
+  // cost the 32- and 64-channel layers 3-7%), but for a GZ^T that many weight panels
+  // read (packs_gz).
   const int64_t KS = imax(1, 256 / P), KP = KS * P;
-  const bool pack_gz = packs<T>(ldo), pack_m = packs<T>(ldm);
+  const bool pack_gz = packs_gz<T>(Co, ldo, Cm), pack_m = packs<T>(ldm);
   // Per-thread buffers: the tiles U, G (dL/dU, and act1(U) before it) and GZ (when
   // packed), the stacks, and for NCHW grad_y's tile and the NHWC bands of x, grad_x.
   const int64_t sU = P * ldm, sGZ = P * ldo, sB = cl ? 0 : band_elems(g, P);
@@ -286,6 +300,15 @@ int backward_impl(const Geometry& g, const T* gy, const T* y, const T* x, const 
       (per_thread + (need_g ? Co * ldm : 0) + (need_z ? ldo * Cm : 0)) * (int64_t)sizeof(T);
   // Per-thread gradient accumulators, reduced in thread order at the end.
   const int64_t sacc = Co * Cm + kk * Cm + Cm + Co;
+  // The weight gradient's GEMM takes a row block across all weight panels (the row
+  // blocks outer: gemm's panel_group) where the accumulator is beyond a quarter of the
+  // L2, so that it is read and written in whole rows, a few lines apart, rather than a
+  // panel's 128 bytes per row, Cm * 4 bytes apart; the stack of M is read once per row
+  // block instead of GZ^T once per panel. Granite Rapids guest, training step, batch 8,
+  // in-process A/B (AVX-512 / AVX2 path): 728x19->728 1.02x / 1.01x, 1024x7->1024
+  // 1.05x / 1.02x, 384x14->1536 1.05x / 1.03x, 512x14->512 1.01x / 1.02x; with
+  // smaller accumulators 0.97-1.02x.
+  const bool acc_rows_whole = Co * Cm * (int64_t)sizeof(T) > g.l2_bytes / 4;
   Buf<T> ws(0, T_ * per_thread), acc(1, T_ * sacc), wt(2, kk * Cm), bp(3, need_z ? ldo * Cm : 0),
       wpk(4, need_g ? Co * ldm : 0), bias(5, ldo, true);
   Buf<int64_t> cols(6, 2 * g.kw);
@@ -319,6 +342,7 @@ int backward_impl(const Geometry& g, const T* gy, const T* y, const T* x, const 
     auto flush_pw = [&] {  // gW[co][c] += sum_p GZ[p][co] * M[p][c] over the stack
       if (out.pw_weight && stacked) {
         Out<T> o{a_pw, Cm, true, nullptr, 0, ACT_NONE};
+        o.panel_group = acc_rows_whole ? ceil_div(Cm, nr) : 1;
         const int64_t acs = pack_gz ? MR : ldo, a_block = pack_gz ? KP * MR : 0;
         const int64_t b_panel = pack_m ? KP * nr : nr, ldb = pack_m ? nr : ldm;
         gemm(Co, Cm, stacked, GZs, (int64_t)1, acs, a_block, Ms, b_panel, ldb, o);
