@@ -128,7 +128,7 @@ def test_large_weights(native_path, layout):
 # and the 301 x 450 accumulator (1.1 MB in float64: beyond a quarter of any L2 up to 4
 # MiB) taken in whole rows across all panels; two images in 17 bands of 2 rows (NCHW:
 # 12 of 3), stacks flushed several times, a part panel and a part row block (301 =
-# 25 x 12 + 1).
+# 25 x 12 + 1). Without act2 an NCHW grad_y goes straight into the GEMM's operand.
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
 @pytest.mark.parametrize("act2", [None, "relu"])
 def test_wide_weight_gradient(native_path, layout, act2):
