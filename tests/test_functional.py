@@ -123,6 +123,16 @@ def test_large_weights(native_path, layout):
                          "silu", layout=LAYOUTS[layout])
 
 
+# An image larger than a quarter of any L2 up to 8 MiB (2.4 MB in float64) at batch 1:
+# the native forward cuts it into more tiles than threads, so that a thread has tiles
+# to come (whose input its GEMM prefetches), strided and not.
+@pytest.mark.parametrize("stride", [1, 2])
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_large_image(native_path, stride, layout):
+    check_against_oracle(native_path, make_inputs(1, 32, 96, 97, 1, 40, 3), stride, 1, 1, "relu",
+                         "relu", layout=LAYOUTS[layout])
+
+
 # The native backward's weight-gradient GEMM past its older rules: GZ^T (Co = 301, rows
 # of 1.2 KiB in float32, 2.4 KiB in float64) packed because 15-57 weight panels read it,
 # and the 301 x 450 accumulator (1.1 MB in float64: beyond a quarter of any L2 up to 4

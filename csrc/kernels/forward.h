@@ -6,15 +6,25 @@
 // and an image's tiles should be equal in size so that the threads finish together.
 // With few tiles in all, their number is raised to a multiple of the threads while
 // tiles keep at least min_p pixels: 7 tiles on 2 threads leave one idle for a whole tile.
+// It is raised further, to the next such multiple, while a tile's share of the image's
+// input is more than a quarter of the L2: a large image in one tile per thread was
+// copied (NCHW) and read from memory with nothing else in flight, and with tiles to
+// come a thread's GEMM pulls the next tile's input into L2 (forward_impl). Granite
+// Rapids guest, forward, batch 1, in-process A/B (NCHW / CL, AVX-512; NCHW AVX2):
+// 64x112->128/s2 1.43 / 1.08x, 1.89x; 96x112->24/s2 1.46 / 1.03x, 1.22x; 128x56->256/s2
+// 1.38 / 1.20x, 1.28x. Layers with larger weights and smaller images lost with more
+// tiles (each re-reads the weights): 512x14->512 0.85-0.92x, 384x14->1536 0.85-0.95x.
 template <class T> int64_t tile_pixels(const Geometry& g, int64_t min_p) {
   const int64_t HWo = g.Ho * g.Wo;
   const int64_t p = imax(1, imin(g.tile_bytes / (int64_t)sizeof(T) / imax(g.Cm, 1), 2048));
-  int64_t n = ceil_div(HWo, p);
+  const int64_t image_bytes = g.C * g.H * g.W * (int64_t)sizeof(T);
+  int64_t n = ceil_div(HWo, p), fit = 0;
   for (int64_t k = n; g.N * k < 8 * g.threads && ceil_div(HWo, k) >= min_p; ++k)
     if ((g.N * k) % g.threads == 0) {
-      n = k;
-      break;
+      fit = k;
+      if (image_bytes / k <= g.l2_bytes / 4) break;
     }
+  if (fit) n = fit;
   // With many tiles (so that the last, smaller one does not unbalance the threads), a
   // whole number of MR-row GEMM blocks per tile where MR is 6 (AVX2): 73 pixels were 13
   // blocks of 5 and 6 rows, and a 5-row block has 10 of the 12 accumulators. Zen 5,
