@@ -139,16 +139,12 @@ def test_large_image(native_path, stride, layout):
 # MiB) taken in whole rows across all panels; two images in 17 bands of 2 rows (NCHW:
 # 12 of 3), stacks flushed several times, a part panel and a part row block (301 =
 # 25 x 12 + 1). Without act2 an NCHW grad_y goes straight into the GEMM's operand.
+@pytest.mark.parametrize("backward_mode", ["bands"], indirect=True)
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
 @pytest.mark.parametrize("act2", [None, "relu"])
-def test_wide_weight_gradient(native_path, layout, act2):
-    before = _C.backward_mode()
-    _C.set_backward_mode("bands")
-    try:
-        check_against_oracle(native_path, make_inputs(2, 450, 34, 33, 1, 301, 3), 1, 1, 1, "relu",
-                             act2, layout=LAYOUTS[layout])
-    finally:
-        _C.set_backward_mode(before)
+def test_wide_weight_gradient(native_path, backward_mode, layout, act2):
+    check_against_oracle(native_path, make_inputs(2, 450, 34, 33, 1, 301, 3), 1, 1, 1, "relu",
+                         act2, layout=LAYOUTS[layout])
 
 
 # The native backward shares out its work in one of two ways: bands of pixels in

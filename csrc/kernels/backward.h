@@ -314,6 +314,8 @@ int backward_impl(const Geometry& g, const T* gy, const T* y, const T* x, const 
   // 1.05x / 1.02x, 384x14->1536 1.05x / 1.03x, 512x14->512 1.01x / 1.02x; with
   // smaller accumulators 0.97-1.02x.
   const bool acc_rows_whole = Co * Cm * (int64_t)sizeof(T) > g.l2_bytes / 4;
+  // NCHW without act2: dL/dz is grad_y, transposed straight into GZ (no tile, no copy).
+  const bool gz_is_gy = !cl && g.act2 == ACT_NONE;
   Buf<T> ws(0, T_ * per_thread), acc(1, T_ * sacc), wt(2, kk * Cm), bp(3, need_z ? ldo * Cm : 0),
       wpk(4, need_g ? Co * ldm : 0), bias(5, ldo, true);
   Buf<int64_t> cols(6, 2 * g.kw);
@@ -414,7 +416,7 @@ int backward_impl(const Geometry& g, const T* gy, const T* y, const T* x, const 
           xn = XB;
           if (gxn) memset(GXB, 0, imax(r1 - r0, 0) * g.W * g.C * sizeof(T));
           const int64_t off = n * Co * HWo + p0;
-          if (g.act2 == ACT_NONE) {  // dL/dz is grad_y: straight into GZ
+          if (gz_is_gy) {
             transpose_copy(gy + off, HWo, GZ, ldo, Co, np);
           } else {
             transpose_copy(gy + off, HWo, GY, ldo, Co, np);
@@ -446,7 +448,7 @@ int backward_impl(const Geometry& g, const T* gy, const T* y, const T* x, const 
           o.prefetch = &next;
           gemm(np, Co, Cm, M, ldm, (int64_t)1, (int64_t)0, bp.p, Cm * nr, nr, o);
         }
-        if (cl || g.act2 != ACT_NONE)
+        if (!gz_is_gy)
           for (int64_t r = 0; r < np; ++r)
             grad_act(g.act2, gyt + r * gy_rs, from_y ? yt + r * gy_rs : GZ + r * ldo, GZ + r * ldo,
                      Co);
