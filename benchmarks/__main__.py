@@ -23,7 +23,7 @@ from tqdm import tqdm
 from benchmarks import report
 from benchmarks.layers import FORMATS, run_layer
 from benchmarks.machine import REPO, describe, machine_name, measure_peaks, set_allocator
-from benchmarks.models import MODELS, run_model
+from benchmarks.models import EXTRA_MODELS, MODELS, run_model
 from benchmarks.shapes import SUITES
 
 DEFAULT_SUITES = ["mobilenet_v1", "mobilenet_v2", "xception", "convnext", "models"]
@@ -37,6 +37,9 @@ def _parse(argv):
     p.add_argument("--suite", nargs="+", choices=sorted(SUITES) + ["models"],
                    default=DEFAULT_SUITES)
     p.add_argument("--batch", type=int, help="layer batch (default 1 on CPU, 32 on GPU)")
+    p.add_argument("--model", nargs="+", choices=sorted(MODELS | EXTRA_MODELS),
+                   default=list(MODELS), help="the networks of the models suite (default: "
+                   "the zoo's; torchvision's where torchvision is installed)")
     p.add_argument("--model-batch", type=int,
                    help="throughput / training batch of the models (default 32 on GPU; 8 on "
                    "CPU, where 32 takes 7 minutes on 2 cores)")
@@ -94,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     layer_suites = [s for s in args.suite if s != "models"]
     jobs = [(s, layer) for s in layer_suites for layer in SUITES[s]]
     if "models" in args.suite:
-        jobs += [("models", (m, f)) for m in MODELS for f in args.formats]
+        jobs += [("models", (m, f)) for m in args.model for f in args.formats]
     min_run_time = 0.1 if args.quick else 0.6
     for suite, job in tqdm(jobs, desc="benchmarks", unit="config", file=sys.stderr):
         try:
@@ -123,7 +126,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.out is None or str(args.out).lower() != "none":
         out = args.out or REPO / "benchmarks" / "results" / name
         out.mkdir(parents=True, exist_ok=True)
-        stem = f"{args.mode}_b{args.batch}_{args.dtype}"
+        stem = f"{args.mode}_b{args.batch}_{args.dtype}" if layer_suites else \
+            f"models_b{args.model_batch}_{args.dtype}"  # a models-only run keeps the layers
         if args.threads != DEFAULT_THREADS:
             stem += f"_{args.threads}threads"  # a scaling run keeps the default run's files
         plots = [p.name for p, draw in ((out / f"{stem}_speedup.png", report.plot_speedup),

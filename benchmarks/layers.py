@@ -124,20 +124,30 @@ def interleaved_seconds(variants: dict, min_run_time: float, rounds: int = 15,
     return {name: statistics.median(times) for name, (_, _, times) in blocks.items()}
 
 
-def cuda_kernels(fn, x) -> list[str]:
-    """Names of the CUDA kernels one call of fn launches (which library ran)."""
+def cuda_kernels(fn, x, calls: int = 5) -> tuple[list[str], float]:
+    """Names of the CUDA kernels a call of fn launches (which library ran), and their
+    summed device time per call in seconds: the GPU's share of the call, without the
+    host's launch overhead that an eager call's wall time also holds."""
     from torch.profiler import ProfilerActivity, profile
+    fn(x)
+    torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        fn(x)
+        for _ in range(calls):
+            fn(x)
         torch.cuda.synchronize()
-    return sorted({e.key for e in prof.key_averages() if e.device_type.name == "CUDA"})
+    events = [e for e in prof.key_averages() if e.device_type.name == "CUDA"]
+    return sorted({e.key for e in events}), \
+        sum(e.self_device_time_total for e in events) / 1e6 / calls
 
 
 def pair_library(kernels: list[str]) -> str:
     """cuDNN or PyTorch's own depthwise kernel, from the kernel names."""
     if any("conv_depthwise2d" in k for k in kernels):
         return "aten depthwise"
-    if any("cudnn" in k.lower() or "xmma" in k or "implicit" in k for k in kernels):
+    # cuDNN's own names, and its runtime-built channels-last depthwise kernels (seen on an
+    # H200 with cuDNN 9.19: conv2d_c1_k1_nhwc_specialized)
+    if any("cudnn" in k.lower() or "xmma" in k or "implicit" in k or "nhwc_specialized" in k
+           for k in kernels):
         return "cudnn"
     return "other"
 
@@ -169,14 +179,18 @@ def run_layer(layer: Layer, batch: int, device: str, dtype, mode: str, formats: 
         ref, ours = pytorch_pair(layer, *params), fused(layer, *params)
         with torch.no_grad():
             check_agree([ours(xs[0])], [ref(xs[0])], f"{layer.name()} {fmt_name} output")
-            if device == "cuda":
-                row[f"pytorch_{fmt_name}_library"] = pair_library(cuda_kernels(ref, xs[0]))
         if backward:
             for t in xs + params:
                 t.requires_grad_()
             ref, ours = _train_step(ref, params), _train_step(ours, params)
             check_agree(ours(xs[0]), ref(xs[0]), f"{layer.name()} {fmt_name} gradients",
                         kinks=True)
+        if device == "cuda":
+            with torch.set_grad_enabled(backward):
+                names, row[f"pytorch_{fmt_name}_kernel_s"] = cuda_kernels(ref, xs[0])
+                _, row[f"sepconv_{fmt_name}_kernel_s"] = cuda_kernels(ours, xs[0])
+            row[f"pytorch_{fmt_name}_library"] = pair_library(names)
+            row[f"pytorch_{fmt_name}_kernels"] = names
         variants[f"pytorch_{fmt_name}_s"] = (ref, xs)
         variants[f"sepconv_{fmt_name}_s"] = (ours, xs)
     with torch.set_grad_enabled(backward):

@@ -18,6 +18,14 @@ from benchmarks.layers import interleaved_seconds
 MODELS = {"mobilenet_v1": sepconv.models.mobilenet_v1,
           "mobilenet_v2": sepconv.models.mobilenet_v2,
           "shufflenet_v2": sepconv.models.shufflenet_v2}
+# torchvision's own model code, where torchvision is installed: fuse() on a network it
+# did not write. Timed only when asked for (--model), not by default.
+EXTRA_MODELS = {}
+try:
+    import torchvision
+    EXTRA_MODELS = {"torchvision_mobilenet_v2": torchvision.models.mobilenet_v2}
+except ImportError:
+    pass
 
 
 def fold_conv_bn(model: nn.Module) -> nn.Module:
@@ -67,7 +75,7 @@ def run_model(name: str, device: str, dtype, fmt: torch.memory_format, batch: in
     step (batch ``batch``) and activation memory of the BN-folded nn.Conv2d network and
     of ``sepconv.fuse`` of it."""
     torch.manual_seed(0)
-    given = MODELS[name]().eval().to(device=device, dtype=dtype, memory_format=fmt)
+    given = (MODELS | EXTRA_MODELS)[name]().eval().to(device=device, dtype=dtype, memory_format=fmt)
     pair = fold_conv_bn(copy.deepcopy(given))
     ours, fused = sepconv.fuse(given)
     ours = fold_conv_bn(ours)

@@ -43,7 +43,20 @@ def layer_table(suite: str, rows: list[dict], formats: list[str]) -> str:
     libraries = pair_libraries(rows, formats)
     if libraries:
         lines.append(libraries)
+    if f"sepconv_{formats[0]}_kernel_s" in rows[0]:
+        lines.append(kernel_times(rows, formats))
     return "\n".join(lines)
+
+
+def kernel_times(rows: list[dict], formats: list[str]) -> str:
+    """On CUDA: the summed GPU kernel time of a call (profiler), the host's launch
+    overhead left out, per format: pair / sepconv ms and the ratio."""
+    cells = []
+    for f in formats:
+        pair, ours = (sum(r[f"{v}_{f}_kernel_s"] for r in rows) for v in ("pytorch", "sepconv"))
+        cells.append(f"{FORMAT_LABEL[f]} {pair * 1e3:.3f} / {ours * 1e3:.3f} ms "
+                     f"({pair / ours:.2f}x)")
+    return "GPU kernel time only, pair / sepconv: " + ", ".join(cells)
 
 
 def pair_libraries(rows: list[dict], formats: list[str]) -> str | None:
@@ -127,7 +140,9 @@ def write_markdown(path: Path, result: dict, plots: list[str]) -> None:
               " (**the probe moved: a shared or throttled host, ratios unreliable**)"),
            f"- memory: {m.get('allocator') or 'system defaults'}",
            f"- the pair: ATen {m.get('pytorch_cpu_isa') or 'unknown'}, oneDNN "
-           + (f"capped at {m['onednn_max_isa']}" if m.get("onednn_max_isa") else "uncapped"), ""]
+           + (f"capped at {m['onednn_max_isa']}" if m.get("onednn_max_isa") else "uncapped")
+           if m.get("device") != "cuda" else "- the pair: cuDNN / PyTorch's CUDA kernels "
+           "(which ran: below each table)", ""]
     formats = result["formats"]
     for suite, rows in result["suites"].items():
         cols = _columns(formats)
@@ -147,6 +162,8 @@ def write_markdown(path: Path, result: dict, plots: list[str]) -> None:
                 + f" | {suite_speedup(rows, formats):.2f} | | |"]
         libraries = pair_libraries(rows, formats)
         out += ["", libraries, ""] if libraries else [""]
+        if f"sepconv_{formats[0]}_kernel_s" in rows[0]:
+            out += [kernel_times(rows, formats), ""]
     if result["models"]:
         out += ["## Whole networks", "",
                 "As given (eval, batch norms as modules); then the same network with every "

@@ -169,3 +169,12 @@ def assert_compiled_matches_eager(model, inputs, **compile_kwargs):
         torch.testing.assert_close(y, eager_y)
         for a, b in zip(g, eager_g):
             torch.testing.assert_close(a, b)
+
+
+def pytest_runtest_logreport(report):
+    """SEPCONV_FAILURE_LOG=FILE: each failure's traceback appended to FILE as it happens
+    (once, by xdist's controller), so a run cut short by a time limit still says why."""
+    path = os.environ.get("SEPCONV_FAILURE_LOG")
+    if path and report.failed and not os.environ.get("PYTEST_XDIST_WORKER"):
+        with open(path, "a") as f:
+            f.write(f"=== {report.nodeid} ({report.when})\n{report.longreprtext}\n")

@@ -4,6 +4,9 @@ tested)."""
 import csv
 import json
 import re
+import subprocess
+import tarfile
+from pathlib import Path
 
 import pytest
 import torch
@@ -118,6 +121,7 @@ def test_pair_library_from_kernel_names():
     aten = "void at::native::conv_depthwise2d_forward_kernel<3, float, int>(...)"
     assert pair_library([aten, "sm90_xmma_gemm_f32f32"]) == "aten depthwise"
     assert pair_library(["sm90_xmma_fprop_implicit_gemm_indexed_f16f16"]) == "cudnn"
+    assert pair_library(["conv2d_c1_k1_nhwc_specialized", "nvjet_sm90_tst_32x384"]) == "cudnn"
     assert pair_library(["elementwise_kernel"]) == "other"
 
 
@@ -143,3 +147,21 @@ def test_gradient_check_tolerates_an_activation_kink_flip_not_a_wrong_row():
     wrong_row[:, :, -1] = 0  # a band's last row lost
     with pytest.raises(AssertionError, match="relative L2 error"):
         check_agree([wrong_row], [pair], "gradients", kinks=True)
+
+
+def test_gpu_run_script_dry_run(tmp_path):
+    """benchmarks/gpu_run.sh, the one command for a lent GPU machine, runs each of its
+    steps (tests, layers forward and training, networks) on CPU, tiny, and packs the
+    result files: a broken script is found here, not in a short GPU lease."""
+    out = tmp_path / "out"
+    run = subprocess.run(["bash", "benchmarks/gpu_run.sh", str(out), "--dry-run"],
+                         cwd=Path(__file__).parents[1], capture_output=True, text=True,
+                         timeout=900)
+    log = (out / "log.txt").read_text()
+    assert run.returncode == 0 and "gpu_run: all steps passed" in log, log[-3000:]
+    tests = (out / "tests.txt").read_text()
+    assert " passed" in tests and " failed" not in tests
+    with tarfile.open(out / "results.tar.gz") as tar:
+        names = {Path(n).name for n in tar.getnames()}
+    assert {"fwd_b1_float32.json", "fwdbwd_b1_float32.json", "models_b2_float32.json",
+            "fwd_b2_float32.json", "fwd_b2_float64.json"} <= names

@@ -127,11 +127,18 @@ def dot_mode(x: torch.Tensor) -> dict:
                 EMULATE_BF16=INTERPRET and x.dtype == torch.bfloat16)
 
 
+# SEPCONV_TRITON_AUTOTUNE=0 (read at import) takes the fixed block sizes: one compile per
+# kernel variant instead of one per candidate tile, for test runs and short GPU sessions.
+AUTOTUNE = os.environ.get("SEPCONV_TRITON_AUTOTUNE", "1") != "0"
+
+
 def autotuned(x: torch.Tensor) -> bool:
     """Tune block sizes by timing on a GPU, except under the interpreter (nothing to
-    time) and under torch.use_deterministic_algorithms: another block size sums in
-    another order, and a timing-based choice may differ from one process to the next."""
-    return x.is_cuda and not INTERPRET and not torch.are_deterministic_algorithms_enabled()
+    time), where SEPCONV_TRITON_AUTOTUNE=0, and under torch.use_deterministic_algorithms:
+    another block size sums in another order, and a timing-based choice may differ from
+    one process to the next."""
+    return (x.is_cuda and AUTOTUNE and not INTERPRET
+            and not torch.are_deterministic_algorithms_enabled())
 
 
 def pixel_geometry(x, dw_weight, stride, padding, dilation, Ho, Wo) -> dict:
