@@ -98,7 +98,12 @@ def depthwise_tile(x, wdw, bdw, n, hi0, wi0, p_ok, cm, cm_ok, Cm, H, W,
     row = x + n.to(tl.int64) * sxn
     col = (cm // M).to(tl.int64) * sxc
     u = tl.zeros((BLOCK_P, BLOCK_K), dtype=tl.float32)
-    for i in tl.static_range(KH):
+    # Rows in a loop, taps of a row unrolled. All KH*KW taps unrolled let the pipeliner
+    # stage every tap's gather in shared memory (7x7 float32: 430 KB, over any GPU's
+    # limit; 7x7 bfloat16: 215 KB, one block per SM) and kept their addresses live
+    # (a 1.8 KB stack in triton 3.6). A loop over rows: 12-24 KB, and no stack in bf16
+    # channels_last (benchmarks/triton_fit.py).
+    for i in range(KH):
         hi = hi0 + i * dh
         h_ok = p_ok & (hi >= 0) & (hi < H)
         for j in tl.static_range(KW):

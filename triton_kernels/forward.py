@@ -66,8 +66,10 @@ def _forward(x, wdw, bdw, wpw, bpw, out, gy, P, Cm, Co, H, W, Ho, Wo,
 
 
 def _prune(configs, named_args, **kwargs):
-    """Drop tiles much wider than the layer's channel counts."""
-    co, cm = named_args["Co"], named_args["Cm"]
+    """Drop tiles much wider than the layer's channel counts. Triton passes the
+    positional arguments in named_args and the keyword ones (the launch's) in kwargs."""
+    args = {**named_args, **kwargs}
+    co, cm = args["Co"], args["Cm"]
     keep = [c for c in configs if c.kwargs["BLOCK_CO"] <= max(32, triton.next_power_of_2(co))
             and c.kwargs["BLOCK_K"] <= max(16, triton.next_power_of_2(cm))]
     return keep or configs[:1]

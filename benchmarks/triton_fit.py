@@ -1,0 +1,197 @@
+"""Do the Triton kernels fit the GPU? Compiled here, no GPU needed.
+
+    python -m benchmarks.triton_fit [--target 90 80] [--quick] [--out DIR]
+
+Every launch of the forward and backward kernels is made as sepconv makes it, for a set
+of benchmark layers (both layouts, float16 / bfloat16 / float32, the fixed block sizes
+and every autotune config of the forward), but on CPU tensors against a stand-in driver
+that names an sm_90a (H100/H200) or sm_80 (A100) target: Triton's launcher specialises
+the arguments (ints equal to 1, multiples of 16) as on the GPU and compiles the kernel
+without launching it. cuobjdump then reads registers and the stack frame (local memory:
+spills) off the cubin, and the compiler's metadata the shared memory.
+
+Writes a table per target to DIR (default benchmarks/results/triton-fit/) and exits 1
+where a kernel fails to compile or needs more shared memory than the target has.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+os.environ.pop("TRITON_INTERPRET", None)  # compile for the GPU, not the interpreter
+os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+
+import torch  # noqa: E402
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.runtime import driver  # noqa: E402
+from triton.runtime.autotuner import Autotuner  # noqa: E402
+from triton.runtime.jit import JITFunction  # noqa: E402
+
+import sepconv  # noqa: E402
+from benchmarks.shapes import Layer  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+# Shared memory a block may use (the opt-in maximum): H100/H200 227 KiB, A100 163 KiB.
+SHARED_LIMIT = {90: 232448, 80: 166912}
+LAYERS = [Layer(144, 56, 24, 1), Layer(512, 14, 512, 1), Layer(64, 112, 128, 2),
+          Layer(960, 7, 160, 1), Layer(192, 28, 768, 1, kernel=7)]
+QUICK_LAYERS = [LAYERS[1], LAYERS[4]]
+DTYPES = [torch.bfloat16, torch.float16, torch.float32]
+FORMATS = {"nchw": torch.contiguous_format, "channels_last": torch.channels_last}
+
+
+class _Target:
+    """A stand-in for Triton's CUDA driver: one target, no device. The device id is the
+    compute capability, so that each target keeps its own kernel cache."""
+
+    def __init__(self, cc: int):
+        self.cc = cc
+
+    def get_current_device(self):
+        return self.cc
+
+    def get_current_stream(self, device=None):
+        return 0
+
+    def get_current_target(self):
+        return GPUTarget("cuda", self.cc, 32)
+
+    def get_active_torch_device(self):
+        return torch.device("cpu")
+
+    def get_device_interface(self):
+        return torch.cuda
+
+
+_compiled: list[tuple[str, dict, object]] = []
+
+
+def _record(jit_run):
+    """JITFunction.run, compiling only: each new kernel recorded with its arguments."""
+    def run(self, *args, grid, warmup, **kwargs):
+        kernel = jit_run(self, *args, grid=grid, warmup=True, **kwargs)
+        if kernel is not None and all(k is not kernel for _, _, k in _compiled):
+            name = self.fn.__name__ + (" (GRAD)" if kwargs.get("GRAD") else "")
+            _compiled.append((name, kwargs, kernel))
+        return kernel
+    return run
+
+
+def _every_config(self, *args, grid, warmup, **kwargs):
+    """Autotuner.run, compiling every config the pruning keeps instead of timing them."""
+    self.nargs = dict(zip(self.arg_names, args))
+    for config in self.prune_configs(kwargs):
+        self.fn.run(*args, grid=grid, warmup=True, **kwargs, **config.all_kwargs())
+
+
+def resources(kernel) -> dict:
+    cubin = Path(os.environ.get("TMPDIR", "/tmp")) / f"sepconv_fit_{os.getpid()}.cubin"
+    cubin.write_bytes(kernel.asm["cubin"])
+    tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    out = subprocess.run([str(tool), "-res-usage", str(cubin)], capture_output=True,
+                         text=True, check=True).stdout
+    cubin.unlink()
+    m = re.search(r"REG:(\d+) STACK:(\d+)", out)
+    return dict(registers=int(m[1]), stack=int(m[2]), shared=kernel.metadata.shared,
+                warps=kernel.metadata.num_warps, stages=kernel.metadata.num_stages)
+
+
+def compile_layer(layer: Layer, dtype, fmt, autotune: bool) -> None:
+    """The launches of one layer's forward and backward (every gradient)."""
+    from sepconv.triton_kernels import _common
+
+    from sepconv import _triton
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, layer.c_in, layer.hw, layer.hw, generator=g).to(dtype) \
+        .contiguous(memory_format=fmt)
+    k = layer.kernel
+    dw = torch.randn(layer.c_in, 1, k, k, generator=g).to(dtype)
+    pw = torch.randn(layer.c_out, layer.c_in, 1, 1, generator=g).to(dtype)
+    b = torch.randn(layer.c_out, generator=g).to(dtype)
+    bd = torch.randn(layer.c_in, generator=g).to(dtype)
+    s, p = (layer.stride,) * 2, (k // 2,) * 4
+    _common.autotuned = lambda t: autotune  # the launch's own choice, forced
+    for mod in ("forward", "backward"):
+        sys.modules[f"sepconv.triton_kernels.{mod}"].autotuned = _common.autotuned
+    y = _triton.forward(x, dw, pw, bd, b, s, p, (1, 1), "relu", "relu6")
+    _triton.backward(torch.randn(y.shape, generator=g).to(dtype).contiguous(memory_format=fmt),
+                     x, dw, pw, bd, b, s, p, (1, 1), "relu", "relu6", (True,) * 5)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.triton_fit",
+                                 description=__doc__.split("\n")[0])
+    ap.add_argument("--target", type=int, nargs="+", choices=sorted(SHARED_LIMIT),
+                    default=[90, 80])
+    ap.add_argument("--quick", action="store_true",
+                    help="two layers, bfloat16 and float32, the fixed block sizes (and the "
+                    "autotune configs of one case): for CI")
+    ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "triton-fit")
+    args = ap.parse_args(argv)
+    sepconv.triton_kernels = __import__("sepconv.triton_kernels", fromlist=["forward"])
+    JITFunction.run = _record(JITFunction.run)
+    Autotuner.run = _every_config
+    layers = QUICK_LAYERS if args.quick else LAYERS
+    dtypes = [torch.bfloat16, torch.float32] if args.quick else DTYPES
+    rows, errors = [], []
+    t0 = time.time()
+    for cc in args.target:
+        driver.set_active(_Target(cc))
+        for layer in layers:
+            for fmt_name, fmt in FORMATS.items():
+                for dtype in dtypes:
+                    # --quick: the autotune configs for one case (the launch path)
+                    tune = not args.quick or (layer is layers[0] and dtype == torch.bfloat16
+                                              and fmt_name == "channels_last")
+                    for autotune in (False, True) if tune else (False,):
+                        before = len(_compiled)
+                        case = f"{layer.name()} {fmt_name} {str(dtype)[6:]}"
+                        try:
+                            compile_layer(layer, dtype, fmt, autotune)
+                        except Exception as exc:  # noqa: BLE001 - reported, then fails the run
+                            errors.append(f"sm_{cc} {case}: {type(exc).__name__}: {exc}")
+                            continue
+                        for name, kw, kernel in _compiled[before:]:
+                            blocks = "x".join(str(v) for key, v in kw.items()
+                                              if key.startswith("BLOCK_"))
+                            rows.append(dict(target=cc, case=case, kernel=name, blocks=blocks,
+                                             tuned=autotune, **resources(kernel)))
+    args.out.mkdir(parents=True, exist_ok=True)
+    for cc in args.target:
+        mine = [r for r in rows if r["target"] == cc]
+        over = [r for r in mine if r["shared"] > SHARED_LIMIT[cc]]
+        errors += [f"sm_{cc} {r['case']} {r['kernel']} {r['blocks']}: shared memory "
+                   f"{r['shared']} > {SHARED_LIMIT[cc]}" for r in over]
+        spills = [r for r in mine if r["stack"]]
+        lines = [f"# Triton kernels on sm_{cc}{'a' if cc == 90 else ''}: triton "
+                 f"{triton.__version__}{' (--quick)' if args.quick else ''}", "",
+                 f"{len(mine)} kernels compiled; {len(spills)} with a stack frame (local "
+                 f"memory: spills); {len(over)} over the shared-memory limit "
+                 f"({SHARED_LIMIT[cc]} bytes).", "",
+                 "| layer, layout, dtype | kernel | blocks | autotune config | warps | "
+                 "stages | registers | stack bytes | shared bytes |",
+                 "|---|---|---|---|---|---|---|---|---|"]
+        lines += [f"| {r['case']} | {r['kernel']} | {r['blocks']} | "
+                  f"{'yes' if r['tuned'] else 'fixed'} | {r['warps']} | {r['stages']} | "
+                  f"{r['registers']} | {r['stack']} | {r['shared']} |" for r in mine]
+        path = args.out / f"sm{cc}_triton{triton.__version__}{'_quick' if args.quick else ''}.md"
+        path.write_text("\n".join(lines) + "\n")
+        print(f"sm_{cc}: {len(mine)} kernels, {len(spills)} with a stack frame (max "
+              f"{max((r['stack'] for r in mine), default=0)} B), max registers "
+              f"{max((r['registers'] for r in mine), default=0)}, max shared "
+              f"{max((r['shared'] for r in mine), default=0)} B -> {path}")
+    print(f"{len(rows)} kernels in {time.time() - t0:.0f} s")
+    for e in errors:
+        print("ERROR", e, file=sys.stderr)
+    return 1 if errors else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
