@@ -125,6 +125,12 @@ def compile_layer(layer: Layer, dtype, fmt, autotune: bool) -> None:
                      x, dw, pw, bd, b, s, p, (1, 1), "relu", "relu6", (True,) * 5)
 
 
+def _commit() -> str:
+    run = subprocess.run(["git", "describe", "--always", "--dirty"], cwd=REPO,
+                         capture_output=True, text=True)
+    return run.stdout.strip() or "(not a git checkout)"
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.triton_fit",
                                  description=__doc__.split("\n")[0])
@@ -172,6 +178,8 @@ def main(argv: list[str] | None = None) -> int:
         spills = [r for r in mine if r["stack"]]
         lines = [f"# Triton kernels on sm_{cc}{'a' if cc == 90 else ''}: triton "
                  f"{triton.__version__}{' (--quick)' if args.quick else ''}", "",
+                 f"`python -m benchmarks.triton_fit {' '.join(argv or sys.argv[1:])}` at "
+                 f"sepconv {_commit()}", "",
                  f"{len(mine)} kernels compiled; {len(spills)} with a stack frame (local "
                  f"memory: spills); {len(over)} over the shared-memory limit "
                  f"({SHARED_LIMIT[cc]} bytes).", "",
