@@ -138,7 +138,7 @@ def _input(gu, wdw, gx, Q, C, Cm, H, W, Ho, Wo, sgn, sgc, sgh, sgw, sh, sw, pt, 
     c_ok, q_ok = c < C, q < Q
     n, hi, wi = pixels(q, H, W)
     acc = tl.zeros((BLOCK_P, BLOCK_C), dtype=tl.float32)
-    for i in tl.static_range(KH):
+    for i in range(KH):  # rows in a loop, as in depthwise_tile
         hs = hi + pt - i * dh  # = ho * sh for the output row that reads hi at tap i
         ho = tl.maximum(hs, 0) // sh
         h_ok = q_ok & (hs >= 0) & (ho * sh == hs) & (ho < Ho)
