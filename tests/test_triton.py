@@ -42,6 +42,19 @@ def test_float16(case, layout):
                          s, p, d, "silu", "relu6", layout=LAYOUTS[layout])
 
 
+@pytest.mark.skipif(TRITON_DEVICE != "cuda", reason="GPU only: the interpreter does not "
+                    "autotune (benchmarks.triton_fit compiles the autotune configs here)")
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_autotuned_launch(monkeypatch, layout):
+    """The default GPU path: block sizes chosen by timing (the other GPU tests may run
+    with SEPCONV_TRITON_AUTOTUNE=0, to compile each variant once)."""
+    from sepconv.triton_kernels import _common
+    monkeypatch.setattr(_common, "AUTOTUNE", True)
+    N, C, H, W, m, Co, k, s, p, d = CASES["wide"]
+    check_against_oracle(dict(dtype=torch.bfloat16, **DEVICE), make_inputs(N, C, H, W, m, Co, k),
+                         s, p, d, "relu", "relu6", layout=LAYOUTS[layout])
+
+
 def _grads(x, dw, pw, b, bd):
     y = sepconv.separable_conv2d(x, dw, pw, b, 2, 1, depthwise_bias=bd, mid_activation="relu",
                                  activation="silu")
