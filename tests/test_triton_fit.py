@@ -1,7 +1,10 @@
 """The Triton kernels compile for the GPUs they target (sm_90a, sm_80) and fit their
-shared memory: benchmarks/triton_fit.py, run here without a GPU (its --quick subset)."""
+shared memory: benchmarks/triton_fit.py, run here without a GPU (its --quick subset),
+with the installed triton and with each one under SEPCONV_TRITON_FIT_PATHS (CI adds 3.6,
+the GPU machines' version: os.pathsep-separated folders holding a triton package)."""
 
 import importlib.util
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -12,14 +15,27 @@ pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None,
                                 reason="triton is not installed")
 
 
-def test_kernels_compile_and_fit_shared_memory(tmp_path):
+OTHER_TRITONS = [p for p in os.environ.get("SEPCONV_TRITON_FIT_PATHS", "").split(os.pathsep)
+                 if p]
+
+
+@pytest.mark.parametrize("triton_path", [None] + OTHER_TRITONS)
+def test_kernels_compile_and_fit_shared_memory(tmp_path, triton_path):
     # a subprocess: the check swaps Triton's driver and launcher for compile-only ones
+    env = dict(os.environ)
+    if triton_path:
+        assert (Path(triton_path) / "triton").is_dir(), triton_path
+        env["PYTHONPATH"] = os.pathsep.join([triton_path, env.get("PYTHONPATH", "")])
     run = subprocess.run([sys.executable, "-m", "benchmarks.triton_fit", "--quick", "--out",
                           str(tmp_path)], cwd=Path(__file__).parents[1], capture_output=True,
-                         text=True, timeout=1200)
+                         text=True, timeout=1200, env=env)
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-4000:]
+    version = "*"
+    if triton_path:  # the tables must come from that triton, not the installed one
+        version = next(Path(triton_path).glob("triton-*.dist-info")).name.split("-")[1] \
+            .removesuffix(".dist")
     for cc in (90, 80):
-        table = next(tmp_path.glob(f"sm{cc}_triton*_quick.md")).read_text()
+        table = next(tmp_path.glob(f"sm{cc}_triton{version}_quick.md")).read_text()
         for kernel in ("_forward", "_forward (GRAD)", "_mid", "_pw_weight", "_dw_weight",
                        "_input"):
             assert f"| {kernel} |" in table
