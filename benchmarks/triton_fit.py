@@ -40,6 +40,16 @@ from benchmarks.shapes import Layer  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
 # Shared memory a block may use (the opt-in maximum): H100/H200 227 KiB, A100 163 KiB.
 SHARED_LIMIT = {90: 232448, 80: 166912}
+SHARED_PER_SM = {90: 233472, 80: 167936}  # 228 / 164 KiB, 1 KiB of it reserved per block
+
+
+def blocks_per_sm(r: dict, cc: int) -> int:
+    """Resident blocks per SM (occupancy), as the CUDA occupancy calculator counts:
+    65536 registers (allocated per warp in 256s), 64 warps, 32 blocks, shared memory."""
+    regs_per_warp = -(-r["registers"] * 32 // 256) * 256
+    by_regs = 65536 // (regs_per_warp * r["warps"])
+    by_shared = SHARED_PER_SM[cc] // (r["shared"] + 1024)
+    return min(by_regs, by_shared, 64 // r["warps"], 32)
 LAYERS = [Layer(144, 56, 24, 1), Layer(512, 14, 512, 1), Layer(64, 112, 128, 2),
           Layer(960, 7, 160, 1), Layer(192, 28, 768, 1, kernel=7)]
 QUICK_LAYERS = [LAYERS[1], LAYERS[4]]
@@ -183,12 +193,15 @@ def main(argv: list[str] | None = None) -> int:
                  f"{len(mine)} kernels compiled; {len(spills)} with a stack frame (local "
                  f"memory: spills); {len(over)} over the shared-memory limit "
                  f"({SHARED_LIMIT[cc]} bytes).", "",
+                 "Blocks/SM: resident blocks per multiprocessor (registers, shared memory, "
+                 "warps), the occupancy the kernel can reach.", "",
                  "| layer, layout, dtype | kernel | blocks | autotune config | warps | "
-                 "stages | registers | stack bytes | shared bytes |",
-                 "|---|---|---|---|---|---|---|---|---|"]
+                 "stages | registers | stack bytes | shared bytes | blocks/SM |",
+                 "|---|---|---|---|---|---|---|---|---|---|"]
         lines += [f"| {r['case']} | {r['kernel']} | {r['blocks']} | "
                   f"{'yes' if r['tuned'] else 'fixed'} | {r['warps']} | {r['stages']} | "
-                  f"{r['registers']} | {r['stack']} | {r['shared']} |" for r in mine]
+                  f"{r['registers']} | {r['stack']} | {r['shared']} | "
+                  f"{blocks_per_sm(r, cc)} |" for r in mine]
         path = args.out / f"sm{cc}_triton{triton.__version__}{'_quick' if args.quick else ''}.md"
         path.write_text("\n".join(lines) + "\n")
         print(f"sm_{cc}: {len(mine)} kernels, {len(spills)} with a stack frame (max "
