@@ -23,7 +23,7 @@ from tqdm import tqdm
 from benchmarks import report
 from benchmarks.layers import FORMATS, run_layer
 from benchmarks.machine import REPO, describe, machine_name, measure_peaks, set_allocator
-from benchmarks.models import EXTRA_MODELS, MODELS, run_model
+from benchmarks.models import ALL_MODELS, MODELS, run_model
 from benchmarks.shapes import SUITES
 
 DEFAULT_SUITES = ["mobilenet_v1", "mobilenet_v2", "xception", "convnext", "models"]
@@ -37,7 +37,7 @@ def _parse(argv):
     p.add_argument("--suite", nargs="+", choices=sorted(SUITES) + ["models"],
                    default=DEFAULT_SUITES)
     p.add_argument("--batch", type=int, help="layer batch (default 1 on CPU, 32 on GPU)")
-    p.add_argument("--model", nargs="+", choices=sorted(MODELS | EXTRA_MODELS),
+    p.add_argument("--model", nargs="+", choices=sorted(ALL_MODELS),
                    default=list(MODELS), help="the networks of the models suite (default: "
                    "the zoo's; torchvision's where torchvision is installed)")
     p.add_argument("--model-batch", type=int,

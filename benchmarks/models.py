@@ -26,6 +26,7 @@ try:
     EXTRA_MODELS = {"torchvision_mobilenet_v2": torchvision.models.mobilenet_v2}
 except ImportError:
     pass
+ALL_MODELS = MODELS | EXTRA_MODELS
 
 
 def fold_conv_bn(model: nn.Module) -> nn.Module:
@@ -75,7 +76,7 @@ def run_model(name: str, device: str, dtype, fmt: torch.memory_format, batch: in
     step (batch ``batch``) and activation memory of the BN-folded nn.Conv2d network and
     of ``sepconv.fuse`` of it."""
     torch.manual_seed(0)
-    given = (MODELS | EXTRA_MODELS)[name]().eval().to(device=device, dtype=dtype, memory_format=fmt)
+    given = ALL_MODELS[name]().eval().to(device=device, dtype=dtype, memory_format=fmt)
     pair = fold_conv_bn(copy.deepcopy(given))
     ours, fused = sepconv.fuse(given)
     ours = fold_conv_bn(ours)

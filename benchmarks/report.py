@@ -43,14 +43,17 @@ def layer_table(suite: str, rows: list[dict], formats: list[str]) -> str:
     libraries = pair_libraries(rows, formats)
     if libraries:
         lines.append(libraries)
-    if f"sepconv_{formats[0]}_kernel_s" in rows[0]:
-        lines.append(kernel_times(rows, formats))
+    times = kernel_times(rows, formats)
+    if times:
+        lines.append(times)
     return "\n".join(lines)
 
 
-def kernel_times(rows: list[dict], formats: list[str]) -> str:
+def kernel_times(rows: list[dict], formats: list[str]) -> str | None:
     """On CUDA: the summed GPU kernel time of a call (profiler), the host's launch
     overhead left out, per format: pair / sepconv ms and the ratio."""
+    if f"sepconv_{formats[0]}_kernel_s" not in rows[0]:
+        return None
     cells = []
     for f in formats:
         pair, ours = (sum(r[f"{v}_{f}_kernel_s"] for r in rows) for v in ("pytorch", "sepconv"))
@@ -162,8 +165,8 @@ def write_markdown(path: Path, result: dict, plots: list[str]) -> None:
                 + f" | {suite_speedup(rows, formats):.2f} | | |"]
         libraries = pair_libraries(rows, formats)
         out += ["", libraries, ""] if libraries else [""]
-        if f"sepconv_{formats[0]}_kernel_s" in rows[0]:
-            out += [kernel_times(rows, formats), ""]
+        times = kernel_times(rows, formats)
+        out += [times, ""] if times else []
     if result["models"]:
         out += ["## Whole networks", "",
                 "As given (eval, batch norms as modules); then the same network with every "

@@ -29,13 +29,14 @@ os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
 
 import torch  # noqa: E402
 import triton  # noqa: E402
+from sepconv.triton_kernels import forward  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.runtime import driver  # noqa: E402
 from triton.runtime.autotuner import Autotuner  # noqa: E402
 from triton.runtime.jit import JITFunction  # noqa: E402
 
-import sepconv  # noqa: E402
 from benchmarks.shapes import Layer  # noqa: E402
+from sepconv import _triton  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 # Shared memory a block may use (the opt-in maximum): H100/H200 227 KiB, A100 163 KiB.
@@ -81,13 +82,15 @@ class _Target:
 
 
 _compiled: list[tuple[str, dict, object]] = []
+_seen: set[int] = set()  # ids of the kernels in _compiled (a cache hit returns the same one)
 
 
 def _record(jit_run):
     """JITFunction.run, compiling only: each new kernel recorded with its arguments."""
     def run(self, *args, grid, warmup, **kwargs):
         kernel = jit_run(self, *args, grid=grid, warmup=True, **kwargs)
-        if kernel is not None and all(k is not kernel for _, _, k in _compiled):
+        if kernel is not None and id(kernel) not in _seen:
+            _seen.add(id(kernel))
             name = self.fn.__name__ + (" (GRAD)" if kwargs.get("GRAD") else "")
             _compiled.append((name, kwargs, kernel))
         return kernel
@@ -115,9 +118,6 @@ def resources(kernel) -> dict:
 
 def compile_layer(layer: Layer, dtype, fmt, autotune: bool) -> None:
     """The launches of one layer's forward and backward (every gradient)."""
-    from sepconv.triton_kernels import _common
-
-    from sepconv import _triton
     g = torch.Generator().manual_seed(0)
     x = torch.randn(2, layer.c_in, layer.hw, layer.hw, generator=g).to(dtype) \
         .contiguous(memory_format=fmt)
@@ -127,9 +127,8 @@ def compile_layer(layer: Layer, dtype, fmt, autotune: bool) -> None:
     b = torch.randn(layer.c_out, generator=g).to(dtype)
     bd = torch.randn(layer.c_in, generator=g).to(dtype)
     s, p = (layer.stride,) * 2, (k // 2,) * 4
-    _common.autotuned = lambda t: autotune  # the launch's own choice, forced
-    for mod in ("forward", "backward"):
-        sys.modules[f"sepconv.triton_kernels.{mod}"].autotuned = _common.autotuned
+    # the forward launch's own choice, forced: on CPU tensors it would always say no
+    forward.autotuned = lambda t: autotune
     y = _triton.forward(x, dw, pw, bd, b, s, p, (1, 1), "relu", "relu6")
     _triton.backward(torch.randn(y.shape, generator=g).to(dtype).contiguous(memory_format=fmt),
                      x, dw, pw, bd, b, s, p, (1, 1), "relu", "relu6", (True,) * 5)
@@ -151,7 +150,6 @@ def main(argv: list[str] | None = None) -> int:
                     "autotune configs of one case): for CI")
     ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "triton-fit")
     args = ap.parse_args(argv)
-    sepconv.triton_kernels = __import__("sepconv.triton_kernels", fromlist=["forward"])
     JITFunction.run = _record(JITFunction.run)
     Autotuner.run = _every_config
     layers = QUICK_LAYERS if args.quick else LAYERS

@@ -77,9 +77,9 @@ def _prune(configs, named_args, **kwargs):
 
 # Candidates that compile without a stack frame (spills) in 16-bit channels_last on
 # sm_90a for the benchmark layers, 3x3 and 7x7 (benchmarks/results/triton-fit/ as of
-# commit fca3e76, triton 3.6; on sm_80 three keep 8-160 bytes). Dropped for spilling there: 128x32x64 (2.7-6.7
-# KB of stack on every layer), 128x256x32, 128x128x64, 128x64x32, 128x32x32, 256x32x32,
-# 64x64x64. NCHW still spills in most (see benchmarks/NOTES.md).
+# commit fca3e76, triton 3.6; on sm_80 three keep 8-160 bytes). Dropped for spilling
+# there: 128x32x64 (2.7-6.7 KB of stack on every layer), 128x256x32, 128x128x64,
+# 128x64x32, 128x32x32, 256x32x32, 64x64x64. NCHW still spills in most (NOTES.md).
 _CONFIGS = [
     triton.Config(dict(BLOCK_P=bp, BLOCK_CO=bco, BLOCK_K=bk), num_warps=warps, num_stages=stages)
     for bp, bco, bk, warps, stages in [
