@@ -51,6 +51,11 @@ def rank_main(rank: int, out: str) -> None:
     if rank == 0:
         torch.save(model.module.state_dict(), f"{out}/ddp.pt")
     dist.destroy_process_group()
+    # torch 2.13's gloo backend aborts ("terminate called without an active exception")
+    # in about 1 exit in 5 after a clean destroy_process_group, with plain nn.Conv2d
+    # models too (measured: 5 of 20 runs). The work is done and saved: leave without
+    # running the C++ static destructors.
+    os._exit(0)
 
 
 class PerHalf(nn.Module):
