@@ -1,6 +1,6 @@
 """Do the Triton kernels fit the GPU? Compiled here, no GPU needed.
 
-    python -m benchmarks.triton_fit [--target 90 80] [--quick] [--out DIR]
+    python -m benchmarks.triton_fit [--target 90 80] [--quick] [--max-stack BYTES] [--out DIR]
 
 Every launch of the forward and backward kernels is made as sepconv makes it, for a set
 of benchmark layers (both layouts, float16 / bfloat16 / float32, the fixed block sizes
@@ -11,7 +11,8 @@ without launching it. cuobjdump then reads registers and the stack frame (local 
 spills) off the cubin, and the compiler's metadata the shared memory.
 
 Writes a table per target to DIR (default benchmarks/results/triton-fit/) and exits 1
-where a kernel fails to compile or needs more shared memory than the target has.
+where a kernel fails to compile, needs more shared memory than the target has, or (with
+--max-stack) keeps a stack frame over that many bytes.
 """
 
 from __future__ import annotations
@@ -148,6 +149,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true",
                     help="two layers, bfloat16 and float32, the fixed block sizes (and the "
                     "autotune configs of one case): for CI")
+    ap.add_argument("--max-stack", type=int, default=None, metavar="BYTES",
+                    help="fail where a kernel's stack frame (spills) is larger")
     ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "triton-fit")
     args = ap.parse_args(argv)
     JITFunction.run = _record(JITFunction.run)
@@ -184,6 +187,10 @@ def main(argv: list[str] | None = None) -> int:
         errors += [f"sm_{cc} {r['case']} {r['kernel']} {r['blocks']}: shared memory "
                    f"{r['shared']} > {SHARED_LIMIT[cc]}" for r in over]
         spills = [r for r in mine if r["stack"]]
+        if args.max_stack is not None:
+            errors += [f"sm_{cc} {r['case']} {r['kernel']} {r['blocks']}: stack frame "
+                       f"{r['stack']} B > {args.max_stack}" for r in spills
+                       if r["stack"] > args.max_stack]
         lines = [f"# Triton kernels on sm_{cc}{'a' if cc == 90 else ''}: triton "
                  f"{triton.__version__}{' (--quick)' if args.quick else ''}", "",
                  f"`python -m benchmarks.triton_fit {' '.join(argv or sys.argv[1:])}` at "

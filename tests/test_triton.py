@@ -55,6 +55,21 @@ def test_autotuned_launch(monkeypatch, layout):
                          s, p, d, "relu", "relu6", layout=LAYOUTS[layout])
 
 
+@pytest.mark.skipif(TRITON_DEVICE == "cuda", reason="a GPU runs these blocks in every test")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_gpu_block_sizes_in_the_interpreter(monkeypatch, dtype, layout):
+    """The interpreter's tests use small blocks; the fixed blocks a GPU takes (float32's
+    narrower ones for its FMA dot, _mid's 32 mid channels) are checked here, on a layer
+    that spans several of them in pixels, mid and output channels."""
+    from sepconv.triton_kernels import backward, forward
+    monkeypatch.setattr(forward, "INTERPRET", False)
+    monkeypatch.setattr(backward, "INTERPRET", False)
+    assert forward._fixed_config(70, "ieee")["BLOCK_CO"] == 64
+    check_against_oracle(dict(dtype=dtype, **DEVICE), make_inputs(2, 40, 9, 9, 1, 70, 3), 1, 1, 1,
+                         "relu", "silu", layout=LAYOUTS[layout])
+
+
 def _grads(x, dw, pw, b, bd):
     y = sepconv.separable_conv2d(x, dw, pw, b, 2, 1, depthwise_bias=bd, mid_activation="relu",
                                  activation="silu")

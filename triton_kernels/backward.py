@@ -170,6 +170,15 @@ def _blocks() -> dict:
     return dict(P=64, C=64, WARPS=4)
 
 
+def _mid_blocks(bco: int, bk: int, mode: dict) -> tuple[int, int]:
+    """_mid's output channels per step of its dot (K) and mid channels per program. It
+    holds the depthwise tile, the dot's operands and its accumulator at once: with 64
+    mid channels sm_90a spilled 1232 bytes in 16-bit NCHW 7x7 and 240-1520 in float32
+    (triton 3.6); 32 mid channels, and for float32's FMA dot 32 output channels a step,
+    leave 0-16 (python -m benchmarks.triton_fit)."""
+    return (min(bco, 32) if mode["PRECISION"] == "ieee" else bco), min(bk, 32)
+
+
 def _splits(x: torch.Tensor, programs: int, p_blocks: int, partial_size: int) -> int:
     """How many pixel chunks a weight reduction is split into: enough programs to
     fill the GPU, at most 2^24 partial elements (64 MiB)."""
@@ -213,12 +222,14 @@ def launch(grad_y, x, dw_weight, pw_weight, dw_bias, pw_bias, stride, padding, d
     gu = torch.empty((P, Cm), dtype=x.dtype, device=x.device) if need_gu else None
     mid = torch.empty((P, Cm), dtype=x.dtype, device=x.device) if need_pw else None
     if need_gu or need_pw:
-        grid = (triton.cdiv(P, b["P"]) * triton.cdiv(Cm, bk),)
+        bco_mid, bk_mid = _mid_blocks(bco, bk, mode)
+        grid = (triton.cdiv(P, b["P"]) * triton.cdiv(Cm, bk_mid),)
         _mid[grid](x, wdw, wdw if dw_bias is None else dw_bias.contiguous(), wpw, gz,
                    gu if need_gu else wpw, mid if need_pw else wpw, P, Cm, Co, **geom,
                    **_strides(gz, "sg"), ACT1=ACTIVATIONS.index(mid_activation),
                    HAS_BDW=dw_bias is not None, STORE_GU=need_gu, STORE_MID=need_pw, **mode,
-                   BLOCK_P=b["P"], BLOCK_CO=bco, BLOCK_K=bk, num_warps=b["WARPS"])
+                   BLOCK_P=b["P"], BLOCK_CO=bco_mid, BLOCK_K=bk_mid,
+                   num_warps=b["WARPS"])
 
     gdw = gpw = None
     p_blocks = triton.cdiv(P, b["P"])

@@ -65,13 +65,26 @@ def _forward(x, wdw, bdw, wpw, bpw, out, gy, P, Cm, Co, H, W, Ho, Wo,
     tl.store(out + offs, cast(res, out.dtype.element_ty, EMULATE_BF16), mask=mask)
 
 
+def _fits_fma_dot(bp: int, bco: int, bk: int, warps: int) -> bool:
+    """Whether a float32 "ieee" dot (torch's default, allow_tf32 off), which Triton
+    builds from FMAs with both operands and the accumulator spread over the threads'
+    registers, fits them: at most 96 such values a thread. Over it, sm_90a gets a
+    5-6 KB stack (32 registers and the operands in local memory) for 64x128x32,
+    64x256x32 and 32x128x64; at or under it none, or 8-24 bytes in NCHW (triton 3.6,
+    benchmarks/results/triton-fit/ at ec315e6)."""
+    return ((bp + bco) * bk + bp * bco) <= 96 * 32 * warps
+
+
 def _prune(configs, named_args, **kwargs):
-    """Drop tiles much wider than the layer's channel counts. Triton passes the
-    positional arguments in named_args and the keyword ones (the launch's) in kwargs."""
+    """Drop tiles much wider than the layer's channel counts, and for float32's FMA dot
+    those that spill (_fits_fma_dot). Triton passes the positional arguments in
+    named_args and the keyword ones (the launch's) in kwargs."""
     args = {**named_args, **kwargs}
-    co, cm = args["Co"], args["Cm"]
+    co, cm, ieee = args["Co"], args["Cm"], args["PRECISION"] == "ieee"
     keep = [c for c in configs if c.kwargs["BLOCK_CO"] <= max(32, triton.next_power_of_2(co))
-            and c.kwargs["BLOCK_K"] <= max(16, triton.next_power_of_2(cm))]
+            and c.kwargs["BLOCK_K"] <= max(16, triton.next_power_of_2(cm))
+            and (not ieee or _fits_fma_dot(c.kwargs["BLOCK_P"], c.kwargs["BLOCK_CO"],
+                                           c.kwargs["BLOCK_K"], c.num_warps))]
     return keep or configs[:1]
 
 
@@ -93,10 +106,11 @@ _forward_tuned = triton.autotune(
     prune_configs_by=dict(early_config_prune=_prune))(_forward)
 
 
-def _fixed_config(Co: int) -> dict:
+def _fixed_config(Co: int, precision: str) -> dict:
     if INTERPRET:  # small tiles, so that small test shapes span several blocks
         return dict(BLOCK_P=64, BLOCK_CO=16, BLOCK_K=16)
-    return dict(BLOCK_P=64, BLOCK_CO=min(128, max(32, triton.next_power_of_2(Co))), BLOCK_K=32,
+    widest = 64 if precision == "ieee" else 128  # _fits_fma_dot: 64x128x32 spills there
+    return dict(BLOCK_P=64, BLOCK_CO=min(widest, max(32, triton.next_power_of_2(Co))), BLOCK_K=32,
                 num_warps=4, num_stages=2)
 
 
@@ -124,7 +138,7 @@ def launch(x, dw_weight, pw_weight, dw_bias, pw_bias, stride, padding, dilation,
         grid = lambda meta: (triton.cdiv(P, meta["BLOCK_P"]) * triton.cdiv(Co, meta["BLOCK_CO"]),)  # noqa: E731
         _forward_tuned[grid](*tensors, **args)
     else:
-        cfg = _fixed_config(Co)
+        cfg = _fixed_config(Co, args["PRECISION"])
         grid = (triton.cdiv(P, cfg["BLOCK_P"]) * triton.cdiv(Co, cfg["BLOCK_CO"]),)
         _forward[grid](*tensors, **args, **cfg)
     return out
