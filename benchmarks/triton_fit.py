@@ -92,7 +92,8 @@ def _record(jit_run):
         kernel = jit_run(self, *args, grid=grid, warmup=True, **kwargs)
         if kernel is not None and id(kernel) not in _seen:
             _seen.add(id(kernel))
-            name = self.fn.__name__ + (" (GRAD)" if kwargs.get("GRAD") else "")
+            name = self.fn.__name__ + (" (GRAD)" if kwargs.get("GRAD") else "") \
+                + (" (GEMM)" if kwargs.get("DEPTHWISE") is False else "")
             _compiled.append((name, kwargs, kernel))
         return kernel
     return run

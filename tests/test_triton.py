@@ -70,6 +70,28 @@ def test_gpu_block_sizes_in_the_interpreter(monkeypatch, dtype, layout):
                          "relu", "silu", layout=LAYOUTS[layout])
 
 
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_split_forward(monkeypatch, case, layout):
+    """The depthwise once into a buffer, then the pointwise GEMM over it
+    (splits_depthwise), forced on every case: forward and every gradient (silu's dL/dz
+    runs it with GRAD)."""
+    from sepconv.triton_kernels import forward
+    monkeypatch.setattr(forward, "SPLIT", "always")
+    N, C, H, W, m, Co, k, s, p, d = CASES[case]
+    check_against_oracle(dict(dtype=torch.float32, **DEVICE), make_inputs(N, C, H, W, m, Co, k),
+                         s, p, d, "relu6", "silu", layout=LAYOUTS[layout])
+
+
+def test_split_rule():
+    from sepconv.triton_kernels.forward import splits_depthwise
+    assert not splits_depthwise(128, 3, 3, "tf32")  # one column block: nothing recomputed
+    assert not splits_depthwise(256, 3, 3, "tf32")  # two 3x3 blocks: 18 taps redone
+    assert splits_depthwise(512, 3, 3, "tf32")
+    assert splits_depthwise(256, 7, 7, "tf32") and not splits_depthwise(128, 7, 7, "tf32")
+    assert splits_depthwise(256, 3, 3, "ieee")  # float32's blocks are 64 wide
+
+
 def _grads(x, dw, pw, b, bd):
     y = sepconv.separable_conv2d(x, dw, pw, b, 2, 1, depthwise_bias=bd, mid_activation="relu",
                                  activation="silu")

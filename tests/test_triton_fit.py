@@ -42,7 +42,7 @@ def test_kernels_compile_and_fit_shared_memory(tmp_path, triton_path):
             .removesuffix(".dist")
     for cc in (90, 80):
         table = next(tmp_path.glob(f"sm{cc}_triton{version}_quick.md")).read_text()
-        for kernel in ("_forward", "_forward (GRAD)", "_mid", "_pw_weight", "_dw_weight",
-                       "_input"):
+        for kernel in ("_forward", "_forward (GRAD)", "_depthwise", "_forward (GEMM)",
+                       "_forward (GRAD) (GEMM)", "_mid", "_pw_weight", "_dw_weight", "_input"):
             assert f"| {kernel} |" in table
         assert "| yes |" in table  # the autotune configs compiled too

@@ -3,9 +3,16 @@ pointwise weight -> bias, act -> store. The intermediate never reaches global me
 
 The same kernel, with GRAD set, gives the backward pass gz = grad_y * act'(z): z is
 recomputed tile by tile rather than saved, so training keeps only x.
+
+A program computes BLOCK_CO output channels, so each of the ceil(Co / BLOCK_CO) column
+blocks recomputes the depthwise tile of its pixels. Where that is many taps many times
+(splits_depthwise), the depthwise runs once into a [P, Cm] buffer (_depthwise) and the
+same kernel, with DEPTHWISE off, is the pointwise GEMM over it.
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 import triton
@@ -33,7 +40,8 @@ def _forward(x, wdw, bdw, wpw, bpw, out, gy, P, Cm, Co, H, W, Ho, Wo,
              sxn, sxc, sxh, sxw, son, soc, soh, sow, sh, sw, pt, pl, dh, dw,
              M: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
              ACT1: tl.constexpr, ACT2: tl.constexpr, HAS_BDW: tl.constexpr,
-             HAS_BPW: tl.constexpr, GRAD: tl.constexpr, PRECISION: tl.constexpr,
+             HAS_BPW: tl.constexpr, GRAD: tl.constexpr, DEPTHWISE: tl.constexpr,
+             PRECISION: tl.constexpr,
              EMULATE_BF16: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_CO: tl.constexpr,
              BLOCK_K: tl.constexpr):
     # One program: BLOCK_P output pixels x BLOCK_CO output channels.
@@ -47,9 +55,14 @@ def _forward(x, wdw, bdw, wpw, bpw, out, gy, P, Cm, Co, H, W, Ho, Wo,
     for k0 in range(0, Cm, BLOCK_K):
         cm = k0 + tl.arange(0, BLOCK_K)
         cm_ok = cm < Cm
-        u = depthwise_tile(x, wdw, bdw, n, ho * sh - pt, wo * sw - pl, p_ok, cm, cm_ok, Cm, H, W,
-                           sxn, sxc, sxh, sxw, dh, dw, M, KH, KW, HAS_BDW, BLOCK_P, BLOCK_K)
-        mid = cast(activate(u, ACT1), wpw.dtype.element_ty, EMULATE_BF16)
+        if DEPTHWISE:
+            u = depthwise_tile(x, wdw, bdw, n, ho * sh - pt, wo * sw - pl, p_ok, cm, cm_ok, Cm,
+                               H, W, sxn, sxc, sxh, sxw, dh, dw, M, KH, KW, HAS_BDW, BLOCK_P,
+                               BLOCK_K)
+            mid = cast(activate(u, ACT1), wpw.dtype.element_ty, EMULATE_BF16)
+        else:  # x is act1(dw(x) + b_dw) already, [P, Cm] (_depthwise)
+            mid = tl.load(x + p.to(tl.int64)[:, None] * Cm + cm[None, :],
+                          mask=p_ok[:, None] & cm_ok[None, :], other=0.0)
         w = tl.load(wpw + co[None, :] * Cm + cm[:, None], mask=cm_ok[:, None] & co_ok[None, :],
                     other=0.0)
         acc = dot(mid, w, acc, PRECISION, EMULATE_BF16)
@@ -63,6 +76,23 @@ def _forward(x, wdw, bdw, wpw, bpw, out, gy, P, Cm, Co, H, W, Ho, Wo,
     else:
         res = activate(acc, ACT2)
     tl.store(out + offs, cast(res, out.dtype.element_ty, EMULATE_BF16), mask=mask)
+
+
+@triton.jit(do_not_specialize=["P"])
+def _depthwise(x, wdw, bdw, mid, P, Cm, H, W, Ho, Wo, sxn, sxc, sxh, sxw, sh, sw, pt, pl, dh, dw,
+               M: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr, ACT1: tl.constexpr,
+               HAS_BDW: tl.constexpr, EMULATE_BF16: tl.constexpr, BLOCK_P: tl.constexpr,
+               BLOCK_K: tl.constexpr):
+    """mid[p, cm] = act1(dw(x) + b_dw) ([P, Cm], pixel-major) for BLOCK_P pixels x BLOCK_K
+    mid channels: the first half of a split forward."""
+    p, cm = tile(tl.program_id(0), Cm, BLOCK_P, BLOCK_K)
+    cm_ok, p_ok = cm < Cm, p < P
+    n, ho, wo = pixels(p, Ho, Wo)
+    u = depthwise_tile(x, wdw, bdw, n, ho * sh - pt, wo * sw - pl, p_ok, cm, cm_ok, Cm, H, W,
+                       sxn, sxc, sxh, sxw, dh, dw, M, KH, KW, HAS_BDW, BLOCK_P, BLOCK_K)
+    tl.store(mid + p.to(tl.int64)[:, None] * Cm + cm[None, :],
+             cast(activate(u, ACT1), mid.dtype.element_ty, EMULATE_BF16),
+             mask=p_ok[:, None] & cm_ok[None, :])
 
 
 def _fits_fma_dot(bp: int, bco: int, bk: int, warps: int) -> bool:
@@ -102,16 +132,44 @@ _CONFIGS = [
 ]
 # The batch (P) is not in the key: a new batch size reuses the tuned choice.
 _forward_tuned = triton.autotune(
-    _CONFIGS, key=["Cm", "Co", "H", "W", "Ho", "Wo", "sxc", "KH", "KW", "GRAD"],
+    _CONFIGS, key=["Cm", "Co", "H", "W", "Ho", "Wo", "sxc", "KH", "KW", "GRAD", "DEPTHWISE"],
     prune_configs_by=dict(early_config_prune=_prune))(_forward)
+
+
+def _widest(precision: str) -> int:
+    """The fixed BLOCK_CO for wide layers: 64 for float32's FMA dot (_fits_fma_dot:
+    64x128x32 spills there), else 128."""
+    return 64 if precision == "ieee" else 128
 
 
 def _fixed_config(Co: int, precision: str) -> dict:
     if INTERPRET:  # small tiles, so that small test shapes span several blocks
         return dict(BLOCK_P=64, BLOCK_CO=16, BLOCK_K=16)
-    widest = 64 if precision == "ieee" else 128  # _fits_fma_dot: 64x128x32 spills there
-    return dict(BLOCK_P=64, BLOCK_CO=min(widest, max(32, triton.next_power_of_2(Co))), BLOCK_K=32,
-                num_warps=4, num_stages=2)
+    return dict(BLOCK_P=64, BLOCK_CO=min(_widest(precision), max(32, triton.next_power_of_2(Co))),
+                BLOCK_K=32, num_warps=4, num_stages=2)
+
+
+# SEPCONV_TRITON_SPLIT=auto|always|never: splits_depthwise's rule, or forced (tests).
+SPLIT = os.environ.get("SEPCONV_TRITON_SPLIT", "auto")
+
+
+def splits_depthwise(Co: int, KH: int, KW: int, precision: str) -> bool:
+    """Whether the forward computes the depthwise once into a buffer rather than in
+    every column block: where there are at least 2 blocks of the fixed width and they
+    redo 36 taps or more (3x3 from 4 blocks, 7x7 from 2). H200, bfloat16, fused,
+    channels-last, batch 128, pair / sepconv kernel time: 3x3 with Co 64-128 (one
+    block) 1.95-2.39x, 256 (two) 1.18-1.46x, 512 (four) 0.59-0.73x; 7x7 convnext
+    (3-24 blocks) 0.05-0.22x, about 1 ms a layer whatever its width: the recomputed
+    depthwise. The buffer's round trip is 4 bytes per pixel and mid channel (16-bit)."""
+    if SPLIT != "auto":
+        return SPLIT == "always"
+    blocks = triton.cdiv(Co, _widest(precision))
+    return blocks >= 2 and blocks * KH * KW >= 36
+
+
+# _depthwise's scalar and constexpr arguments, taken from the forward's
+_DW_ARGS = ("H", "W", "Ho", "Wo", "sxn", "sxc", "sxh", "sxw", "sh", "sw", "pt", "pl", "dh", "dw",
+            "M", "KH", "KW", "ACT1", "HAS_BDW", "EMULATE_BF16")
 
 
 def launch(x, dw_weight, pw_weight, dw_bias, pw_bias, stride, padding, dilation,
@@ -133,6 +191,15 @@ def launch(x, dw_weight, pw_weight, dw_bias, pw_bias, stride, padding, dilation,
         ACT1=ACTIVATIONS.index(mid_activation), ACT2=ACTIVATIONS.index(activation),
         HAS_BDW=dw_bias is not None, HAS_BPW=pw_bias is not None, GRAD=grad_y is not None,
         **dot_mode(x))
+    split = splits_depthwise(Co, args["KH"], args["KW"], args["PRECISION"])
+    if split:
+        mid = torch.empty((P, Cm), dtype=x.dtype, device=x.device)
+        bp, bk = (64, 16) if INTERPRET else (64, 32)
+        _depthwise[(triton.cdiv(P, bp) * triton.cdiv(Cm, bk),)](
+            x, wdw, bdw, mid, P, Cm, **{k: v for k, v in args.items() if k in _DW_ARGS},
+            BLOCK_P=bp, BLOCK_K=bk, num_warps=4)
+        x = mid
+    args["DEPTHWISE"] = not split
     tensors = (x, wdw, bdw, wpw, bpw, out, out if grad_y is None else grad_y)
     if autotuned(x):
         grid = lambda meta: (triton.cdiv(P, meta["BLOCK_P"]) * triton.cdiv(Co, meta["BLOCK_CO"]),)  # noqa: E731
