@@ -8,7 +8,8 @@
 #      kernels compile in parallel processes (they land in Triton's cache);
 #   2. times the layer suites against the PyTorch pair in both memory formats, recording
 #      whether cuDNN or PyTorch's own depthwise kernel ran for the pair;
-#   3. times torchvision's mobilenet_v2 and the zoo's through sepconv.fuse end to end;
+#   3. times torchvision's mobilenet_v2 and the zoo's through sepconv.fuse end to end,
+#      and the wide layers' forward once more with the depthwise split off (an A/B);
 # and writes into OUT: log.txt, tests.txt, failures.txt (if a test failed) and
 # results.tar.gz (the result folder, benchmarks/results/<gpu>/, to unpack into the repo).
 #
@@ -109,6 +110,10 @@ step "fwdbwd-${DT[0]}-b${B[0]}" "$LIMIT" "${LAYERS[@]}" --dtype "${DT[0]}" --bat
 step models "$LIMIT" "${BENCH[@]}" --out "$RES" --suite models --model "${MODELS[@]}" \
     "${MODEL_ARGS[@]}" --dtype "${DT[0]}"
 step "fwd-${DT[0]}-b${B[1]}" "$LIMIT" "${LAYERS[@]}" --dtype "${DT[0]}" --batch "${B[1]}"
+# The same forward with the depthwise recomputed per column block (the split off), for
+# the layers that split: the A/B of triton_kernels/forward.py's splits_depthwise.
+SEPCONV_TRITON_SPLIT=never step "fwd-unsplit" "$LIMIT" "${BENCH[@]}" --out "$RES-unsplit" \
+    --suite "${SUITES[0]}" "${SUITES[-1]}" --dtype "${DT[0]}" --batch "${B[1]}"
 step "fwdbwd-${DT[0]}-b${B[1]}" "$LIMIT" "${LAYERS[@]}" --dtype "${DT[0]}" --batch "${B[1]}" \
     --mode fwdbwd
 if [[ ${SEPCONV_GPU_AUTOTUNE:-0} == 1 ]]; then
