@@ -27,9 +27,11 @@ from ._common import (
     activate,
     activation_grad,
     cast,
+    cdiv,
     depthwise_tile,
     dot,
     dot_mode,
+    next_pow2,
     pixel_geometry,
     pixels,
     taps_major,
@@ -184,7 +186,7 @@ def _splits(x: torch.Tensor, programs: int, p_blocks: int, partial_size: int) ->
     fill the GPU, at most 2^24 partial elements (64 MiB)."""
     target = 2 if INTERPRET or not x.is_cuda else \
         4 * torch.cuda.get_device_properties(x.device).multi_processor_count
-    return max(1, min(triton.cdiv(target, programs), p_blocks, (1 << 24) // partial_size))
+    return max(1, min(cdiv(target, programs), p_blocks, (1 << 24) // partial_size))
 
 
 def launch(grad_y, x, dw_weight, pw_weight, dw_bias, pw_bias, stride, padding, dilation,
@@ -207,7 +209,7 @@ def launch(grad_y, x, dw_weight, pw_weight, dw_bias, pw_bias, stride, padding, d
     wdw, wpw = taps_major(dw_weight), pw_weight.reshape(Co, Cm).contiguous()
     geom = pixel_geometry(x, dw_weight, stride, padding, dilation, Ho, Wo)
     b = _blocks()
-    channel_block = lambda n: min(b["C"], max(16, triton.next_power_of_2(n)))  # noqa: E731
+    channel_block = lambda n: min(b["C"], max(16, next_pow2(n)))  # noqa: E731
     bco, bk = channel_block(Co), channel_block(Cm)
     mode = dot_mode(x)
 
@@ -223,7 +225,7 @@ def launch(grad_y, x, dw_weight, pw_weight, dw_bias, pw_bias, stride, padding, d
     mid = torch.empty((P, Cm), dtype=x.dtype, device=x.device) if need_pw else None
     if need_gu or need_pw:
         bco_mid, bk_mid = _mid_blocks(bco, bk, mode)
-        grid = (triton.cdiv(P, b["P"]) * triton.cdiv(Cm, bk_mid),)
+        grid = (cdiv(P, b["P"]) * cdiv(Cm, bk_mid),)
         _mid[grid](x, wdw, wdw if dw_bias is None else dw_bias.contiguous(), wpw, gz,
                    gu if need_gu else wpw, mid if need_pw else wpw, P, Cm, Co, **geom,
                    **_strides(gz, "sg"), ACT1=ACTIVATIONS.index(mid_activation),
@@ -232,20 +234,20 @@ def launch(grad_y, x, dw_weight, pw_weight, dw_bias, pw_bias, stride, padding, d
                    num_warps=b["WARPS"])
 
     gdw = gpw = None
-    p_blocks = triton.cdiv(P, b["P"])
+    p_blocks = cdiv(P, b["P"])
     if need_pw:
-        tiles = triton.cdiv(Co, bco) * triton.cdiv(Cm, bk)
+        tiles = cdiv(Co, bco) * cdiv(Cm, bk)
         S = _splits(x, tiles, p_blocks, Co * Cm)
-        chunk = triton.cdiv(p_blocks, S) * b["P"]
+        chunk = cdiv(p_blocks, S) * b["P"]
         partial = torch.empty((S, Co, Cm), dtype=torch.float32, device=x.device)
         _pw_weight[(tiles * S,)](gz, mid, partial, P, Cm, Co, Ho, Wo, **_strides(gz, "sg"),
                                  chunk=chunk, **mode, BLOCK_P=b["P"], BLOCK_CO=bco, BLOCK_K=bk,
                                  num_warps=b["WARPS"])
         gpw = partial.sum(0).to(pw_weight.dtype).view(pw_weight.shape)
     if need_dw:
-        tiles = triton.cdiv(Cm, bk) * KK
+        tiles = cdiv(Cm, bk) * KK
         S = _splits(x, tiles, p_blocks, Cm * KK)
-        chunk = triton.cdiv(p_blocks, S) * b["P"]
+        chunk = cdiv(p_blocks, S) * b["P"]
         partial = torch.empty((S, Cm, KK), dtype=torch.float32, device=x.device)
         _dw_weight[(tiles * S,)](
             x, gu, partial, P, Cm, **geom, chunk=chunk, BLOCK_P=b["P"], BLOCK_K=bk,
@@ -253,7 +255,7 @@ def launch(grad_y, x, dw_weight, pw_weight, dw_bias, pw_bias, stride, padding, d
         gdw = partial.sum(0).to(dw_weight.dtype).view(dw_weight.shape)
     if need_x:
         bc = channel_block(C)
-        grid = (triton.cdiv(N * H * W, b["P"]) * triton.cdiv(C, bc),)
+        grid = (cdiv(N * H * W, b["P"]) * cdiv(C, bc),)
         skip = ("sxn", "sxc", "sxh", "sxw")
         _input[grid](gu, wdw, gx, N * H * W, C, Cm,
                      **{k: v for k, v in geom.items() if k not in skip}, **_strides(gx, "sg"),

@@ -25,9 +25,11 @@ from ._common import (
     activation_grad,
     autotuned,
     cast,
+    cdiv,
     depthwise_tile,
     dot,
     dot_mode,
+    next_pow2,
     pixel_geometry,
     pixels,
     taps_major,
@@ -111,8 +113,8 @@ def _prune(configs, named_args, **kwargs):
     named_args and the keyword ones (the launch's) in kwargs."""
     args = {**named_args, **kwargs}
     co, cm, ieee = args["Co"], args["Cm"], args["PRECISION"] == "ieee"
-    keep = [c for c in configs if c.kwargs["BLOCK_CO"] <= max(32, triton.next_power_of_2(co))
-            and c.kwargs["BLOCK_K"] <= max(16, triton.next_power_of_2(cm))
+    keep = [c for c in configs if c.kwargs["BLOCK_CO"] <= max(32, next_pow2(co))
+            and c.kwargs["BLOCK_K"] <= max(16, next_pow2(cm))
             and (not ieee or _fits_fma_dot(c.kwargs["BLOCK_P"], c.kwargs["BLOCK_CO"],
                                            c.kwargs["BLOCK_K"], c.num_warps))]
     return keep or configs[:1]
@@ -145,7 +147,7 @@ def _widest(precision: str) -> int:
 def _fixed_config(Co: int, precision: str) -> dict:
     if INTERPRET:  # small tiles, so that small test shapes span several blocks
         return dict(BLOCK_P=64, BLOCK_CO=16, BLOCK_K=16)
-    return dict(BLOCK_P=64, BLOCK_CO=min(_widest(precision), max(32, triton.next_power_of_2(Co))),
+    return dict(BLOCK_P=64, BLOCK_CO=min(_widest(precision), max(32, next_pow2(Co))),
                 BLOCK_K=32, num_warps=4, num_stages=2)
 
 
@@ -163,7 +165,7 @@ def splits_depthwise(Co: int, KH: int, KW: int, precision: str) -> bool:
     depthwise. The buffer's round trip is 4 bytes per pixel and mid channel (16-bit)."""
     if SPLIT != "auto":
         return SPLIT == "always"
-    blocks = triton.cdiv(Co, _widest(precision))
+    blocks = cdiv(Co, _widest(precision))
     return blocks >= 2 and blocks * KH * KW >= 36
 
 
@@ -195,17 +197,17 @@ def launch(x, dw_weight, pw_weight, dw_bias, pw_bias, stride, padding, dilation,
     if split:
         mid = torch.empty((P, Cm), dtype=x.dtype, device=x.device)
         bp, bk = (64, 16) if INTERPRET else (64, 32)
-        _depthwise[(triton.cdiv(P, bp) * triton.cdiv(Cm, bk),)](
+        _depthwise[(cdiv(P, bp) * cdiv(Cm, bk),)](
             x, wdw, bdw, mid, P, Cm, **{k: v for k, v in args.items() if k in _DW_ARGS},
             BLOCK_P=bp, BLOCK_K=bk, num_warps=4)
         x = mid
     args["DEPTHWISE"] = not split
     tensors = (x, wdw, bdw, wpw, bpw, out, out if grad_y is None else grad_y)
     if autotuned(x):
-        grid = lambda meta: (triton.cdiv(P, meta["BLOCK_P"]) * triton.cdiv(Co, meta["BLOCK_CO"]),)  # noqa: E731
+        grid = lambda meta: (cdiv(P, meta["BLOCK_P"]) * cdiv(Co, meta["BLOCK_CO"]),)  # noqa: E731
         _forward_tuned[grid](*tensors, **args)
     else:
         cfg = _fixed_config(Co, args["PRECISION"])
-        grid = (triton.cdiv(P, cfg["BLOCK_P"]) * triton.cdiv(Co, cfg["BLOCK_CO"]),)
+        grid = (cdiv(P, cfg["BLOCK_P"]) * cdiv(Co, cfg["BLOCK_CO"]),)
         _forward[grid](*tensors, **args, **cfg)
     return out
