@@ -9,7 +9,8 @@
 #   2. times the layer suites against the PyTorch pair in both memory formats, recording
 #      whether cuDNN or PyTorch's own depthwise kernel ran for the pair;
 #   3. times torchvision's mobilenet_v2 and the zoo's through sepconv.fuse end to end,
-#      and the wide layers' forward once more with the depthwise split off (an A/B);
+#      and two A/Bs: the wide layers' forward with the depthwise split off, NCHW's
+#      forward with its taps read channel-fast;
 # and writes into OUT: log.txt, tests.txt, failures.txt (if a test failed) and
 # results.tar.gz (the result folder, benchmarks/results/<gpu>/, to unpack into the repo).
 #
@@ -114,6 +115,11 @@ step "fwd-${DT[0]}-b${B[1]}" "$LIMIT" "${LAYERS[@]}" --dtype "${DT[0]}" --batch 
 # the layers that split: the A/B of triton_kernels/forward.py's splits_depthwise.
 SEPCONV_TRITON_SPLIT=never step "fwd-unsplit" "$LIMIT" "${BENCH[@]}" --out "$RES-unsplit" \
     --suite "${SUITES[0]}" "${SUITES[-1]}" --dtype "${DT[0]}" --batch "${B[1]}"
+# NCHW's depthwise taps read as [pixels, channels] tiles, as before pixel_fast: the A/B
+# of triton_kernels/_common.py's pixel_fast.
+SEPCONV_TRITON_PIXEL_FAST=never step "fwd-nchw-channel-fast" "$LIMIT" "${BENCH[@]}" \
+    --out "$RES-channel-fast" --suite "${SUITES[0]}" --format nchw --dtype "${DT[0]}" \
+    --batch "${B[1]}"
 step "fwdbwd-${DT[0]}-b${B[1]}" "$LIMIT" "${LAYERS[@]}" --dtype "${DT[0]}" --batch "${B[1]}" \
     --mode fwdbwd
 if [[ ${SEPCONV_GPU_AUTOTUNE:-0} == 1 ]]; then

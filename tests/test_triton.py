@@ -83,6 +83,20 @@ def test_split_forward(monkeypatch, case, layout):
                          s, p, d, "relu6", "silu", layout=LAYOUTS[layout])
 
 
+@pytest.mark.parametrize("case", ["base", "k7", "stride2", "dilation2", "multiplier2", "C1"])
+@pytest.mark.parametrize("split", ["never", "always"])
+def test_nchw_channel_fast_taps(monkeypatch, case, split):
+    """NCHW with its taps read as [pixels, channels] tiles (SEPCONV_TRITON_PIXEL_FAST=
+    never, the other side of the GPU A/B); the default, [channels, pixels], is what
+    every other NCHW test runs."""
+    from sepconv.triton_kernels import _common, forward
+    monkeypatch.setattr(_common, "PIXEL_FAST", "never")
+    monkeypatch.setattr(forward, "SPLIT", split)
+    N, C, H, W, m, Co, k, s, p, d = CASES[case]
+    check_against_oracle(dict(dtype=torch.float32, **DEVICE), make_inputs(N, C, H, W, m, Co, k),
+                         s, p, d, "relu", "hardswish")
+
+
 def test_split_rule():
     from sepconv.triton_kernels.forward import splits_depthwise
     assert not splits_depthwise(128, 3, 3, "tf32")  # one column block: nothing recomputed
@@ -95,6 +109,7 @@ def test_split_rule():
 def test_host_helpers_match_triton():
     """cdiv / next_pow2 stand in for triton's (5 us a call on the host) in the launches."""
     import triton
+
     from sepconv.triton_kernels._common import cdiv, next_pow2
     for n in range(1, 3000):
         assert next_pow2(n) == triton.next_power_of_2(n)

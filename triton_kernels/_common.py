@@ -88,6 +88,34 @@ def tile(pid, n_cols, BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr):
 
 
 @triton.jit
+def depthwise_tile_t(x, wdw, bdw, n, hi0, wi0, p_ok, cm, cm_ok, Cm, H, W,
+                     sxn, sxc, sxh, sxw, dh, dw,
+                     M: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
+                     HAS_BDW: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr):
+    """depthwise_tile's u transposed, [BLOCK_K, BLOCK_P], for an x whose pixels are
+    adjacent in memory (NCHW; pixel_fast). The compiler cannot prove the gather's pixels
+    contiguous (w = p % Wo), so it puts a warp's threads along a tile's last dimension:
+    as [P, K] that is 32 threads on 32 channel planes, 32 transactions a load; as
+    [K, P], consecutive pixels."""
+    row = x + n.to(tl.int64) * sxn
+    col = (cm // M).to(tl.int64) * sxc
+    u = tl.zeros((BLOCK_K, BLOCK_P), dtype=tl.float32)
+    for i in range(KH):  # rows in a loop, taps of a row unrolled: see depthwise_tile
+        hi = hi0 + i * dh
+        h_ok = p_ok & (hi >= 0) & (hi < H)
+        for j in tl.static_range(KW):
+            wi = wi0 + j * dw
+            ok = h_ok & (wi >= 0) & (wi < W)
+            at = row + hi.to(tl.int64) * sxh + wi.to(tl.int64) * sxw
+            xv = tl.load(col[:, None] + at[None, :], mask=cm_ok[:, None] & ok[None, :], other=0.0)
+            wv = tl.load(wdw + (i * KW + j) * Cm + cm, mask=cm_ok, other=0.0)
+            u += xv.to(tl.float32) * wv.to(tl.float32)[:, None]
+    if HAS_BDW:
+        u += tl.load(bdw + cm, mask=cm_ok, other=0.0).to(tl.float32)[:, None]
+    return u
+
+
+@triton.jit
 def depthwise_tile(x, wdw, bdw, n, hi0, wi0, p_ok, cm, cm_ok, Cm, H, W,
                    sxn, sxc, sxh, sxw, dh, dw,
                    M: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
@@ -158,10 +186,25 @@ def autotuned(x: torch.Tensor) -> bool:
             and not torch.are_deterministic_algorithms_enabled())
 
 
+# SEPCONV_TRITON_PIXEL_FAST=never (read at import) keeps NCHW's taps in [pixels,
+# channels] tiles, for an A/B on a GPU (benchmarks/gpu_run.sh).
+PIXEL_FAST = os.environ.get("SEPCONV_TRITON_PIXEL_FAST", "auto")
+
+
+def pixel_fast(x: torch.Tensor, dw_weight: torch.Tensor) -> bool:
+    """Whether the forward and _dw_weight read x's depthwise taps as [channels, pixels]
+    tiles (depthwise_tile_t): where x's pixels, not its channels, are adjacent in memory
+    (NCHW). sm_90a, triton 3.6, 16-bit 3x3 forward at 64x128x32: coalesced gathers
+    for 0-224 bytes of stack (the [pixels, channels] tile: 0-8); unmeasured on a GPU.
+    (_mid keeps [pixels, channels]: transposed, it spilled 480-736 bytes at 7x7.)"""
+    return PIXEL_FAST != "never" and x.stride(3) == 1 and x.stride(1) != 1
+
+
 def pixel_geometry(x, dw_weight, stride, padding, dilation, Ho, Wo) -> dict:
     """The scalar arguments every kernel takes for the depthwise gather."""
     return dict(H=x.shape[2], W=x.shape[3], Ho=Ho, Wo=Wo,
                 sxn=x.stride(0), sxc=x.stride(1), sxh=x.stride(2), sxw=x.stride(3),
                 sh=stride[0], sw=stride[1], pt=padding[0], pl=padding[2],
                 dh=dilation[0], dw=dilation[1],
-                M=dw_weight.shape[0] // x.shape[1], KH=dw_weight.shape[2], KW=dw_weight.shape[3])
+                M=dw_weight.shape[0] // x.shape[1], KH=dw_weight.shape[2], KW=dw_weight.shape[3],
+                PIXEL_FAST=pixel_fast(x, dw_weight))

@@ -42,11 +42,12 @@ from ._common import (
 @triton.jit(do_not_specialize=["P"])
 def _mid(x, wdw, bdw, wpw, gz, gu, mid, P, Cm, Co, H, W, Ho, Wo,
          sxn, sxc, sxh, sxw, sgn, sgc, sgh, sgw, sh, sw, pt, pl, dh, dw,
-         M: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr, ACT1: tl.constexpr,
-         HAS_BDW: tl.constexpr, STORE_GU: tl.constexpr, STORE_MID: tl.constexpr,
+         M: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr, PIXEL_FAST: tl.constexpr,
+         ACT1: tl.constexpr, HAS_BDW: tl.constexpr, STORE_GU: tl.constexpr, STORE_MID: tl.constexpr,
          PRECISION: tl.constexpr, EMULATE_BF16: tl.constexpr, BLOCK_P: tl.constexpr,
          BLOCK_CO: tl.constexpr, BLOCK_K: tl.constexpr):
-    """gu and mid ([P, Cm], pixel-major) for BLOCK_P pixels x BLOCK_K mid channels."""
+    """gu and mid ([P, Cm], pixel-major) for BLOCK_P pixels x BLOCK_K mid channels.
+    (PIXEL_FAST is not used here: see pixel_fast.)"""
     p, cm = tile(tl.program_id(0), Cm, BLOCK_P, BLOCK_K)
     cm_ok, p_ok = cm < Cm, p < P
     n, ho, wo = pixels(p, Ho, Wo)
@@ -102,7 +103,7 @@ def _pw_weight(gz, mid, partial, P, Cm, Co, Ho, Wo, sgn, sgc, sgh, sgw, chunk,
 @triton.jit(do_not_specialize=["P"])
 def _dw_weight(x, gu, partial, P, Cm, H, W, Ho, Wo, sxn, sxc, sxh, sxw, sh, sw, pt, pl, dh, dw,
                chunk, M: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
-               BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr):
+               PIXEL_FAST: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr):
     """partial[s, cm, tap] = sum over the pixels of chunk s of gu * x at that tap.
     One tap per program: the KH*KW programs of a chunk are neighbours in launch order,
     so gu and x come from DRAM about once, and from L2 for the other taps."""
@@ -122,10 +123,18 @@ def _dw_weight(x, gu, partial, P, Cm, H, W, Ho, Wo, sxn, sxc, sxh, sxw, sh, sw, 
         hi, wi = ho * sh - pt + i * dh, wo * sw - pl + j * dw
         ok = p_ok & (hi >= 0) & (hi < H) & (wi >= 0) & (wi < W)
         at = n.to(tl.int64) * sxn + hi.to(tl.int64) * sxh + wi.to(tl.int64) * sxw
-        xv = tl.load(x + at[:, None] + col[None, :], mask=ok[:, None] & cm_ok[None, :], other=0.0)
-        g = tl.load(gu + p.to(tl.int64)[:, None] * Cm + cm[None, :],
-                    mask=p_ok[:, None] & cm_ok[None, :], other=0.0)
-        acc += tl.sum(g.to(tl.float32) * xv.to(tl.float32), axis=0)
+        if PIXEL_FAST:  # as [BLOCK_K, BLOCK_P]: the warp along the pixels (depthwise_tile)
+            xv = tl.load(x + col[:, None] + at[None, :], mask=cm_ok[:, None] & ok[None, :],
+                         other=0.0)
+            g = tl.load(gu + p.to(tl.int64)[None, :] * Cm + cm[:, None],
+                        mask=cm_ok[:, None] & p_ok[None, :], other=0.0)
+            acc += tl.sum(g.to(tl.float32) * xv.to(tl.float32), axis=1)
+        else:
+            xv = tl.load(x + at[:, None] + col[None, :], mask=ok[:, None] & cm_ok[None, :],
+                         other=0.0)
+            g = tl.load(gu + p.to(tl.int64)[:, None] * Cm + cm[None, :],
+                        mask=p_ok[:, None] & cm_ok[None, :], other=0.0)
+            acc += tl.sum(g.to(tl.float32) * xv.to(tl.float32), axis=0)
     tl.store(partial + (s.to(tl.int64) * Cm + cm) * (KH * KW) + t, acc, mask=cm_ok)
 
 
@@ -256,7 +265,7 @@ def launch(grad_y, x, dw_weight, pw_weight, dw_bias, pw_bias, stride, padding, d
     if need_x:
         bc = channel_block(C)
         grid = (cdiv(N * H * W, b["P"]) * cdiv(C, bc),)
-        skip = ("sxn", "sxc", "sxh", "sxw")
+        skip = ("sxn", "sxc", "sxh", "sxw", "PIXEL_FAST")
         _input[grid](gu, wdw, gx, N * H * W, C, Cm,
                      **{k: v for k, v in geom.items() if k not in skip}, **_strides(gx, "sg"),
                      EMULATE_BF16=mode["EMULATE_BF16"], BLOCK_P=b["P"], BLOCK_C=bc,

@@ -27,6 +27,7 @@ from ._common import (
     cast,
     cdiv,
     depthwise_tile,
+    depthwise_tile_t,
     dot,
     dot_mode,
     next_pow2,
@@ -40,7 +41,7 @@ from ._common import (
 @triton.jit(do_not_specialize=["P"])  # P follows the batch size: no recompile per batch
 def _forward(x, wdw, bdw, wpw, bpw, out, gy, P, Cm, Co, H, W, Ho, Wo,
              sxn, sxc, sxh, sxw, son, soc, soh, sow, sh, sw, pt, pl, dh, dw,
-             M: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
+             M: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr, PIXEL_FAST: tl.constexpr,
              ACT1: tl.constexpr, ACT2: tl.constexpr, HAS_BDW: tl.constexpr,
              HAS_BPW: tl.constexpr, GRAD: tl.constexpr, DEPTHWISE: tl.constexpr,
              PRECISION: tl.constexpr,
@@ -57,14 +58,19 @@ def _forward(x, wdw, bdw, wpw, bpw, out, gy, P, Cm, Co, H, W, Ho, Wo,
     for k0 in range(0, Cm, BLOCK_K):
         cm = k0 + tl.arange(0, BLOCK_K)
         cm_ok = cm < Cm
-        if DEPTHWISE:
-            u = depthwise_tile(x, wdw, bdw, n, ho * sh - pt, wo * sw - pl, p_ok, cm, cm_ok, Cm,
-                               H, W, sxn, sxc, sxh, sxw, dh, dw, M, KH, KW, HAS_BDW, BLOCK_P,
-                               BLOCK_K)
-            mid = cast(activate(u, ACT1), wpw.dtype.element_ty, EMULATE_BF16)
-        else:  # x is act1(dw(x) + b_dw) already, [P, Cm] (_depthwise)
+        if not DEPTHWISE:  # x is act1(dw(x) + b_dw) already, [P, Cm] (_depthwise)
             mid = tl.load(x + p.to(tl.int64)[:, None] * Cm + cm[None, :],
                           mask=p_ok[:, None] & cm_ok[None, :], other=0.0)
+        else:
+            if PIXEL_FAST:  # NCHW: the taps read along the pixels (depthwise_tile_t)
+                u = tl.trans(depthwise_tile_t(x, wdw, bdw, n, ho * sh - pt, wo * sw - pl, p_ok,
+                                              cm, cm_ok, Cm, H, W, sxn, sxc, sxh, sxw, dh, dw,
+                                              M, KH, KW, HAS_BDW, BLOCK_P, BLOCK_K))
+            else:
+                u = depthwise_tile(x, wdw, bdw, n, ho * sh - pt, wo * sw - pl, p_ok, cm, cm_ok,
+                                   Cm, H, W, sxn, sxc, sxh, sxw, dh, dw, M, KH, KW, HAS_BDW,
+                                   BLOCK_P, BLOCK_K)
+            mid = cast(activate(u, ACT1), wpw.dtype.element_ty, EMULATE_BF16)
         w = tl.load(wpw + co[None, :] * Cm + cm[:, None], mask=cm_ok[:, None] & co_ok[None, :],
                     other=0.0)
         acc = dot(mid, w, acc, PRECISION, EMULATE_BF16)
@@ -82,19 +88,23 @@ def _forward(x, wdw, bdw, wpw, bpw, out, gy, P, Cm, Co, H, W, Ho, Wo,
 
 @triton.jit(do_not_specialize=["P"])
 def _depthwise(x, wdw, bdw, mid, P, Cm, H, W, Ho, Wo, sxn, sxc, sxh, sxw, sh, sw, pt, pl, dh, dw,
-               M: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr, ACT1: tl.constexpr,
-               HAS_BDW: tl.constexpr, EMULATE_BF16: tl.constexpr, BLOCK_P: tl.constexpr,
-               BLOCK_K: tl.constexpr):
+               M: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr, PIXEL_FAST: tl.constexpr,
+               ACT1: tl.constexpr, HAS_BDW: tl.constexpr, EMULATE_BF16: tl.constexpr,
+               BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr):
     """mid[p, cm] = act1(dw(x) + b_dw) ([P, Cm], pixel-major) for BLOCK_P pixels x BLOCK_K
     mid channels: the first half of a split forward."""
     p, cm = tile(tl.program_id(0), Cm, BLOCK_P, BLOCK_K)
     cm_ok, p_ok = cm < Cm, p < P
     n, ho, wo = pixels(p, Ho, Wo)
-    u = depthwise_tile(x, wdw, bdw, n, ho * sh - pt, wo * sw - pl, p_ok, cm, cm_ok, Cm, H, W,
-                       sxn, sxc, sxh, sxw, dh, dw, M, KH, KW, HAS_BDW, BLOCK_P, BLOCK_K)
-    tl.store(mid + p.to(tl.int64)[:, None] * Cm + cm[None, :],
-             cast(activate(u, ACT1), mid.dtype.element_ty, EMULATE_BF16),
-             mask=p_ok[:, None] & cm_ok[None, :])
+    if PIXEL_FAST:  # as [K, P] (depthwise_tile_t)
+        u = depthwise_tile_t(x, wdw, bdw, n, ho * sh - pt, wo * sw - pl, p_ok, cm, cm_ok, Cm, H,
+                             W, sxn, sxc, sxh, sxw, dh, dw, M, KH, KW, HAS_BDW, BLOCK_P, BLOCK_K)
+        at, mask = p.to(tl.int64)[None, :] * Cm + cm[:, None], cm_ok[:, None] & p_ok[None, :]
+    else:
+        u = depthwise_tile(x, wdw, bdw, n, ho * sh - pt, wo * sw - pl, p_ok, cm, cm_ok, Cm, H, W,
+                           sxn, sxc, sxh, sxw, dh, dw, M, KH, KW, HAS_BDW, BLOCK_P, BLOCK_K)
+        at, mask = p.to(tl.int64)[:, None] * Cm + cm[None, :], p_ok[:, None] & cm_ok[None, :]
+    tl.store(mid + at, cast(activate(u, ACT1), mid.dtype.element_ty, EMULATE_BF16), mask=mask)
 
 
 def _fits_fma_dot(bp: int, bco: int, bk: int, warps: int) -> bool:
@@ -171,7 +181,7 @@ def splits_depthwise(Co: int, KH: int, KW: int, precision: str) -> bool:
 
 # _depthwise's scalar and constexpr arguments, taken from the forward's
 _DW_ARGS = ("H", "W", "Ho", "Wo", "sxn", "sxc", "sxh", "sxw", "sh", "sw", "pt", "pl", "dh", "dw",
-            "M", "KH", "KW", "ACT1", "HAS_BDW", "EMULATE_BF16")
+            "M", "KH", "KW", "PIXEL_FAST", "ACT1", "HAS_BDW", "EMULATE_BF16")
 
 
 def launch(x, dw_weight, pw_weight, dw_bias, pw_bias, stride, padding, dilation,
