@@ -88,44 +88,26 @@ def tile(pid, n_cols, BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr):
 
 
 @triton.jit
-def depthwise_tile_t(x, wdw, bdw, n, hi0, wi0, p_ok, cm, cm_ok, Cm, H, W,
-                     sxn, sxc, sxh, sxw, dh, dw,
-                     M: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
-                     HAS_BDW: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr):
-    """depthwise_tile's u transposed, [BLOCK_K, BLOCK_P], for an x whose pixels are
-    adjacent in memory (NCHW; pixel_fast). The compiler cannot prove the gather's pixels
-    contiguous (w = p % Wo), so it puts a warp's threads along a tile's last dimension:
-    as [P, K] that is 32 threads on 32 channel planes, 32 transactions a load; as
-    [K, P], consecutive pixels."""
-    row = x + n.to(tl.int64) * sxn
-    col = (cm // M).to(tl.int64) * sxc
-    u = tl.zeros((BLOCK_K, BLOCK_P), dtype=tl.float32)
-    for i in range(KH):  # rows in a loop, taps of a row unrolled: see depthwise_tile
-        hi = hi0 + i * dh
-        h_ok = p_ok & (hi >= 0) & (hi < H)
-        for j in tl.static_range(KW):
-            wi = wi0 + j * dw
-            ok = h_ok & (wi >= 0) & (wi < W)
-            at = row + hi.to(tl.int64) * sxh + wi.to(tl.int64) * sxw
-            xv = tl.load(col[:, None] + at[None, :], mask=cm_ok[:, None] & ok[None, :], other=0.0)
-            wv = tl.load(wdw + (i * KW + j) * Cm + cm, mask=cm_ok, other=0.0)
-            u += xv.to(tl.float32) * wv.to(tl.float32)[:, None]
-    if HAS_BDW:
-        u += tl.load(bdw + cm, mask=cm_ok, other=0.0).to(tl.float32)[:, None]
-    return u
-
-
-@triton.jit
 def depthwise_tile(x, wdw, bdw, n, hi0, wi0, p_ok, cm, cm_ok, Cm, H, W,
                    sxn, sxc, sxh, sxw, dh, dw,
                    M: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
-                   HAS_BDW: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr):
+                   HAS_BDW: tl.constexpr, PIXEL_FAST: tl.constexpr, BLOCK_P: tl.constexpr,
+                   BLOCK_K: tl.constexpr):
     """u[p, k] = b_dw[cm] + sum_ij x[n, cm // M, hi0 + i*dh, wi0 + j*dw] * wdw[i, j, cm]
     in fp32, for a tile of output pixels (n, hi0, wi0: [BLOCK_P]) and mid channels
-    (cm: [BLOCK_K]); zero padding by masks. Offsets are int64: x may pass 2^31."""
+    (cm: [BLOCK_K]); zero padding by masks. Offsets are int64: x may pass 2^31.
+
+    PIXEL_FAST (pixel_fast: x's pixels adjacent in memory, NCHW) returns the tile as
+    [BLOCK_K, BLOCK_P]. The compiler cannot prove the gather's pixels contiguous
+    (w = p % Wo), so it puts a warp's threads along a tile's last dimension: as [P, K]
+    in NCHW that is 32 threads on 32 channel planes, 32 transactions a load; as [K, P],
+    consecutive pixels."""
     row = x + n.to(tl.int64) * sxn
     col = (cm // M).to(tl.int64) * sxc
-    u = tl.zeros((BLOCK_P, BLOCK_K), dtype=tl.float32)
+    if PIXEL_FAST:
+        u = tl.zeros((BLOCK_K, BLOCK_P), dtype=tl.float32)
+    else:
+        u = tl.zeros((BLOCK_P, BLOCK_K), dtype=tl.float32)
     # Rows in a loop, taps of a row unrolled. All KH*KW taps unrolled let the pipeliner
     # stage every tap's gather in shared memory (7x7 float32: 430 KB, over any GPU's
     # limit; 7x7 bfloat16: 215 KB, one block per SM) and kept their addresses live
@@ -138,11 +120,21 @@ def depthwise_tile(x, wdw, bdw, n, hi0, wi0, p_ok, cm, cm_ok, Cm, H, W,
             wi = wi0 + j * dw
             ok = h_ok & (wi >= 0) & (wi < W)
             at = row + hi.to(tl.int64) * sxh + wi.to(tl.int64) * sxw
-            xv = tl.load(at[:, None] + col[None, :], mask=ok[:, None] & cm_ok[None, :], other=0.0)
-            wv = tl.load(wdw + (i * KW + j) * Cm + cm, mask=cm_ok, other=0.0)
-            u += xv.to(tl.float32) * wv.to(tl.float32)[None, :]
+            tap = wdw + (i * KW + j) * Cm + cm
+            if PIXEL_FAST:
+                xv = tl.load(col[:, None] + at[None, :], mask=cm_ok[:, None] & ok[None, :],
+                             other=0.0)
+                u += xv.to(tl.float32) * tl.load(tap, mask=cm_ok, other=0.0).to(tl.float32)[:, None]
+            else:
+                xv = tl.load(at[:, None] + col[None, :], mask=ok[:, None] & cm_ok[None, :],
+                             other=0.0)
+                u += xv.to(tl.float32) * tl.load(tap, mask=cm_ok, other=0.0).to(tl.float32)[None, :]
     if HAS_BDW:
-        u += tl.load(bdw + cm, mask=cm_ok, other=0.0).to(tl.float32)[None, :]
+        b = tl.load(bdw + cm, mask=cm_ok, other=0.0).to(tl.float32)
+        if PIXEL_FAST:
+            u += b[:, None]
+        else:
+            u += b[None, :]
     return u
 
 
@@ -193,7 +185,7 @@ PIXEL_FAST = os.environ.get("SEPCONV_TRITON_PIXEL_FAST", "auto")
 
 def pixel_fast(x: torch.Tensor, dw_weight: torch.Tensor) -> bool:
     """Whether the forward and _dw_weight read x's depthwise taps as [channels, pixels]
-    tiles (depthwise_tile_t): where x's pixels, not its channels, are adjacent in memory
+    tiles (depthwise_tile's PIXEL_FAST): where x's pixels, not its channels, are adjacent in memory
     (NCHW). sm_90a, triton 3.6, 16-bit 3x3 forward at 64x128x32: coalesced gathers
     for 0-224 bytes of stack (the [pixels, channels] tile: 0-8); unmeasured on a GPU.
     (_mid keeps [pixels, channels]: transposed, it spilled 480-736 bytes at 7x7.)"""

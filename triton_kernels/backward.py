@@ -52,7 +52,7 @@ def _mid(x, wdw, bdw, wpw, gz, gu, mid, P, Cm, Co, H, W, Ho, Wo,
     cm_ok, p_ok = cm < Cm, p < P
     n, ho, wo = pixels(p, Ho, Wo)
     u = depthwise_tile(x, wdw, bdw, n, ho * sh - pt, wo * sw - pl, p_ok, cm, cm_ok, Cm, H, W,
-                       sxn, sxc, sxh, sxw, dh, dw, M, KH, KW, HAS_BDW, BLOCK_P, BLOCK_K)
+                       sxn, sxc, sxh, sxw, dh, dw, M, KH, KW, HAS_BDW, False, BLOCK_P, BLOCK_K)
     buf = p.to(tl.int64)[:, None] * Cm + cm[None, :]
     mask = p_ok[:, None] & cm_ok[None, :]
     if STORE_MID:
@@ -123,7 +123,7 @@ def _dw_weight(x, gu, partial, P, Cm, H, W, Ho, Wo, sxn, sxc, sxh, sxw, sh, sw, 
         hi, wi = ho * sh - pt + i * dh, wo * sw - pl + j * dw
         ok = p_ok & (hi >= 0) & (hi < H) & (wi >= 0) & (wi < W)
         at = n.to(tl.int64) * sxn + hi.to(tl.int64) * sxh + wi.to(tl.int64) * sxw
-        if PIXEL_FAST:  # as [BLOCK_K, BLOCK_P]: the warp along the pixels (depthwise_tile)
+        if PIXEL_FAST:  # [BLOCK_K, BLOCK_P]: the warp along the pixels (depthwise_tile)
             xv = tl.load(x + col[:, None] + at[None, :], mask=cm_ok[:, None] & ok[None, :],
                          other=0.0)
             g = tl.load(gu + p.to(tl.int64)[None, :] * Cm + cm[:, None],

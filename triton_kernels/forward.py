@@ -27,7 +27,6 @@ from ._common import (
     cast,
     cdiv,
     depthwise_tile,
-    depthwise_tile_t,
     dot,
     dot_mode,
     next_pow2,
@@ -62,14 +61,11 @@ def _forward(x, wdw, bdw, wpw, bpw, out, gy, P, Cm, Co, H, W, Ho, Wo,
             mid = tl.load(x + p.to(tl.int64)[:, None] * Cm + cm[None, :],
                           mask=p_ok[:, None] & cm_ok[None, :], other=0.0)
         else:
-            if PIXEL_FAST:  # NCHW: the taps read along the pixels (depthwise_tile_t)
-                u = tl.trans(depthwise_tile_t(x, wdw, bdw, n, ho * sh - pt, wo * sw - pl, p_ok,
-                                              cm, cm_ok, Cm, H, W, sxn, sxc, sxh, sxw, dh, dw,
-                                              M, KH, KW, HAS_BDW, BLOCK_P, BLOCK_K))
-            else:
-                u = depthwise_tile(x, wdw, bdw, n, ho * sh - pt, wo * sw - pl, p_ok, cm, cm_ok,
-                                   Cm, H, W, sxn, sxc, sxh, sxw, dh, dw, M, KH, KW, HAS_BDW,
-                                   BLOCK_P, BLOCK_K)
+            u = depthwise_tile(x, wdw, bdw, n, ho * sh - pt, wo * sw - pl, p_ok, cm, cm_ok, Cm,
+                               H, W, sxn, sxc, sxh, sxw, dh, dw, M, KH, KW, HAS_BDW, PIXEL_FAST,
+                               BLOCK_P, BLOCK_K)
+            if PIXEL_FAST:  # built as [K, P] (NCHW: the taps read along the pixels)
+                u = tl.trans(u)
             mid = cast(activate(u, ACT1), wpw.dtype.element_ty, EMULATE_BF16)
         w = tl.load(wpw + co[None, :] * Cm + cm[:, None], mask=cm_ok[:, None] & co_ok[None, :],
                     other=0.0)
@@ -96,13 +92,12 @@ def _depthwise(x, wdw, bdw, mid, P, Cm, H, W, Ho, Wo, sxn, sxc, sxh, sxw, sh, sw
     p, cm = tile(tl.program_id(0), Cm, BLOCK_P, BLOCK_K)
     cm_ok, p_ok = cm < Cm, p < P
     n, ho, wo = pixels(p, Ho, Wo)
-    if PIXEL_FAST:  # as [K, P] (depthwise_tile_t)
-        u = depthwise_tile_t(x, wdw, bdw, n, ho * sh - pt, wo * sw - pl, p_ok, cm, cm_ok, Cm, H,
-                             W, sxn, sxc, sxh, sxw, dh, dw, M, KH, KW, HAS_BDW, BLOCK_P, BLOCK_K)
+    u = depthwise_tile(x, wdw, bdw, n, ho * sh - pt, wo * sw - pl, p_ok, cm, cm_ok, Cm, H, W,
+                       sxn, sxc, sxh, sxw, dh, dw, M, KH, KW, HAS_BDW, PIXEL_FAST, BLOCK_P,
+                       BLOCK_K)
+    if PIXEL_FAST:  # u is [K, P]
         at, mask = p.to(tl.int64)[None, :] * Cm + cm[:, None], cm_ok[:, None] & p_ok[None, :]
     else:
-        u = depthwise_tile(x, wdw, bdw, n, ho * sh - pt, wo * sw - pl, p_ok, cm, cm_ok, Cm, H, W,
-                           sxn, sxc, sxh, sxw, dh, dw, M, KH, KW, HAS_BDW, BLOCK_P, BLOCK_K)
         at, mask = p.to(tl.int64)[:, None] * Cm + cm[None, :], p_ok[:, None] & cm_ok[None, :]
     tl.store(mid + at, cast(activate(u, ACT1), mid.dtype.element_ty, EMULATE_BF16), mask=mask)
 
