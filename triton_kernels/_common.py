@@ -183,10 +183,10 @@ def autotuned(x: torch.Tensor) -> bool:
 PIXEL_FAST = os.environ.get("SEPCONV_TRITON_PIXEL_FAST", "auto")
 
 
-def pixel_fast(x: torch.Tensor, dw_weight: torch.Tensor) -> bool:
+def pixel_fast(x: torch.Tensor) -> bool:
     """Whether the forward and _dw_weight read x's depthwise taps as [channels, pixels]
-    tiles (depthwise_tile's PIXEL_FAST): where x's pixels, not its channels, are adjacent in memory
-    (NCHW). sm_90a, triton 3.6, 16-bit 3x3 forward at 64x128x32: coalesced gathers
+    tiles (depthwise_tile's PIXEL_FAST): where x's pixels, not its channels, are adjacent
+    in memory (NCHW). sm_90a, triton 3.6, 16-bit 3x3 forward at 64x128x32: coalesced gathers
     for 0-224 bytes of stack (the [pixels, channels] tile: 0-8); unmeasured on a GPU.
     (_mid keeps [pixels, channels]: transposed, it spilled 480-736 bytes at 7x7.)"""
     return PIXEL_FAST != "never" and x.stride(3) == 1 and x.stride(1) != 1
@@ -199,4 +199,4 @@ def pixel_geometry(x, dw_weight, stride, padding, dilation, Ho, Wo) -> dict:
                 sh=stride[0], sw=stride[1], pt=padding[0], pl=padding[2],
                 dh=dilation[0], dw=dilation[1],
                 M=dw_weight.shape[0] // x.shape[1], KH=dw_weight.shape[2], KW=dw_weight.shape[3],
-                PIXEL_FAST=pixel_fast(x, dw_weight))
+                PIXEL_FAST=pixel_fast(x))
