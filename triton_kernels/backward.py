@@ -42,12 +42,12 @@ from ._common import (
 @triton.jit(do_not_specialize=["P"])
 def _mid(x, wdw, bdw, wpw, gz, gu, mid, P, Cm, Co, H, W, Ho, Wo,
          sxn, sxc, sxh, sxw, sgn, sgc, sgh, sgw, sh, sw, pt, pl, dh, dw,
-         M: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr, PIXEL_FAST: tl.constexpr,
-         ACT1: tl.constexpr, HAS_BDW: tl.constexpr, STORE_GU: tl.constexpr, STORE_MID: tl.constexpr,
+         M: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr, ACT1: tl.constexpr,
+         HAS_BDW: tl.constexpr, STORE_GU: tl.constexpr, STORE_MID: tl.constexpr,
          PRECISION: tl.constexpr, EMULATE_BF16: tl.constexpr, BLOCK_P: tl.constexpr,
          BLOCK_CO: tl.constexpr, BLOCK_K: tl.constexpr):
-    """gu and mid ([P, Cm], pixel-major) for BLOCK_P pixels x BLOCK_K mid channels.
-    (PIXEL_FAST is not used here: see pixel_fast.)"""
+    """gu and mid ([P, Cm], pixel-major) for BLOCK_P pixels x BLOCK_K mid channels. The
+    taps are read as [pixels, channels] in every layout (see pixel_fast)."""
     p, cm = tile(tl.program_id(0), Cm, BLOCK_P, BLOCK_K)
     cm_ok, p_ok = cm < Cm, p < P
     n, ho, wo = pixels(p, Ho, Wo)
@@ -236,7 +236,8 @@ def launch(grad_y, x, dw_weight, pw_weight, dw_bias, pw_bias, stride, padding, d
         bco_mid, bk_mid = _mid_blocks(bco, bk, mode)
         grid = (cdiv(P, b["P"]) * cdiv(Cm, bk_mid),)
         _mid[grid](x, wdw, wdw if dw_bias is None else dw_bias.contiguous(), wpw, gz,
-                   gu if need_gu else wpw, mid if need_pw else wpw, P, Cm, Co, **geom,
+                   gu if need_gu else wpw, mid if need_pw else wpw, P, Cm, Co,
+                   **{k: v for k, v in geom.items() if k != "PIXEL_FAST"},
                    **_strides(gz, "sg"), ACT1=ACTIVATIONS.index(mid_activation),
                    HAS_BDW=dw_bias is not None, STORE_GU=need_gu, STORE_MID=need_pw, **mode,
                    BLOCK_P=b["P"], BLOCK_CO=bco_mid, BLOCK_K=bk_mid,
