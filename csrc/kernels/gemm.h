@@ -223,14 +223,14 @@ void gemm(int64_t M, int64_t N, int64_t K, const T* A, int64_t ars, int64_t acs,
         // batch 8 728x19->728 1.06x, 384x14->1536 1.06x, 96x56->384 1.04x, 64x112->128/s2
         // 1.04x, 768x7->3072 1.00x, 256x28->256 0.98x; batch 32 1.00-1.09x (sum 1.06x);
         // batch 1 1.00-1.05x; the AVX2 path 0.99-1.03x (sum 1.00x).
-        const int64_t n0 = i1, n1 = first_row(ib + 2);
+        const int64_t n1 = first_row(ib + 2);  // the next block: rows [i1, n1)
         if (!o.transposed)
-          for (int64_t i = n0; i < n1; ++i)
+          for (int64_t i = i1; i < n1; ++i)
             for (int64_t v = 0; v < cols * (int64_t)sizeof(T); v += 64)
               __builtin_prefetch((const char*)(o.c + i * o.rs + j0) + v, 1, 3);
-        else if (n1 > n0)
+        else if (n1 > i1)
           for (int64_t j = j0; j < j0 + cols; ++j) {
-            __builtin_prefetch((const char*)(o.c + j * o.rs + n0), 1, 3);
+            __builtin_prefetch((const char*)(o.c + j * o.rs + i1), 1, 3);
             __builtin_prefetch((const char*)(o.c + j * o.rs + n1 - 1), 1, 3);
           }
         if (cols <= L)
