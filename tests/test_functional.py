@@ -123,6 +123,24 @@ def test_large_weights(native_path, layout):
                          "silu", layout=LAYOUTS[layout])
 
 
+# The same weights on 5x5 images at batch 10: the native forward joins whole images
+# into a tile (3 on 2 threads, 5 on 1; the last tile part full), so that each read
+# of the weights serves several images; NCHW then runs a GEMM per image and group of
+# weight panels. The tile budget is raised so that any L2 takes this path.
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_large_weights_small_images(native_path, threads, layout):
+    budget, before = sepconv.backend_info()["cpu_caches"]["tile_bytes"], torch.get_num_threads()
+    try:
+        _C.set_tile_bytes(1 << 20)
+        torch.set_num_threads(threads)
+        check_against_oracle(native_path, make_inputs(10, 545, 5, 5, 1, 520, 3), 1, 1, 1,
+                             "relu", None, layout=LAYOUTS[layout])
+    finally:
+        _C.set_tile_bytes(budget)
+        torch.set_num_threads(before)
+
+
 # An image larger than a quarter of any L2 up to 8 MiB (2.4 MB in float64) at batch 1:
 # the native forward cuts it into more tiles than threads, so that a thread has tiles
 # to come (whose input its GEMM prefetches), strided and not.

@@ -35,6 +35,24 @@ template <class T> int64_t tile_pixels(const Geometry& g, int64_t min_p) {
   return ceil_div(HWo, n);
 }
 
+// Whole images per tile, where a tile takes a whole image (7x7 at wide layers) and
+// the packed weights exceed half the L2: every tile reads all of them, from L3 (9.4
+// MiB at 768x7->3072), for one image's pixels. Images are joined while the tile stays
+// within the budget of tile_pixels and each thread keeps a whole number of tiles, two
+// at least (so that one tile's GEMM pulls the next one's input into L2: with one tile
+// per thread, 576x14->160/s2 ran at 0.7x). Granite Rapids guest, forward, batch 8 /
+// 32, in-process A/B, NCHW / CL: 768x7->3072 1.05 / 1.05x, 1.04 / 1.03x; 1024x7->1024
+// 1.02 / 1.02x, 1.02 / 1.02x. (With weights that fit, 960x7->160 0.98-1.04x.)
+template <class T> int64_t images_per_tile(const Geometry& g, int64_t P) {
+  const int64_t HWo = g.Ho * g.Wo, weights = round_up(g.Co, NR<T>()) * g.Cm * (int64_t)sizeof(T);
+  const int64_t budget = g.tile_bytes / (int64_t)sizeof(T) / imax(g.Cm, 1);
+  int64_t k = 1;
+  if (P >= HWo && 2 * weights > g.l2_bytes)
+    for (int64_t j = 2; j <= g.N && j * HWo <= budget; ++j)
+      if (ceil_div(g.N, j) >= 2 * g.threads && ceil_div(g.N, j) % g.threads == 0) k = j;
+  return k;
+}
+
 // The depthwise weight as [tap][Cm], the pointwise bias into its (zeroed, NR-padded)
 // buffer, and each tap column's valid ow range: the start of both directions.
 template <class T>
@@ -149,9 +167,9 @@ int forward_impl(const Geometry& g, const T* x, const T* dww, const T* pww, cons
   constexpr int64_t nr = NR<T>();
   const int64_t HWo = g.Ho * g.Wo, Cm = g.Cm, Co = g.Co, kk = g.kh * g.kw;
   const bool cl = g.channels_last;
-  const int64_t P = tile_pixels<T>(g, 4 * MR);
+  const int64_t P = tile_pixels<T>(g, 4 * MR), images = images_per_tile<T>(g, P);
   const int64_t ldu = padded_ld<T>(Cm, 16, 1024);
-  const int64_t pixel_tiles = g.N * ceil_div(HWo, P);
+  const int64_t pixel_tiles = images > 1 ? ceil_div(g.N, images) : g.N * ceil_div(HWo, P);
   // Split the output channels too when there are few pixel tiles (batch 1, 7x7):
   // up to two tiles per thread, each holding a share of the weights in L2. Each
   // split recomputes its depthwise tile (k^2/Co extra work). With one pixel tile,
@@ -176,19 +194,23 @@ int forward_impl(const Geometry& g, const T* x, const T* dww, const T* pww, cons
   const Geometry gp = pad ? padded_geometry(g) : g;
   Buf<int64_t> cols(3, 4 * g.kw);  // tap columns' ranges in g, then in gp
   const int64_t band = cl ? 0 : band_elems(g, P), pband = pad ? band_elems(gp, P) : 0;
-  const int64_t per_thread = P * ldu + band + pband + (pack_each ? Cm * nr : 0);
+  const int64_t per_thread = images * P * ldu + band + pband + (pack_each ? Cm * nr : 0);
   Buf<T> ws(4, g.threads * per_thread);
   if (!wt.p || !bp.p || !bias.p || !ws.p || !cols.p) return OUT_OF_MEMORY;
   prepare_weights(g, dww, pwb, wt.p, bias.p, cols.p);
   column_ranges(gp, cols.p + 2 * g.kw);
 
   const int64_t ntiles = pixel_tiles * co_splits, tiles_per_image = ceil_div(HWo, P);
-  // Tile t's image and output pixels [p0, p1). Output-channel block major: with few
-  // pixel tiles each thread keeps to one weight block, and unequal pixel tiles are
-  // shared out evenly.
-  auto pixels_of = [&](int64_t t, int64_t* n, int64_t* p0, int64_t* p1) {
+  // Tile t's first image, its images and output pixels [p0, p1) in each. Output-
+  // channel block major: with few pixel tiles each thread keeps to one weight block,
+  // and unequal pixel tiles are shared out evenly.
+  auto pixels_of = [&](int64_t t, int64_t* n, int64_t* ni, int64_t* p0, int64_t* p1) {
     const int64_t pt = t % pixel_tiles;
-    *n = pt / tiles_per_image;
+    if (images > 1) {
+      *n = pt * images, *ni = imin(images, g.N - *n), *p0 = 0, *p1 = HWo;
+      return;
+    }
+    *n = pt / tiles_per_image, *ni = 1;
     *p0 = (pt % tiles_per_image) * P;
     *p1 = imin(*p0 + P, HWo);
   };
@@ -206,11 +228,13 @@ int forward_impl(const Geometry& g, const T* x, const T* dww, const T* pww, cons
   // 96x56->384 1.16x, 192x28->768 1.08x, 32x112->64 1.05x, 512x14->512 1.03x, others
   // 0.98-1.02x (AVX2 path 1.00-1.06x); groups of 5-10 panels 728x19->728, 384x14->
   // 1536, 768x7->3072, 1024x7->1024 1.01-1.02x (AVX2 1.01-1.02x), batch 32 1.03-1.06x.
-  // An NCHW y (stored transposed, in part lines) keeps one panel at a time.
+  // An NCHW y (stored transposed, in part lines) keeps one panel at a time within a
+  // GEMM; a tile of several images takes the groups one GEMM per image (below).
   const int64_t panel_bytes = Cm * nr * (int64_t)sizeof(T);
-  const int64_t panel_group = !cl ? 1
-                              : npanels * panel_bytes <= g.l2_bytes / 2 ? npanels
-                                                                        : imax(1, g.l2_bytes / 4 / panel_bytes);
+  const int64_t weight_group = npanels * panel_bytes <= g.l2_bytes / 2
+                                   ? npanels
+                                   : imax(1, g.l2_bytes / 4 / panel_bytes);
+  const int64_t panel_group = cl ? weight_group : 1;
 #pragma omp parallel num_threads(g.threads)
   {
   const DenormalMode mode(g.flush_denormals);
@@ -227,31 +251,35 @@ int forward_impl(const Geometry& g, const T* x, const T* dww, const T* pww, cons
   int64_t t_begin, t_end;
   static_range(ntiles, tid, omp_get_num_threads(), &t_begin, &t_end);
   T* U = ws.p + tid * per_thread;
-  T* xb = U + P * ldu;
+  T* xb = U + images * P * ldu;
   T* xp = xb + band;  // the padded band
   for (int64_t t = t_begin; t < t_end; ++t) {
-    int64_t n, p0, p1;
-    pixels_of(t, &n, &p0, &p1);
-    const int64_t co0 = t / pixel_tiles * co_block, co1 = imin(co0 + co_block, Co);
-    const T* xn = x + n * g.C * g.H * g.W;
-    int64_t r0 = 0, r1 = g.H;
-    if (!cl) {  // the band of input rows these pixels read, as NHWC
-      input_rows(g, p0, p1, &r0, &r1);
-      if (r1 > r0) transpose_copy(xn + r0 * g.W, g.H * g.W, xb, g.C, g.C, (r1 - r0) * g.W);
-      xn = xb;
-    }
-    if (pad) {
-      const int64_t q0 = p0 / g.Wo * g.sh, q1 = (p1 - 1) / g.Wo * g.sh + (g.kh - 1) * g.dh + 1;
-      pad_band(g, gp, xn, r0, q0, q1, xp);
-      dw_forward(gp, cols.p + 2 * g.kw, xp, q0, q1, wt.p, dwb, g.act1, p0, p1, U, ldu, 0, Cm);
-    } else {
-      dw_forward(g, cols.p, xn, r0, r1, wt.p, dwb, g.act1, p0, p1, U, ldu, 0, Cm);
+    int64_t n, ni, p0, p1;
+    pixels_of(t, &n, &ni, &p0, &p1);
+    const int64_t np = p1 - p0, co0 = t / pixel_tiles * co_block, co1 = imin(co0 + co_block, Co);
+    for (int64_t j = 0; j < ni; ++j) {  // image n + j's pixels into U's rows from j * np
+      const T* xn = x + (n + j) * g.C * g.H * g.W;
+      T* Uj = U + j * np * ldu;
+      int64_t r0 = 0, r1 = g.H;
+      if (!cl) {  // the band of input rows these pixels read, as NHWC
+        input_rows(g, p0, p1, &r0, &r1);
+        if (r1 > r0) transpose_copy(xn + r0 * g.W, g.H * g.W, xb, g.C, g.C, (r1 - r0) * g.W);
+        xn = xb;
+      }
+      if (pad) {
+        const int64_t q0 = p0 / g.Wo * g.sh, q1 = (p1 - 1) / g.Wo * g.sh + (g.kh - 1) * g.dh + 1;
+        pad_band(g, gp, xn, r0, q0, q1, xp);
+        dw_forward(gp, cols.p + 2 * g.kw, xp, q0, q1, wt.p, dwb, g.act1, p0, p1, Uj, ldu, 0, Cm);
+      } else {
+        dw_forward(g, cols.p, xn, r0, r1, wt.p, dwb, g.act1, p0, p1, Uj, ldu, 0, Cm);
+      }
     }
     Prefetch next;  // the next tile's input, unless it is this tile's (another weight block)
     if (t + 1 < t_end && (t + 1) % pixel_tiles != t % pixel_tiles) {
-      int64_t n2, q0, q1;
-      pixels_of(t + 1, &n2, &q0, &q1);
-      add_input_band(g, x + n2 * g.C * g.H * g.W, q0, q1, &next);
+      int64_t n2, ni2, q0, q1;
+      pixels_of(t + 1, &n2, &ni2, &q0, &q1);
+      for (int64_t j = 0; j < ni2; ++j)
+        add_input_band(g, x + (n2 + j) * g.C * g.H * g.W, q0, q1, &next);
     }
     Out<T> o = cl ? Out<T>{y + (n * HWo + p0) * Co + co0, Co, false, bias.p + co0, pwb ? 2 : 0,
                            g.act2}
@@ -260,9 +288,20 @@ int forward_impl(const Geometry& g, const T* x, const T* dww, const T* pww, cons
     o.prefetch = &next;
     o.stream = stream;
     o.panel_group = panel_group;
-    if (!pack_each) {
-      gemm(p1 - p0, co1 - co0, Cm, U, ldu, (int64_t)1, (int64_t)0, bp.p + (co0 / nr) * Cm * nr,
+    if (!pack_each && (cl || ni == 1)) {  // channels-last: the images' rows follow in y
+      gemm(ni * np, co1 - co0, Cm, U, ldu, (int64_t)1, (int64_t)0, bp.p + (co0 / nr) * Cm * nr,
            Cm * nr, nr, o);
+      continue;
+    }
+    if (!pack_each) {  // NCHW images, Co planes apart: a GEMM per image and weight group
+      for (int64_t j0 = co0; j0 < co1; j0 += weight_group * nr)
+        for (int64_t j = 0; j < ni; ++j) {
+          Out<T> oj = o;
+          oj.c += j * Co * HWo + (j0 - co0) * HWo;
+          oj.bias += j0 - co0;
+          gemm(np, imin(weight_group * nr, co1 - j0), Cm, U + j * np * ldu, ldu, (int64_t)1,
+               (int64_t)0, bp.p + (j0 / nr) * Cm * nr, Cm * nr, nr, oj);
+        }
       continue;
     }
     T* panel = xp + pband;
@@ -271,7 +310,7 @@ int forward_impl(const Geometry& g, const T* x, const T* dww, const T* pww, cons
       Out<T> oj = o;
       oj.c += (j - co0) * (cl ? 1 : HWo);
       oj.bias += j - co0;
-      gemm(p1 - p0, imin(nr, co1 - j), Cm, U, ldu, (int64_t)1, (int64_t)0, panel, Cm * nr, nr, oj);
+      gemm(np, imin(nr, co1 - j), Cm, U, ldu, (int64_t)1, (int64_t)0, panel, Cm * nr, nr, oj);
     }
   }
   if (stream) stream_fence();  // the non-temporal stores reach memory before the call returns
