@@ -43,11 +43,10 @@ template <class T> int64_t tile_pixels(const Geometry& g, int64_t min_p) {
 // per thread, 576x14->160/s2 ran at 0.7x). Granite Rapids guest, forward, batch 8 /
 // 32, in-process A/B, NCHW / CL: 768x7->3072 1.05 / 1.05x, 1.04 / 1.03x; 1024x7->1024
 // 1.02 / 1.02x, 1.02 / 1.02x. (With weights that fit, 960x7->160 0.98-1.04x.)
-template <class T> int64_t images_per_tile(const Geometry& g, int64_t P) {
-  const int64_t HWo = g.Ho * g.Wo, weights = round_up(g.Co, NR<T>()) * g.Cm * (int64_t)sizeof(T);
-  const int64_t budget = g.tile_bytes / (int64_t)sizeof(T) / imax(g.Cm, 1);
+template <class T> int64_t images_per_tile(const Geometry& g, int64_t P, bool weights_fit) {
+  const int64_t HWo = g.Ho * g.Wo, budget = g.tile_bytes / (int64_t)sizeof(T) / imax(g.Cm, 1);
   int64_t k = 1;
-  if (P >= HWo && 2 * weights > g.l2_bytes)
+  if (P >= HWo && !weights_fit)
     for (int64_t j = 2; j <= g.N && j * HWo <= budget; ++j)
       if (ceil_div(g.N, j) >= 2 * g.threads && ceil_div(g.N, j) % g.threads == 0) k = j;
   return k;
@@ -167,7 +166,11 @@ int forward_impl(const Geometry& g, const T* x, const T* dww, const T* pww, cons
   constexpr int64_t nr = NR<T>();
   const int64_t HWo = g.Ho * g.Wo, Cm = g.Cm, Co = g.Co, kk = g.kh * g.kw;
   const bool cl = g.channels_last;
-  const int64_t P = tile_pixels<T>(g, 4 * MR), images = images_per_tile<T>(g, P);
+  // The packed weights in half the L2 (else they stream from L3: images_per_tile and
+  // the GEMM's panel groups below).
+  const int64_t npanels = ceil_div(Co, nr), panel_bytes = Cm * nr * (int64_t)sizeof(T);
+  const bool weights_fit = npanels * panel_bytes <= g.l2_bytes / 2;
+  const int64_t P = tile_pixels<T>(g, 4 * MR), images = images_per_tile<T>(g, P, weights_fit);
   const int64_t ldu = padded_ld<T>(Cm, 16, 1024);
   const int64_t pixel_tiles = images > 1 ? ceil_div(g.N, images) : g.N * ceil_div(HWo, P);
   // Split the output channels too when there are few pixel tiles (batch 1, 7x7):
@@ -188,7 +191,6 @@ int forward_impl(const Geometry& g, const T* x, const T* dww, const T* pww, cons
   const int64_t co_block = round_up(ceil_div(Co, co_splits), nr);
   co_splits = ceil_div(Co, co_block);
 
-  const int64_t npanels = ceil_div(Co, nr);
   Buf<T> wt(0, kk * Cm), bp(1, pack_each ? 0 : npanels * nr * Cm), bias(2, round_up(Co, nr), true);
   const bool pad = pads_band(g);
   const Geometry gp = pad ? padded_geometry(g) : g;
@@ -230,10 +232,7 @@ int forward_impl(const Geometry& g, const T* x, const T* dww, const T* pww, cons
   // 1536, 768x7->3072, 1024x7->1024 1.01-1.02x (AVX2 1.01-1.02x), batch 32 1.03-1.06x.
   // An NCHW y (stored transposed, in part lines) keeps one panel at a time within a
   // GEMM; a tile of several images takes the groups one GEMM per image (below).
-  const int64_t panel_bytes = Cm * nr * (int64_t)sizeof(T);
-  const int64_t weight_group = npanels * panel_bytes <= g.l2_bytes / 2
-                                   ? npanels
-                                   : imax(1, g.l2_bytes / 4 / panel_bytes);
+  const int64_t weight_group = weights_fit ? npanels : imax(1, g.l2_bytes / 4 / panel_bytes);
   const int64_t panel_group = cl ? weight_group : 1;
 #pragma omp parallel num_threads(g.threads)
   {
