@@ -1,23 +1,25 @@
 """Do the Triton kernels fit the GPU? Compiled here, no GPU needed.
 
-    python -m benchmarks.triton_fit [--target 90 80] [--quick] [--max-stack BYTES] [--out DIR]
+    python -m benchmarks.triton_fit [--target 90 80] [--quick] [--max-spill BYTES] [--out DIR]
 
 Every launch of the forward and backward kernels is made as sepconv makes it, for a set
 of benchmark layers (both layouts, float16 / bfloat16 / float32, the fixed block sizes
 and every autotune config of the forward), but on CPU tensors against a stand-in driver
 that names an sm_90a (H100/H200) or sm_80 (A100) target: Triton's launcher specialises
 the arguments (ints equal to 1, multiples of 16) as on the GPU and compiles the kernel
-without launching it. cuobjdump then reads registers and the stack frame (local memory:
-spills) off the cubin, and the compiler's metadata the shared memory.
+without launching it. ptxas -v's report gives the spill stores and loads, cuobjdump the
+registers and the stack frame off the cubin, and the compiler's metadata the shared memory.
 
 Writes a table per target to DIR (default benchmarks/results/triton-fit/) and exits 1
 where a kernel fails to compile, needs more shared memory than the target has, or (with
---max-stack) keeps a stack frame over that many bytes.
+--max-spill) spills more than that many bytes.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import os
 import re
 import subprocess
@@ -27,6 +29,9 @@ from pathlib import Path
 
 os.environ.pop("TRITON_INTERPRET", None)  # compile for the GPU, not the interpreter
 os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+# ptxas -v's report (spill stores and loads) of every kernel compiled, none from the cache
+os.environ["TRITON_DUMP_PTXAS_LOG"] = "1"
+os.environ["TRITON_ALWAYS_COMPILE"] = "1"
 
 import torch  # noqa: E402
 import triton  # noqa: E402
@@ -83,19 +88,24 @@ class _Target:
         return torch.cuda
 
 
-_compiled: list[tuple[str, dict, object]] = []
+_compiled: list[tuple[str, dict, object, tuple[int, int]]] = []
 _seen: set[int] = set()  # ids of the kernels in _compiled (a cache hit returns the same one)
 
 
 def _record(jit_run):
-    """JITFunction.run, compiling only: each new kernel recorded with its arguments."""
+    """JITFunction.run, compiling only: each new kernel recorded with its arguments and
+    the spill stores and loads ptxas -v reported for it (Triton prints its log)."""
     def run(self, *args, grid, warmup, **kwargs):
-        kernel = jit_run(self, *args, grid=grid, warmup=True, **kwargs)
+        with contextlib.redirect_stdout(io.StringIO()) as log:
+            kernel = jit_run(self, *args, grid=grid, warmup=True, **kwargs)
         if kernel is not None and id(kernel) not in _seen:
             _seen.add(id(kernel))
             name = self.fn.__name__ + (" (GRAD)" if kwargs.get("GRAD") else "") \
                 + (" (GEMM)" if kwargs.get("DEPTHWISE") is False else "")
-            _compiled.append((name, kwargs, kernel))
+            spills = re.findall(r"(\d+) bytes spill stores, (\d+) bytes spill loads",
+                                log.getvalue())
+            assert len(spills) == 1, f"no single ptxas report for {name}: {log.getvalue()}"
+            _compiled.append((name, kwargs, kernel, tuple(map(int, spills[0]))))
         return kernel
     return run
 
@@ -151,8 +161,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true",
                     help="two layers, bfloat16 and float32, the fixed block sizes (and the "
                     "autotune configs of one case): for CI")
-    ap.add_argument("--max-stack", type=int, default=None, metavar="BYTES",
-                    help="fail where a kernel's stack frame (spills) is larger")
+    ap.add_argument("--max-spill", type=int, default=None, metavar="BYTES",
+                    help="fail where ptxas reports more bytes of spill stores")
+    ap.add_argument("--only", nargs="+", default=[], metavar="TEXT",
+                    help="the cases whose name holds each TEXT, e.g. '960x7' nchw float32")
     ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "triton-fit")
     args = ap.parse_args(argv)
     JITFunction.run = _record(JITFunction.run)
@@ -163,6 +175,7 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.time()
     for cc in args.target:
         driver.set_active(_Target(cc))
+        forward.arch = lambda x, cc=cc: cc  # the launch's block sizes for this target
         for layer in layers:
             for fmt_name, fmt in FORMATS.items():
                 for dtype in dtypes:
@@ -172,46 +185,54 @@ def main(argv: list[str] | None = None) -> int:
                     for autotune in (False, True) if tune else (False,):
                         before = len(_compiled)
                         case = f"{layer.name()} {fmt_name} {str(dtype)[6:]}"
+                        if not all(text in case for text in args.only):
+                            continue
                         try:
                             compile_layer(layer, dtype, fmt, autotune)
                         except Exception as exc:  # noqa: BLE001 - reported, then fails the run
                             errors.append(f"sm_{cc} {case}: {type(exc).__name__}: {exc}")
                             continue
-                        for name, kw, kernel in _compiled[before:]:
+                        for name, kw, kernel, (st, ld) in _compiled[before:]:
                             blocks = "x".join(str(v) for key, v in kw.items()
                                               if key.startswith("BLOCK_"))
                             rows.append(dict(target=cc, case=case, kernel=name, blocks=blocks,
-                                             tuned=autotune, **resources(kernel)))
+                                             tuned=autotune, spill_stores=st, spill_loads=ld,
+                                             **resources(kernel)))
     args.out.mkdir(parents=True, exist_ok=True)
     for cc in args.target:
         mine = [r for r in rows if r["target"] == cc]
         over = [r for r in mine if r["shared"] > SHARED_LIMIT[cc]]
         errors += [f"sm_{cc} {r['case']} {r['kernel']} {r['blocks']}: shared memory "
                    f"{r['shared']} > {SHARED_LIMIT[cc]}" for r in over]
-        spills = [r for r in mine if r["stack"]]
-        if args.max_stack is not None:
-            errors += [f"sm_{cc} {r['case']} {r['kernel']} {r['blocks']}: stack frame "
-                       f"{r['stack']} B > {args.max_stack}" for r in spills
-                       if r["stack"] > args.max_stack]
+        spills = [r for r in mine if r["spill_stores"]]
+        stacks = [r for r in mine if r["stack"]]
+        if args.max_spill is not None:
+            errors += [f"sm_{cc} {r['case']} {r['kernel']} {r['blocks']}: spill stores "
+                       f"{r['spill_stores']} B > {args.max_spill}" for r in spills
+                       if r["spill_stores"] > args.max_spill]
         lines = [f"# Triton kernels on sm_{cc}{'a' if cc == 90 else ''}: triton "
                  f"{triton.__version__}{' (--quick)' if args.quick else ''}", "",
                  f"`python -m benchmarks.triton_fit {' '.join(argv or sys.argv[1:])}` at "
                  f"sepconv {_commit()}", "",
-                 f"{len(mine)} kernels compiled; {len(spills)} with a stack frame (local "
-                 f"memory: spills); {len(over)} over the shared-memory limit "
-                 f"({SHARED_LIMIT[cc]} bytes).", "",
+                 f"{len(mine)} kernels compiled; {len(spills)} spill registers (ptxas: spill "
+                 f"stores); {len(stacks)} have a stack frame; {len(over)} over the "
+                 f"shared-memory limit ({SHARED_LIMIT[cc]} bytes).", "",
                  "Blocks/SM: resident blocks per multiprocessor (registers, shared memory, "
                  "warps), the occupancy the kernel can reach.", "",
                  "| layer, layout, dtype | kernel | blocks | autotune config | warps | "
-                 "stages | registers | stack bytes | shared bytes | blocks/SM |",
-                 "|---|---|---|---|---|---|---|---|---|---|"]
+                 "stages | registers | stack bytes | spill stores | spill loads | "
+                 "shared bytes | blocks/SM |",
+                 "|---|---|---|---|---|---|---|---|---|---|---|---|"]
         lines += [f"| {r['case']} | {r['kernel']} | {r['blocks']} | "
                   f"{'yes' if r['tuned'] else 'fixed'} | {r['warps']} | {r['stages']} | "
-                  f"{r['registers']} | {r['stack']} | {r['shared']} | "
+                  f"{r['registers']} | {r['stack']} | {r['spill_stores']} | "
+                  f"{r['spill_loads']} | {r['shared']} | "
                   f"{blocks_per_sm(r, cc)} |" for r in mine]
         path = args.out / f"sm{cc}_triton{triton.__version__}{'_quick' if args.quick else ''}.md"
         path.write_text("\n".join(lines) + "\n")
-        print(f"sm_{cc}: {len(mine)} kernels, {len(spills)} with a stack frame (max "
+        print(f"sm_{cc}: {len(mine)} kernels, {len(spills)} spilling (max "
+              f"{max((r['spill_stores'] for r in mine), default=0)} B stored), "
+              f"{len(stacks)} with a stack frame (max "
               f"{max((r['stack'] for r in mine), default=0)} B), max registers "
               f"{max((r['registers'] for r in mine), default=0)}, max shared "
               f"{max((r['shared'] for r in mine), default=0)} B -> {path}")

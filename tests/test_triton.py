@@ -65,7 +65,7 @@ def test_gpu_block_sizes_in_the_interpreter(monkeypatch, dtype, layout):
     from sepconv.triton_kernels import backward, forward
     monkeypatch.setattr(forward, "INTERPRET", False)
     monkeypatch.setattr(backward, "INTERPRET", False)
-    assert forward._fixed_config(70, "ieee")["BLOCK_CO"] == 64
+    assert forward._fixed_config(70, forward.wide_blocks("ieee", False, 90))["BLOCK_CO"] == 64
     check_against_oracle(dict(dtype=dtype, **DEVICE), make_inputs(2, 40, 9, 9, 1, 70, 3), 1, 1, 1,
                          "relu", "silu", layout=LAYOUTS[layout])
 
@@ -99,11 +99,28 @@ def test_nchw_channel_fast_taps(monkeypatch, case, split):
 
 def test_split_rule():
     from sepconv.triton_kernels.forward import splits_depthwise
-    assert not splits_depthwise(128, 3, 3, "tf32")  # one column block: nothing recomputed
-    assert not splits_depthwise(256, 3, 3, "tf32")  # two 3x3 blocks: 18 taps redone
-    assert splits_depthwise(512, 3, 3, "tf32")
-    assert splits_depthwise(256, 7, 7, "tf32") and not splits_depthwise(128, 7, 7, "tf32")
-    assert splits_depthwise(256, 3, 3, "ieee")  # float32's blocks are 64 wide
+    assert not splits_depthwise(128, 3, 3, 128)  # one column block: nothing recomputed
+    assert not splits_depthwise(256, 3, 3, 128)  # two 3x3 blocks: 18 taps redone
+    assert splits_depthwise(512, 3, 3, 128)
+    assert splits_depthwise(256, 7, 7, 128) and not splits_depthwise(128, 7, 7, 128)
+    assert splits_depthwise(256, 3, 3, 64)  # float32's and NCHW's blocks are 64 wide
+
+
+@pytest.mark.parametrize("cc", [80, 90])
+@pytest.mark.parametrize("nchw", [False, True])
+@pytest.mark.parametrize("precision", ["ieee", "tf32"])
+def test_fixed_blocks_are_among_those_that_fit(precision, nchw, cc):
+    """The fixed blocks obey the rule the autotune pruning applies (fits), and the
+    pruning leaves a candidate for every case; benchmarks.triton_fit checks the rule
+    itself against the compiler."""
+    from sepconv.triton_kernels import forward
+    bp, bco = forward.wide_blocks(precision, nchw, cc)
+    assert forward.fits(bp, bco, 32, 4, precision, nchw, cc)
+    assert any(forward.fits(c.kwargs["BLOCK_P"], c.kwargs["BLOCK_CO"], c.kwargs["BLOCK_K"],
+                            c.num_warps, precision, nchw, cc) for c in forward._CONFIGS)
+    expected = {("tf32", False, 90): (64, 128), ("tf32", False, 80): (64, 64),
+                ("ieee", True, 90): (32, 32), ("ieee", True, 80): (32, 32)}
+    assert (bp, bco) == expected.get((precision, nchw, cc), (32, 64))
 
 
 def test_host_helpers_match_triton():

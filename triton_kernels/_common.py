@@ -138,6 +138,15 @@ def depthwise_tile(x, wdw, bdw, n, hi0, wi0, p_ok, cm, cm_ok, Cm, H, W,
     return u
 
 
+# ptxas's register limit for every launch (PTX .maxnreg). Without one, ptxas trades a
+# few spilled registers for occupancy on its own: 4-8 bytes of spill stores at 72-128
+# registers in 40 kernels (sm_80 and sm_90a, triton 3.6 and 3.9), such as the 32x32x32
+# NCHW forward at 96 registers. With the limit stated it keeps them in registers
+# (that one: 141 registers, no spill): the blocks per SM that leaves are in
+# benchmarks/results/triton-fit/.
+MAXNREG = 255
+
+
 def cdiv(a: int, b: int) -> int:
     """ceil(a / b) on the host. triton.cdiv and triton.next_power_of_2 are
     constexpr_functions, about 5 us a call in Python (triton 3.6 and 3.9): a dozen of
@@ -190,6 +199,17 @@ def pixel_fast(x: torch.Tensor) -> bool:
     for 0-224 bytes of stack (the [pixels, channels] tile: 0-8); unmeasured on a GPU.
     (_mid keeps [pixels, channels]: transposed, it spilled 480-736 bytes at 7x7.)"""
     return PIXEL_FAST != "never" and x.stride(3) == 1 and x.stride(1) != 1
+
+
+def arch(x: torch.Tensor) -> int:
+    """x's GPU as 10 * major + minor of its compute capability (90: H100/H200, 80: A100),
+    for the block sizes that compile without spills there; 90 off a GPU (the
+    interpreter's tests take the H100's blocks). benchmarks/triton_fit.py sets its
+    target's."""
+    if not x.is_cuda:
+        return 90
+    major, minor = torch.cuda.get_device_capability(x.device)
+    return 10 * major + minor
 
 
 def pixel_geometry(x, dw_weight, stride, padding, dilation, Ho, Wo) -> dict:

@@ -24,6 +24,7 @@ from . import forward as _fwd
 from ._common import (
     ACTIVATIONS,
     INTERPRET,
+    MAXNREG,
     activate,
     activation_grad,
     cast,
@@ -175,19 +176,20 @@ def _strides(t: torch.Tensor, prefix: str) -> dict:
 
 def _blocks() -> dict:
     """Block sizes of the backward kernels. Fixed, not tuned: the split of the weight
-    reductions must not depend on a timing (see the module docstring)."""
+    reductions must not depend on a timing (see the module docstring). 32 pixels a
+    program: at 64, sm_90a / sm_80 spilled 8-112 bytes (ptxas) in float32's _input and
+    _pw_weight and in NCHW 7x7's _mid (python -m benchmarks.triton_fit)."""
     if INTERPRET:
-        return dict(P=64, C=16, WARPS=1)
-    return dict(P=64, C=64, WARPS=4)
+        return dict(P=64, C=16, LAUNCH=dict(num_warps=1))
+    return dict(P=32, C=64, LAUNCH=dict(num_warps=4, maxnreg=MAXNREG))
 
 
-def _mid_blocks(bco: int, bk: int, mode: dict) -> tuple[int, int]:
+def _mid_blocks(bco: int, bk: int) -> tuple[int, int]:
     """_mid's output channels per step of its dot (K) and mid channels per program. It
     holds the depthwise tile, the dot's operands and its accumulator at once: with 64
     mid channels sm_90a spilled 1232 bytes in 16-bit NCHW 7x7 and 240-1520 in float32
-    (triton 3.6); 32 mid channels, and for float32's FMA dot 32 output channels a step,
-    leave 0-16 (python -m benchmarks.triton_fit)."""
-    return (min(bco, 32) if mode["PRECISION"] == "ieee" else bco), min(bk, 32)
+    (triton 3.6); with 64 output channels a step, 8 bytes at 32 pixels (7x7 bf16)."""
+    return min(bco, 32), min(bk, 32)
 
 
 def _splits(x: torch.Tensor, programs: int, p_blocks: int, partial_size: int) -> int:
@@ -233,7 +235,7 @@ def launch(grad_y, x, dw_weight, pw_weight, dw_bias, pw_bias, stride, padding, d
     gu = torch.empty((P, Cm), dtype=x.dtype, device=x.device) if need_gu else None
     mid = torch.empty((P, Cm), dtype=x.dtype, device=x.device) if need_pw else None
     if need_gu or need_pw:
-        bco_mid, bk_mid = _mid_blocks(bco, bk, mode)
+        bco_mid, bk_mid = _mid_blocks(bco, bk)
         grid = (cdiv(P, b["P"]) * cdiv(Cm, bk_mid),)
         _mid[grid](x, wdw, wdw if dw_bias is None else dw_bias.contiguous(), wpw, gz,
                    gu if need_gu else wpw, mid if need_pw else wpw, P, Cm, Co,
@@ -241,18 +243,21 @@ def launch(grad_y, x, dw_weight, pw_weight, dw_bias, pw_bias, stride, padding, d
                    **_strides(gz, "sg"), ACT1=ACTIVATIONS.index(mid_activation),
                    HAS_BDW=dw_bias is not None, STORE_GU=need_gu, STORE_MID=need_pw, **mode,
                    BLOCK_P=b["P"], BLOCK_CO=bco_mid, BLOCK_K=bk_mid,
-                   num_warps=b["WARPS"])
+                   **b["LAUNCH"])
 
     gdw = gpw = None
     p_blocks = cdiv(P, b["P"])
     if need_pw:
-        tiles = cdiv(Co, bco) * cdiv(Cm, bk)
+        # float32's FMA dot over 64 output channels spilled 24 bytes (NCHW, sm_80, triton
+        # 3.9; over 32 mid channels instead, 80-88 on both targets)
+        bco_pw = min(bco, 32) if mode["PRECISION"] == "ieee" else bco
+        tiles = cdiv(Co, bco_pw) * cdiv(Cm, bk)
         S = _splits(x, tiles, p_blocks, Co * Cm)
         chunk = cdiv(p_blocks, S) * b["P"]
         partial = torch.empty((S, Co, Cm), dtype=torch.float32, device=x.device)
         _pw_weight[(tiles * S,)](gz, mid, partial, P, Cm, Co, Ho, Wo, **_strides(gz, "sg"),
-                                 chunk=chunk, **mode, BLOCK_P=b["P"], BLOCK_CO=bco, BLOCK_K=bk,
-                                 num_warps=b["WARPS"])
+                                 chunk=chunk, **mode, BLOCK_P=b["P"], BLOCK_CO=bco_pw,
+                                 BLOCK_K=bk, **b["LAUNCH"])
         gpw = partial.sum(0).to(pw_weight.dtype).view(pw_weight.shape)
     if need_dw:
         tiles = cdiv(Cm, bk) * KK
@@ -261,7 +266,7 @@ def launch(grad_y, x, dw_weight, pw_weight, dw_bias, pw_bias, stride, padding, d
         partial = torch.empty((S, Cm, KK), dtype=torch.float32, device=x.device)
         _dw_weight[(tiles * S,)](
             x, gu, partial, P, Cm, **geom, chunk=chunk, BLOCK_P=b["P"], BLOCK_K=bk,
-            num_warps=b["WARPS"])
+            **b["LAUNCH"])
         gdw = partial.sum(0).to(dw_weight.dtype).view(dw_weight.shape)
     if need_x:
         bc = channel_block(C)
@@ -270,7 +275,7 @@ def launch(grad_y, x, dw_weight, pw_weight, dw_bias, pw_bias, stride, padding, d
         _input[grid](gu, wdw, gx, N * H * W, C, Cm,
                      **{k: v for k, v in geom.items() if k not in skip}, **_strides(gx, "sg"),
                      EMULATE_BF16=mode["EMULATE_BF16"], BLOCK_P=b["P"], BLOCK_C=bc,
-                     num_warps=b["WARPS"])
+                     **b["LAUNCH"])
     gdwb = gu.sum(0, dtype=torch.float32).to(dw_bias.dtype) if need_dwb else None
     gpwb = gz.sum((0, 2, 3), dtype=torch.float32).to(pw_bias.dtype) if need_pwb else None
     return gx, gdw, gpw, gdwb, gpwb

@@ -21,8 +21,10 @@ import triton.language as tl
 from ._common import (
     ACTIVATIONS,
     INTERPRET,
+    MAXNREG,
     activate,
     activation_grad,
+    arch,
     autotuned,
     cast,
     cdiv,
@@ -102,76 +104,103 @@ def _depthwise(x, wdw, bdw, mid, P, Cm, H, W, Ho, Wo, sxn, sxc, sxh, sxw, sh, sw
     tl.store(mid + at, cast(activate(u, ACT1), mid.dtype.element_ty, EMULATE_BF16), mask=mask)
 
 
-def _fits_fma_dot(bp: int, bco: int, bk: int, warps: int) -> bool:
-    """Whether a float32 "ieee" dot (torch's default, allow_tf32 off), which Triton
-    builds from FMAs with both operands and the accumulator spread over the threads'
-    registers, fits them: at most 96 such values a thread. Over it, sm_90a gets a
-    5-6 KB stack (32 registers and the operands in local memory) for 64x128x32,
-    64x256x32 and 32x128x64; at or under it none, or 8-24 bytes in NCHW (triton 3.6,
-    benchmarks/results/triton-fit/ at ec315e6)."""
-    return ((bp + bco) * bk + bp * bco) <= 96 * 32 * warps
+def fits(bp: int, bco: int, bk: int, warps: int, precision: str, nchw: bool, cc: int) -> bool:
+    """Whether a forward block compiles without spilling registers (ptxas's spill stores,
+    python -m benchmarks.triton_fit, triton 3.6 and 3.9, sm_90a and sm_80):
+
+    - float32's "ieee" dot (torch's default, allow_tf32 off), which Triton builds from
+      FMAs with both operands and the accumulator spread over the threads' registers:
+      at most 48 such values a thread. 64x64x32 (64 a thread) spilled 8 bytes on sm_90a
+      under triton 3.9; 64x128x32 (112) 5.5 KB everywhere.
+    - NCHW (x's taps gathered along the pixels, or y's stores strided by H*W): at most
+      32 pixels by 64 output channels. Each element of those tiles holds its own 64-bit
+      address; 64x128x32 spilled 88-624 bytes, 64x64x32 16-20, 64x32x32 16-152 at stride 2
+      (16-bit and float32); float32's 32x64x32 GEMM 8 bytes on sm_80.
+    - channels-last 16-bit on sm_80: 64 output channels at most (64x128x32 kept 168
+      registers and spilled 8 bytes there)."""
+    if nchw and (bp > 32 or bco > (32 if precision == "ieee" else 64)):
+        return False
+    if precision == "ieee":
+        return ((bp + bco) * bk + bp * bco) <= 48 * 32 * warps
+    return nchw or cc >= 90 or bco <= 64
 
 
 def _prune(configs, named_args, **kwargs):
-    """Drop tiles much wider than the layer's channel counts, and for float32's FMA dot
-    those that spill (_fits_fma_dot). Triton passes the positional arguments in
-    named_args and the keyword ones (the launch's) in kwargs."""
+    """Drop tiles much wider than the layer's channel counts, and those that spill
+    (fits). Triton passes the positional arguments in named_args and the keyword ones
+    (the launch's) in kwargs."""
     args = {**named_args, **kwargs}
-    co, cm, ieee = args["Co"], args["Cm"], args["PRECISION"] == "ieee"
+    co, cm = args["Co"], args["Cm"]
+    nchw, cc = args["PIXEL_FAST"] or args["soc"] != 1, arch(args["x"])
     keep = [c for c in configs if c.kwargs["BLOCK_CO"] <= max(32, next_pow2(co))
             and c.kwargs["BLOCK_K"] <= max(16, next_pow2(cm))
-            and (not ieee or _fits_fma_dot(c.kwargs["BLOCK_P"], c.kwargs["BLOCK_CO"],
-                                           c.kwargs["BLOCK_K"], c.num_warps))]
+            and fits(c.kwargs["BLOCK_P"], c.kwargs["BLOCK_CO"], c.kwargs["BLOCK_K"],
+                     c.num_warps, args["PRECISION"], nchw, cc)]
     return keep or configs[:1]
 
 
 # Candidates that compile without a stack frame (spills) in 16-bit channels_last on
 # sm_90a for the benchmark layers, 3x3 and 7x7 (benchmarks/results/triton-fit/ as of
-# commit fca3e76, triton 3.6; on sm_80 three keep 8-160 bytes). Dropped for spilling
-# there: 128x32x64 (2.7-6.7 KB of stack on every layer), 128x256x32, 128x128x64,
-# 128x64x32, 128x32x32, 256x32x32, 64x64x64. NCHW still spills in most (NOTES.md).
+# commit fca3e76, triton 3.6). Dropped for spilling there: 128x32x64 (2.7-6.7 KB of
+# stack on every layer), 128x256x32, 128x128x64, 128x64x32, 128x32x32, 256x32x32,
+# 64x64x64. The others (float32, NCHW, sm_80) take those of them that fits() allows.
 _CONFIGS = [
-    triton.Config(dict(BLOCK_P=bp, BLOCK_CO=bco, BLOCK_K=bk), num_warps=warps, num_stages=stages)
+    triton.Config(dict(BLOCK_P=bp, BLOCK_CO=bco, BLOCK_K=bk), num_warps=warps, num_stages=stages,
+                  maxnreg=MAXNREG)
     for bp, bco, bk, warps, stages in [
         (64, 32, 32, 4, 2), (64, 64, 32, 4, 2), (64, 128, 32, 4, 2), (128, 128, 32, 8, 2),
-        (64, 256, 32, 8, 2), (32, 64, 32, 4, 2), (32, 128, 64, 4, 2),
+        (64, 256, 32, 8, 2), (32, 64, 32, 4, 2), (32, 128, 64, 4, 2), (32, 32, 32, 4, 2),
     ]
 ]
 # The batch (P) is not in the key: a new batch size reuses the tuned choice.
 _forward_tuned = triton.autotune(
-    _CONFIGS, key=["Cm", "Co", "H", "W", "Ho", "Wo", "sxc", "KH", "KW", "GRAD", "DEPTHWISE"],
+    _CONFIGS, key=["Cm", "Co", "H", "W", "Ho", "Wo", "sxc", "soc", "KH", "KW", "GRAD",
+                   "DEPTHWISE"],
     prune_configs_by=dict(early_config_prune=_prune))(_forward)
 
 
-def _widest(precision: str) -> int:
-    """The fixed BLOCK_CO for wide layers: 64 for float32's FMA dot (_fits_fma_dot:
-    64x128x32 spills there), else 128."""
-    return 64 if precision == "ieee" else 128
+def wide_blocks(precision: str, nchw: bool, cc: int) -> tuple[int, int]:
+    """(BLOCK_P, BLOCK_CO) of the fixed blocks for layers with many output channels: the
+    largest that fits() allows, 64x128 where it allows that."""
+    if nchw:
+        return 32, 32 if precision == "ieee" else 64
+    if precision == "ieee":
+        return 32, 64
+    return 64, 128 if cc >= 90 else 64
 
 
-def _fixed_config(Co: int, precision: str) -> dict:
+def _fixed_config(Co: int, wide: tuple[int, int]) -> dict:
     if INTERPRET:  # small tiles, so that small test shapes span several blocks
         return dict(BLOCK_P=64, BLOCK_CO=16, BLOCK_K=16)
-    return dict(BLOCK_P=64, BLOCK_CO=min(_widest(precision), max(32, next_pow2(Co))),
-                BLOCK_K=32, num_warps=4, num_stages=2)
+    return dict(BLOCK_P=wide[0], BLOCK_CO=min(wide[1], max(32, next_pow2(Co))), BLOCK_K=32,
+                num_warps=4, num_stages=2, maxnreg=MAXNREG)
 
 
 # SEPCONV_TRITON_SPLIT=auto|always|never: splits_depthwise's rule, or forced (tests).
 SPLIT = os.environ.get("SEPCONV_TRITON_SPLIT", "auto")
 
 
-def splits_depthwise(Co: int, KH: int, KW: int, precision: str) -> bool:
+def splits_depthwise(Co: int, KH: int, KW: int, widest: int) -> bool:
     """Whether the forward computes the depthwise once into a buffer rather than in
-    every column block: where there are at least 2 blocks of the fixed width and they
-    redo 36 taps or more (3x3 from 4 blocks, 7x7 from 2). H200, bfloat16, fused,
-    channels-last, batch 128, pair / sepconv kernel time: 3x3 with Co 64-128 (one
-    block) 1.95-2.39x, 256 (two) 1.18-1.46x, 512 (four) 0.59-0.73x; 7x7 convnext
-    (3-24 blocks) 0.05-0.22x, about 1 ms a layer whatever its width: the recomputed
-    depthwise. The buffer's round trip is 4 bytes per pixel and mid channel (16-bit)."""
+    every column block of ``widest`` output channels: where there are at least 2 and
+    they would redo 36 taps or more (at 128 wide: 3x3 from 4 blocks, 7x7 from 2). H200,
+    bfloat16, fused, channels-last, batch 128, pair / sepconv kernel time: 3x3 with Co
+    64-128 (one block) 1.95-2.39x, 256 (two) 1.18-1.46x, 512 (four) 0.59-0.73x; 7x7
+    convnext (3-24 blocks) 0.05-0.22x, about 1 ms a layer whatever its width: the
+    recomputed depthwise. The buffer's round trip is 4 bytes per pixel and mid channel
+    (16-bit)."""
     if SPLIT != "auto":
         return SPLIT == "always"
-    blocks = cdiv(Co, _widest(precision))
+    blocks = cdiv(Co, widest)
     return blocks >= 2 and blocks * KH * KW >= 36
+
+
+def _depthwise_blocks() -> dict:
+    """_depthwise's blocks: 64x32 spilled 208-280 bytes in NCHW 7x7 (sm_90a, triton
+    3.9); 32x32 none."""
+    if INTERPRET:
+        return dict(BLOCK_P=64, BLOCK_K=16)
+    return dict(BLOCK_P=32, BLOCK_K=32, num_warps=4, maxnreg=MAXNREG)
 
 
 # _depthwise's scalar and constexpr arguments, taken from the forward's
@@ -198,13 +227,15 @@ def launch(x, dw_weight, pw_weight, dw_bias, pw_bias, stride, padding, dilation,
         ACT1=ACTIVATIONS.index(mid_activation), ACT2=ACTIVATIONS.index(activation),
         HAS_BDW=dw_bias is not None, HAS_BPW=pw_bias is not None, GRAD=grad_y is not None,
         **dot_mode(x))
-    split = splits_depthwise(Co, args["KH"], args["KW"], args["PRECISION"])
+    # NCHW: x's taps gathered along the pixels, or y's stores strided (fits)
+    wide = wide_blocks(args["PRECISION"], args["PIXEL_FAST"] or out.stride(1) != 1, arch(x))
+    split = splits_depthwise(Co, args["KH"], args["KW"], wide[1])
     if split:
         mid = torch.empty((P, Cm), dtype=x.dtype, device=x.device)
-        bp, bk = (64, 16) if INTERPRET else (64, 32)
-        _depthwise[(cdiv(P, bp) * cdiv(Cm, bk),)](
-            x, wdw, bdw, mid, P, Cm, **{k: v for k, v in args.items() if k in _DW_ARGS},
-            BLOCK_P=bp, BLOCK_K=bk, num_warps=4)
+        blocks = _depthwise_blocks()
+        grid = (cdiv(P, blocks["BLOCK_P"]) * cdiv(Cm, blocks["BLOCK_K"]),)
+        _depthwise[grid](x, wdw, bdw, mid, P, Cm,
+                         **{k: v for k, v in args.items() if k in _DW_ARGS}, **blocks)
         x = mid
     args["DEPTHWISE"] = not split
     tensors = (x, wdw, bdw, wpw, bpw, out, out if grad_y is None else grad_y)
@@ -212,7 +243,7 @@ def launch(x, dw_weight, pw_weight, dw_bias, pw_bias, stride, padding, dilation,
         grid = lambda meta: (cdiv(P, meta["BLOCK_P"]) * cdiv(Co, meta["BLOCK_CO"]),)  # noqa: E731
         _forward_tuned[grid](*tensors, **args)
     else:
-        cfg = _fixed_config(Co, args["PRECISION"])
+        cfg = _fixed_config(Co, wide)
         grid = (cdiv(P, cfg["BLOCK_P"]) * cdiv(Co, cfg["BLOCK_CO"]),)
         _forward[grid](*tensors, **args, **cfg)
     return out
