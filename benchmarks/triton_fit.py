@@ -199,6 +199,7 @@ def main(argv: list[str] | None = None) -> int:
                                              tuned=autotune, spill_stores=st, spill_loads=ld,
                                              **resources(kernel)))
     args.out.mkdir(parents=True, exist_ok=True)
+    commit = _commit()  # before the first table lands: it may be a tracked file
     for cc in args.target:
         mine = [r for r in rows if r["target"] == cc]
         over = [r for r in mine if r["shared"] > SHARED_LIMIT[cc]]
@@ -213,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
         lines = [f"# Triton kernels on sm_{cc}{'a' if cc == 90 else ''}: triton "
                  f"{triton.__version__}{' (--quick)' if args.quick else ''}", "",
                  f"`python -m benchmarks.triton_fit {' '.join(argv or sys.argv[1:])}` at "
-                 f"sepconv {_commit()}", "",
+                 f"sepconv {commit}", "",
                  f"{len(mine)} kernels compiled; {len(spills)} spill registers (ptxas: spill "
                  f"stores); {len(stacks)} have a stack frame; {len(over)} over the "
                  f"shared-memory limit ({SHARED_LIMIT[cc]} bytes).", "",
