@@ -97,17 +97,25 @@ inline int64_t band_rows(const Geometry& g) {
 
 // Whether the backward splits the mid channels over the threads (backward_split)
 // rather than running bands in parallel: where the bands' phases would leave the
-// threads idle a tenth of the time or more. Each thread needs a panel of channels, of
+// threads idle a quarter of the time or more. Each thread needs a panel of channels, of
 // whole input channels. Measured on Zen 5, batch 1, 2 threads, backward call against
 // bands of the old fixed height: 768x7->3072 (k7) 3.73 -> 1.67 ms, 1024x7 1.18 -> 0.68,
 // 384x14->1536 (k7) 2.02 -> 1.43, 512x14 0.74 -> 0.67, 960x7->160 0.22 -> 0.18. Where
 // band_rows balances the phases (19x19, 28x28, 56x56) bands were as fast or faster.
+// The split's three barriers a band and narrower GEMMs cost more than a 14x14 output's
+// 12% of idling (k3: busiest thread 8 rows of 14): Zen 4, batch 1, training step,
+// in-process A/B, bands / split against the pair, NCHW and CL: 192x28->64/s2 1.63 / 0.82x
+// and 1.92 / 0.98x, 576x14->96 1.02 / 0.86x and 1.17 / 1.02x, 256x28->512/s2 0.95 / 0.77x
+// and 1.17 / 1.01x, 384x14->64 1.31 / 1.02x and 1.50 / 1.19x, 512x14->512 1.08 / 1.03x and
+// 1.17 / 1.13x (Zen 5 had 512x14 even: 1.09 / 1.07 ms). At 7x7 (50% idle) and 14x14 with
+// k7 (42%) the split still wins there: 960x7->320 1.03 / 1.29x and 1.02 / 1.30x,
+// 512x14->1024/s2 0.81 / 0.99x and 1.48 / 1.77x, 384x14->1536 0.99 / 1.14x and 1.09 / 1.34x.
 template <class T> bool splits_channels(const Geometry& g, int64_t R) {
   constexpr int64_t nr = NR<T>();
   if (g.N == 0 || nr % g.m != 0 || g.backward_mode == BACKWARD_BANDS) return false;
   if (g.backward_mode == BACKWARD_SPLIT) return true;
   return g.threads > 1 && ceil_div(g.Cm, nr) >= g.threads &&
-         9 * busiest_rows(g, R) * g.threads > 10 * g.N * g.Ho;
+         3 * busiest_rows(g, R) * g.threads > 4 * g.N * g.Ho;
 }
 
 // The backward with the mid channels split over the threads, for calls with few
