@@ -44,3 +44,26 @@ def test_kernels_compile_fit_and_do_not_spill(tmp_path, triton_path):
                        "_forward (GRAD) (GEMM)", "_mid", "_pw_weight", "_dw_weight", "_input"):
             assert f"| {kernel} |" in table
         assert "| yes |" in table  # the autotune configs compiled too
+
+
+def test_static_estimate_covers_every_layer(tmp_path):
+    """benchmarks/triton_estimate.py: a predicted time for every benchmark layer in both
+    layouts, from kernels compiled for sm_90a, and the suite sums it tests against."""
+    from benchmarks.shapes import SUITES
+
+    out = tmp_path / "estimate.md"
+    run = subprocess.run([sys.executable, "-m", "benchmarks.triton_estimate", "--batch", "128",
+                          "--out", str(out)], cwd=Path(__file__).parents[1],
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-4000:]
+    rows = [line.split(" | ") for line in out.read_text().splitlines()
+            if line.startswith("| mobilenet") or line.startswith("| convnext")]
+    layer_rows = [r for r in rows if len(r) == 8]
+    want = {(s, layer.name(), fmt) for s in ("mobilenet_v1", "mobilenet_v2", "convnext")
+            for layer in SUITES[s] for fmt in ("nchw", "channels_last")}
+    assert {(r[0][2:], r[1], r[3]) for r in layer_rows} == want
+    for r in layer_rows:
+        predicted, floor = float(r[5]), float(r[6])
+        assert predicted >= floor > 0, r  # nothing beats the bytes floor
+    sums = [r for r in rows if len(r) == 6]
+    assert len(sums) == 6 and all(float(r[-1].rstrip("x |")) > 0 for r in sums)
