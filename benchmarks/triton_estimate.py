@@ -92,6 +92,19 @@ def calibrate() -> tuple[dict, float, float, list[str]]:
     for (fmt, k), v in sorted(rates.items()):
         lines.append(f"{fmt} {k}x{k}: {r[fmt, k] / 1e9:.1f} GB/s per SM (median of {len(v)} "
                      f"layers; they spread {min(v) / r[fmt, k]:.2f}-{max(v) / r[fmt, k]:.2f}x)")
+    # the model's own error: the measured kernels' suite sums, predicted with those rates
+    for suite in SUITE_NAMES:
+        for fmt in FORMATS:
+            pred = then = 0.0
+            for row in run["suites"][suite]:
+                layer = Layer(row["c_in"], row["hw"], row["c_out"], row["stride"], row["kernel"])
+                k, P = layer.kernel, pixels(layer, run["batch"])
+                b = OLD_BLOCKS_PER_SM[k]
+                waves = cdiv(cdiv(P, OLD["bp"]) * cdiv(layer.c_out, OLD["bco"]), SMS * b)
+                pred += waves * b * tap_bytes(OLD["bp"], layer.c_in, k) / r[fmt, k]
+                then += row[f"sepconv_{fmt}_kernel_s"]
+            lines.append(f"{suite} {fmt}, the measured kernels: predicted {pred * 1e3:.3f} ms, "
+                         f"measured {then * 1e3:.3f} ms ({pred / then:.2f}x)")
     return r, run["peaks"]["copy_gbs"] * 1e9, run["peaks"]["compute_gflops"] * 1e9, lines
 
 
@@ -169,7 +182,8 @@ def main(argv: list[str] | None = None) -> int:
              " sm_90a, bfloat16, fixed blocks)", "",
              f"`python -m benchmarks.triton_estimate {' '.join(argv or sys.argv[1:])}` at "
              f"sepconv {triton_fit._commit()}; model and calibration: the module's docstring.",
-             "", "Per-SM tap rates of the measured kernels (H200, batch 128):", ""]
+             "", "Per-SM tap rates of the measured kernels (H200, batch 128), and the model "
+             "applied to those kernels against what they measured:", ""]
     lines += [f"- {line}" for line in fit]
     lines += ["", f"Copy {bw / 1e12:.2f} TB/s, bfloat16 matmul {mm / 1e12:.0f} TFLOP/s "
               "(measured in that run). Floor: the layer's minimum bytes at that copy rate. "
