@@ -120,6 +120,10 @@ SEPCONV_TRITON_SPLIT=never step "fwd-unsplit" "$LIMIT" "${BENCH[@]}" --out "$RES
 SEPCONV_TRITON_PIXEL_FAST=never step "fwd-nchw-channel-fast" "$LIMIT" "${BENCH[@]}" \
     --out "$RES-channel-fast" --suite "${SUITES[0]}" --format nchw --dtype "${DT[0]}" \
     --batch "${B[1]}"
+# NCHW with the depthwise always split: benchmarks/triton_estimate.py predicts that the
+# NCHW layers left fused (64 output channels a block) lose more to recomputing it.
+SEPCONV_TRITON_SPLIT=always step "fwd-nchw-split" "$LIMIT" "${BENCH[@]}" --out "$RES-split" \
+    --suite "${SUITES[@]:0:2}" --format nchw --dtype "${DT[0]}" --batch "${B[1]}"
 step "fwdbwd-${DT[0]}-b${B[1]}" "$LIMIT" "${LAYERS[@]}" --dtype "${DT[0]}" --batch "${B[1]}" \
     --mode fwdbwd
 if [[ ${SEPCONV_GPU_AUTOTUNE:-0} == 1 ]]; then
