@@ -126,7 +126,6 @@ def test_fixed_blocks_are_among_those_that_fit(precision, nchw, cc):
 def test_host_helpers_match_triton():
     """cdiv / next_pow2 stand in for triton's (5 us a call on the host) in the launches."""
     import triton
-
     from sepconv.triton_kernels._common import cdiv, next_pow2
     for n in range(1, 3000):
         assert next_pow2(n) == triton.next_power_of_2(n)
