@@ -41,6 +41,7 @@ os.environ.pop("TRITON_INTERPRET", None)  # compile for the GPU, not the interpr
 
 import torch  # noqa: E402
 from sepconv.triton_kernels import forward  # noqa: E402
+from sepconv.triton_kernels._common import cdiv  # noqa: E402
 from triton.runtime import driver  # noqa: E402
 from triton.runtime.jit import JITFunction  # noqa: E402
 
@@ -58,10 +59,6 @@ SUITE_NAMES = ("mobilenet_v1", "mobilenet_v2", "convnext")
 ELT = 2  # bytes per bfloat16 element
 
 
-def cdiv(a: int, b: int) -> int:
-    return -(-a // b)
-
-
 def pixels(layer: Layer, batch: int) -> int:
     return batch * layer.out_hw**2
 
@@ -71,41 +68,34 @@ def tap_bytes(bp: int, channels: int, k: int) -> int:
     return bp * channels * k * k * ELT
 
 
-def calibrate() -> tuple[dict, float, float, list[str]]:
-    """The per-SM tap rate r (bytes/s) of the measured kernels, per (layout, kernel
-    size): the median over the suites' layers at batch 128; the copy bandwidth and the
-    matmul rate measured in that run; and each layer's fit, for the notes."""
-    run = json.loads(MEASURED.read_text())
-    rates, lines = {}, []
+def calibrate(run: dict) -> tuple[dict, list[str]]:
+    """The per-SM tap rate r (bytes/s) of the measured kernels (run: the H200's
+    results), per (layout, kernel size): the median over the suites' layers; and, for
+    the notes, the rates' spread and the model's suite sums for those kernels."""
+    work = []  # (suite, layout, k, a wave's tap bytes per SM x waves, measured seconds)
     for suite in SUITE_NAMES:
         for row in run["suites"][suite]:
             layer = Layer(row["c_in"], row["hw"], row["c_out"], row["stride"], row["kernel"])
-            k, P = layer.kernel, pixels(layer, run["batch"])
-            programs = cdiv(P, OLD["bp"]) * cdiv(layer.c_out, OLD["bco"])
-            b = OLD_BLOCKS_PER_SM[k]
-            waves = cdiv(programs, SMS * b)
-            for fmt in FORMATS:
-                t = row[f"sepconv_{fmt}_kernel_s"]
-                rates.setdefault((fmt, k), []).append(
-                    waves * b * tap_bytes(OLD["bp"], layer.c_in, k) / t)
+            k, b = layer.kernel, OLD_BLOCKS_PER_SM[layer.kernel]
+            programs = cdiv(pixels(layer, run["batch"]), OLD["bp"]) * cdiv(layer.c_out, OLD["bco"])
+            per_sm = cdiv(programs, SMS * b) * b * tap_bytes(OLD["bp"], layer.c_in, k)
+            work += [(suite, fmt, k, per_sm, row[f"sepconv_{fmt}_kernel_s"]) for fmt in FORMATS]
+    rates = {}
+    for _, fmt, k, per_sm, t in work:
+        rates.setdefault((fmt, k), []).append(per_sm / t)
     r = {key: statistics.median(v) for key, v in rates.items()}
-    for (fmt, k), v in sorted(rates.items()):
-        lines.append(f"{fmt} {k}x{k}: {r[fmt, k] / 1e9:.1f} GB/s per SM (median of {len(v)} "
-                     f"layers; they spread {min(v) / r[fmt, k]:.2f}-{max(v) / r[fmt, k]:.2f}x)")
+    lines = [f"{fmt} {k}x{k}: {r[fmt, k] / 1e9:.1f} GB/s per SM (median of {len(v)} layers; "
+             f"they spread {min(v) / r[fmt, k]:.2f}-{max(v) / r[fmt, k]:.2f}x)"
+             for (fmt, k), v in sorted(rates.items())]
     # the model's own error: the measured kernels' suite sums, predicted with those rates
     for suite in SUITE_NAMES:
         for fmt in FORMATS:
-            pred = then = 0.0
-            for row in run["suites"][suite]:
-                layer = Layer(row["c_in"], row["hw"], row["c_out"], row["stride"], row["kernel"])
-                k, P = layer.kernel, pixels(layer, run["batch"])
-                b = OLD_BLOCKS_PER_SM[k]
-                waves = cdiv(cdiv(P, OLD["bp"]) * cdiv(layer.c_out, OLD["bco"]), SMS * b)
-                pred += waves * b * tap_bytes(OLD["bp"], layer.c_in, k) / r[fmt, k]
-                then += row[f"sepconv_{fmt}_kernel_s"]
+            mine = [(per_sm / r[fmt, k], t) for s, f, k, per_sm, t in work
+                    if s == suite and f == fmt]
+            pred, then = sum(p for p, _ in mine), sum(t for _, t in mine)
             lines.append(f"{suite} {fmt}, the measured kernels: predicted {pred * 1e3:.3f} ms, "
                          f"measured {then * 1e3:.3f} ms ({pred / then:.2f}x)")
-    return r, run["peaks"]["copy_gbs"] * 1e9, run["peaks"]["compute_gflops"] * 1e9, lines
+    return r, lines
 
 
 _launches: list[tuple[str, dict, object]] = []
@@ -173,8 +163,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "triton-fit"
                     / f"estimate_sm90_triton{triton_fit.triton.__version__}.md")
     args = ap.parse_args(argv)
-    r, bw, mm, fit = calibrate()
     measured = json.loads(MEASURED.read_text())
+    r, fit = calibrate(measured)
+    bw, mm = measured["peaks"]["copy_gbs"] * 1e9, measured["peaks"]["compute_gflops"] * 1e9
     JITFunction.run = _capture(JITFunction.run)
     driver.set_active(triton_fit._Target(CC))
     forward.arch = lambda x: CC
