@@ -3,6 +3,7 @@ the dot, and how block sizes are chosen."""
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -206,9 +207,13 @@ def arch(x: torch.Tensor) -> int:
     for the block sizes that compile without spills there; 90 off a GPU (the
     interpreter's tests take the H100's blocks). benchmarks/triton_fit.py sets its
     target's."""
-    if not x.is_cuda:
-        return 90
-    major, minor = torch.cuda.get_device_capability(x.device)
+    return _capability(x.device.index) if x.is_cuda else 90
+
+
+@functools.lru_cache(maxsize=None)
+def _capability(index: int) -> int:
+    """Once per device: every launch asks (host time is most of a small layer's call)."""
+    major, minor = torch.cuda.get_device_capability(index)
     return 10 * major + minor
 
 

@@ -125,13 +125,19 @@ def fits(bp: int, bco: int, bk: int, warps: int, precision: str, nchw: bool, cc:
     return nchw or cc >= 90 or bco <= 64
 
 
+def _nchw(args: dict) -> bool:
+    """Whether a launch takes fits()'s NCHW bounds: x's taps gathered along the pixels,
+    or y's stores strided by H*W."""
+    return args["PIXEL_FAST"] or args["soc"] != 1
+
+
 def _prune(configs, named_args, **kwargs):
     """Drop tiles much wider than the layer's channel counts, and those that spill
     (fits). Triton passes the positional arguments in named_args and the keyword ones
     (the launch's) in kwargs."""
     args = {**named_args, **kwargs}
     co, cm = args["Co"], args["Cm"]
-    nchw, cc = args["PIXEL_FAST"] or args["soc"] != 1, arch(args["x"])
+    nchw, cc = _nchw(args), arch(args["x"])
     keep = [c for c in configs if c.kwargs["BLOCK_CO"] <= max(32, next_pow2(co))
             and c.kwargs["BLOCK_K"] <= max(16, next_pow2(cm))
             and fits(c.kwargs["BLOCK_P"], c.kwargs["BLOCK_CO"], c.kwargs["BLOCK_K"],
@@ -227,8 +233,7 @@ def launch(x, dw_weight, pw_weight, dw_bias, pw_bias, stride, padding, dilation,
         ACT1=ACTIVATIONS.index(mid_activation), ACT2=ACTIVATIONS.index(activation),
         HAS_BDW=dw_bias is not None, HAS_BPW=pw_bias is not None, GRAD=grad_y is not None,
         **dot_mode(x))
-    # NCHW: x's taps gathered along the pixels, or y's stores strided (fits)
-    wide = wide_blocks(args["PRECISION"], args["PIXEL_FAST"] or out.stride(1) != 1, arch(x))
+    wide = wide_blocks(args["PRECISION"], _nchw(args), arch(x))
     split = splits_depthwise(Co, args["KH"], args["KW"], wide[1])
     if split:
         mid = torch.empty((P, Cm), dtype=x.dtype, device=x.device)
