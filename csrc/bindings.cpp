@@ -141,6 +141,7 @@ Geometry parse(const py::tuple& t) {
   g.act1 = (int)get(t, 19); g.act2 = (int)get(t, 20); g.threads = (int)get(t, 21);
   g.tile_bytes = g_tile_bytes;
   g.l2_bytes = kCaches.l2;
+  g.l3_bytes = kCaches.l3;
   g.stream_bytes = g_stream_bytes;
   g.flush_denormals = g_flush_denormals;
   g.backward_mode = g_backward_mode;

@@ -28,6 +28,7 @@ struct Geometry {
   int threads;
   int64_t tile_bytes;     // the forward's depthwise tile budget, from the L2 size (bindings)
   int64_t l2_bytes;       // L2 per core (bindings): bounds what the drivers prefetch
+  int64_t l3_bytes;       // last-level cache (bindings): bounds per-thread weight copies
   int64_t stream_bytes;   // a channels-last y of at least this size is stored non-temporally
   bool flush_denormals;   // treat subnormal inputs and results as zero (FTZ + DAZ) in the call
   int backward_mode;      // BACKWARD_AUTO, or one forced for tests and tuning (bindings)

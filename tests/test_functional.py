@@ -249,6 +249,23 @@ def test_backward_mode_rule():
         _C.set_backward_mode("channels")
 
 
+# Each thread packs its own copy of the pointwise weights where every thread has 64
+# output pixels or more (kernels/pack.h, own_weight_copies), else one shared copy: both
+# sides of that line, on 2 and 3 threads, both layouts, a partial weight panel (Co 40).
+@pytest.mark.parametrize("threads", [2, 3])
+@pytest.mark.parametrize("H,W", [(9, 14), (8, 16), (12, 16)], ids=["126px", "128px", "192px"])
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_weight_copies(native_path, threads, H, W, layout):
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        inputs = make_inputs(1, 24, H, W, 1, 40, 3, seed=3)
+        check_against_oracle(native_path, inputs, 1, 1, 1, "relu", None,
+                             layout=LAYOUTS[layout])
+    finally:
+        torch.set_num_threads(before)
+
+
 @pytest.mark.parametrize("act1", list(ACTS), ids=str)
 @pytest.mark.parametrize("act2", list(ACTS), ids=str)
 def test_activations(path, act1, act2):

@@ -333,8 +333,10 @@ int backward_impl(const Geometry& g, const T* gy, const T* y, const T* x, const 
   const bool one_stack_fits = out.pw_weight && busiest_rows(g, R) * g.Wo <= KP;
   // NCHW without act2: dL/dz is grad_y, transposed straight into GZ (no tile, no copy).
   const bool gz_is_gy = !cl && g.act2 == ACT_NONE;
-  Buf<T> ws(0, T_ * per_thread), acc(1, T_ * sacc), wt(2, kk * Cm), bp(3, need_z ? ldo * Cm : 0),
-      wpk(4, need_g ? Co * ldm : 0), bias(5, ldo, true);
+  const int64_t sbp = need_z ? ldo * Cm : 0, swpk = need_g ? Co * ldm : 0;
+  const bool own = own_weight_copies(g, (sbp + swpk) * (int64_t)sizeof(T));
+  Buf<T> ws(0, T_ * per_thread), acc(1, T_ * sacc), wt(2, kk * Cm), bp(3, (own ? T_ : 1) * sbp),
+      wpk(4, (own ? T_ : 1) * swpk), bias(5, ldo, true);
   Buf<int64_t> cols(6, 2 * g.kw), counts(7, T_);
   if (!ws.p || !acc.p || !wt.p || !bp.p || !wpk.p || !bias.p || !cols.p || !counts.p)
     return OUT_OF_MEMORY;
@@ -354,7 +356,17 @@ int backward_impl(const Geometry& g, const T* gy, const T* y, const T* x, const 
     const bool one_stack = one_stack_fits && omp_get_num_threads() == g.threads;
     const int64_t skip = one_stack ? Co * Cm : 0;  // the accumulator it does not use
     memset(acc.p + tid * sacc + skip, 0, (sacc - skip) * sizeof(T));
-    pack_weights(g, pww, need, bp.p, wpk.p);
+    // Each thread's packed weights: its own copy (own_weight_copies), or the shared one.
+    T* const bpt = bp.p + (own ? tid * sbp : 0);
+    T* const wpkt = wpk.p + (own ? tid * swpk : 0);
+    if (own) {
+      if (need_z)
+        for (int64_t q = 0; q < ceil_div(Co, nr); ++q) pack_wt_panel(pww, Co, Cm, q, bpt + q * Cm * nr);
+      if (need_g)
+        for (int64_t q = 0; q < ceil_div(Cm, nr); ++q) pack_w_panel(pww, Co, Cm, q, wpkt + q * Co * nr);
+    } else {
+      pack_weights(g, pww, need, bp.p, wpk.p);
+    }
     // An NCHW grad_x within a few L2s is cleared whole, before any band adds to it: a
     // band's rows are a short run in each of the C planes (684 bytes at 728x19->728 in
     // bands of 5 rows), and hundreds of small memsets each waited on their lines' reads
@@ -484,7 +496,7 @@ int backward_impl(const Geometry& g, const T* gy, const T* y, const T* x, const 
         if (need_z) {
           Out<T> o{GZ, ldo, false, bias.p, pwb ? 2 : 0, ACT_NONE};
           o.prefetch = &next;
-          gemm(np, Co, Cm, M, ldm, (int64_t)1, (int64_t)0, bp.p, Cm * nr, nr, o);
+          gemm(np, Co, Cm, M, ldm, (int64_t)1, (int64_t)0, bpt, Cm * nr, nr, o);
         }
         if (!gz_is_gy)
           for (int64_t r = 0; r < np; ++r)
@@ -515,7 +527,7 @@ int backward_impl(const Geometry& g, const T* gy, const T* y, const T* x, const 
         // G = dL/dU = (W^T . GZ) * act1'(U)
         Out<T> o{G, ldm, false, nullptr, 0, ACT_NONE};
         o.prefetch = &next;
-        gemm(np, Cm, Co, GZ, ldo, (int64_t)1, (int64_t)0, wpk.p, Co * nr, nr, o);
+        gemm(np, Cm, Co, GZ, ldo, (int64_t)1, (int64_t)0, wpkt, Co * nr, nr, o);
         if (g.act1 != ACT_NONE)
           for (int64_t r = 0; r < np; ++r)
             grad_act(g.act1, G + r * ldm, (direct ? M : U) + r * ldm, G + r * ldm, Cm);

@@ -196,12 +196,19 @@ int forward_impl(const Geometry& g, const T* x, const T* dww, const T* pww, cons
   const int64_t co_block = round_up(ceil_div(Co, co_splits), nr);
   co_splits = ceil_div(Co, co_block);
 
-  Buf<T> wt(0, kk * Cm), bp(1, pack_each ? 0 : npanels * nr * Cm), bias(2, round_up(Co, nr), true);
+  // Each thread packs its own copy of the weights (own_weight_copies), as its first
+  // tile of a weight block needs them.
+  const int64_t packed_elems = npanels * nr * Cm;
+  const bool own = !pack_each && own_weight_copies(g, packed_elems * (int64_t)sizeof(T));
+  Buf<T> wt(0, kk * Cm), bp(1, pack_each || own ? 0 : packed_elems), bias(2, round_up(Co, nr), true);
   const bool pad = pads_band(g);
   const Geometry gp = pad ? padded_geometry(g) : g;
   Buf<int64_t> cols(3, 4 * g.kw);  // tap columns' ranges in g, then in gp
-  const int64_t band = cl ? 0 : band_elems(g, P), pband = pad ? band_elems(gp, P) : 0;
-  const int64_t per_thread = images * P * ldu + band + pband + (pack_each ? Cm * nr : 0);
+  constexpr int64_t line = 64 / (int64_t)sizeof(T);  // each thread's buffers start on a line
+  const int64_t band = cl ? 0 : round_up(band_elems(g, P), line),
+                pband = pad ? round_up(band_elems(gp, P), line) : 0;
+  const int64_t per_thread = images * P * ldu + band + pband + (pack_each ? Cm * nr : 0) +
+                             (own ? packed_elems : 0);
   Buf<T> ws(4, g.threads * per_thread);
   if (!wt.p || !bp.p || !bias.p || !ws.p || !cols.p) return OUT_OF_MEMORY;
   prepare_weights(g, dww, pwb, wt.p, bias.p, cols.p);
@@ -242,7 +249,7 @@ int forward_impl(const Geometry& g, const T* x, const T* dww, const T* pww, cons
 #pragma omp parallel num_threads(g.threads)
   {
   const DenormalMode mode(g.flush_denormals);
-  if (!pack_each) {
+  if (!pack_each && !own) {
 #pragma omp for schedule(static)
     for (int64_t q = 0; q < npanels; ++q) pack_wt_panel(pww, Co, Cm, q, bp.p + q * Cm * nr);
   }
@@ -257,10 +264,17 @@ int forward_impl(const Geometry& g, const T* x, const T* dww, const T* pww, cons
   T* U = ws.p + tid * per_thread;
   T* xb = U + images * P * ldu;
   T* xp = xb + band;  // the padded band
+  T* const packed = own ? xp + pband + (pack_each ? Cm * nr : 0) : bp.p;
+  int64_t packed_block = -1;  // own: the weight block whose panels this thread packed last
   for (int64_t t = t_begin; t < t_end; ++t) {
     int64_t n, ni, p0, p1;
     pixels_of(t, &n, &ni, &p0, &p1);
     const int64_t np = p1 - p0, co0 = t / pixel_tiles * co_block, co1 = imin(co0 + co_block, Co);
+    if (own && t / pixel_tiles != packed_block) {  // (a thread's tiles are block-major)
+      for (int64_t q = co0 / nr; q < ceil_div(co1, nr); ++q)
+        pack_wt_panel(pww, Co, Cm, q, packed + q * Cm * nr);
+      packed_block = t / pixel_tiles;
+    }
     for (int64_t j = 0; j < ni; ++j) {  // image n + j's pixels into U's rows from j * np
       const T* xn = x + (n + j) * g.C * g.H * g.W;
       T* Uj = U + j * np * ldu;
@@ -293,7 +307,7 @@ int forward_impl(const Geometry& g, const T* x, const T* dww, const T* pww, cons
     o.stream = stream;
     o.panel_group = panel_group;
     if (!pack_each && (cl || ni == 1)) {  // channels-last: the images' rows follow in y
-      gemm(ni * np, co1 - co0, Cm, U, ldu, (int64_t)1, (int64_t)0, bp.p + (co0 / nr) * Cm * nr,
+      gemm(ni * np, co1 - co0, Cm, U, ldu, (int64_t)1, (int64_t)0, packed + (co0 / nr) * Cm * nr,
            Cm * nr, nr, o);
       continue;
     }
@@ -304,7 +318,7 @@ int forward_impl(const Geometry& g, const T* x, const T* dww, const T* pww, cons
           oj.c += j * Co * HWo + (j0 - co0) * HWo;
           oj.bias += j0 - co0;
           gemm(np, imin(weight_group * nr, co1 - j0), Cm, U + j * np * ldu, ldu, (int64_t)1,
-               (int64_t)0, bp.p + (j0 / nr) * Cm * nr, Cm * nr, nr, oj);
+               (int64_t)0, packed + (j0 / nr) * Cm * nr, Cm * nr, nr, oj);
         }
       continue;
     }

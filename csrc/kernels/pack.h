@@ -114,3 +114,20 @@ template <class T> void pack_w_panel(const T* w, int64_t Co, int64_t Cm, int64_t
   for (int64_t co = 0; co < Co; ++co)
     for (int64_t jj = 0; jj < nr; ++jj) panel[co * nr + jj] = jj < cols ? w[co * Cm + q * nr + jj] : T(0);
 }
+
+// Whether each thread packs its own copy of the pointwise weights rather than a share
+// of one copy for all (`bytes`: one copy). Every thread's GEMMs read every panel, so a
+// shared copy was in both cores' caches when the next call packed it again, and each
+// of its lines waited for the other core's copy to be invalidated. Zen 4, 2 threads:
+// at 576x14->96, batch 1 (221 KiB packed), the pack took ~40 us of a ~230 us forward,
+// 5 us on one thread with the lines its own; at 728x19->728 (2.1 MiB), ~500 us of 2.7
+// ms, 67 us alone. In-process A/B, shared -> own, suite sums CL / NCHW: forward batch 1
+// mobilenet_v2 1.07 / 1.05x, xception 1.17 / 1.16x, convnext 1.01 / 1.02x; batch 8
+// xception 1.02 / 1.06x, convnext 1.03 / 1.05x; training step (the backward's W^T
+// and W panels) batch 1 mobilenet_v2 CL 1.02x, xception 1.06 / 1.10x, batch 8 1.00x.
+// The copies cost each thread a pack of all the weights where the shared one cost a
+// share, so only while they fit in the L3 together and each thread has 64 pixels or
+// more (a pack costs about what a GEMM pass over the weights for 8 pixels does).
+inline bool own_weight_copies(const Geometry& g, int64_t bytes) {
+  return g.threads * bytes <= g.l3_bytes && g.N * g.Ho * g.Wo >= 64 * g.threads;
+}
