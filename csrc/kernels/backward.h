@@ -17,20 +17,23 @@ BackwardNeeds backward_needs(const Geometry& g, const T* y, const Grads<T>& out)
   return {out.x || out.dw_weight || out.dw_bias, from_y, g.act2 != ACT_NONE && !from_y};
 }
 
-// The pointwise weight's panels both backward drivers read, packed by the calling
-// team (inside a parallel region; no barrier): as W^T for z = W.M + b, as W for dL/dU.
+// The pointwise weight's panels both backward drivers read, as W^T for z = W.M + b,
+// as W for dL/dU (inside a parallel region; no barrier): all of them by this thread
+// into its own copy (`all`, own_weight_copies), else this thread's share of one copy.
 template <class T>
-void pack_weights(const Geometry& g, const T* pww, const BackwardNeeds& need, T* bp, T* wpk) {
+void pack_weights(const Geometry& g, const T* pww, const BackwardNeeds& need, T* bp, T* wpk,
+                  bool all = false) {
   constexpr int64_t nr = NR<T>();
   const int64_t Co = g.Co, Cm = g.Cm;
-  if (need.z) {
-#pragma omp for schedule(static) nowait
-    for (int64_t q = 0; q < ceil_div(Co, nr); ++q) pack_wt_panel(pww, Co, Cm, q, bp + q * Cm * nr);
-  }
-  if (need.g) {
-#pragma omp for schedule(static) nowait
-    for (int64_t q = 0; q < ceil_div(Cm, nr); ++q) pack_w_panel(pww, Co, Cm, q, wpk + q * Co * nr);
-  }
+  int64_t lo, hi;
+  auto range = [&](int64_t n) {
+    if (all) lo = 0, hi = n;
+    else static_range(n, omp_get_thread_num(), omp_get_num_threads(), &lo, &hi);
+  };
+  if (need.z)
+    for (range(ceil_div(Co, nr)); lo < hi; ++lo) pack_wt_panel(pww, Co, Cm, lo, bp + lo * Cm * nr);
+  if (need.g)
+    for (range(ceil_div(Cm, nr)); lo < hi; ++lo) pack_w_panel(pww, Co, Cm, lo, wpk + lo * Co * nr);
 }
 
 // The weight-gradient GEMM's operands, packed where their rows reach 4 KiB (see
@@ -359,14 +362,7 @@ int backward_impl(const Geometry& g, const T* gy, const T* y, const T* x, const 
     // Each thread's packed weights: its own copy (own_weight_copies), or the shared one.
     T* const bpt = bp.p + (own ? tid * sbp : 0);
     T* const wpkt = wpk.p + (own ? tid * swpk : 0);
-    if (own) {
-      if (need_z)
-        for (int64_t q = 0; q < ceil_div(Co, nr); ++q) pack_wt_panel(pww, Co, Cm, q, bpt + q * Cm * nr);
-      if (need_g)
-        for (int64_t q = 0; q < ceil_div(Cm, nr); ++q) pack_w_panel(pww, Co, Cm, q, wpkt + q * Co * nr);
-    } else {
-      pack_weights(g, pww, need, bp.p, wpk.p);
-    }
+    pack_weights(g, pww, need, bpt, wpkt, own);
     // An NCHW grad_x within a few L2s is cleared whole, before any band adds to it: a
     // band's rows are a short run in each of the C planes (684 bytes at 728x19->728 in
     // bands of 5 rows), and hundreds of small memsets each waited on their lines' reads

@@ -207,22 +207,16 @@ int forward_impl(const Geometry& g, const T* x, const T* dww, const T* pww, cons
   // forward, batch 1, in-process A/B against one copy made before the threads start:
   // mobilenet_v2 CL 1.011x, NCHW 1.015x, mobilenet_v1 CL 1.015x.
   const int64_t lw = round_up(kk * Cm, line), lb = round_up(Co, nr), lc = round_up(4 * g.kw, 8);
-  const int copies = g.threads;
-  Buf<T> wt(0, copies * lw), bp(1, pack_each || own ? 0 : packed_elems), bias(2, copies * lb);
+  Buf<T> wt(0, g.threads * lw), bp(1, pack_each || own ? 0 : packed_elems), bias(2, g.threads * lb);
   const bool pad = pads_band(g);
   const Geometry gp = pad ? padded_geometry(g) : g;
-  Buf<int64_t> cols(3, copies * lc);
+  Buf<int64_t> cols(3, g.threads * lc);
   const int64_t band = cl ? 0 : round_up(band_elems(g, P), line),
                 pband = pad ? round_up(band_elems(gp, P), line) : 0;
   const int64_t per_thread = images * P * ldu + band + pband + (pack_each ? Cm * nr : 0) +
                              (own ? packed_elems : 0);
   Buf<T> ws(4, g.threads * per_thread);
   if (!wt.p || !bp.p || !bias.p || !ws.p || !cols.p) return OUT_OF_MEMORY;
-  auto prepare = [&](int64_t i) {  // copy i
-    memset(bias.p + i * lb, 0, lb * sizeof(T));
-    prepare_weights(g, dww, pwb, wt.p + i * lw, bias.p + i * lb, cols.p + i * lc);
-    column_ranges(gp, cols.p + i * lc + 2 * g.kw);
-  };
 
   const int64_t ntiles = pixel_tiles * co_splits, tiles_per_image = ceil_div(HWo, P);
   // Tile t's first image, its images and output pixels [p0, p1) in each. Output-
@@ -260,10 +254,12 @@ int forward_impl(const Geometry& g, const T* x, const T* dww, const T* pww, cons
   {
   const DenormalMode mode(g.flush_denormals);
   const int64_t tid = omp_get_thread_num();
-  prepare(tid);
-  const T* const wt_t = wt.p + tid * lw;
-  const T* const bias_t = bias.p + tid * lb;
-  const int64_t* const cols_t = cols.p + tid * lc;
+  T* const wt_t = wt.p + tid * lw;
+  T* const bias_t = bias.p + tid * lb;
+  int64_t* const cols_t = cols.p + tid * lc;
+  memset(bias_t, 0, lb * sizeof(T));
+  prepare_weights(g, dww, pwb, wt_t, bias_t, cols_t);
+  column_ranges(gp, cols_t + 2 * g.kw);
   if (!pack_each && !own) {
 #pragma omp for schedule(static)
     for (int64_t q = 0; q < npanels; ++q) pack_wt_panel(pww, Co, Cm, q, bp.p + q * Cm * nr);
@@ -278,7 +274,7 @@ int forward_impl(const Geometry& g, const T* x, const T* dww, const T* pww, cons
   T* U = ws.p + tid * per_thread;
   T* xb = U + images * P * ldu;
   T* xp = xb + band;  // the padded band
-  T* const packed = own ? xp + pband + (pack_each ? Cm * nr : 0) : bp.p;
+  T* const packed = own ? xp + pband : bp.p;  // (own: no pack_each panel there)
   int64_t packed_block = -1;  // own: the weight block whose panels this thread packed last
   for (int64_t t = t_begin; t < t_end; ++t) {
     int64_t n, ni, p0, p1;
