@@ -185,9 +185,6 @@ def _check_call(x, depthwise_weight, pointwise_weight, bias, depthwise_bias, str
     if x.dim() != 4:
         raise ValueError(f"expected x with 4 dims (N, C, H, W) or 3 dims (C, H, W), "
                          f"got shape {tuple(x.shape)}")
-    if x.device.type == "meta":
-        raise ValueError("x is a meta tensor; sepconv needs real data (use torch.compile or "
-                         "FakeTensorMode for shape propagation)")
     N, C, H, W = x.shape
     if H == 0 or W == 0:
         raise ValueError(f"x has an empty spatial size {H}x{W}")

@@ -43,8 +43,6 @@ BAD_CALLS = {
     "complex_x": (TypeError, "floating-point",
                   lambda: sep(X.to(torch.complex64), DW, PW)),
     "device_mismatch": (ValueError, "meta", lambda: sep(X, DW.to("meta"), PW)),
-    "meta_input": (ValueError, "meta tensor", lambda: sep(X.to("meta"), DW.to("meta"),
-                                                          PW.to("meta"))),
     "kernel_too_large": (ValueError, "larger than the padded input",
                          lambda: sep(torch.randn(1, 4, 2, 8), DW, PW)),
     "dilated_kernel_too_large": (ValueError, "larger than the padded input",
@@ -179,8 +177,8 @@ if __name__ == "__main__":
 def test_memoised_calls_keep_their_checks():
     """The functional memoises the signatures of checked calls (tensor types, shapes,
     dtypes, devices; hyper-parameters with their types). A bad call equal to a good one
-    (True == 1, 1.0 == 1, same shapes in another dtype or on meta) is still refused after
-    the good one was seen, and lists work as tuples."""
+    (True == 1, 1.0 == 1, same shapes in another dtype or with a weight on another
+    device) is still refused after the good one was seen, and lists work as tuples."""
     from sepconv import functional
 
     x, dw, pw = torch.randn(1, 2, 5, 5), torch.randn(2, 1, 3, 3), torch.randn(3, 2, 1, 1)
@@ -199,8 +197,10 @@ def test_memoised_calls_keep_their_checks():
     with pytest.raises(TypeError, match="has dtype"):
         sepconv.separable_conv2d(x, dw, pw.double(), padding=1, stride=(1, 1))
     with pytest.raises(ValueError, match="meta"):
-        sepconv.separable_conv2d(x.to("meta"), dw.to("meta"), pw.to("meta"), padding=1,
-                                 stride=(1, 1))
+        sepconv.separable_conv2d(x, dw.to("meta"), pw, padding=1, stride=(1, 1))
+    on_meta = sepconv.separable_conv2d(x.to("meta"), dw.to("meta"), pw.to("meta"), padding=1,
+                                       stride=(1, 1))  # shapes only, a separate memo entry
+    assert on_meta.is_meta and on_meta.shape == want.shape
     with pytest.raises(TypeError, match="must be a Tensor"):
         sepconv.separable_conv2d(x, dw, pw.numpy(), padding=1, stride=(1, 1))
     torch.testing.assert_close(sepconv.separable_conv2d(x, dw, pw, padding=[1, 1],

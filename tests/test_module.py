@@ -31,13 +31,17 @@ PADDING_MODES = ["zeros", "reflect", "replicate", "circular"]
 @pytest.mark.parametrize("kwargs", CONV_ARGS, ids=str)
 @pytest.mark.parametrize("padding_mode", PADDING_MODES)
 @pytest.mark.parametrize("unbatched", [False, True])
-def test_output_shape_matches_conv2d(kwargs, padding_mode, unbatched):
-    x = torch.randn(2, 4, 11, 13)
+@pytest.mark.parametrize("device", ["cpu", "meta"])
+def test_output_shape_matches_conv2d(kwargs, padding_mode, unbatched, device):
+    """On the meta device too (timm, accelerate and FSDP build models there): shapes
+    only, as nn.Conv2d gives them."""
+    x = torch.randn(2, 4, 11, 13, device=device)
     if unbatched:
         x = x[0]
-    conv = nn.Conv2d(4, 6, padding_mode=padding_mode, **kwargs)
-    sep = sepconv.SeparableConv2d(4, 6, padding_mode=padding_mode, **kwargs)
-    assert sep(x).shape == conv(x).shape
+    conv = nn.Conv2d(4, 6, padding_mode=padding_mode, device=device, **kwargs)
+    sep = sepconv.SeparableConv2d(4, 6, padding_mode=padding_mode, device=device, **kwargs)
+    y = sep(x)
+    assert y.shape == conv(x).shape and y.device == x.device
 
 
 @pytest.mark.parametrize("padding_mode", PADDING_MODES)
@@ -148,6 +152,31 @@ def test_parameters_and_init_follow_conv2d():
 def test_device_and_dtype_arguments():
     sep = sepconv.SeparableConv2d(4, 6, 3, device="cpu", dtype=torch.float64)
     assert all(p.dtype == torch.float64 for p in sep.parameters())
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_meta_training_step_then_materialise(channels_last):
+    """A model built and traced on meta: the backward gives every gradient's shape;
+    to_empty + reset_parameters then make it a working module on the CPU."""
+    kw = dict(kernel_size=3, stride=2, padding=1, depth_multiplier=2, depthwise_bias=True,
+              mid_activation="relu", activation="silu")
+    sep = sepconv.SeparableConv2d(4, 6, device="meta", **kw)
+    x = torch.randn(3, 4, 9, 8, device="meta", requires_grad=True)
+    if channels_last:
+        x = x.detach().to(memory_format=torch.channels_last).requires_grad_()
+    y = sep(x)
+    assert y.shape == (3, 6, 5, 4) and y.is_meta
+    y.sum().backward()
+    assert x.grad.shape == x.shape
+    for p in sep.parameters():
+        assert p.grad.shape == p.shape and p.grad.is_meta
+    sep.to_empty(device="cpu")
+    sep.reset_parameters()
+    ref = sepconv.SeparableConv2d(4, 6, **kw)
+    ref.load_state_dict(sep.state_dict())
+    xc = torch.randn(3, 4, 9, 8)
+    torch.testing.assert_close(sep(xc), ref(xc))
+    assert sep(xc).abs().sum() > 0
 
 
 def test_repr_like_conv2d():
