@@ -13,7 +13,8 @@ approximate standard convolutions by separable ones.
    module boundaries and functional activations (``F.relu(self.bn(self.dw(x)))``). A chain
    fused this way makes the result an ``fx.GraphModule``.
 
-A chain whose intermediate result has any other user is left alone.
+A chain whose intermediate result has any other user is left alone, and so is a Conv2d
+or BatchNorm2d subclass that overrides forward (timm's Conv2dSame, BatchNormAct2d).
 """
 
 from __future__ import annotations
@@ -61,6 +62,20 @@ def _is_depthwise(m: nn.Module) -> bool:
             and m.out_channels % m.in_channels == 0)
 
 
+def _own_forward(m: nn.Module) -> bool:
+    """A Conv2d or norm subclass whose forward is not its torch base's: its attributes do
+    not say what it computes (timm's Conv2dSame pads from the input size, StdConv2d
+    standardises its weight, BatchNormAct2d applies an activation), so folding it by
+    them would be a wrong result."""
+    base = next(b for b in (nn.Conv2d, nn.SyncBatchNorm, nn.BatchNorm2d) if isinstance(m, b))
+    return type(m).forward is not base.forward
+
+
+def _fusable(m) -> bool:
+    """A Conv2d or norm whose weights say what it computes (anything else: True)."""
+    return not isinstance(m, (nn.Conv2d, *NORMS)) or not _own_forward(m)
+
+
 @dataclass
 class _Chain:
     """The modules of one match (names for the report) and how to rebuild it."""
@@ -94,6 +109,12 @@ def _act_name(m) -> str | None | bool:
 def _match(names: list[str], mods: list) -> tuple[_Chain | None, str]:
     """The chain that starts at the depthwise conv mods[0] and follows ``mods`` (modules,
     or activation names found by fx), or (None, why there is none)."""
+    bad = next((k for k in range(1, len(mods)) if not _fusable(mods[k])), None)
+    if bad is not None:  # the chain ends before it, or there is none
+        chain, why = _match(names[:bad], mods[:bad])
+        return (chain, why) if chain else (
+            None, f"{names[bad]} is a {type(mods[bad]).__name__}, whose forward is its own "
+                  "(fuse() folds only what nn.Conv2d and BatchNorm2d compute)")
     i = 1
 
     def optional(fits):
@@ -280,6 +301,10 @@ def fuse(model: nn.Module, inplace: bool = False) -> tuple[nn.Module, FuseReport
     for name, m in model.named_modules():
         if _is_depthwise(m) and id(m) in shared:
             report.skipped.append((name, "the module is shared (it appears more than once)"))
+        elif _is_depthwise(m) and _own_forward(m):
+            shared.add(id(m))  # held back as a shared one is
+            report.skipped.append((name, f"a {type(m).__name__}, whose forward is its own "
+                                         f"(fuse() folds only what nn.Conv2d computes)"))
     why_not = _fuse_sequential(model, shared, report)
     left = {id(m): why_not.get(id(m), "not called by an nn.Sequential")
             for m in model.modules() if _is_depthwise(m) and id(m) not in shared}

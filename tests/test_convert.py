@@ -131,6 +131,55 @@ def test_fuse_says_why_it_skips(model, reason):
         torch.testing.assert_close(fused(x), model(x))
 
 
+class _NormAct(nn.BatchNorm2d):
+    """As timm's BatchNormAct2d: a BatchNorm2d subclass whose forward adds an activation
+    (with a data-dependent branch, as timm's momentum logic: not fx-traceable)."""
+
+    def __init__(self, c):
+        super().__init__(c)
+        self.act = nn.ReLU()
+
+    def forward(self, x):
+        if x.sum() > float("inf"):
+            return x
+        return self.act(super().forward(x))
+
+
+class _PadSame(nn.Conv2d):
+    """As timm's Conv2dSame: padding from the input, not from its padding attribute."""
+
+    def forward(self, x):
+        ph, pw = self.kernel_size[0] // 2, self.kernel_size[1] // 2
+        if x.sum() > float("inf"):
+            return x
+        return F.conv2d(F.pad(x, (pw, pw, ph, ph)), self.weight, self.bias, self.stride, 0,
+                        self.dilation, self.groups)
+
+
+@pytest.mark.parametrize("model,fused_names,reason", [
+    (_chain(_NormAct(8)), None, "1 is a _NormAct, whose forward is its own"),
+    (_chain(nn.ReLU(), pw=_PadSame(8, 6, 1)), None, "2 is a _PadSame"),
+    (_chain(dw=_PadSame(4, 8, 3, groups=4)), None, "a _PadSame, whose forward is its own"),
+    (_chain(nn.ReLU(), after=(_NormAct(6),)), ["0", "1", "2"], None),
+    (_chain(nn.BatchNorm2d(8), nn.ReLU(), after=(_NormAct(6), nn.ReLU())),
+     ["0", "1", "2", "3"], None),
+])
+def test_fuse_leaves_subclasses_with_their_own_forward(model, fused_names, reason):
+    """A Conv2d or BatchNorm2d subclass that overrides forward is not what its attributes
+    say: a chain stops before it, and a depthwise one is left alone, each with a reason.
+    (Folded as a plain norm, such a norm's activation was silently dropped.)"""
+    model = _random_norms(model).eval()
+    fused, report = sepconv.fuse(model)
+    if fused_names is None:
+        assert not report.fused and len(report.skipped) == 1
+        assert reason in report.skipped[0][1]
+    else:
+        assert [names for names, _ in report.fused] == [fused_names]
+    x = torch.randn(2, 4, 9, 9)
+    with torch.no_grad():
+        assert _relative_error(fused(x), model(x)) < 1e-5
+
+
 def test_fuse_refuses_batch_norm_in_training_mode():
     with pytest.raises(ValueError, match="training mode.*eval"):
         sepconv.fuse(_chain(nn.BatchNorm2d(8)).train())
