@@ -62,18 +62,16 @@ def _is_depthwise(m: nn.Module) -> bool:
             and m.out_channels % m.in_channels == 0)
 
 
-def _own_forward(m: nn.Module) -> bool:
-    """A Conv2d or norm subclass whose forward is not its torch base's: its attributes do
-    not say what it computes (timm's Conv2dSame pads from the input size, StdConv2d
-    standardises its weight, BatchNormAct2d applies an activation), so folding it by
-    them would be a wrong result."""
-    base = next(b for b in (nn.Conv2d, nn.SyncBatchNorm, nn.BatchNorm2d) if isinstance(m, b))
-    return type(m).forward is not base.forward
-
-
-def _fusable(m) -> bool:
-    """A Conv2d or norm whose weights say what it computes (anything else: True)."""
-    return not isinstance(m, (nn.Conv2d, *NORMS)) or not _own_forward(m)
+def _own_forward(m) -> str:
+    """Why fuse() cannot fold ``m`` if it is a Conv2d or norm subclass whose forward is not
+    its torch base's, else "". Its attributes do not say what it computes (timm's
+    Conv2dSame pads from the input size, StdConv2d standardises its weight,
+    BatchNormAct2d applies an activation): folding it by them would be a wrong result."""
+    base = next((b for b in (nn.Conv2d, *NORMS) if isinstance(m, b)), None)
+    if base is None or type(m).forward is base.forward:
+        return ""
+    return (f"a {type(m).__name__}, whose forward is its own (fuse() folds only what "
+            f"nn.Conv2d and BatchNorm2d compute)")
 
 
 @dataclass
@@ -109,12 +107,10 @@ def _act_name(m) -> str | None | bool:
 def _match(names: list[str], mods: list) -> tuple[_Chain | None, str]:
     """The chain that starts at the depthwise conv mods[0] and follows ``mods`` (modules,
     or activation names found by fx), or (None, why there is none)."""
-    bad = next((k for k in range(1, len(mods)) if not _fusable(mods[k])), None)
+    bad = next((k for k in range(1, len(mods)) if _own_forward(mods[k])), None)
     if bad is not None:  # the chain ends before it, or there is none
         chain, why = _match(names[:bad], mods[:bad])
-        return (chain, why) if chain else (
-            None, f"{names[bad]} is a {type(mods[bad]).__name__}, whose forward is its own "
-                  "(fuse() folds only what nn.Conv2d and BatchNorm2d compute)")
+        return (chain, why) if chain else (None, f"{names[bad]} is {_own_forward(mods[bad])}")
     i = 1
 
     def optional(fits):
@@ -180,20 +176,21 @@ def _sequential_runs(model: nn.Module) -> list[list[tuple[str, nn.Module, str]]]
     return runs
 
 
-def _fuse_sequential(model: nn.Module, shared: set[int], report: FuseReport) -> dict:
-    """Fuses chains in Sequential runs; returns {id(dw conv): why not} for the rest."""
+def _fuse_sequential(model: nn.Module, held: set[int], report: FuseReport) -> dict:
+    """Fuses chains in Sequential runs, none taking a module in ``held``; returns
+    {id(dw conv): why not} for the rest."""
     left, plans = {}, []
     for run in _sequential_runs(model):
         i = 0
         while i < len(run):
             name, parent, attr = run[i]
             m = getattr(parent, attr)
-            if not _is_depthwise(m) or id(m) in shared:
+            if not _is_depthwise(m) or id(m) in held:
                 i += 1
                 continue
             window = run[i:i + 6]
             mods = [getattr(p, a) for _, p, a in window]
-            cut = next((k for k, mod in enumerate(mods) if id(mod) in shared), len(mods))
+            cut = next((k for k, mod in enumerate(mods) if id(mod) in held), len(mods))
             chain, why = _match([n for n, _, _ in window[:cut]], mods[:cut])
             if chain is None:
                 left[id(m)] = why
@@ -296,18 +293,20 @@ def fuse(model: nn.Module, inplace: bool = False) -> tuple[nn.Module, FuseReport
     if not inplace:
         model = copy.deepcopy(model)
     seen = Counter(id(m) for m in model.modules(remove_duplicate=False))
-    shared = {k for k, n in seen.items() if n > 1}
+    # Modules no chain may take: shared ones, and depthwise convs with their own forward.
+    held = {k for k, n in seen.items() if n > 1}
     report = FuseReport()
     for name, m in model.named_modules():
-        if _is_depthwise(m) and id(m) in shared:
-            report.skipped.append((name, "the module is shared (it appears more than once)"))
-        elif _is_depthwise(m) and _own_forward(m):
-            shared.add(id(m))  # held back as a shared one is
-            report.skipped.append((name, f"a {type(m).__name__}, whose forward is its own "
-                                         f"(fuse() folds only what nn.Conv2d computes)"))
-    why_not = _fuse_sequential(model, shared, report)
+        if not _is_depthwise(m):
+            continue
+        why = "the module is shared (it appears more than once)" if id(m) in held \
+            else _own_forward(m)
+        if why:
+            held.add(id(m))
+            report.skipped.append((name, why))
+    why_not = _fuse_sequential(model, held, report)
     left = {id(m): why_not.get(id(m), "not called by an nn.Sequential")
-            for m in model.modules() if _is_depthwise(m) and id(m) not in shared}
+            for m in model.modules() if _is_depthwise(m) and id(m) not in held}
     if left:
         model = _fuse_graph(model, left, report)
     return model, report
