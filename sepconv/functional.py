@@ -35,23 +35,25 @@ def _activation(name, what: str) -> str:
     return name.lower()
 
 
-def resolve_padding(padding, kernel_size, stride, dilation) -> list[int]:
+def resolve_padding(padding, kernel_size, stride, dilation, size=None) -> list[int] | None:
     """[top, bottom, left, right] for an int, a pair, "valid" or "same".
 
-    "same" puts the odd pixel of an even total padding at the bottom / right, as
-    ``nn.Conv2d`` does.
+    "same" makes the output ceil(input / stride) as TensorFlow's SAME (and timm's
+    Conv2dSame) do: in total max((ceil(i / s) - 1) * s + d * (k - 1) + 1 - i, 0) pixels, the
+    odd one at the bottom / right. At stride 1 that is ``nn.Conv2d``'s "same"; at stride > 1
+    (which ``nn.Conv2d`` refuses) it depends on the input ``size`` (H, W): None without it.
     """
     if isinstance(padding, str):
         if padding == "valid":
             return [0, 0, 0, 0]
         if padding != "same":
             raise ValueError(f"padding must be 'same', 'valid', an int or a pair, got {padding!r}")
-        if stride != [1, 1]:
-            raise ValueError(f"padding='same' is not supported for strided convolutions "
-                             f"(stride={tuple(stride)})")
+        if list(stride) != [1, 1] and size is None:
+            return None
         pads = []
-        for d, k in zip(dilation, kernel_size):
-            total = d * (k - 1)
+        for axis, (s, d, k) in enumerate(zip(stride, dilation, kernel_size)):
+            i = size[axis] if s != 1 else 1  # at stride 1 the total is d * (k - 1) for any i
+            total = max((-(-i // s) - 1) * s + d * (k - 1) + 1 - i, 0)
             pads += [total // 2, total - total // 2]
         return pads
     ph, pw = _pair(padding, "padding", 0)
@@ -78,7 +80,7 @@ def _check_config(stride, padding, dilation, kh: int, kw: int, H: int, W: int, m
     right], dilation, act1, act2)."""
     stride = _pair(stride, "stride", 1)
     dilation = _pair(dilation, "dilation", 1)
-    pads = resolve_padding(padding, (kh, kw), stride, dilation)
+    pads = resolve_padding(padding, (kh, kw), stride, dilation, (H, W))
     act1 = _activation(mid_activation, "mid_activation")
     act2 = _activation(activation, "activation")
     for size, before, after, d, k, axis in ((H, *pads[:2], dilation[0], kh, "height"),
@@ -146,7 +148,8 @@ def separable_conv2d(
         returns: (N, C_out, H_out, W_out), in x's memory format
 
     ``stride``, ``padding`` and ``dilation`` follow ``F.conv2d`` (padding may be
-    "same" or "valid"; zeros only: pad other modes with ``F.pad`` first).
+    "same" or "valid"; zeros only: pad other modes with ``F.pad`` first). "same" with
+    stride > 1 pads as TensorFlow's SAME: the output is ceil(input / stride).
     ``mid_activation`` / ``activation``: None, "relu", "relu6", "silu", "hardswish".
     """
     if torch._C._is_any_autocast_enabled():

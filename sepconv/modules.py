@@ -15,6 +15,7 @@ __all__ = ["SeparableConv2d"]
 
 PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
 NORMS = (nn.BatchNorm2d, nn.SyncBatchNorm)
+PLAIN_FORWARDS = (nn.Conv2d.forward, nn.BatchNorm2d.forward, nn.SyncBatchNorm.forward)
 
 
 def fold_norm(weight: Tensor, bias: Tensor | None, norm: nn.Module | None,
@@ -65,7 +66,9 @@ class SeparableConv2d(nn.Module):
     optional ``mid_activation``, then a 1x1 conv to ``out_channels``, optional ``activation``.
 
     Takes ``nn.Conv2d``'s arguments and gives the same output shape for all of them.
-    ``groups`` exists only for signature compatibility and must be 1.
+    ``groups`` exists only for signature compatibility and must be 1. ``padding="same"``
+    also works with stride > 1 (which ``nn.Conv2d`` refuses): TensorFlow's SAME, as timm's
+    Conv2dSame, with the output ceil(input / stride).
 
     Parameters:
         depthwise_weight: (in_channels * m, 1, kh, kw)
@@ -110,7 +113,8 @@ class SeparableConv2d(nn.Module):
         self.kernel_size = tuple(_pair(kernel_size, "kernel_size", 1))
         self.stride = tuple(_pair(stride, "stride", 1))
         self.dilation = tuple(_pair(dilation, "dilation", 1))
-        # Validates and gives [top, bottom, left, right], "same" split like nn.Conv2d.
+        # Validates and gives [top, bottom, left, right], "same" split like nn.Conv2d
+        # (None for "same" at stride > 1: it depends on the input size).
         self._pads = resolve_padding(padding, self.kernel_size, list(self.stride),
                                      list(self.dilation))
         self.padding = padding if isinstance(padding, str) else tuple(_pair(padding, "padding", 0))
@@ -144,7 +148,8 @@ class SeparableConv2d(nn.Module):
             raise ValueError(f"expected input of shape (N, C, H, W) or (C, H, W), got {shape}")
         padding = self.padding
         if self.padding_mode != "zeros":
-            top, bottom, left, right = self._pads
+            top, bottom, left, right = self._pads or resolve_padding(
+                "same", self.kernel_size, self.stride, self.dilation, x.shape[-2:])
             x = F.pad(x, (left, right, top, bottom), mode=self.padding_mode)
             padding = 0
         return separable_conv2d(x, self.depthwise_weight, self.pointwise_weight, self.bias,
@@ -157,17 +162,26 @@ class SeparableConv2d(nn.Module):
                          depthwise_norm: nn.Module | None = None,
                          mid_activation: str | None = None,
                          pointwise_norm: nn.Module | None = None,
-                         activation: str | None = None) -> SeparableConv2d:
+                         activation: str | None = None,
+                         padding=None) -> SeparableConv2d:
         """The module computing ``act(norm(pointwise(act_mid(norm(depthwise(x))))))``
         exactly: weights copied, eval-mode batch norms folded into weights and biases.
 
         depthwise: ``nn.Conv2d(C, C * m, k, ..., groups=C)`` (any stride, padding,
         dilation, padding_mode); pointwise: ``nn.Conv2d(C * m, C_out, 1)`` (stride 1, no
         padding, groups 1). On depthwise's device and dtype, without gradients attached.
+        ``padding`` replaces depthwise's (``"same"`` for a conv that pads as TensorFlow's
+        SAME, as timm's Conv2dSame). Subclasses that override ``forward`` are refused:
+        their attributes do not say what they compute.
         """
         for conv, name in ((depthwise, "depthwise"), (pointwise, "pointwise")):
             if not isinstance(conv, nn.Conv2d):
                 raise TypeError(f"{name} must be an nn.Conv2d, got {type(conv).__name__}")
+        for m, name in ((depthwise, "depthwise"), (pointwise, "pointwise"),
+                        (depthwise_norm, "depthwise_norm"), (pointwise_norm, "pointwise_norm")):
+            if isinstance(m, (nn.Conv2d, *NORMS)) and type(m).forward not in PLAIN_FORWARDS:
+                raise TypeError(f"{name} is a {type(m).__name__}, whose forward is its own: "
+                                f"its attributes do not say what it computes")
         c = depthwise.in_channels
         if depthwise.groups != c or depthwise.out_channels % c:
             raise ValueError(f"depthwise must have groups == in_channels ({c}) and a multiple of "
@@ -178,8 +192,9 @@ class SeparableConv2d(nn.Module):
             raise ValueError(f"pointwise {why}")
         dw_w, dw_b = fold_norm(depthwise.weight, depthwise.bias, depthwise_norm, "depthwise_norm")
         pw_w, pw_b = fold_norm(pointwise.weight, pointwise.bias, pointwise_norm, "pointwise_norm")
+        padding = depthwise.padding if padding is None else padding
         module = cls(c, pointwise.out_channels, depthwise.kernel_size, depthwise.stride,
-                     depthwise.padding, depthwise.dilation, bias=pw_b is not None,
+                     padding, depthwise.dilation, bias=pw_b is not None,
                      padding_mode=depthwise.padding_mode, device=dw_w.device, dtype=dw_w.dtype,
                      depth_multiplier=depthwise.out_channels // c,
                      mid_activation=mid_activation, activation=activation,

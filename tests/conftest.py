@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import math
 import os
 
 import pytest
 import torch
+import torch.nn.functional as F
 from hypothesis import settings
 from torch import nn
 from torch.func import functional_call
@@ -103,12 +105,27 @@ def native_path(request):
     yield from _on_path(request.param)
 
 
+def tf_same_pad(x, kernel_size, stride, dilation, mode="constant"):
+    """x padded as TensorFlow's SAME (timm's pad_same): out = ceil(in / stride)."""
+    pads = []
+    for i, k, s, d in zip(x.shape[-2:], kernel_size, _two(stride), _two(dilation)):
+        total = max((math.ceil(i / s) - 1) * s + (k - 1) * d + 1 - i, 0)
+        pads = [total // 2, total - total // 2] + pads  # F.pad lists the last dim first
+    return F.pad(x, pads, mode=mode)
+
+
+def _two(v):
+    return (v, v) if isinstance(v, int) else tuple(v)
+
+
 def oracle(x, dw, pw, b, b_dw, stride, padding, dilation, act1, act2, mid_dtype=None):
     """The unfused pair of nn.Conv2d modules in float64, run on the given tensors
     (functional_call keeps them in the autograd graph). ``mid_dtype`` rounds the
     intermediate to that dtype on the way forward (gradients pass straight through),
     as the nn.Conv2d pair in that dtype and the fused kernels' dot do."""
     C, Cm, Co = x.shape[1], dw.shape[0], pw.shape[0]
+    if padding == "same" and stride not in (1, (1, 1)):  # nn.Conv2d refuses: pad first
+        x, padding = tf_same_pad(x, dw.shape[2:], stride, dilation), 0
     dconv = nn.Conv2d(C, Cm, tuple(dw.shape[2:]), stride, padding, dilation, groups=C,
                       bias=b_dw is not None, device="meta")
     pconv = nn.Conv2d(Cm, Co, 1, bias=b is not None, device="meta")

@@ -56,7 +56,6 @@ BAD_CALLS = {
     "bool_padding": (TypeError, "padding must be an int", lambda: sep(X, DW, PW, padding=True)),
     "triple_stride": (TypeError, "stride must be an int", lambda: sep(X, DW, PW, stride=(1, 1, 1))),
     "unknown_padding": (ValueError, "padding must be", lambda: sep(X, DW, PW, padding="full")),
-    "same_with_stride": (ValueError, "strided", lambda: sep(X, DW, PW, stride=2, padding="same")),
     "unknown_activation": (ValueError, "unknown activation",
                            lambda: sep(X, DW, PW, activation="gelu")),
     "unknown_mid_activation": (ValueError, "unknown mid_activation",

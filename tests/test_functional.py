@@ -28,6 +28,10 @@ CASES = {
     "pad2": (2, 3, 7, 9, 1, 4, 3, 1, 2, 1),
     "valid": (2, 3, 9, 8, 1, 4, 3, 1, "valid", 1),
     "same_k5": (2, 3, 9, 8, 1, 4, 5, 1, "same", 1),
+    # TensorFlow's SAME at stride > 1 (timm's Conv2dSame): the padding depends on the size
+    "same_stride2_odd": (2, 3, 9, 11, 1, 4, 3, 2, "same", 1),
+    "same_stride2_even_k5": (2, 3, 10, 8, 1, 4, 5, 2, "same", 1),
+    "same_stride3_k2x4_dil2": (1, 3, 11, 12, 1, 4, (2, 4), 3, "same", 2),
     "dilation2": (2, 3, 13, 11, 1, 4, 3, 1, 2, 2),
     "dilation2_stride2": (2, 3, 13, 13, 1, 4, 3, 2, 1, 2),
     "multiplier2": (2, 3, 9, 9, 2, 5, 3, 1, 1, 1),
@@ -331,8 +335,6 @@ def _configs(C, Co, k, dilation, HW, layouts):
 
 def _check_random(target, N, C, m, Co, kh, kw, stride, dilation, H, W, pad, act1, act2,
                   layout, bias, dw_bias):
-    if pad == "same":
-        stride = 1
     ph = pad if isinstance(pad, int) else 0
     assume(pad == "same" or (H + 2 * ph >= dilation * (kh - 1) + 1
                              and W + 2 * ph >= dilation * (kw - 1) + 1))

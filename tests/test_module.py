@@ -5,7 +5,7 @@ import math
 
 import pytest
 import torch
-from conftest import ACTS, TOL, oracle
+from conftest import ACTS, TOL, oracle, tf_same_pad
 from hypothesis import event, given
 from hypothesis import strategies as st
 from torch import nn
@@ -73,7 +73,12 @@ def test_module_matches_conv2d_pair(padding_mode, channels_last):
 
 def _pair_of_convs(sep: sepconv.SeparableConv2d) -> nn.Sequential:
     """The float64 nn.Conv2d pair (padding mode on the depthwise conv) with sep's weights."""
-    k = dict(kernel_size=sep.kernel_size, stride=sep.stride, padding=sep.padding,
+    pad = nn.Identity()
+    padding = sep.padding
+    if padding == "same" and sep.stride != (1, 1):  # nn.Conv2d refuses it: pad first
+        mode = "constant" if sep.padding_mode == "zeros" else sep.padding_mode
+        pad, padding = _TFPad(sep.kernel_size, sep.stride, sep.dilation, mode), 0
+    k = dict(kernel_size=sep.kernel_size, stride=sep.stride, padding=padding,
              dilation=sep.dilation, padding_mode=sep.padding_mode, dtype=torch.float64)
     mid = sep.depthwise_weight.shape[0]
     dconv = nn.Conv2d(sep.in_channels, mid, groups=sep.in_channels,
@@ -85,7 +90,16 @@ def _pair_of_convs(sep: sepconv.SeparableConv2d) -> nn.Sequential:
             conv.weight.copy_(w)
             if b is not None:
                 conv.bias.copy_(b)
-    return nn.Sequential(dconv, ACTS[sep.mid_activation](), pconv, ACTS[sep.activation]())
+    return nn.Sequential(pad, dconv, ACTS[sep.mid_activation](), pconv, ACTS[sep.activation]())
+
+
+class _TFPad(nn.Module):
+    def __init__(self, *args):
+        super().__init__()
+        self.args = args
+
+    def forward(self, x):
+        return tf_same_pad(x, *self.args)
 
 
 # Every padding mode over the random-configuration ranges of test_functional, on whatever
@@ -100,8 +114,6 @@ def _pair_of_convs(sep: sepconv.SeparableConv2d) -> nn.Sequential:
 def test_random_modules_match_conv2d_pair(N, C, m, Co, kh, kw, stride, dilation, H, W, padding,
                                           padding_mode, act1, act2, bias, dw_bias,
                                           channels_last, dtype):
-    if padding == "same":
-        stride = 1
     sep = sepconv.SeparableConv2d(C, Co, (kh, kw), stride, padding, dilation, bias=bias,
                                   padding_mode=padding_mode, depth_multiplier=m,
                                   mid_activation=act1, activation=act2, depthwise_bias=dw_bias,
@@ -121,7 +133,7 @@ def test_random_modules_match_conv2d_pair(N, C, m, Co, kh, kw, stride, dilation,
     y = sep(xin.requires_grad_())
     torch.testing.assert_close(y.double(), expected, **TOL[dtype])
     gy = torch.randn_like(expected)
-    dconv, _, pconv, _ = pair
+    _, dconv, _, pconv, _ = pair
     names = ["x", "depthwise_weight", "depthwise_bias", "pointwise_weight", "bias"]
     ours = [xin, sep.depthwise_weight, sep.depthwise_bias, sep.pointwise_weight, sep.bias]
     theirs = [x, dconv.weight, dconv.bias, pconv.weight, pconv.bias]
