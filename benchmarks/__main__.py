@@ -5,8 +5,8 @@ sepconv's output against the pair's, then times both in each memory format, forw
 or forward + backward, and reports the speedup over the best pair and the fraction
 of the two floors (FLOPs / measured compute peak, minimum bytes / measured copy
 bandwidth). The variants of a layer are timed in turns, so that a shared machine's
-drifting speed hits them alike. The ``models`` suite times MobileNetV1/V2 and
-ShuffleNetV2 end to end.
+drifting speed hits them alike. The ``models`` suite times MobileNetV1/V2/V3-Large,
+ShuffleNetV2 and EfficientNet-B0 end to end.
 Results go to benchmarks/results/<machine>/ as JSON, CSV, Markdown and PNG.
 """
 

@@ -1,8 +1,9 @@
-"""Whole networks: the zoo's MobileNetV1, MobileNetV2 and ShuffleNetV2 as users have them
-(eval mode, batch norms as modules), the same with every conv + batch norm folded (the
-PyTorch baseline: what an inference deployment runs), and ``sepconv.fuse`` of the model
-with the remaining conv + batch norm pairs folded the same way, so that the last two
-differ only in the depthwise separable chains."""
+"""Whole networks: the zoo's MobileNetV1, MobileNetV2, ShuffleNetV2, MobileNetV3-Large and
+EfficientNet-B0 as users have them (eval mode, batch norms as modules), the same with
+every conv + batch norm folded (the PyTorch baseline: what an inference deployment
+runs), and ``sepconv.fuse`` of the model with the remaining conv + batch norm pairs
+folded the same way, so that the last two differ only in the depthwise separable
+chains."""
 
 from __future__ import annotations
 
@@ -17,7 +18,10 @@ from benchmarks.layers import interleaved_seconds
 
 MODELS = {"mobilenet_v1": sepconv.models.mobilenet_v1,
           "mobilenet_v2": sepconv.models.mobilenet_v2,
-          "shufflenet_v2": sepconv.models.shufflenet_v2}
+          "shufflenet_v2": sepconv.models.shufflenet_v2,
+          # squeeze-and-excitation between dw and pw: fuse() leaves those chains (for now)
+          "mobilenet_v3_large": sepconv.models.mobilenet_v3_large,
+          "efficientnet_b0": sepconv.models.efficientnet_b0}
 # torchvision's own model code, where torchvision is installed: fuse() on a network it
 # did not write. Timed only when asked for (--model), not by default.
 EXTRA_MODELS = {}

@@ -1,10 +1,13 @@
-"""MobileNetV1, MobileNetV2 and ShuffleNetV2 (seed 002) built from standard ``nn`` layers.
+"""MobileNetV1, MobileNetV2 and ShuffleNetV2 (seed 002), MobileNetV3-Large and
+EfficientNet-B0, built from standard ``nn`` layers.
 
 They are what users have: dw conv -> BN -> act -> 1x1 conv -> BN -> act chains written
-with ``nn.Conv2d``, so they are the inputs ``sepconv.fuse`` is tested and benchmarked on.
-MobileNetV2 and ShuffleNetV2 follow torchvision's modules and attribute names (their
-``state_dict`` keys and shapes are torchvision's); MobileNetV1 follows Table 1 of Howard
-et al. 2017 with the last depthwise layer at stride 1, as its 7x7 output needs.
+with ``nn.Conv2d`` (in MobileNetV3 and EfficientNet with squeeze-and-excitation between
+the two convs), so they are the inputs ``sepconv.fuse`` is tested and benchmarked on.
+All but MobileNetV1 follow torchvision's modules and attribute names (their
+``state_dict`` keys and shapes are torchvision's, so its weights load); MobileNetV1
+follows Table 1 of Howard et al. 2017 with the last depthwise layer at stride 1, as its
+7x7 output needs.
 """
 
 from __future__ import annotations
@@ -12,7 +15,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-__all__ = ["mobilenet_v1", "mobilenet_v2", "shufflenet_v2"]
+__all__ = ["mobilenet_v1", "mobilenet_v2", "shufflenet_v2", "mobilenet_v3_large",
+           "efficientnet_b0", "SqueezeExcitation"]
 
 
 class ConvNormActivation(nn.Sequential):
@@ -20,9 +24,10 @@ class ConvNormActivation(nn.Sequential):
     (children 0, 1, 2)."""
 
     def __init__(self, c_in: int, c_out: int, kernel_size: int = 3, stride: int = 1,
-                 groups: int = 1, activation: type[nn.Module] | None = nn.ReLU6) -> None:
+                 groups: int = 1, activation: type[nn.Module] | None = nn.ReLU6,
+                 norm=nn.BatchNorm2d) -> None:
         layers = [nn.Conv2d(c_in, c_out, kernel_size, stride, (kernel_size - 1) // 2,
-                            groups=groups, bias=False), nn.BatchNorm2d(c_out)]
+                            groups=groups, bias=False), norm(c_out)]
         if activation is not None:
             layers.append(activation(inplace=True))
         super().__init__(*layers)
@@ -228,3 +233,159 @@ def shufflenet_v2(width_mult: float = 1.0, num_classes: int = 1000) -> ShuffleNe
     """ShuffleNetV2 (x: (N, 3, H, W) -> (N, num_classes)); width_mult 0.5, 1.0, 1.5 or 2.0;
     2,278,604 parameters at 1.0."""
     return ShuffleNetV2(width_mult, num_classes)
+
+
+# --- squeeze-and-excitation networks -----------------------------------------------------
+
+class SqueezeExcitation(nn.Module):
+    """x * gate(fc2(act(fc1(mean_hw(x))))): a per-image, per-channel scale (Hu et al. 2018),
+    as torchvision.ops.SqueezeExcitation (fc1 / fc2 are 1x1 convs with biases)."""
+
+    def __init__(self, channels: int, squeeze: int, activation=nn.ReLU,
+                 gate=nn.Sigmoid) -> None:
+        super().__init__()
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.fc1 = nn.Conv2d(channels, squeeze, 1)
+        self.fc2 = nn.Conv2d(squeeze, channels, 1)
+        self.activation = activation()
+        self.scale_activation = gate()
+
+    def forward(self, x: Tensor) -> Tensor:
+        scale = self.fc2(self.activation(self.fc1(self.avgpool(x))))
+        return self.scale_activation(scale) * x
+
+
+class StochasticDepth(nn.Module):
+    """Drops the residual branch of a whole image with probability p in training (Huang et
+    al. 2016, torchvision's "row" mode); the identity in eval."""
+
+    def __init__(self, p: float) -> None:
+        super().__init__()
+        self.p = p
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.training or self.p == 0.0:
+            return x
+        keep = x.new_empty(x.shape[0], 1, 1, 1).bernoulli_(1.0 - self.p)
+        return x * keep / (1.0 - self.p)
+
+
+class SEInvertedResidual(nn.Module):
+    """MobileNetV3's InvertedResidual and EfficientNet's MBConv (torchvision's names):
+    ``block`` = [1x1 expansion] -> dw k x k -> [SqueezeExcitation] -> 1x1 projection
+    (linear), each conv with its BN; the input is added back when the shapes allow."""
+
+    def __init__(self, c_in: int, hidden: int, c_out: int, kernel_size: int, stride: int,
+                 se: nn.Module | None, activation, norm, drop: float | None = None) -> None:
+        super().__init__()
+        self.use_res_connect = stride == 1 and c_in == c_out
+        layers: list[nn.Module] = []
+        if hidden != c_in:
+            layers.append(ConvNormActivation(c_in, hidden, 1, activation=activation, norm=norm))
+        layers.append(ConvNormActivation(hidden, hidden, kernel_size, stride, groups=hidden,
+                                         activation=activation, norm=norm))
+        if se is not None:
+            layers.append(se)
+        layers.append(ConvNormActivation(hidden, c_out, 1, activation=None, norm=norm))
+        self.block = nn.Sequential(*layers)
+        if drop is not None:  # EfficientNet's, a module even where p is 0 (torchvision's)
+            self.stochastic_depth = StochasticDepth(drop)
+        self.out_channels = c_out
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = self.block(x)
+        if not self.use_res_connect:
+            return y
+        return x + (self.stochastic_depth(y) if hasattr(self, "stochastic_depth") else y)
+
+
+# (kernel, expanded, C_out, SE, activation, stride) after a 16-channel stem (Howard et al.
+# 2019, Table 1; torchvision's setting)
+V3_LARGE = [(3, 16, 16, False, "RE", 1), (3, 64, 24, False, "RE", 2), (3, 72, 24, False, "RE", 1),
+            (5, 72, 40, True, "RE", 2), (5, 120, 40, True, "RE", 1), (5, 120, 40, True, "RE", 1),
+            (3, 240, 80, False, "HS", 2), (3, 200, 80, False, "HS", 1),
+            (3, 184, 80, False, "HS", 1), (3, 184, 80, False, "HS", 1),
+            (3, 480, 112, True, "HS", 1), (3, 672, 112, True, "HS", 1),
+            (5, 672, 160, True, "HS", 2), (5, 960, 160, True, "HS", 1),
+            (5, 960, 160, True, "HS", 1)]
+
+
+class MobileNetV3(nn.Module):
+    """features: stem, 15 inverted residuals (8 with SE, hard-sigmoid gate), last conv;
+    classifier: Linear -> Hardswish -> Dropout -> Linear. BN eps 1e-3, as torchvision."""
+
+    def __init__(self, num_classes: int = 1000, dropout: float = 0.2) -> None:
+        super().__init__()
+        _check(1.0, num_classes)
+        norm = lambda c: nn.BatchNorm2d(c, eps=0.001, momentum=0.01)  # noqa: E731
+        acts = {"RE": nn.ReLU, "HS": nn.Hardswish}
+        features: list[nn.Module] = [ConvNormActivation(3, 16, 3, 2, activation=nn.Hardswish,
+                                                        norm=norm)]
+        c = 16
+        for k, hidden, c_out, use_se, act, stride in V3_LARGE:
+            se = SqueezeExcitation(hidden, _make_divisible(hidden // 4), gate=nn.Hardsigmoid) \
+                if use_se else None
+            features.append(SEInvertedResidual(c, hidden, c_out, k, stride, se, acts[act], norm))
+            c = c_out
+        features.append(ConvNormActivation(c, 6 * c, 1, activation=nn.Hardswish, norm=norm))
+        self.features = nn.Sequential(*features)
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.classifier = nn.Sequential(nn.Linear(6 * c, 1280), nn.Hardswish(inplace=True),
+                                        nn.Dropout(dropout, inplace=True),
+                                        nn.Linear(1280, num_classes))
+        _init(self)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.classifier(torch.flatten(self.avgpool(self.features(x)), 1))
+
+
+def mobilenet_v3_large(num_classes: int = 1000) -> MobileNetV3:
+    """MobileNetV3-Large (x: (N, 3, H, W) -> (N, num_classes)); 5,483,032 parameters."""
+    return MobileNetV3(num_classes)
+
+
+# (expansion, kernel, stride, C_in, C_out, layers) of EfficientNet-B0 (Tan and Le 2019,
+# Table 1)
+B0_STAGES = [(1, 3, 1, 32, 16, 1), (6, 3, 2, 16, 24, 2), (6, 5, 2, 24, 40, 2),
+             (6, 3, 2, 40, 80, 3), (6, 5, 1, 80, 112, 3), (6, 5, 2, 112, 192, 4),
+             (6, 3, 1, 192, 320, 1)]
+
+
+class EfficientNet(nn.Module):
+    """features: stem, 7 stages of MBConv blocks (SE in every one, sigmoid gate, SiLU),
+    last conv; classifier: Dropout -> Linear. Stochastic depth 0.2, rising linearly over
+    the 16 blocks, as torchvision."""
+
+    def __init__(self, num_classes: int = 1000, dropout: float = 0.2,
+                 stochastic_depth: float = 0.2) -> None:
+        super().__init__()
+        _check(1.0, num_classes)
+        features: list[nn.Module] = [ConvNormActivation(3, 32, 3, 2, activation=nn.SiLU)]
+        total, block = sum(stage[-1] for stage in B0_STAGES), 0
+        for t, k, s, c_in, c_out, n in B0_STAGES:
+            stage = []
+            for i in range(n):
+                c = c_in if i == 0 else c_out
+                se = SqueezeExcitation(c * t, max(1, c // 4), activation=nn.SiLU)
+                stage.append(SEInvertedResidual(c, c * t, c_out, k, s if i == 0 else 1, se,
+                                                nn.SiLU, nn.BatchNorm2d,
+                                                stochastic_depth * block / total))
+                block += 1
+            features.append(nn.Sequential(*stage))
+        features.append(ConvNormActivation(320, 1280, 1, activation=nn.SiLU))
+        self.features = nn.Sequential(*features)
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.classifier = nn.Sequential(nn.Dropout(dropout, inplace=True),
+                                        nn.Linear(1280, num_classes))
+        _init(self)
+        for m in self.classifier.modules():  # torchvision's: uniform, 1 / sqrt(classes)
+            if isinstance(m, nn.Linear):
+                nn.init.uniform_(m.weight, -num_classes ** -0.5, num_classes ** -0.5)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.classifier(torch.flatten(self.avgpool(self.features(x)), 1))
+
+
+def efficientnet_b0(num_classes: int = 1000) -> EfficientNet:
+    """EfficientNet-B0 (x: (N, 3, H, W) -> (N, num_classes)); 5,288,548 parameters."""
+    return EfficientNet(num_classes)
