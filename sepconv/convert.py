@@ -13,8 +13,13 @@ approximate standard convolutions by separable ones.
    module boundaries and functional activations (``F.relu(self.bn(self.dw(x)))``). A chain
    fused this way makes the result an ``fx.GraphModule``.
 
-A chain whose intermediate result has any other user is left alone, and so is a Conv2d
-or BatchNorm2d subclass that overrides forward (timm's Conv2dSame, BatchNormAct2d).
+Identities (``nn.Identity``, eval-mode dropout: timm's empty ``aa`` / ``se`` slots) pass
+through a chain, and reads of an intermediate's metadata (timm's ``x.ndim`` asserts) are
+not uses of it. timm's BatchNormAct2d is read as a norm and its activation, its
+Conv2dSame as ``padding="same"`` (TensorFlow's, from the input size), each checked on
+random inputs first. A chain whose intermediate result has any other user is left alone,
+and so is any other Conv2d or BatchNorm2d subclass that overrides forward (timm's
+StdConv2d): its attributes do not say what it computes.
 """
 
 from __future__ import annotations
@@ -28,7 +33,9 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from .complexity import complexity
-from .modules import NORMS, SeparableConv2d, pointwise_problem
+from .functional import resolve_padding
+from .modules import NORMS, PLAIN_FORWARDS, SeparableConv2d, pointwise_problem
+from .reference import _FORWARD as ACTIVATION_FNS
 
 __all__ = ["fuse", "FuseReport", "from_conv2d", "separate", "SeparateReport"]
 
@@ -62,16 +69,103 @@ def _is_depthwise(m: nn.Module) -> bool:
             and m.out_channels % m.in_channels == 0)
 
 
+# timm's modules that fuse() reads, by class name (timm is not a dependency): a batch norm
+# that applies its ``.act`` (after ``.drop``), and convs padded as TensorFlow's SAME from
+# the input size. Each is checked on random inputs against that reading before it is
+# folded (_probe), so a class of the same name that computes something else is left.
+NORM_ACTS = ("BatchNormAct2d",)
+SAME_CONVS = ("Conv2dSame", "Conv2dSameExport")
+DROPOUTS = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout,
+            nn.FeatureAlphaDropout)
+
+
+def _is_identity(m) -> bool:
+    """Whether ``m`` passes its input through: nn.Identity (timm's empty ``aa`` and ``se``
+    slots), or a dropout in eval mode."""
+    return type(m) is nn.Identity or (type(m) in DROPOUTS and not m.training)
+
+
+def _norm_act(m) -> bool:
+    return isinstance(m, nn.BatchNorm2d) and type(m).__name__ in NORM_ACTS
+
+
+def _same_conv(m) -> bool:
+    return isinstance(m, nn.Conv2d) and type(m).__name__ in SAME_CONVS
+
+
+def _probe(m: nn.Module) -> bool:
+    """Whether the timm module ``m`` computes what fuse() reads it as, on random inputs
+    (two sizes of each parity for a conv). Eval-mode norms only (training mode would update
+    their statistics; fuse() refuses those anyway); on the meta device there is nothing to
+    compare, and the reading stands on the class and its attributes."""
+    p = next(iter(m.parameters()), None)
+    factory = {"dtype": p.dtype if p is not None else torch.float32,
+               "device": p.device if p is not None else None}
+    if m.training and _norm_act(m) or factory["device"] == torch.device("meta"):
+        return True
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        if _norm_act(m):
+            x = torch.randn(2, m.num_features, 3, 3, generator=g).to(**factory)
+            want = F.batch_norm(x, m.running_mean, m.running_var, m.weight, m.bias, False, 0.0,
+                                m.eps)
+            want = ACTIVATION_FNS[_act_name(m.act) or "none"](want)
+            tries = [(x, want)]
+        else:
+            tries = []
+            for extra in (1, 2):
+                size = [d * (k - 1) + 1 + extra for d, k in zip(m.dilation, m.kernel_size)]
+                x = torch.randn(1, m.in_channels, size[0], size[1] + 1,
+                                generator=g).to(**factory)
+                pads = resolve_padding("same", m.kernel_size, m.stride, m.dilation,
+                                       x.shape[-2:])
+                xp = F.pad(x, (pads[2], pads[3], pads[0], pads[1]))
+                tries.append((x, F.conv2d(xp, m.weight, m.bias, m.stride, 0, m.dilation,
+                                          m.groups)))
+        try:
+            return all(torch.allclose(m(x), want, rtol=1e-3, atol=1e-4) for x, want in tries)
+        except Exception:  # noqa: BLE001  (anything it raises means: not that reading)
+            return False
+
+
 def _own_forward(m) -> str:
     """Why fuse() cannot fold ``m`` if it is a Conv2d or norm subclass whose forward is not
-    its torch base's, else "". Its attributes do not say what it computes (timm's
-    Conv2dSame pads from the input size, StdConv2d standardises its weight,
-    BatchNormAct2d applies an activation): folding it by them would be a wrong result."""
+    its torch base's and not one fuse() reads, else "". Its attributes do not say what it
+    computes (timm's StdConv2d standardises its weight; another BatchNormAct2d may apply
+    an activation fuse() has not): folding it by them would be a wrong result."""
     base = next((b for b in (nn.Conv2d, *NORMS) if isinstance(m, b)), None)
     if base is None or type(m).forward is base.forward:
         return ""
-    return (f"a {type(m).__name__}, whose forward is its own (fuse() folds only what "
-            f"nn.Conv2d and BatchNorm2d compute)")
+    name = type(m).__name__
+    if _norm_act(m):
+        act = getattr(m, "act", None)
+        if _act_name(act) is False or not _is_identity(getattr(m, "drop", None)):
+            drop = type(getattr(m, "drop", None)).__name__
+            return (f"a {name} whose act ({type(act).__name__}) or drop ({drop}) fuse() "
+                    f"cannot fold")
+    elif not (_same_conv(m) and m.padding == (0, 0) and m.padding_mode == "zeros"):
+        return (f"a {name}, whose forward is its own (fuse() folds only what nn.Conv2d, "
+                f"BatchNorm2d and timm's {'/'.join(NORM_ACTS + SAME_CONVS)} compute)")
+    if not _probe(m):
+        return f"a {name} that does not compute what timm's does (checked on random inputs)"
+    return ""
+
+
+def _plain(m):
+    """A recognised timm module as its torch base class, sharing its tensors (None stays
+    None): what from_conv2d_pair folds; fuse() handles the activation and padding."""
+    if m is None or type(m).forward in PLAIN_FORWARDS:
+        return m
+    if isinstance(m, nn.Conv2d):
+        plain = nn.Conv2d(m.in_channels, m.out_channels, m.kernel_size, m.stride, 0,
+                          m.dilation, m.groups, bias=m.bias is not None, device="meta")
+        plain.weight, plain.bias = m.weight, m.bias
+        return plain
+    plain = nn.BatchNorm2d(m.num_features, m.eps, m.momentum, m.affine, m.track_running_stats,
+                           device="meta")
+    for name in ("weight", "bias", "running_mean", "running_var", "num_batches_tracked"):
+        setattr(plain, name, getattr(m, name))
+    return plain.train(m.training)
 
 
 @dataclass
@@ -87,9 +181,23 @@ class _Chain:
     act2: str | None = None
 
     def build(self) -> SeparableConv2d:
-        return SeparableConv2d.from_conv2d_pair(
-            self.dw, self.pw, depthwise_norm=self.dw_norm, mid_activation=self.act1,
-            pointwise_norm=self.pw_norm, activation=self.act2)
+        fused = SeparableConv2d.from_conv2d_pair(
+            _plain(self.dw), _plain(self.pw), depthwise_norm=_plain(self.dw_norm),
+            mid_activation=self.act1, pointwise_norm=_plain(self.pw_norm),
+            activation=self.act2, padding="same" if _same_conv(self.dw) else None)
+        for conv, norm, weight, bias in ((self.dw, self.dw_norm, fused.depthwise_weight,
+                                          fused.depthwise_bias),
+                                         (self.pw, self.pw_norm, fused.pointwise_weight,
+                                          fused.bias)):
+            # A frozen tensor stays frozen: each fused one is trainable if what it was
+            # computed from is (a folded norm's scale enters both, its shift the bias).
+            scale = [norm.weight] if norm is not None else []
+            shift = [norm.bias] if norm is not None else []
+            for p, sources in ((weight, [conv.weight, *scale]),
+                               (bias, [conv.bias, *scale, *shift])):
+                if p is not None:
+                    p.requires_grad_(any(t is not None and t.requires_grad for t in sources))
+        return fused
 
 
 def _act_name(m) -> str | None | bool:
@@ -104,42 +212,51 @@ def _act_name(m) -> str | None | bool:
     return False
 
 
-def _match(names: list[str], mods: list) -> tuple[_Chain | None, str]:
+def _match(names: list[str], mods: list, fold_bn: bool) -> tuple[_Chain | None, str]:
     """The chain that starts at the depthwise conv mods[0] and follows ``mods`` (modules,
-    or activation names found by fx), or (None, why there is none)."""
+    or activation names found by fx; identities pass through), or (None, why there is
+    none). Batch norms are taken (folded) only with ``fold_bn``."""
     bad = next((k for k in range(1, len(mods)) if _own_forward(mods[k])), None)
     if bad is not None:  # the chain ends before it, or there is none
-        chain, why = _match(names[:bad], mods[:bad])
+        chain, why = _match(names[:bad], mods[:bad], fold_bn)
         return (chain, why) if chain else (None, f"{names[bad]} is {_own_forward(mods[bad])}")
+    steps = [0] + [k for k in range(1, len(mods)) if not _is_identity(mods[k])]
     i = 1
 
     def optional(fits):
         nonlocal i
-        if i < len(mods) and fits(mods[i]):
+        if i < len(steps) and fits(mods[steps[i]]):
             i += 1
-            return mods[i - 1]
+            return mods[steps[i - 1]]
         return None
 
-    dw_norm = optional(lambda m: isinstance(m, NORMS))
-    act1 = _act_name(optional(lambda m: _act_name(m) is not False))
-    if i == len(mods):
+    def norm_and_act():  # [norm] [act]; a timm norm that carries an activation is both
+        norm = optional(lambda m: fold_bn and isinstance(m, NORMS))
+        act = _act_name(norm.act) if _norm_act(norm) else None
+        if act is None:
+            act = _act_name(optional(lambda m: _act_name(m) is not False))
+        return norm, act or None
+
+    dw_norm, act1 = norm_and_act()
+    if i == len(steps):
         return None, f"nothing follows {names[-1]} that fuse() can take"
-    pw = mods[i]
+    pw, at = mods[steps[i]], names[steps[i]]
     if not isinstance(pw, nn.Conv2d):
         kind = pw if isinstance(pw, str) else type(pw).__name__
-        return None, f"followed by {kind} ({names[i]}), not a 1x1 Conv2d"
+        kept = " (fold_bn=False keeps batch norms)" if isinstance(pw, NORMS) else ""
+        return None, f"followed by {kind} ({at}), not a 1x1 Conv2d{kept}"
     why = pointwise_problem(pw, mods[0].out_channels)
     if why:
-        return None, f"the conv after it ({names[i]}) {why}"
+        return None, f"the conv after it ({at}) {why}"
     i += 1
-    pw_norm = optional(lambda m: isinstance(m, NORMS))
-    act2 = _act_name(optional(lambda m: _act_name(m) is not False))
-    chain = _Chain(names[:i], mods[0], pw, dw_norm, act1 or None, pw_norm, act2 or None)
+    pw_norm, act2 = norm_and_act()
+    chain = _Chain(names[:steps[i - 1] + 1], mods[0], pw, dw_norm, act1, pw_norm, act2)
     for norm in (dw_norm, pw_norm):
         if norm is not None and norm.training:
             raise ValueError(f"fuse(): the batch norm in {' -> '.join(chain.names)} is in "
                              "training mode, and batch statistics cannot be folded into "
-                             "weights; call model.eval() first")
+                             "weights; call model.eval() first, or fuse(..., fold_bn=False) "
+                             "to keep the norms as modules")
         if norm is not None and norm.running_mean is None:
             return None, "its batch norm has track_running_stats=False"
     return chain, ""
@@ -176,7 +293,8 @@ def _sequential_runs(model: nn.Module) -> list[list[tuple[str, nn.Module, str]]]
     return runs
 
 
-def _fuse_sequential(model: nn.Module, held: set[int], report: FuseReport) -> dict:
+def _fuse_sequential(model: nn.Module, held: set[int], report: FuseReport,
+                     fold_bn: bool) -> dict:
     """Fuses chains in Sequential runs, none taking a module in ``held``; returns
     {id(dw conv): why not} for the rest."""
     left, plans = {}, []
@@ -188,10 +306,10 @@ def _fuse_sequential(model: nn.Module, held: set[int], report: FuseReport) -> di
             if not _is_depthwise(m) or id(m) in held:
                 i += 1
                 continue
-            window = run[i:i + 6]
+            window = run[i:i + 10]  # room for identities between
             mods = [getattr(p, a) for _, p, a in window]
             cut = next((k for k, mod in enumerate(mods) if id(mod) in held), len(mods))
-            chain, why = _match([n for n, _, _ in window[:cut]], mods[:cut])
+            chain, why = _match([n for n, _, _ in window[:cut]], mods[:cut], fold_bn)
             if chain is None:
                 left[id(m)] = why
                 i += 1
@@ -207,8 +325,29 @@ def _fuse_sequential(model: nn.Module, held: set[int], report: FuseReport) -> di
 
 
 class _Tracer(fx.Tracer):
+    """Convs and norms, subclasses included (timm's BatchNormAct2d, Conv2dSame), stay one
+    node: fuse() reads them as modules, and their insides (timm's ndim asserts, padding
+    from the input size) are not traced."""
+
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return isinstance(m, SeparableConv2d) or super().is_leaf_module(m, qualname)
+        return isinstance(m, (SeparableConv2d, nn.Conv2d, *NORMS)) or \
+            super().is_leaf_module(m, qualname)
+
+
+META_ATTRIBUTES = ("ndim", "dtype", "device", "is_cuda")
+
+
+def _reads_metadata(user: fx.Node) -> bool:
+    """Whether ``user`` reads only what a chain's intermediate results share with its
+    output: the number of dims, dtype, device, or the size of the last two (spatial) dims.
+    Such a read is not a use of the data (timm's ``_assert(x.ndim == 4)``)."""
+    if user.op == "call_function" and user.target is getattr:
+        return user.args[1] in META_ATTRIBUTES
+    if user.op == "call_method" and user.target == "dim":
+        return len(user.args) == 1 and not user.kwargs
+    if user.op == "call_method" and user.target == "size":
+        return user.args[1:] in ((-1,), (-2,)) and not user.kwargs
+    return False
 
 
 def _graph_step(node: fx.Node, modules: dict):
@@ -225,7 +364,8 @@ def _graph_step(node: fx.Node, modules: dict):
     return None
 
 
-def _fuse_graph(model: nn.Module, left: dict, report: FuseReport) -> nn.Module:
+def _fuse_graph(model: nn.Module, left: dict, report: FuseReport,
+                fold_bn: bool) -> nn.Module:
     """Fuses the chains the fx graph shows among the depthwise convs in ``left``."""
     try:
         gm = fx.GraphModule(model, _Tracer().trace(model))
@@ -245,8 +385,8 @@ def _fuse_graph(model: nn.Module, left: dict, report: FuseReport) -> nn.Module:
             report.skipped.append((node.target, "the module is called more than once"))
             continue
         path, mods, stop = [node], [modules[node.target]], ""
-        while len(path) < 6:
-            users = list(path[-1].users)
+        while len(path) < 10:
+            users = [u for u in path[-1].users if not _reads_metadata(u)]
             if len(users) != 1:
                 stop = f"the output of {path[-1].name} has {len(users)} users"
                 break
@@ -257,7 +397,7 @@ def _fuse_graph(model: nn.Module, left: dict, report: FuseReport) -> nn.Module:
             path.append(users[0])
             mods.append(step)
         names = [str(n.target) if n.op == "call_module" else n.name for n in path]
-        chain, why = _match(names, mods)
+        chain, why = _match(names, mods, fold_bn)
         if chain is None:
             report.skipped.append((node.target, stop if stop and len(path) < 4 else why))
             continue
@@ -268,6 +408,9 @@ def _fuse_graph(model: nn.Module, left: dict, report: FuseReport) -> nn.Module:
         head, last = path[0], path[-1]
         *parent, attr = head.target.split(".")
         setattr(gm.get_submodule(".".join(parent)), attr, chain.build())
+        for n in path[1:-1]:  # what reads only metadata now reads the fused output's
+            for user in [u for u in n.users if u not in path]:
+                user.replace_input_with(n, head)
         last.replace_all_uses_with(head)
         for n in reversed(path[1:]):
             gm.graph.erase_node(n)
@@ -278,15 +421,19 @@ def _fuse_graph(model: nn.Module, left: dict, report: FuseReport) -> nn.Module:
     return gm
 
 
-def fuse(model: nn.Module, inplace: bool = False) -> tuple[nn.Module, FuseReport]:
+def fuse(model: nn.Module, inplace: bool = False,
+         fold_bn: bool = True) -> tuple[nn.Module, FuseReport]:
     """Every dw conv -> [BN] -> [act] -> 1x1 conv -> [BN] -> [act] chain of ``model`` as one
     SeparableConv2d, batch norms folded. Returns (the model, a FuseReport).
 
     Batch norms must be in eval mode (``model.eval()``): in training mode they use batch
-    statistics and fuse() raises a ValueError; chains without norms are fused either way.
-    The result computes what ``model`` does, within fp32 rounding. ``inplace=False`` works
-    on a deep copy; with ``inplace=True`` the model itself is changed (and, if a chain was
-    fused through torch.fx, the returned GraphModule shares its submodules).
+    statistics and fuse() raises a ValueError. With ``fold_bn=False`` no norm is taken:
+    only chains without one between the convs are fused, the norms stay modules, and the
+    result trains as ``model`` does (a fused module's parameters start as copies of its
+    convs' and keep their ``requires_grad``). The result computes what ``model`` does,
+    within fp32 rounding. ``inplace=False`` works on a deep copy; with ``inplace=True`` the
+    model itself is changed (and, if a chain was fused through torch.fx, the returned
+    GraphModule shares its submodules).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"fuse() takes an nn.Module, got {type(model).__name__}")
@@ -304,11 +451,11 @@ def fuse(model: nn.Module, inplace: bool = False) -> tuple[nn.Module, FuseReport
         if why:
             held.add(id(m))
             report.skipped.append((name, why))
-    why_not = _fuse_sequential(model, held, report)
+    why_not = _fuse_sequential(model, held, report, fold_bn)
     left = {id(m): why_not.get(id(m), "not called by an nn.Sequential")
             for m in model.modules() if _is_depthwise(m) and id(m) not in held}
     if left:
-        model = _fuse_graph(model, left, report)
+        model = _fuse_graph(model, left, report, fold_bn)
     return model, report
 
 

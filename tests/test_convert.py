@@ -1,5 +1,7 @@
 """fuse(), SeparableConv2d.from_conv2d_pair, from_conv2d() and separate()."""
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -40,6 +42,22 @@ def test_fuse_zoo_models(build, chains, fmt):
     assert sum(isinstance(m, sepconv.SeparableConv2d) for m in fused.modules()) == chains
     assert not any(isinstance(m, sepconv.SeparableConv2d) for m in model.modules())  # a copy
     x = torch.randn(2, 3, 96, 96).contiguous(memory_format=fmt)
+    with torch.no_grad():
+        assert _relative_error(fused(x), model(x)) < 1e-5
+
+
+@pytest.mark.parametrize("build,chains,se", [(models.mobilenet_v3_large, 7, 8),
+                                             (models.efficientnet_b0, 0, 16)],
+                         ids=["mobilenet_v3_large", "efficientnet_b0"])
+def test_fuse_zoo_squeeze_excitation_models(build, chains, se):
+    """The chains without SE are fused; those with one are left, each with its reason (SE
+    fusion is issue 17's next step)."""
+    torch.manual_seed(0)
+    model = _random_norms(build()).eval()
+    fused, report = sepconv.fuse(model)
+    assert len(report.fused) == chains and len(report.skipped) == se
+    assert all("has 2 users" in why for _, why in report.skipped)  # the SE's pool and product
+    x = torch.randn(2, 3, 97, 96)
     with torch.no_grad():
         assert _relative_error(fused(x), model(x)) < 1e-5
 
@@ -180,6 +198,240 @@ def test_fuse_leaves_subclasses_with_their_own_forward(model, fused_names, reaso
         assert _relative_error(fused(x), model(x)) < 1e-5
 
 
+# --- replicas of timm's blocks (written from timm 1.0's published structure and names) ---
+
+class BatchNormAct2d(nn.BatchNorm2d):
+    """timm.layers.BatchNormAct2d: batch norm, then ``.drop``, then ``.act``; its forward
+    asserts on ``x.ndim`` (fx sees two metadata reads of the conv output)."""
+
+    def __init__(self, c, act_layer=nn.ReLU, apply_act=True, drop_layer=None):
+        super().__init__(c)
+        self.drop = drop_layer() if drop_layer else nn.Identity()
+        self.act = act_layer() if apply_act else nn.Identity()
+
+    def forward(self, x):
+        torch._assert(x.ndim == 4, f"expected 4D input (got {x.ndim}D input)")
+        x = F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias,
+                         self.training, self.momentum, self.eps)
+        return self.act(self.drop(x))
+
+
+class Conv2dSame(nn.Conv2d):
+    """timm.layers.Conv2dSame: TensorFlow's SAME padding from the input size (not
+    fx-traceable: math on the size)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs, padding=0)
+
+    def forward(self, x):
+        pads = []
+        for i, k, s, d in zip(x.size()[-2:], self.kernel_size, self.stride, self.dilation):
+            total = max((math.ceil(i / s) - 1) * s + (k - 1) * d + 1 - i, 0)
+            pads = [total // 2, total - total // 2] + pads
+        return F.conv2d(F.pad(x, pads), self.weight, self.bias, self.stride, 0, self.dilation,
+                        self.groups)
+
+
+def _conv(cin, cout, k, stride=1, groups=1, same=False):
+    """timm's create_conv2d: Conv2dSame where "same" needs padding from the input size."""
+    if same and stride > 1:
+        return Conv2dSame(cin, cout, k, stride, groups=groups, bias=False)
+    return nn.Conv2d(cin, cout, k, stride, k // 2, groups=groups, bias=False)
+
+
+class DepthwiseSeparableConv(nn.Module):
+    def __init__(self, cin, cout, k=3, stride=1, act=nn.ReLU, pw_act=False, same=False):
+        super().__init__()
+        self.has_skip = stride == 1 and cin == cout
+        self.conv_dw = _conv(cin, cin, k, stride, groups=cin, same=same)
+        self.bn1 = BatchNormAct2d(cin, act)
+        self.aa = nn.Identity()
+        self.se = nn.Identity()
+        self.conv_pw = _conv(cin, cout, 1)
+        self.bn2 = BatchNormAct2d(cout, act, apply_act=pw_act)
+        self.drop_path = nn.Identity()
+
+    def forward(self, x):
+        shortcut = x
+        x = self.conv_dw(x)
+        x = self.bn1(x)
+        x = self.aa(x)
+        x = self.se(x)
+        x = self.conv_pw(x)
+        x = self.bn2(x)
+        if self.has_skip:
+            x = self.drop_path(x) + shortcut
+        return x
+
+
+class InvertedResidual(nn.Module):
+    def __init__(self, cin, cout, k=3, stride=1, exp=4, act=nn.ReLU6, same=False):
+        super().__init__()
+        mid = cin * exp
+        self.has_skip = stride == 1 and cin == cout
+        self.conv_pw = _conv(cin, mid, 1)
+        self.bn1 = BatchNormAct2d(mid, act)
+        self.conv_dw = _conv(mid, mid, k, stride, groups=mid, same=same)
+        self.bn2 = BatchNormAct2d(mid, act)
+        self.aa = nn.Identity()
+        self.se = nn.Identity()
+        self.conv_pwl = _conv(mid, cout, 1)
+        self.bn3 = BatchNormAct2d(cout, apply_act=False)
+        self.drop_path = nn.Identity()
+
+    def forward(self, x):
+        shortcut = x
+        x = self.conv_pw(x)
+        x = self.bn1(x)
+        x = self.conv_dw(x)
+        x = self.bn2(x)
+        x = self.aa(x)
+        x = self.se(x)
+        x = self.conv_pwl(x)
+        x = self.bn3(x)
+        if self.has_skip:
+            x = self.drop_path(x) + shortcut
+        return x
+
+
+class EfficientNet(nn.Module):
+    """timm's EfficientNet / MobileNetV2 / MnasNet skeleton: stem, stages of blocks, head."""
+
+    def __init__(self, act=nn.ReLU6, same=False):
+        super().__init__()
+        self.conv_stem = _conv(3, 16, 3, 2, same=same)
+        self.bn1 = BatchNormAct2d(16, act)
+        self.blocks = nn.Sequential(
+            nn.Sequential(DepthwiseSeparableConv(16, 16, act=act, same=same)),
+            nn.Sequential(InvertedResidual(16, 24, 3, 2, act=act, same=same),
+                          InvertedResidual(24, 24, act=act, same=same)),
+            nn.Sequential(InvertedResidual(24, 32, 5, 2, act=act, same=same),
+                          InvertedResidual(32, 32, 5, act=act, same=same)))
+        self.conv_head = _conv(32, 64, 1)
+        self.bn2 = BatchNormAct2d(64, act)
+
+    def forward(self, x):
+        return self.bn2(self.conv_head(self.blocks(self.bn1(self.conv_stem(x)))))
+
+
+@pytest.mark.parametrize("act,same", [(nn.ReLU6, False), (nn.SiLU, False), (nn.ReLU, True),
+                                      (nn.Hardswish, True)])
+@pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last], ids=str)
+def test_fuse_timm_block_replicas(act, same, fmt):
+    """timm's blocks: BatchNormAct2d read as norm + act (its ndim asserts are not uses),
+    the empty aa / se slots passed through, Conv2dSame as padding="same" at stride 2 (odd
+    and even sizes); every depthwise conv fused, through fx."""
+    model = _random_norms(EfficientNet(act, same)).eval()
+    fused, report = sepconv.fuse(model)
+    assert not report.skipped
+    assert [names for names, _ in report.fused][:2] == [
+        ["blocks.0.0.conv_dw", "blocks.0.0.bn1", "blocks.0.0.aa", "blocks.0.0.se",
+         "blocks.0.0.conv_pw", "blocks.0.0.bn2"],
+        ["blocks.1.0.conv_dw", "blocks.1.0.bn2", "blocks.1.0.aa", "blocks.1.0.se",
+         "blocks.1.0.conv_pwl", "blocks.1.0.bn3"]]
+    seps = [m for m in fused.modules() if isinstance(m, sepconv.SeparableConv2d)]
+    assert len(seps) == 5 and {s.mid_activation for s in seps} == {_act(act)}
+    assert [s.padding for s in seps if s.stride == (2, 2)] == (["same"] * 2 if same else
+                                                               [(1, 1), (2, 2)])
+    for size in (33, 32):
+        x = torch.randn(2, 3, size, size - 3).contiguous(memory_format=fmt)
+        with torch.no_grad():
+            assert _relative_error(fused(x), model(x)) < 1e-5
+
+
+def _act(act):
+    return {nn.ReLU: "relu", nn.ReLU6: "relu6", nn.SiLU: "silu", nn.Hardswish: "hardswish"}[act]
+
+
+def _impostor(cls, forward):
+    return type(cls.__name__, (cls,), {"forward": forward})
+
+
+@pytest.mark.parametrize("model,reason", [
+    (_chain(BatchNormAct2d(8, nn.GELU)), "act (GELU) or drop (Identity)"),
+    (_chain(BatchNormAct2d(8, drop_layer=nn.Tanh)), "act (ReLU) or drop (Tanh)"),
+    (_chain(BatchNormAct2d(8, drop_layer=nn.Dropout)), None),  # eval mode: the identity
+    # a class of timm's name that computes something else is found out on random inputs
+    (_chain(_impostor(BatchNormAct2d, lambda self, x: F.batch_norm(
+        self.act(x), self.running_mean, self.running_var, self.weight, self.bias))(8)),
+     "does not compute what timm's does"),
+    (_chain(dw=_impostor(Conv2dSame, lambda self, x: F.conv2d(
+        x, self.weight, self.bias, self.stride, 0, groups=self.groups))(4, 8, 3, groups=4)),
+     "does not compute what timm's does"),
+    (_chain(dw=_impostor(Conv2dSame, lambda self, x: F.conv2d(
+        x, self.weight, self.bias, self.stride, 2, groups=self.groups))(4, 8, 3, stride=2,
+                                                                      groups=4)),
+     "does not compute what timm's does"),
+])
+def test_fuse_checks_what_it_reads_from_timm(model, reason):
+    model = _random_norms(model).eval()
+    fused, report = sepconv.fuse(model)
+    if reason is None:
+        assert len(report.fused) == 1 and fused[0].padding == (1, 1)
+    else:
+        assert not report.fused and reason in report.skipped[0][1]
+    x = torch.randn(2, 4, 9, 9)
+    with torch.no_grad():
+        assert _relative_error(fused(x), model(x)) < 1e-5
+
+
+class _MetadataReads(nn.Module):
+    """Reads of the intermediate's ndim, dtype and spatial size are not uses of its data;
+    a read of its shape (the channels differ after fusion) is."""
+
+    def __init__(self, read_shape=False):
+        super().__init__()
+        self.dw, self.bn, self.pw = nn.Conv2d(4, 8, 3, groups=4), nn.BatchNorm2d(8), \
+            nn.Conv2d(8, 6, 1)
+        self.read_shape = read_shape
+
+    def forward(self, x):
+        u = self.bn(self.dw(x))
+        torch._assert(u.ndim == 4, "4D")
+        torch._assert(u.dim() == 4, "4D")
+        w = u.size(-1) + u.size(-2)
+        if self.read_shape:
+            w = w + u.shape[1]
+        return self.pw(F.relu(u)).to(u.dtype) * w
+
+
+@pytest.mark.parametrize("read_shape", [False, True])
+def test_fuse_ignores_metadata_reads(read_shape):
+    model = _random_norms(_MetadataReads(read_shape)).eval()
+    fused, report = sepconv.fuse(model)
+    if read_shape:
+        assert not report.fused and "users" in report.skipped[0][1]
+    else:
+        assert [names for names, _ in report.fused] == [["dw", "bn", "relu", "pw"]]
+    x = torch.randn(2, 4, 9, 10)
+    with torch.no_grad():
+        assert _relative_error(fused(x), model(x)) < 1e-5
+
+
+@pytest.mark.parametrize("lib,name,dw,skipped", [
+    ("torchvision", "mobilenet_v2", 17, 0), ("torchvision", "mnasnet1_0", 17, 0),
+    ("torchvision", "shufflenet_v2_x1_0", 19, 0), ("timm", "mobilenetv2_100", 17, 0),
+    ("timm", "mnasnet_100", 17, 0), ("timm", "tf_efficientnet_lite0", 16, 0),
+    ("timm", "xception41", 39, 0),
+    # squeeze-and-excitation between dw and pw: not yet fused (issue 17, item 2)
+    ("torchvision", "mobilenet_v3_large", 15, 8), ("torchvision", "efficientnet_b0", 16, 16),
+    ("timm", "mobilenetv3_large_100", 15, 8), ("timm", "efficientnet_b0", 16, 16),
+])
+def test_fuse_real_timm_and_torchvision_models(lib, name, dw, skipped):
+    """The libraries' own model code, where they import (not in CI: torchvision has no
+    build for the pinned CPU torch)."""
+    module = pytest.importorskip(lib)
+    torch.manual_seed(0)
+    build = module.create_model if lib == "timm" else module.models.get_model
+    model = _random_norms(build(name)).eval()
+    fused, report = sepconv.fuse(model)
+    assert len(report.fused) == dw - skipped and len(report.skipped) == skipped
+    assert all("users" in why for _, why in report.skipped)  # the SE's mean and product
+    x = torch.randn(2, 3, 225, 218)  # odd and even: timm's tf_ models pad by the size
+    with torch.no_grad():
+        assert _relative_error(fused(x), model(x)) < 1e-5
+
+
 def test_fuse_refuses_batch_norm_in_training_mode():
     with pytest.raises(ValueError, match="training mode.*eval"):
         sepconv.fuse(_chain(nn.BatchNorm2d(8)).train())
@@ -188,6 +440,61 @@ def test_fuse_refuses_batch_norm_in_training_mode():
     assert len(report.fused) == 1
     x = torch.randn(2, 4, 9, 9)
     torch.testing.assert_close(fused(x), model(x))
+
+
+class _Trainable(nn.Module):
+    """A Sequential chain with a batch norm after the pointwise conv (it stays, in training
+    mode, with fold_bn=False), one with a norm between the convs (left), and one the fx
+    graph shows, with a frozen depthwise conv."""
+
+    def __init__(self):
+        super().__init__()
+        self.seq = nn.Sequential(nn.Conv2d(4, 8, 3, padding=1, groups=4), nn.ReLU(),
+                                 nn.Conv2d(8, 6, 1), nn.BatchNorm2d(6), nn.ReLU())
+        self.normed = nn.Sequential(nn.Conv2d(6, 6, 3, padding=1, groups=6),
+                                    nn.BatchNorm2d(6), nn.Conv2d(6, 6, 1))
+        self.dw, self.pw = nn.Conv2d(6, 12, 5, 2, 2, groups=6), nn.Conv2d(12, 5, 1)
+        self.dw.weight.requires_grad_(False)
+
+    def forward(self, x):
+        return F.silu(self.pw(self.dw(self.normed(self.seq(x)))))
+
+
+def test_fuse_without_folding_trains_as_the_original():
+    """fold_bn=False: the fused model trains (norms in training mode), with the original's
+    gradients and updates; a frozen conv's fused weight stays frozen."""
+    torch.manual_seed(0)
+    model = _Trainable().train()
+    with pytest.raises(ValueError, match="fold_bn=False"):
+        sepconv.fuse(model)
+    fused, report = sepconv.fuse(model, fold_bn=False)
+    assert [names for names, _ in report.fused] == [["seq.0", "seq.1", "seq.2"],
+                                                    ["dw", "pw", "silu"]]
+    assert report.skipped == [("normed.0", "followed by BatchNorm2d (normed.1), not a 1x1 "
+                                           "Conv2d (fold_bn=False keeps batch norms)")]
+    got, want = fused.get_submodule, model.get_submodule  # fused: an fx.GraphModule
+    first, second = got("seq.0"), got("dw")
+    assert not second.depthwise_weight.requires_grad and second.pointwise_weight.requires_grad
+    pairs = [(first.depthwise_weight, want("seq.0").weight),
+             (first.depthwise_bias, want("seq.0").bias),
+             (first.pointwise_weight, want("seq.2").weight), (first.bias, want("seq.2").bias),
+             (got("seq.3").weight, want("seq.3").weight),
+             (second.pointwise_weight, model.pw.weight), (second.depthwise_bias, model.dw.bias),
+             (got("normed.2").weight, want("normed.2").weight)]
+    opts = [torch.optim.SGD(m.parameters(), lr=0.1) for m in (fused, model)]
+    for _ in range(2):
+        x = torch.randn(3, 4, 11, 10)
+        xs = [x.clone().requires_grad_(), x.clone().requires_grad_()]
+        outs = [m(xi) for m, xi in zip((fused, model), xs)]
+        torch.testing.assert_close(outs[0], outs[1], rtol=1e-5, atol=1e-5)
+        for out, opt in zip(outs, opts):
+            opt.zero_grad()
+            out.square().mean().backward()
+            opt.step()
+        torch.testing.assert_close(xs[0].grad, xs[1].grad, rtol=1e-4, atol=1e-6)
+        for mine, theirs in pairs:
+            torch.testing.assert_close(mine.grad, theirs.grad, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(got("seq.3").running_var, want("seq.3").running_var)
 
 
 def test_fuse_skips_shared_modules():
@@ -224,10 +531,26 @@ def test_from_conv2d_pair_folds_norms_exactly():
      {"pointwise_norm": nn.BatchNorm2d(4).eval()}, ValueError, "4 features"),
     (nn.Conv2d(3, 3, 3, groups=3), nn.Conv2d(3, 5, 1), {"depthwise_norm": nn.LayerNorm(3)},
      TypeError, "BatchNorm2d"),
+    # attributes that do not say what the module computes: refused, not folded wrongly
+    (Conv2dSame(3, 3, 3, 2, groups=3), nn.Conv2d(3, 5, 1), {}, TypeError, "forward is its own"),
+    (nn.Conv2d(3, 3, 3, groups=3), nn.Conv2d(3, 5, 1),
+     {"pointwise_norm": BatchNormAct2d(5).eval()}, TypeError, "pointwise_norm is a BatchNormAct2d"),
 ])
 def test_from_conv2d_pair_errors(dw, pw, kw, error, match):
     with pytest.raises(error, match=match):
         sepconv.SeparableConv2d.from_conv2d_pair(dw, pw, **kw)
+
+
+def test_from_conv2d_pair_takes_a_padding():
+    """padding="same" for a conv padded as TensorFlow's SAME (timm's Conv2dSame)."""
+    dw = nn.Conv2d(3, 3, 5, 2, groups=3, dtype=torch.float64)
+    pw = nn.Conv2d(3, 4, 1, dtype=torch.float64)
+    sep = sepconv.SeparableConv2d.from_conv2d_pair(dw, pw, padding="same")
+    for size in (9, 10):
+        x = torch.randn(2, 3, size, size + 1, dtype=torch.float64)
+        pads = [max((math.ceil(i / 2) - 1) * 2 + 5 - i, 0) for i in x.shape[-2:]]
+        xp = F.pad(x, (pads[1] // 2, pads[1] - pads[1] // 2, pads[0] // 2, pads[0] - pads[0] // 2))
+        torch.testing.assert_close(sep(x), pw(dw(xp)))
 
 
 def test_from_conv2d_is_exact_at_full_rank_and_optimal_below():
