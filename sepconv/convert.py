@@ -25,6 +25,7 @@ StdConv2d): its attributes do not say what it computes.
 from __future__ import annotations
 
 import copy
+import operator
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -73,8 +74,12 @@ def _is_depthwise(m: nn.Module) -> bool:
 # that applies its ``.act`` (after ``.drop``), and convs padded as TensorFlow's SAME from
 # the input size. Each is checked on random inputs against that reading before it is
 # folded (_probe), so a class of the same name that computes something else is left.
-NORM_ACTS = ("BatchNormAct2d",)
+NORM_ACTS = ("BatchNormAct2d", "SyncBatchNormAct", "FrozenBatchNormAct2d")
 SAME_CONVS = ("Conv2dSame", "Conv2dSameExport")
+# torchvision's and timm's frozen batch norms (detection backbones): not nn.BatchNorm2d
+# subclasses; their statistics and affine parameters are buffers, always used.
+FROZEN_NORMS = ("FrozenBatchNorm2d", "FrozenBatchNormAct2d")
+NORM_TENSORS = ("weight", "bias", "running_mean", "running_var")
 DROPOUTS = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout,
             nn.FeatureAlphaDropout)
 
@@ -85,8 +90,18 @@ def _is_identity(m) -> bool:
     return type(m) is nn.Identity or (type(m) in DROPOUTS and not m.training)
 
 
+def _frozen_norm(m) -> bool:
+    return type(m).__name__ in FROZEN_NORMS and isinstance(getattr(m, "eps", None), float) \
+        and all(isinstance(getattr(m, t, None), torch.Tensor) for t in NORM_TENSORS)
+
+
+def _is_norm(m) -> bool:
+    """A batch norm fuse() can fold: torch's, or a frozen one."""
+    return isinstance(m, NORMS) or _frozen_norm(m)
+
+
 def _norm_act(m) -> bool:
-    return isinstance(m, nn.BatchNorm2d) and type(m).__name__ in NORM_ACTS
+    return _is_norm(m) and type(m).__name__ in NORM_ACTS
 
 
 def _same_conv(m) -> bool:
@@ -98,18 +113,19 @@ def _probe(m: nn.Module) -> bool:
     (two sizes of each parity for a conv). Eval-mode norms only (training mode would update
     their statistics; fuse() refuses those anyway); on the meta device there is nothing to
     compare, and the reading stands on the class and its attributes."""
-    p = next(iter(m.parameters()), None)
+    p = next((t for t in (*m.parameters(), *m.buffers()) if t.is_floating_point()), None)
     factory = {"dtype": p.dtype if p is not None else torch.float32,
                "device": p.device if p is not None else None}
-    if m.training and _norm_act(m) or factory["device"] == torch.device("meta"):
+    if m.training and isinstance(m, NORMS) or factory["device"] == torch.device("meta"):
         return True
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
-        if _norm_act(m):
-            x = torch.randn(2, m.num_features, 3, 3, generator=g).to(**factory)
+        if _is_norm(m):
+            x = torch.randn(2, m.running_mean.numel(), 3, 3, generator=g).to(**factory)
             want = F.batch_norm(x, m.running_mean, m.running_var, m.weight, m.bias, False, 0.0,
                                 m.eps)
-            want = ACTIVATION_FNS[_act_name(m.act) or "none"](want)
+            if _norm_act(m):
+                want = ACTIVATION_FNS[_act_name(m.act) or "none"](want)
             tries = [(x, want)]
         else:
             tries = []
@@ -134,7 +150,7 @@ def _own_forward(m) -> str:
     computes (timm's StdConv2d standardises its weight; another BatchNormAct2d may apply
     an activation fuse() has not): folding it by them would be a wrong result."""
     base = next((b for b in (nn.Conv2d, *NORMS) if isinstance(m, b)), None)
-    if base is None or type(m).forward is base.forward:
+    if not _frozen_norm(m) and (base is None or type(m).forward is base.forward):
         return ""
     name = type(m).__name__
     if _norm_act(m):
@@ -143,11 +159,13 @@ def _own_forward(m) -> str:
             drop = type(getattr(m, "drop", None)).__name__
             return (f"a {name} whose act ({type(act).__name__}) or drop ({drop}) fuse() "
                     f"cannot fold")
-    elif not (_same_conv(m) and m.padding == (0, 0) and m.padding_mode == "zeros"):
+    elif not (_frozen_norm(m) or _same_conv(m) and m.padding == (0, 0)
+              and m.padding_mode == "zeros"):
         return (f"a {name}, whose forward is its own (fuse() folds only what nn.Conv2d, "
                 f"BatchNorm2d and timm's {'/'.join(NORM_ACTS + SAME_CONVS)} compute)")
     if not _probe(m):
-        return f"a {name} that does not compute what timm's does (checked on random inputs)"
+        return (f"a {name} that does not compute what fuse() reads it as (checked on random "
+                f"inputs)")
     return ""
 
 
@@ -161,11 +179,12 @@ def _plain(m):
                           m.dilation, m.groups, bias=m.bias is not None, device="meta")
         plain.weight, plain.bias = m.weight, m.bias
         return plain
-    plain = nn.BatchNorm2d(m.num_features, m.eps, m.momentum, m.affine, m.track_running_stats,
-                           device="meta")
-    for name in ("weight", "bias", "running_mean", "running_var", "num_batches_tracked"):
-        setattr(plain, name, getattr(m, name))
-    return plain.train(m.training)
+    plain = nn.BatchNorm2d(m.running_mean.numel(), m.eps, device="meta")
+    for name in NORM_TENSORS:  # a frozen norm's weight and bias are buffers
+        t = getattr(m, name)
+        setattr(plain, name, t if name.startswith("running") or isinstance(t, nn.Parameter)
+                else nn.Parameter(t, requires_grad=False))
+    return plain.train(m.training and not _frozen_norm(m))
 
 
 @dataclass
@@ -231,7 +250,7 @@ def _match(names: list[str], mods: list, fold_bn: bool) -> tuple[_Chain | None, 
         return None
 
     def norm_and_act():  # [norm] [act]; a timm norm that carries an activation is both
-        norm = optional(lambda m: fold_bn and isinstance(m, NORMS))
+        norm = optional(lambda m: fold_bn and _is_norm(m))
         act = _act_name(norm.act) if _norm_act(norm) else None
         if act is None:
             act = _act_name(optional(lambda m: _act_name(m) is not False))
@@ -243,7 +262,7 @@ def _match(names: list[str], mods: list, fold_bn: bool) -> tuple[_Chain | None, 
     pw, at = mods[steps[i]], names[steps[i]]
     if not isinstance(pw, nn.Conv2d):
         kind = pw if isinstance(pw, str) else type(pw).__name__
-        kept = " (fold_bn=False keeps batch norms)" if isinstance(pw, NORMS) else ""
+        kept = " (fold_bn=False keeps batch norms)" if _is_norm(pw) else ""
         return None, f"followed by {kind} ({at}), not a 1x1 Conv2d{kept}"
     why = pointwise_problem(pw, mods[0].out_channels)
     if why:
@@ -252,7 +271,7 @@ def _match(names: list[str], mods: list, fold_bn: bool) -> tuple[_Chain | None, 
     pw_norm, act2 = norm_and_act()
     chain = _Chain(names[:steps[i - 1] + 1], mods[0], pw, dw_norm, act1, pw_norm, act2)
     for norm in (dw_norm, pw_norm):
-        if norm is not None and norm.training:
+        if norm is not None and norm.training and not _frozen_norm(norm):
             raise ValueError(f"fuse(): the batch norm in {' -> '.join(chain.names)} is in "
                              "training mode, and batch statistics cannot be folded into "
                              "weights; call model.eval() first, or fuse(..., fold_bn=False) "
@@ -330,23 +349,39 @@ class _Tracer(fx.Tracer):
     from the input size) are not traced."""
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return isinstance(m, (SeparableConv2d, nn.Conv2d, *NORMS)) or \
+        return isinstance(m, (SeparableConv2d, nn.Conv2d, *NORMS)) or _frozen_norm(m) or \
             super().is_leaf_module(m, qualname)
 
 
 META_ATTRIBUTES = ("ndim", "dtype", "device", "is_cuda")
+SPATIAL = (2, 3, -2, -1)  # dims whose size the fused output shares with its intermediates
+
+
+def _spatial_index(node: fx.Node) -> bool:
+    """Whether ``node`` takes a spatial size, or sizes, out of a shape."""
+    if node.op != "call_function" or node.target is not operator.getitem:
+        return False
+    index = node.args[1]
+    if isinstance(index, slice):
+        return index.start in SPATIAL and index.stop is None and index.step is None
+    return index in SPATIAL
 
 
 def _reads_metadata(user: fx.Node) -> bool:
     """Whether ``user`` reads only what a chain's intermediate results share with its
-    output: the number of dims, dtype, device, or the size of the last two (spatial) dims.
-    Such a read is not a use of the data (timm's ``_assert(x.ndim == 4)``)."""
+    output: the number of dims, dtype, device, or the sizes of the spatial dims
+    (``size(-1)``, ``shape[-2:]``). Such a read is not a use of the data (timm's
+    ``_assert(x.ndim == 4)``); a read of the channel count is."""
     if user.op == "call_function" and user.target is getattr:
+        if user.args[1] == "shape":
+            return all(_spatial_index(u) for u in user.users)
         return user.args[1] in META_ATTRIBUTES
     if user.op == "call_method" and user.target == "dim":
         return len(user.args) == 1 and not user.kwargs
-    if user.op == "call_method" and user.target == "size":
-        return user.args[1:] in ((-1,), (-2,)) and not user.kwargs
+    if user.op == "call_method" and user.target == "size" and not user.kwargs:
+        if len(user.args) == 1:
+            return all(_spatial_index(u) for u in user.users)
+        return len(user.args) == 2 and user.args[1] in SPATIAL
     return False
 
 

@@ -16,8 +16,8 @@ def _random_norms(model: nn.Module, seed: int = 0) -> nn.Module:
     folding them is tested (fresh ones are the identity)."""
     g = torch.Generator().manual_seed(seed)
     for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            u = lambda a, b: torch.rand(m.num_features, generator=g) * (b - a) + a  # noqa: E731
+        if isinstance(m, nn.BatchNorm2d) or type(m).__name__ == "FrozenBatchNorm2d":
+            u = lambda a, b: torch.rand(m.running_mean.numel(), generator=g) * (b - a) + a  # noqa: E731
             m.running_mean.copy_(u(-1, 1))
             m.running_var.copy_(u(0.3, 3))
             m.weight.data.copy_(u(0.5, 1.5))
@@ -216,6 +216,36 @@ class BatchNormAct2d(nn.BatchNorm2d):
         return self.act(self.drop(x))
 
 
+class SyncBatchNormAct(nn.SyncBatchNorm):
+    """timm.layers.SyncBatchNormAct (what convert_sync_batchnorm makes of BatchNormAct2d):
+    SyncBatchNorm's forward, then ``.drop`` and ``.act``."""
+
+    def __init__(self, c, act_layer=nn.ReLU):
+        super().__init__(c)
+        self.drop, self.act = nn.Identity(), act_layer()
+
+    def forward(self, x):
+        return self.act(self.drop(super().forward(x)))
+
+
+class FrozenBatchNorm2d(nn.Module):
+    """torchvision.ops.misc.FrozenBatchNorm2d (detection backbones; timm has its own):
+    statistics and affine parameters as buffers, used in training mode too."""
+
+    def __init__(self, c, eps=1e-5):
+        super().__init__()
+        self.eps = eps
+        g = torch.Generator().manual_seed(c)
+        for name, lo, hi in (("weight", 0.5, 1.5), ("bias", -0.5, 0.5),
+                             ("running_mean", -1, 1), ("running_var", 0.3, 3)):
+            self.register_buffer(name, torch.rand(c, generator=g) * (hi - lo) + lo)
+
+    def forward(self, x):
+        scale = self.weight * (self.running_var + self.eps).rsqrt()
+        shift = self.bias - self.running_mean * scale
+        return x * scale.reshape(1, -1, 1, 1) + shift.reshape(1, -1, 1, 1)
+
+
 class Conv2dSame(nn.Conv2d):
     """timm.layers.Conv2dSame: TensorFlow's SAME padding from the input size (not
     fx-traceable: math on the size)."""
@@ -351,20 +381,26 @@ def _impostor(cls, forward):
     (_chain(BatchNormAct2d(8, nn.GELU)), "act (GELU) or drop (Identity)"),
     (_chain(BatchNormAct2d(8, drop_layer=nn.Tanh)), "act (ReLU) or drop (Tanh)"),
     (_chain(BatchNormAct2d(8, drop_layer=nn.Dropout)), None),  # eval mode: the identity
+    (_chain(SyncBatchNormAct(8, nn.Hardswish)), None),
+    (_chain(FrozenBatchNorm2d(8), nn.ReLU6(), after=(FrozenBatchNorm2d(6),)), None),
+    (_chain(_impostor(FrozenBatchNorm2d, lambda self, x: x * self.weight.reshape(1, -1, 1, 1))(8)),
+     "does not compute what fuse() reads it as"),
     # a class of timm's name that computes something else is found out on random inputs
     (_chain(_impostor(BatchNormAct2d, lambda self, x: F.batch_norm(
         self.act(x), self.running_mean, self.running_var, self.weight, self.bias))(8)),
-     "does not compute what timm's does"),
+     "does not compute what fuse() reads it as"),
     (_chain(dw=_impostor(Conv2dSame, lambda self, x: F.conv2d(
         x, self.weight, self.bias, self.stride, 0, groups=self.groups))(4, 8, 3, groups=4)),
-     "does not compute what timm's does"),
+     "does not compute what fuse() reads it as"),
     (_chain(dw=_impostor(Conv2dSame, lambda self, x: F.conv2d(
         x, self.weight, self.bias, self.stride, 2, groups=self.groups))(4, 8, 3, stride=2,
                                                                       groups=4)),
-     "does not compute what timm's does"),
+     "does not compute what fuse() reads it as"),
 ])
 def test_fuse_checks_what_it_reads_from_timm(model, reason):
     model = _random_norms(model).eval()
+    frozen = any(isinstance(m, FrozenBatchNorm2d) for m in model.modules())
+    model.train(frozen)  # a frozen norm folds in training mode too
     fused, report = sepconv.fuse(model)
     if reason is None:
         assert len(report.fused) == 1 and fused[0].padding == (1, 1)
@@ -376,8 +412,8 @@ def test_fuse_checks_what_it_reads_from_timm(model, reason):
 
 
 class _MetadataReads(nn.Module):
-    """Reads of the intermediate's ndim, dtype and spatial size are not uses of its data;
-    a read of its shape (the channels differ after fusion) is."""
+    """Reads of the intermediate's ndim, dtype and spatial sizes are not uses of its data;
+    a read of its channel count (it differs after fusion) is."""
 
     def __init__(self, read_shape=False):
         super().__init__()
@@ -389,7 +425,7 @@ class _MetadataReads(nn.Module):
         u = self.bn(self.dw(x))
         torch._assert(u.ndim == 4, "4D")
         torch._assert(u.dim() == 4, "4D")
-        w = u.size(-1) + u.size(-2)
+        w = u.size(-1) + u.size(2) + u.shape[-2] + u.size()[3] + u.shape[-2:][0]
         if self.read_shape:
             w = w + u.shape[1]
         return self.pw(F.relu(u)).to(u.dtype) * w
@@ -416,6 +452,9 @@ def test_fuse_ignores_metadata_reads(read_shape):
     # squeeze-and-excitation between dw and pw: not yet fused (issue 17, item 2)
     ("torchvision", "mobilenet_v3_large", 15, 8), ("torchvision", "efficientnet_b0", 16, 16),
     ("timm", "mobilenetv3_large_100", 15, 8), ("timm", "efficientnet_b0", 16, 16),
+    # torchvision's FrozenBatchNorm2d, as its detection backbones have it
+    ("torchvision", "mobilenet_v2+frozen", 17, 0),
+    ("torchvision", "mobilenet_v3_large+frozen", 15, 8),
 ])
 def test_fuse_real_timm_and_torchvision_models(lib, name, dw, skipped):
     """The libraries' own model code, where they import (not in CI: torchvision has no
@@ -423,7 +462,9 @@ def test_fuse_real_timm_and_torchvision_models(lib, name, dw, skipped):
     module = pytest.importorskip(lib)
     torch.manual_seed(0)
     build = module.create_model if lib == "timm" else module.models.get_model
-    model = _random_norms(build(name)).eval()
+    name, _, frozen = name.partition("+")
+    kwargs = {"norm_layer": module.ops.misc.FrozenBatchNorm2d} if frozen else {}
+    model = _random_norms(build(name, **kwargs)).eval()
     fused, report = sepconv.fuse(model)
     assert len(report.fused) == dw - skipped and len(report.skipped) == skipped
     assert all("users" in why for _, why in report.skipped)  # the SE's mean and product
