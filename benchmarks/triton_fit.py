@@ -130,7 +130,7 @@ def resources(kernel) -> dict:
 
 
 def compile_layer(layer: Layer, dtype, fmt, autotune: bool) -> None:
-    """The launches of one layer's forward and backward (every gradient)."""
+    """The launches of one layer's forward, backward (every gradient) and mean."""
     g = torch.Generator().manual_seed(0)
     x = torch.randn(2, layer.c_in, layer.hw, layer.hw, generator=g).to(dtype) \
         .contiguous(memory_format=fmt)
@@ -145,6 +145,7 @@ def compile_layer(layer: Layer, dtype, fmt, autotune: bool) -> None:
     y = _triton.forward(x, dw, pw, bd, b, s, p, (1, 1), "relu", "relu6")
     _triton.backward(torch.randn(y.shape, generator=g).to(dtype).contiguous(memory_format=fmt),
                      x, dw, pw, bd, b, s, p, (1, 1), "relu", "relu6", (True,) * 5)
+    _triton.mean(x, dw, bd, s, p, (1, 1), "silu")  # squeeze-and-excitation's squeeze
 
 
 def _commit() -> str:

@@ -182,10 +182,15 @@ template <class F> F pick(F generic, F avx2, F avx512) {
 
 template <class T>
 int run_forward(const Geometry& g, uintptr_t x, uintptr_t dww, uintptr_t pww, uintptr_t dwb,
-                uintptr_t pwb, uintptr_t y) {
+                uintptr_t pwb, uintptr_t scale, uintptr_t y) {
   advise_huge_pages(y, g.N * g.Co * g.Ho * g.Wo * int64_t(sizeof(T)));
   return SEPCONV_PICK(forward<T>)(g, cp<T>(x), cp<T>(dww), cp<T>(pww), cp<T>(dwb), cp<T>(pwb),
-                                  mp<T>(y));
+                                  cp<T>(scale), mp<T>(y));
+}
+
+template <class T>
+int run_mean(const Geometry& g, uintptr_t x, uintptr_t dww, uintptr_t dwb, uintptr_t out) {
+  return SEPCONV_PICK(mean<T>)(g, cp<T>(x), cp<T>(dww), cp<T>(dwb), mp<T>(out));
 }
 
 template <class T>
@@ -221,15 +226,31 @@ void* sepconv::scratch(int slot, size_t bytes, bool* owned) {
 PYBIND11_MODULE(_C, m) {
   m.doc() = "Fused depthwise-separable convolution CPU kernels (raw pointers; use sepconv).";
 
+  // scale: (N, Cm) or 0, each image's factor for each mid channel, applied before the
+  // pointwise GEMM (squeeze-and-excitation).
   m.def("forward", [](py::tuple geom, const std::string& dtype, uintptr_t x, uintptr_t dww,
-                      uintptr_t pww, uintptr_t dwb, uintptr_t pwb, uintptr_t y) {
+                      uintptr_t pww, uintptr_t dwb, uintptr_t pwb, uintptr_t scale, uintptr_t y) {
     Geometry g = parse(geom);
     bool f64 = is_f64(dtype);
     int status;
     {
       py::gil_scoped_release nogil;
-      status = f64 ? run_forward<double>(g, x, dww, pww, dwb, pwb, y)
-                   : run_forward<float>(g, x, dww, pww, dwb, pwb, y);
+      status = f64 ? run_forward<double>(g, x, dww, pww, dwb, pwb, scale, y)
+                   : run_forward<float>(g, x, dww, pww, dwb, pwb, scale, y);
+    }
+    check(status);
+  });
+
+  // out (N, Cm): the channel means of act1(dw(x) + b_dw) per image; the geometry's Co
+  // and act2 are not read.
+  m.def("mean", [](py::tuple geom, const std::string& dtype, uintptr_t x, uintptr_t dww,
+                   uintptr_t dwb, uintptr_t out) {
+    Geometry g = parse(geom);
+    bool f64 = is_f64(dtype);
+    int status;
+    {
+      py::gil_scoped_release nogil;
+      status = f64 ? run_mean<double>(g, x, dww, dwb, out) : run_mean<float>(g, x, dww, dwb, out);
     }
     check(status);
   });

@@ -10,9 +10,10 @@
 //
 // Forward, per tile of output pixels of one image:
 //   U  = act1(dw(x) + b_dw)          (tile buffer only, never a full-size tensor)
+//   U *= scale[n]                    (optional: squeeze-and-excitation's per-image scale)
 //   y  = act2(W_pw . U + b_pw)       (register-blocked GEMM, bias + act in the epilogue)
 // Backward recomputes U (and the pre-activation of y when act2 is silu or hardswish)
-// per tile.
+// per tile. Mean: the channel means of U per image (squeeze-and-excitation's squeeze).
 #include <math.h>
 #include <omp.h>
 #include <stdint.h>
@@ -34,14 +35,20 @@ namespace {
 #include "kernels/gemm.h"
 #include "kernels/depthwise.h"
 #include "kernels/forward.h"
+#include "kernels/mean.h"
 #include "kernels/backward.h"
 
 }  // namespace
 
 template <class T>
 int forward(const Geometry& g, const T* x, const T* dww, const T* pww, const T* dwb,
-            const T* pwb, T* y) {
-  return forward_impl(g, x, dww, pww, dwb, pwb, y);
+            const T* pwb, const T* scale, T* y) {
+  return forward_impl(g, x, dww, pww, dwb, pwb, scale, y);
+}
+
+template <class T>
+int mean(const Geometry& g, const T* x, const T* dww, const T* dwb, T* out) {
+  return mean_impl(g, x, dww, dwb, out);
 }
 
 template <class T>
@@ -51,9 +58,12 @@ int backward(const Geometry& g, const T* gy, const T* y, const T* x, const T* dw
 }
 
 template int forward<float>(const Geometry&, const float*, const float*, const float*,
-                            const float*, const float*, float*);
+                            const float*, const float*, const float*, float*);
 template int forward<double>(const Geometry&, const double*, const double*, const double*,
-                             const double*, const double*, double*);
+                             const double*, const double*, const double*, double*);
+template int mean<float>(const Geometry&, const float*, const float*, const float*, float*);
+template int mean<double>(const Geometry&, const double*, const double*, const double*,
+                          double*);
 template int backward<float>(const Geometry&, const float*, const float*, const float*,
                              const float*, const float*, const float*, const float*,
                              const Grads<float>&);

@@ -7,6 +7,7 @@
 //   y, grad_y            (N, Co, Ho, Wo)  same layout as x
 //   dw_weight            (Cm, kh, kw)     contiguous, Cm = C * m
 //   pw_weight            (Co, Cm)         contiguous
+//   mean's out, scale    (N, Cm)          contiguous (mean: Co is not read); scale or null
 //   dw_bias / pw_bias    (Cm) / (Co)      contiguous, or null
 #pragma once
 #include <cstdint>
@@ -68,7 +69,9 @@ constexpr int OUT_OF_MEMORY = 1;
   namespace ns {                                                                           \
   template <class T>                                                                       \
   int forward(const Geometry& g, const T* x, const T* dww, const T* pww, const T* dwb,     \
-              const T* pwb, T* y);                                                         \
+              const T* pwb, const T* scale, T* y);                                         \
+  template <class T>                                                                       \
+  int mean(const Geometry& g, const T* x, const T* dww, const T* dwb, T* out);            \
   template <class T>                                                                       \
   int backward(const Geometry& g, const T* gy, const T* y, const T* x, const T* dww,       \
                const T* pww, const T* dwb, const T* pwb, const Grads<T>& out);             \

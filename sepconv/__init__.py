@@ -13,10 +13,11 @@ from . import models  # noqa: E402
 from ._backend import backend_info, set_flush_denormal, set_huge_pages, use_backend  # noqa: E402
 from .complexity import ComplexityReport, complexity  # noqa: E402
 from .convert import FuseReport, SeparateReport, from_conv2d, fuse, separate  # noqa: E402
-from .functional import separable_conv2d  # noqa: E402
-from .modules import SeparableConv2d  # noqa: E402
+from .functional import depthwise_mean, separable_conv2d  # noqa: E402
+from .modules import Excitation, SeparableConv2d  # noqa: E402
 
-__all__ = ["SeparableConv2d", "separable_conv2d", "use_backend", "backend_info",
+__all__ = ["SeparableConv2d", "Excitation", "separable_conv2d", "depthwise_mean", "use_backend",
+           "backend_info",
            "set_flush_denormal", "set_huge_pages", "fuse", "from_conv2d", "separate",
            "complexity", "models",
            "FuseReport", "SeparateReport", "ComplexityReport", "__version__"]

@@ -48,25 +48,24 @@ def _ptr(t: Tensor | None) -> int:
 _GEOMETRIES: dict = {}  # a layer calls with the same shapes and hyper-parameters every time
 
 
-def _geometry(x, dw_weight, pw_weight, stride, padding, dilation, fmt, act1, act2):
+def _geometry(x, dw_weight, Co, stride, padding, dilation, fmt, act1, act2):
     """The kernels' geometry tuple, memoised: building it anew was a third of the
     Python around a small layer's kernel call."""
-    key = (x.shape, dw_weight.shape, pw_weight.shape[0], *stride, *padding, *dilation,
+    key = (x.shape, dw_weight.shape, Co, *stride, *padding, *dilation,
            fmt, act1, act2, torch.get_num_threads())
     geom = _GEOMETRIES.get(key)
     if geom is None:
-        geom = _build_geometry(x, dw_weight, pw_weight, stride, padding, dilation, fmt, act1,
-                               act2)
+        geom = _build_geometry(x, dw_weight, Co, stride, padding, dilation, fmt, act1, act2)
         if len(_GEOMETRIES) < 4096:
             _GEOMETRIES[key] = geom
     return geom
 
 
-def _build_geometry(x, dw_weight, pw_weight, stride, padding, dilation, fmt, act1, act2):
+def _build_geometry(x, dw_weight, Co, stride, padding, dilation, fmt, act1, act2):
     N, C, H, W = x.shape
     top, bottom, left, right = padding
     Ho, Wo = output_size(x, dw_weight, stride, padding, dilation)
-    return (N, C, H, W, dw_weight.shape[0] // C, pw_weight.shape[0], *dw_weight.shape[2:],
+    return (N, C, H, W, dw_weight.shape[0] // C, Co, *dw_weight.shape[2:],
             *stride, top, bottom, left, right, *dilation, Ho, Wo,
             fmt == torch.channels_last, ACT_CODES[act1], ACT_CODES[act2], torch.get_num_threads())
 
@@ -76,18 +75,31 @@ def _dense(*ts: Tensor | None) -> list[Tensor | None]:
 
 
 def forward(x, dw_weight, pw_weight, dw_bias, pw_bias, stride, padding, dilation,
-            mid_activation, activation) -> Tensor:
+            mid_activation, activation, scale=None) -> Tensor:
+    """scale: (N, C * m) or None, each image's factor for each mid channel."""
     fmt = memory_format(x)
     x = x.contiguous(memory_format=fmt)
-    dw_weight, pw_weight, dw_bias, pw_bias = _dense(dw_weight, pw_weight, dw_bias, pw_bias)
-    geom = _geometry(x, dw_weight, pw_weight, stride, padding, dilation, fmt,
+    dw_weight, pw_weight, dw_bias, pw_bias, scale = _dense(dw_weight, pw_weight, dw_bias,
+                                                           pw_bias, scale)
+    geom = _geometry(x, dw_weight, pw_weight.shape[0], stride, padding, dilation, fmt,
                      mid_activation, activation)
     Ho, Wo = geom[16:18]
     y = torch.empty((x.shape[0], pw_weight.shape[0], Ho, Wo), dtype=x.dtype,
                     memory_format=fmt)
     _C.forward(geom, DTYPES[x.dtype], _ptr(x), _ptr(dw_weight), _ptr(pw_weight),
-               _ptr(dw_bias), _ptr(pw_bias), _ptr(y))
+               _ptr(dw_bias), _ptr(pw_bias), _ptr(scale), _ptr(y))
     return y
+
+
+def mean(x, dw_weight, dw_bias, stride, padding, dilation, mid_activation) -> Tensor:
+    """(N, C * m): the mean over the output pixels of act_mid(dw(x) + dw_bias) per image."""
+    fmt = memory_format(x)
+    x = x.contiguous(memory_format=fmt)
+    dw_weight, dw_bias = _dense(dw_weight, dw_bias)
+    geom = _geometry(x, dw_weight, 1, stride, padding, dilation, fmt, mid_activation, "none")
+    out = torch.empty((x.shape[0], dw_weight.shape[0]), dtype=x.dtype)
+    _C.mean(geom, DTYPES[x.dtype], _ptr(x), _ptr(dw_weight), _ptr(dw_bias), _ptr(out))
+    return out
 
 
 def backward(grad_y, x, dw_weight, pw_weight, dw_bias, pw_bias, stride, padding, dilation,
@@ -101,7 +113,7 @@ def backward(grad_y, x, dw_weight, pw_weight, dw_bias, pw_bias, stride, padding,
                              f"{x.device}), got {tuple(y.shape)}, {y.dtype}, {y.device}")
         y = y.contiguous(memory_format=fmt)
     dw_weight, pw_weight, dw_bias, pw_bias = _dense(dw_weight, pw_weight, dw_bias, pw_bias)
-    geom = _geometry(x, dw_weight, pw_weight, stride, padding, dilation, fmt,
+    geom = _geometry(x, dw_weight, pw_weight.shape[0], stride, padding, dilation, fmt,
                      mid_activation, activation)
     want_x, want_dw, want_pw, want_dwb, want_pwb = output_mask
     gx = torch.empty_like(x, memory_format=fmt) if want_x else None  # cleared by the kernel

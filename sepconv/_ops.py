@@ -58,17 +58,20 @@ def _out_like(x: Tensor, shape) -> Tensor:
 def separable_conv2d(
     x: Tensor, dw_weight: Tensor, pw_weight: Tensor, dw_bias: Tensor | None,
     pw_bias: Tensor | None, stride: list[int], padding: list[int], dilation: list[int],
-    mid_activation: str, activation: str, backend: str,
+    mid_activation: str, activation: str, backend: str, scale: Tensor | None = None,
 ) -> Tensor:
-    """y = act(pw(act_mid(dw(x) + dw_bias)) + pw_bias), on every device."""
-    y = _impl(x, backend).forward(x, dw_weight, pw_weight, dw_bias, pw_bias, stride, padding,
-                                  dilation, mid_activation, activation)
+    """y = act(pw(act_mid(dw(x) + dw_bias) * scale) + pw_bias), on every device; scale
+    (N, C * m) or None: squeeze-and-excitation's per-image factor of each mid channel."""
+    args = (x, dw_weight, pw_weight, dw_bias, pw_bias, stride, padding, dilation,
+            mid_activation, activation)
+    impl = _impl(x, backend)
+    y = impl.forward(*args) if scale is None else impl.forward(*args, scale=scale)
     return y.contiguous(memory_format=_native.memory_format(x))
 
 
 @separable_conv2d.register_fake
 def _(x, dw_weight, pw_weight, dw_bias, pw_bias, stride, padding, dilation, mid_activation,
-      activation, backend):
+      activation, backend, scale=None):
     Ho, Wo = _native.output_size(x, dw_weight, stride, padding, dilation)
     return _out_like(x, (x.shape[0], pw_weight.shape[0], Ho, Wo))
 
@@ -136,19 +139,69 @@ def _grads_or_none(grads, mask, n_config: int) -> tuple:
 
 
 def _setup_context(ctx, inputs, output):
-    x, dw_weight, pw_weight, dw_bias, pw_bias, *config = inputs
+    x, dw_weight, pw_weight, dw_bias, pw_bias, *config, scale = inputs
     activation, backend = config[4], config[5]
-    keep_y = _native_keeps_y(activation) and _impl(x, backend) is _native
-    ctx.save_for_backward(x, dw_weight, pw_weight, dw_bias, pw_bias, output if keep_y else None)
+    keep_y = _native_keeps_y(activation) and _impl(x, backend) is _native and scale is None
+    ctx.save_for_backward(x, dw_weight, pw_weight, dw_bias, pw_bias, output if keep_y else None,
+                          scale)
     ctx.config = config  # stride, padding, dilation, mid_activation, activation, backend
 
 
 def _backward(ctx, grad_y):
-    x, dw_weight, pw_weight, dw_bias, pw_bias, y = ctx.saved_tensors
+    x, dw_weight, pw_weight, dw_bias, pw_bias, y, scale = ctx.saved_tensors
     mask = _grad_mask(ctx, dw_bias, pw_bias)
-    grads = separable_conv2d_backward(grad_y, x, dw_weight, pw_weight, dw_bias, pw_bias,
-                                      *ctx.config, mask, y)
-    return _grads_or_none(grads, mask, len(ctx.config))
+    args = (grad_y, x, dw_weight, pw_weight, dw_bias, pw_bias, *ctx.config)
+    if scale is None:
+        grads = separable_conv2d_backward(*args, mask, y)
+        return _grads_or_none(grads, mask, len(ctx.config)) + (None,)
+    want_scale = ctx.needs_input_grad[-1]
+    *grads, grad_scale = _scaled_backward(*args, scale, mask, want_scale)
+    return _grads_or_none(grads, mask, len(ctx.config)) + (grad_scale if want_scale else None,)
+
+
+def _scaled_backward(grad_y, x, dw_weight, pw_weight, dw_bias, pw_bias, stride, padding,
+                     dilation, mid_activation, activation, backend, scale, mask, want_scale):
+    """Gradients of (x, dw_weight, pw_weight, dw_bias, pw_bias, scale) of the scaled op.
+
+    Image n's output is the unscaled op's with the pointwise weight W * scale[n] (each
+    mid channel's column scaled), so the backward op runs per image with that weight:
+    its weight gradient G_n gives dW += G_n * scale[n] and dscale[n] = sum_o W * G_n.
+    No intermediate is kept between the passes; the price is a kernel call per image (on
+    the native path without the op's dispatch, as ``call``).
+    """
+    N, (Co, Cm) = x.shape[0], pw_weight.shape[:2]
+    W = pw_weight.reshape(Co, Cm)
+    need = [mask[0], mask[1], mask[2] or want_scale, mask[3], mask[4]]
+    config = (stride, padding, dilation, mid_activation, activation)
+    if _impl(x, backend) is _native and _nothing_to_record(
+            (grad_y, x, dw_weight, pw_weight, dw_bias, pw_bias, scale)):
+        def backward_one(*tensors):
+            return _native.backward(*tensors, *config, need)
+    else:
+        def backward_one(*tensors):
+            return separable_conv2d_backward(*tensors, *config, backend, need)
+    zero = lambda t: None if t is None else torch.zeros_like(t)  # noqa: E731
+    gx, gdw, gW, gdwb, gpwb = [], zero(dw_weight), zero(W), zero(dw_bias), zero(pw_bias)
+    gscale = torch.zeros_like(scale)
+    for n in range(N):
+        Wn = (W * scale[n]).reshape(pw_weight.shape)
+        g = backward_one(grad_y[n:n + 1], x[n:n + 1], dw_weight, Wn, dw_bias, pw_bias)
+        if mask[0]:
+            gx.append(g[0])
+        if mask[1]:
+            gdw += g[1]
+        if need[2]:
+            Gn = g[2].reshape(Co, Cm)
+            gW += Gn * scale[n]
+            gscale[n] = (W * Gn).sum(0)
+        if mask[3] and dw_bias is not None:
+            gdwb += g[3]
+        if mask[4] and pw_bias is not None:
+            gpwb += g[4]
+    if mask[0]:  # (zeros at batch 0: an undefined gradient would read as "unused")
+        gx = (torch.cat(gx) if gx else torch.zeros_like(x)).contiguous(
+            memory_format=_native.memory_format(x))
+    return gx, gdw, gW.reshape(pw_weight.shape), gdwb, gpwb, gscale
 
 
 separable_conv2d.register_autograd(_backward, setup_context=_setup_context)
@@ -196,18 +249,73 @@ class _NativeAutograd(torch.autograd.Function):
 
 
 def call(x, dw_weight, pw_weight, dw_bias, pw_bias, stride, padding, dilation, mid_activation,
-         activation, backend) -> Tensor:
+         activation, backend, scale=None) -> Tensor:
     """The forward op, or its native CPU kernel directly where nothing needs to see
     the op (same kernel, same result): plain under no_grad, through _NativeAutograd
-    where a gradient is wanted."""
+    where a gradient is wanted (unscaled calls)."""
     args = (x, dw_weight, pw_weight, dw_bias, pw_bias, stride, padding, dilation,
             mid_activation, activation)
     if (backend in ("auto", "native") and _native.supports(x)
-            and _nothing_to_record((x, dw_weight, pw_weight, dw_bias, pw_bias))):
-        if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in args[:5]):
+            and _nothing_to_record((x, dw_weight, pw_weight, dw_bias, pw_bias, scale))):
+        grad = torch.is_grad_enabled() and any(
+            t is not None and t.requires_grad for t in (*args[:5], scale))
+        if not grad:
+            return _native.forward(*args, scale=scale)
+        if scale is None:
             return _NativeAutograd.apply(*args)
-        return _native.forward(*args)
     if torch.onnx.is_in_onnx_export():  # (an export traces, so it never takes the path above)
         # ONNX has no sepconv op: export the same maths as standard Conv / activation nodes.
-        return reference.forward(*args)
-    return separable_conv2d(*args, backend)
+        return reference.forward(*args, scale=scale)
+    return separable_conv2d(*args, backend, scale)
+
+
+# --- squeeze-and-excitation's squeeze: the channel means of the intermediate -------------
+
+@torch.library.custom_op("sepconv::depthwise_mean", mutates_args=())
+def depthwise_mean(x: Tensor, dw_weight: Tensor, dw_bias: Tensor | None, stride: list[int],
+                   padding: list[int], dilation: list[int], mid_activation: str,
+                   backend: str) -> Tensor:
+    """(N, C * m): mean over the output pixels of act_mid(dw(x) + dw_bias), per image,
+    without the full-size intermediate (native and Triton kernels; the reference
+    elsewhere)."""
+    return _impl(x, backend).mean(x, dw_weight, dw_bias, stride, padding, dilation,
+                                  mid_activation)
+
+
+@depthwise_mean.register_fake
+def _(x, dw_weight, dw_bias, stride, padding, dilation, mid_activation, backend):
+    return x.new_empty((x.shape[0], dw_weight.shape[0]))
+
+
+def _mean_setup_context(ctx, inputs, output):
+    x, dw_weight, dw_bias, *config = inputs
+    ctx.save_for_backward(x, dw_weight, dw_bias)
+    ctx.config = config[:4]  # stride, padding, dilation, mid_activation
+
+
+def _mean_backward(ctx, grad):
+    """The reference formula (torch ops, every device): it recomputes the intermediate,
+    which the forward did not keep."""
+    x, dw_weight, dw_bias = ctx.saved_tensors
+    mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1],
+            ctx.needs_input_grad[2] and dw_bias is not None]
+    grads = reference.mean_backward(grad, x, dw_weight, dw_bias, *ctx.config, mask)
+    return (*(g if want else None for g, want in zip(grads, mask)), None, None, None, None, None)
+
+
+depthwise_mean.register_autograd(_mean_backward, setup_context=_mean_setup_context)
+
+
+def call_mean(x, dw_weight, dw_bias, stride, padding, dilation, mid_activation,
+              backend) -> Tensor:
+    """The mean op, or its native kernel directly where nothing needs to see the op and
+    no gradient is wanted (as ``call``)."""
+    if (backend in ("auto", "native") and _native.supports(x)
+            and _nothing_to_record((x, dw_weight, dw_bias))
+            and not (torch.is_grad_enabled()
+                     and any(t is not None and t.requires_grad for t in (x, dw_weight, dw_bias)))):
+        return _native.mean(x, dw_weight, dw_bias, stride, padding, dilation, mid_activation)
+    if torch.onnx.is_in_onnx_export():  # standard Conv / activation / ReduceMean nodes
+        return reference.mean(x, dw_weight, dw_bias, stride, padding, dilation, mid_activation)
+    return depthwise_mean(x, dw_weight, dw_bias, stride, padding, dilation, mid_activation,
+                          backend)

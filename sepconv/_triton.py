@@ -63,14 +63,23 @@ def _check_pixels(x: Tensor, Ho: int, Wo: int) -> None:
 
 
 def forward(x, dw_weight, pw_weight, dw_bias, pw_bias, stride, padding, dilation,
-            mid_activation, activation) -> Tensor:
+            mid_activation, activation, scale=None) -> Tensor:
     Ho, Wo = output_size(x, dw_weight, stride, padding, dilation)
     _check_pixels(x, Ho, Wo)
     y = torch.empty((x.shape[0], pw_weight.shape[0], Ho, Wo), dtype=x.dtype, device=x.device,
                     memory_format=memory_format(x))
     with _on_device(x):
         return _load().forward.launch(x, dw_weight, pw_weight, dw_bias, pw_bias, stride,
-                                      padding, dilation, mid_activation, activation, y)
+                                      padding, dilation, mid_activation, activation, y,
+                                      scale=scale)
+
+
+def mean(x, dw_weight, dw_bias, stride, padding, dilation, mid_activation) -> Tensor:
+    Ho, Wo = output_size(x, dw_weight, stride, padding, dilation)
+    _check_pixels(x, Ho, Wo)
+    with _on_device(x):
+        return _load().mean.launch(x, dw_weight, dw_bias, stride, padding, dilation,
+                                   mid_activation, Ho, Wo)
 
 
 def backward(grad_y, x, dw_weight, pw_weight, dw_bias, pw_bias, stride, padding, dilation,

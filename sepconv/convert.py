@@ -35,7 +35,7 @@ from torch import fx, nn
 
 from .complexity import complexity
 from .functional import resolve_padding
-from .modules import NORMS, PLAIN_FORWARDS, SeparableConv2d, pointwise_problem
+from .modules import NORMS, PLAIN_FORWARDS, Excitation, SeparableConv2d, pointwise_problem
 from .reference import _FORWARD as ACTIVATION_FNS
 
 __all__ = ["fuse", "FuseReport", "from_conv2d", "separate", "SeparateReport"]
@@ -144,6 +144,39 @@ def _probe(m: nn.Module) -> bool:
             return False
 
 
+# Squeeze-and-excitation blocks fuse() reads, by their parts' names: torchvision's
+# SqueezeExcitation (and sepconv.models'), timm's SqueezeExcite. Each computes
+# x * gate(fc2(act(fc1(mean_hw(x))))); checked on random inputs before it is taken.
+SE_PARTS = (("fc1", "activation", "fc2", "scale_activation"),
+            ("conv_reduce", "act1", "conv_expand", "gate"))
+
+
+def _excitation_of(m) -> Excitation | None:
+    """The excitation of the squeeze-and-excitation block ``m``, sharing its modules, or
+    None where ``m`` is not one (or does not compute what one does)."""
+    if not isinstance(m, nn.Module):
+        return None
+    for names in SE_PARTS:
+        fc1, act, fc2, gate = (getattr(m, n, None) for n in names)
+        if not (isinstance(fc1, nn.Conv2d) and isinstance(fc2, nn.Conv2d)
+                and isinstance(act, nn.Module) and isinstance(gate, nn.Module)
+                and fc1.kernel_size == fc2.kernel_size == (1, 1) and fc1.groups == fc2.groups == 1
+                and fc2.in_channels == fc1.out_channels and fc2.out_channels == fc1.in_channels):
+            continue
+        excitation = Excitation(fc1, act, fc2, gate)
+        if fc1.weight.device.type == "meta":  # nothing to compare: the structure stands
+            return excitation
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn(2, fc1.in_channels, 3, 2, generator=g).to(fc1.weight)
+        try:
+            with torch.no_grad():
+                want = x * excitation(x.mean((2, 3)))[:, :, None, None]
+                return excitation if torch.allclose(m(x), want, rtol=1e-3, atol=1e-5) else None
+        except Exception:  # noqa: BLE001  (anything it raises means: not that block)
+            return None
+    return None
+
+
 def _own_forward(m) -> str:
     """Why fuse() cannot fold ``m`` if it is a Conv2d or norm subclass whose forward is not
     its torch base's and not one fuse() reads, else "". Its attributes do not say what it
@@ -198,12 +231,14 @@ class _Chain:
     act1: str | None = None
     pw_norm: nn.Module | None = None
     act2: str | None = None
+    excitation: Excitation | None = None
 
     def build(self) -> SeparableConv2d:
         fused = SeparableConv2d.from_conv2d_pair(
             _plain(self.dw), _plain(self.pw), depthwise_norm=_plain(self.dw_norm),
             mid_activation=self.act1, pointwise_norm=_plain(self.pw_norm),
-            activation=self.act2, padding="same" if _same_conv(self.dw) else None)
+            activation=self.act2, padding="same" if _same_conv(self.dw) else None,
+            excitation=self.excitation)
         for conv, norm, weight, bias in ((self.dw, self.dw_norm, fused.depthwise_weight,
                                           fused.depthwise_bias),
                                          (self.pw, self.pw_norm, fused.pointwise_weight,
@@ -257,6 +292,7 @@ def _match(names: list[str], mods: list, fold_bn: bool) -> tuple[_Chain | None, 
         return norm, act or None
 
     dw_norm, act1 = norm_and_act()
+    se = optional(lambda m: _excitation_of(m) is not None)
     if i == len(steps):
         return None, f"nothing follows {names[-1]} that fuse() can take"
     pw, at = mods[steps[i]], names[steps[i]]
@@ -269,7 +305,8 @@ def _match(names: list[str], mods: list, fold_bn: bool) -> tuple[_Chain | None, 
         return None, f"the conv after it ({at}) {why}"
     i += 1
     pw_norm, act2 = norm_and_act()
-    chain = _Chain(names[:steps[i - 1] + 1], mods[0], pw, dw_norm, act1, pw_norm, act2)
+    chain = _Chain(names[:steps[i - 1] + 1], mods[0], pw, dw_norm, act1, pw_norm, act2,
+                   _excitation_of(se) if se is not None else None)
     for norm in (dw_norm, pw_norm):
         if norm is not None and norm.training and not _frozen_norm(norm):
             raise ValueError(f"fuse(): the batch norm in {' -> '.join(chain.names)} is in "
@@ -344,13 +381,18 @@ def _fuse_sequential(model: nn.Module, held: set[int], report: FuseReport,
 
 
 class _Tracer(fx.Tracer):
-    """Convs and norms, subclasses included (timm's BatchNormAct2d, Conv2dSame), stay one
-    node: fuse() reads them as modules, and their insides (timm's ndim asserts, padding
-    from the input size) are not traced."""
+    """Convs and norms, subclasses included (timm's BatchNormAct2d, Conv2dSame), and the
+    squeeze-and-excitation blocks in ``excitations`` (ids; found before tracing, as
+    finding one runs it) stay one node: fuse() reads them as modules, and their insides
+    (timm's ndim asserts, padding from the input size) are not traced."""
+
+    def __init__(self, excitations: set[int]) -> None:
+        super().__init__()
+        self.excitations = excitations
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         return isinstance(m, (SeparableConv2d, nn.Conv2d, *NORMS)) or _frozen_norm(m) or \
-            super().is_leaf_module(m, qualname)
+            id(m) in self.excitations or super().is_leaf_module(m, qualname)
 
 
 META_ATTRIBUTES = ("ndim", "dtype", "device", "is_cuda")
@@ -403,7 +445,8 @@ def _fuse_graph(model: nn.Module, left: dict, report: FuseReport,
                 fold_bn: bool) -> nn.Module:
     """Fuses the chains the fx graph shows among the depthwise convs in ``left``."""
     try:
-        gm = fx.GraphModule(model, _Tracer().trace(model))
+        excitations = {id(m) for m in model.modules() if _excitation_of(m) is not None}
+        gm = fx.GraphModule(model, _Tracer(excitations).trace(model))
     except Exception as exc:  # any failure to trace means: no graph to fuse on
         for name, m in model.named_modules():
             if id(m) in left:

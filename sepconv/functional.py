@@ -8,7 +8,7 @@ from torch import Tensor
 from . import _backend, _ops
 from .reference import ACTIVATIONS
 
-__all__ = ["separable_conv2d"]
+__all__ = ["separable_conv2d", "depthwise_mean"]
 
 
 # Sizes, strides, paddings and dilations past int32 are certainly mistakes, and the larger
@@ -125,6 +125,18 @@ def _check_tensor(t, name: str, x: Tensor | None, shape: tuple | None) -> None:
         raise ValueError(f"expected {name} of shape {shape}, got {tuple(t.shape)}")
 
 
+def _autocast(x, *tensors) -> tuple:
+    """As autocast treats F.conv2d: float32 tensors are cast to the autocast dtype (the
+    kernels still accumulate in fp32); gradients flow back through the cast."""
+    _check_tensor(x, "x", None, None)
+    if not (torch.amp.is_autocast_available(x.device.type)
+            and torch.is_autocast_enabled(x.device.type)):
+        return (x, *tensors)
+    low = torch.get_autocast_dtype(x.device.type)
+    return tuple(t.to(low) if isinstance(t, Tensor) and t.dtype == torch.float32 else t
+                 for t in (x, *tensors))
+
+
 def separable_conv2d(
     x: Tensor,
     depthwise_weight: Tensor,
@@ -137,8 +149,9 @@ def separable_conv2d(
     depthwise_bias: Tensor | None = None,
     mid_activation: str | None = None,
     activation: str | None = None,
+    scale: Tensor | None = None,
 ) -> Tensor:
-    """Fused ``act(pw(act_mid(dw(x) + depthwise_bias)) + bias)``.
+    """Fused ``act(pw(act_mid(dw(x) + depthwise_bias) * scale) + bias)``.
 
     Shapes:
         x: (N, C_in, H, W) or unbatched (C_in, H, W)
@@ -151,40 +164,73 @@ def separable_conv2d(
     "same" or "valid"; zeros only: pad other modes with ``F.pad`` first). "same" with
     stride > 1 pads as TensorFlow's SAME: the output is ceil(input / stride).
     ``mid_activation`` / ``activation``: None, "relu", "relu6", "silu", "hardswish".
+    ``scale``: (N, C_in * m) (unbatched: (C_in * m,)) or None, a factor per image and mid
+    channel applied before the pointwise conv: squeeze-and-excitation's excitation, with
+    the mid channels' means from ``depthwise_mean``. Its backward runs the kernels once
+    per image.
     """
     if torch._C._is_any_autocast_enabled():
-        _check_tensor(x, "x", None, None)
-        if torch.amp.is_autocast_available(x.device.type) and torch.is_autocast_enabled(
-                x.device.type):
-            # As autocast treats F.conv2d: float32 tensors are cast to the autocast dtype
-            # (the kernels still accumulate in fp32); gradients flow back through the cast.
-            low = torch.get_autocast_dtype(x.device.type)
-            x, depthwise_weight, pointwise_weight, bias, depthwise_bias = (
-                t.to(low) if isinstance(t, Tensor) and t.dtype == torch.float32 else t
-                for t in (x, depthwise_weight, pointwise_weight, bias, depthwise_bias))
+        x, depthwise_weight, pointwise_weight, bias, depthwise_bias, scale = _autocast(
+            x, depthwise_weight, pointwise_weight, bias, depthwise_bias, scale)
     hyper = (stride, padding, dilation, mid_activation, activation)
     try:
         key = _signature(x, depthwise_weight, pointwise_weight, bias, depthwise_bias, *hyper)
+        if scale is not None:
+            key += (type(scale), scale.shape, scale.dtype, scale.device)
         config = _CALLS.get(key)
     except (AttributeError, TypeError):  # not a tensor, or unhashable: checked, not kept
         key = config = None
     if config is None:
         _check_tensor(x, "x", None, None)
         if x.dim() == 3:
+            if isinstance(scale, Tensor):
+                scale = scale.unsqueeze(0)
             return separable_conv2d(x.unsqueeze(0), depthwise_weight, pointwise_weight, bias,
                                     stride, padding, dilation, depthwise_bias=depthwise_bias,
-                                    mid_activation=mid_activation, activation=activation)[0]
+                                    mid_activation=mid_activation, activation=activation,
+                                    scale=scale)[0]
         config = _check_call(x, depthwise_weight, pointwise_weight, bias, depthwise_bias, *hyper)
+        if scale is not None:
+            _check_tensor(scale, "scale", x, (x.shape[0], depthwise_weight.shape[0]))
         if key is not None and len(_CALLS) < 4096:
             _CALLS[key] = config
     return _ops.call(x, depthwise_weight, pointwise_weight, depthwise_bias, bias, *config,
-                     _backend.current_backend())
+                     _backend.current_backend(), scale)
 
 
-def _check_call(x, depthwise_weight, pointwise_weight, bias, depthwise_bias, stride, padding,
-                dilation, mid_activation, activation) -> tuple:
-    """Checks a call with a tensor x; returns its (stride, [top, bottom, left, right],
-    dilation, act1, act2)."""
+def depthwise_mean(
+    x: Tensor,
+    depthwise_weight: Tensor,
+    stride=1,
+    padding=0,
+    dilation=1,
+    *,
+    depthwise_bias: Tensor | None = None,
+    mid_activation: str | None = None,
+) -> Tensor:
+    """``act_mid(dw(x) + depthwise_bias).mean((2, 3))`` without the full-size intermediate:
+    squeeze-and-excitation's squeeze of a separable conv's mid channels.
+
+    Shapes: x (N, C_in, H, W) or (C_in, H, W); depthwise_weight (C_in * m, 1, kh, kw);
+    depthwise_bias (C_in * m,); returns (N, C_in * m) or (C_in * m,). The arguments
+    mean what they mean for ``separable_conv2d``. The gradients recompute the
+    intermediate (PyTorch ops), which the forward does not keep.
+    """
+    if torch._C._is_any_autocast_enabled():
+        x, depthwise_weight, depthwise_bias = _autocast(x, depthwise_weight, depthwise_bias)
+    _check_tensor(x, "x", None, None)
+    if x.dim() == 3:
+        return depthwise_mean(x.unsqueeze(0), depthwise_weight, stride, padding, dilation,
+                              depthwise_bias=depthwise_bias, mid_activation=mid_activation)[0]
+    C, kh, kw = _check_depthwise(x, depthwise_weight, depthwise_bias)
+    stride, pads, dilation, act1, _ = _check_config(stride, padding, dilation, kh, kw,
+                                                    *x.shape[2:], mid_activation, None)
+    return _ops.call_mean(x, depthwise_weight, depthwise_bias, stride, pads, dilation, act1,
+                          _backend.current_backend())
+
+
+def _check_depthwise(x, depthwise_weight, depthwise_bias) -> tuple[int, int, int]:
+    """Checks x (4 dims) and the depthwise weight and bias; returns (C * m, kh, kw)."""
     if x.dim() != 4:
         raise ValueError(f"expected x with 4 dims (N, C, H, W) or 3 dims (C, H, W), "
                          f"got shape {tuple(x.shape)}")
@@ -199,19 +245,28 @@ def _check_call(x, depthwise_weight, pointwise_weight, bias, depthwise_bias, str
     if C == 0 or Cm == 0 or Cm % C:
         raise ValueError(f"depthwise_weight has {Cm} channels, which is not a positive "
                          f"multiple of the {C} input channels of x")
+    if kh == 0 or kw == 0:
+        raise ValueError(f"depthwise kernel must be at least 1x1, got {kh}x{kw}")
+    if depthwise_bias is not None:
+        _check_tensor(depthwise_bias, "depthwise_bias", x, (Cm,))
+    return Cm, kh, kw
+
+
+def _check_call(x, depthwise_weight, pointwise_weight, bias, depthwise_bias, stride, padding,
+                dilation, mid_activation, activation) -> tuple:
+    """Checks a call with a tensor x; returns its (stride, [top, bottom, left, right],
+    dilation, act1, act2)."""
+    Cm, kh, kw = _check_depthwise(x, depthwise_weight, depthwise_bias)
+    N, C, H, W = x.shape
     _check_tensor(pointwise_weight, "pointwise_weight", x, None)
     if (pointwise_weight.dim() != 4 or pointwise_weight.shape[1:] != (Cm, 1, 1)
             or pointwise_weight.shape[0] == 0):
         raise ValueError(f"expected pointwise_weight of shape (C_out, {Cm}, 1, 1), "
                          f"got {tuple(pointwise_weight.shape)}")
-    if kh == 0 or kw == 0:
-        raise ValueError(f"depthwise kernel must be at least 1x1, got {kh}x{kw}")
-    Co = pointwise_weight.shape[0]
     if bias is not None:
-        _check_tensor(bias, "bias", x, (Co,))
-    if depthwise_bias is not None:
-        _check_tensor(depthwise_bias, "depthwise_bias", x, (Cm,))
+        _check_tensor(bias, "bias", x, (pointwise_weight.shape[0],))
     return _check_config(stride, padding, dilation, kh, kw, H, W, mid_activation, activation)
 
 
-torch.fx.wrap("separable_conv2d")  # keep it one node in fx-traced models
+torch.fx.wrap("separable_conv2d")  # keep them one node in fx-traced models
+torch.fx.wrap("depthwise_mean")

@@ -9,9 +9,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn import init
 
-from .functional import _activation, _pair, resolve_padding, separable_conv2d
+from .functional import _activation, _pair, depthwise_mean, resolve_padding, separable_conv2d
 
-__all__ = ["SeparableConv2d"]
+__all__ = ["SeparableConv2d", "Excitation"]
 
 PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
 NORMS = (nn.BatchNorm2d, nn.SyncBatchNorm)
@@ -45,6 +45,26 @@ def fold_norm(weight: Tensor, bias: Tensor | None, norm: nn.Module | None,
         shift = shift + bias.double() * scale
     w = weight.double() * scale.view(-1, *[1] * (weight.dim() - 1))
     return w.to(weight.dtype), shift.to(weight.dtype)
+
+
+SE_ACTIVATIONS = {"relu": nn.ReLU, "silu": nn.SiLU, "hardswish": nn.Hardswish}
+SE_GATES = {"sigmoid": nn.Sigmoid, "hardsigmoid": nn.Hardsigmoid}
+
+
+class Excitation(nn.Module):
+    """Squeeze-and-excitation's excitation, on the mid channels' means: (N, C) -> (N, C)
+    scales ``gate(fc2(activation(fc1(means))))``, fc1 / fc2 1x1 convs with biases (C -> r
+    -> C, torchvision's and timm's SE blocks hold them so). ``SeparableConv2d`` runs it
+    between its two kernel calls; the activation and gate may be any modules."""
+
+    def __init__(self, fc1: nn.Conv2d, activation: nn.Module, fc2: nn.Conv2d,
+                 gate: nn.Module) -> None:
+        super().__init__()
+        self.fc1, self.activation, self.fc2, self.gate = fc1, activation, fc2, gate
+
+    def forward(self, means: Tensor) -> Tensor:
+        s = self.fc2(self.activation(self.fc1(means[:, :, None, None])))
+        return self.gate(s)[:, :, 0, 0]
 
 
 def pointwise_problem(conv: nn.Conv2d, channels: int) -> str | None:
@@ -98,6 +118,9 @@ class SeparableConv2d(nn.Module):
         mid_activation: str | None = None,
         activation: str | None = None,
         depthwise_bias: bool = False,
+        se_channels: int | None = None,
+        se_activation: str = "relu",
+        se_gate: str = "sigmoid",
     ) -> None:
         super().__init__()
         for name, value in (("in_channels", in_channels), ("out_channels", out_channels),
@@ -130,10 +153,26 @@ class SeparableConv2d(nn.Module):
         self.pointwise_weight = nn.Parameter(torch.empty((out_channels, mid, 1, 1), **factory))
         self.bias = nn.Parameter(torch.empty(out_channels, **factory)) if bias else None
         self.depthwise_bias = nn.Parameter(torch.empty(mid, **factory)) if depthwise_bias else None
+        self.excitation = None
+        if se_channels is not None:
+            if not isinstance(se_channels, int) or isinstance(se_channels, bool) \
+                    or se_channels < 1:
+                raise ValueError(f"se_channels must be a positive int, got {se_channels!r}")
+            if se_activation not in SE_ACTIVATIONS or se_gate not in SE_GATES:
+                raise ValueError(f"se_activation must be one of {tuple(SE_ACTIVATIONS)} and "
+                                 f"se_gate one of {tuple(SE_GATES)}, got {se_activation!r}, "
+                                 f"{se_gate!r}")
+            self.excitation = Excitation(nn.Conv2d(mid, se_channels, 1, **factory),
+                                         SE_ACTIVATIONS[se_activation](),
+                                         nn.Conv2d(se_channels, mid, 1, **factory),
+                                         SE_GATES[se_gate]())
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """As ``nn.Conv2d.reset_parameters`` for each of the two convolutions."""
+        """As ``nn.Conv2d.reset_parameters`` for each convolution (the excitation's too)."""
+        if getattr(self, "excitation", None) is not None:
+            self.excitation.fc1.reset_parameters()
+            self.excitation.fc2.reset_parameters()
         for weight, b in ((self.depthwise_weight, self.depthwise_bias),
                           (self.pointwise_weight, self.bias)):
             init.kaiming_uniform_(weight, a=math.sqrt(5))
@@ -152,10 +191,18 @@ class SeparableConv2d(nn.Module):
                 "same", self.kernel_size, self.stride, self.dilation, x.shape[-2:])
             x = F.pad(x, (left, right, top, bottom), mode=self.padding_mode)
             padding = 0
+        scale = None
+        if self.excitation is not None:  # two passes: the mid channels' means, then y
+            means = depthwise_mean(x, self.depthwise_weight, self.stride, padding, self.dilation,
+                                   depthwise_bias=self.depthwise_bias,
+                                   mid_activation=self.mid_activation)
+            scale = self.excitation(means if x.dim() == 4 else means[None])
+            scale = scale if x.dim() == 4 else scale[0]
         return separable_conv2d(x, self.depthwise_weight, self.pointwise_weight, self.bias,
                                 self.stride, padding, self.dilation,
                                 depthwise_bias=self.depthwise_bias,
-                                mid_activation=self.mid_activation, activation=self.activation)
+                                mid_activation=self.mid_activation, activation=self.activation,
+                                scale=scale)
 
     @classmethod
     def from_conv2d_pair(cls, depthwise: nn.Conv2d, pointwise: nn.Conv2d, *,
@@ -163,7 +210,8 @@ class SeparableConv2d(nn.Module):
                          mid_activation: str | None = None,
                          pointwise_norm: nn.Module | None = None,
                          activation: str | None = None,
-                         padding=None) -> SeparableConv2d:
+                         padding=None,
+                         excitation: Excitation | None = None) -> SeparableConv2d:
         """The module computing ``act(norm(pointwise(act_mid(norm(depthwise(x))))))``
         exactly: weights copied, eval-mode batch norms folded into weights and biases.
 
@@ -171,8 +219,10 @@ class SeparableConv2d(nn.Module):
         dilation, padding_mode); pointwise: ``nn.Conv2d(C * m, C_out, 1)`` (stride 1, no
         padding, groups 1). On depthwise's device and dtype, without gradients attached.
         ``padding`` replaces depthwise's (``"same"`` for a conv that pads as TensorFlow's
-        SAME, as timm's Conv2dSame). Subclasses that override ``forward`` are refused:
-        their attributes do not say what they compute.
+        SAME, as timm's Conv2dSame). ``excitation``: a squeeze-and-excitation between the
+        mid activation and the pointwise conv, taken as it is (not copied). Subclasses
+        that override ``forward`` are refused: their attributes do not say what they
+        compute.
         """
         for conv, name in ((depthwise, "depthwise"), (pointwise, "pointwise")):
             if not isinstance(conv, nn.Conv2d):
@@ -204,6 +254,16 @@ class SeparableConv2d(nn.Module):
                                  (module.pointwise_weight, pw_w), (module.bias, pw_b)):
                 if param is not None:
                     param.copy_(value)
+        if excitation is not None:
+            if not isinstance(excitation, Excitation):
+                raise TypeError(f"excitation must be a sepconv Excitation, got "
+                                f"{type(excitation).__name__}")
+            mid = depthwise.out_channels
+            if excitation.fc1.in_channels != mid or excitation.fc2.out_channels != mid:
+                raise ValueError(f"excitation maps {excitation.fc1.in_channels} -> "
+                                 f"{excitation.fc2.out_channels} channels, the depthwise conv "
+                                 f"has {mid}")
+            module.excitation = excitation
         return module
 
     def extra_repr(self) -> str:

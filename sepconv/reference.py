@@ -3,7 +3,8 @@
 Forward is the ``F.conv2d`` pair; backward uses aten's own convolution and
 activation backward kernels, so both directions have exactly torch's semantics.
 ``padding`` is (top, bottom, left, right) of zeros; ``mid_activation`` /
-``activation`` are names from ``ACTIVATIONS``.
+``activation`` are names from ``ACTIVATIONS``. ``mean`` is squeeze-and-excitation's
+squeeze of the intermediate, and ``mean_backward`` its gradients on every path.
 """
 
 from __future__ import annotations
@@ -38,14 +39,18 @@ def _pad(x: Tensor, padding: list[int]) -> Tensor:
 
 
 def forward(x, dw_weight, pw_weight, dw_bias, pw_bias, stride, padding, dilation,
-            mid_activation, activation) -> Tensor:
+            mid_activation, activation, scale=None) -> Tensor:
+    """scale: (N, C * m) or None, each image's factor for each mid channel."""
     top, bottom, left, right = padding
     if top == bottom and left == right:  # conv2d's own padding: one ONNX Conv node
         u = F.conv2d(x, dw_weight, dw_bias, stride, (top, left), dilation, groups=x.shape[1])
     else:
         u = F.conv2d(_pad(x, padding), dw_weight, dw_bias, stride, 0, dilation,
                      groups=x.shape[1])
-    return _FORWARD[activation](F.conv2d(_FORWARD[mid_activation](u), pw_weight, pw_bias))
+    mid = _FORWARD[mid_activation](u)
+    if scale is not None:
+        mid = mid * scale[:, :, None, None]
+    return _FORWARD[activation](F.conv2d(mid, pw_weight, pw_bias))
 
 
 def backward(grad_y, x, dw_weight, pw_weight, dw_bias, pw_bias, stride, padding, dilation,
@@ -70,3 +75,27 @@ def backward(grad_y, x, dw_weight, pw_weight, dw_bias, pw_bias, stride, padding,
         if need_x:
             gx = gxp[:, :, top:top + x.shape[2], left:left + x.shape[3]]
     return gx, gdw, gpw, gdwb, gpwb
+
+
+def mean(x, dw_weight, dw_bias, stride, padding, dilation, mid_activation) -> Tensor:
+    """(N, C * m): the mean over the output pixels of act_mid(dw(x) + dw_bias)."""
+    u = F.conv2d(_pad(x, padding), dw_weight, dw_bias, stride, 0, dilation, groups=x.shape[1])
+    return _FORWARD[mid_activation](u).mean((2, 3))
+
+
+def mean_backward(grad, x, dw_weight, dw_bias, stride, padding, dilation, mid_activation,
+                  output_mask) -> tuple[Tensor | None, ...]:
+    """Gradients (x, dw_weight, dw_bias) of ``mean`` given grad (N, C * m): each output
+    pixel gets grad / (Ho * Wo). The intermediate is recomputed here and dropped: the
+    forward keeps nothing of it."""
+    need_x, need_dw, need_dwb = output_mask
+    C, (top, _, left, _) = x.shape[1], padding
+    xp = _pad(x, padding)
+    u = F.conv2d(xp, dw_weight, dw_bias, stride, 0, dilation, groups=C)
+    gu = (grad / (u.shape[2] * u.shape[3]))[:, :, None, None].expand_as(u)
+    gu = _BACKWARD[mid_activation](gu, u).contiguous()
+    gxp, gdw, gdwb = aten.convolution_backward(
+        gu, xp, dw_weight, [dw_weight.shape[0]], list(stride), [0, 0], list(dilation), False,
+        [0, 0], C, [need_x, need_dw, need_dwb])
+    gx = gxp[:, :, top:top + x.shape[2], left:left + x.shape[3]] if need_x else None
+    return gx, gdw, gdwb if dw_bias is not None else None

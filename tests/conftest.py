@@ -118,7 +118,8 @@ def _two(v):
     return (v, v) if isinstance(v, int) else tuple(v)
 
 
-def oracle(x, dw, pw, b, b_dw, stride, padding, dilation, act1, act2, mid_dtype=None):
+def oracle(x, dw, pw, b, b_dw, stride, padding, dilation, act1, act2, mid_dtype=None,
+           scale=None):
     """The unfused pair of nn.Conv2d modules in float64, run on the given tensors
     (functional_call keeps them in the autograd graph). ``mid_dtype`` rounds the
     intermediate to that dtype on the way forward (gradients pass straight through),
@@ -130,6 +131,8 @@ def oracle(x, dw, pw, b, b_dw, stride, padding, dilation, act1, act2, mid_dtype=
                       bias=b_dw is not None, device="meta")
     pconv = nn.Conv2d(Cm, Co, 1, bias=b is not None, device="meta")
     mid = ACTS[act1]()(functional_call(dconv, {"weight": dw, "bias": b_dw}, (x,)))
+    if scale is not None:  # squeeze-and-excitation's per-image factor of each mid channel
+        mid = mid * scale[:, :, None, None]
     if mid_dtype is not None:
         mid = mid + (mid.detach().to(mid_dtype).double() - mid.detach())
     return ACTS[act2]()(functional_call(pconv, {"weight": pw, "bias": b}, (mid,)))
@@ -147,19 +150,23 @@ def make_inputs(N, C, H, W, m, Co, k, *, bias=True, dw_bias=True, seed=0):
 def check_against_oracle(target, inputs, stride=1, padding=0, dilation=1, act1=None,
                          act2=None, layout=lambda t: t, grads=True):
     """Forward and every gradient of sepconv (inputs moved ``.to(**target)``: dtype and
-    device; x passed through ``layout``) against the float64 oracle on random data."""
+    device; x passed through ``layout``) against the float64 oracle on random data.
+    ``inputs``: x, dw, pw, b, b_dw (make_inputs), and optionally a scale (N, C * m)."""
     dtype = target["dtype"]
     low = dtype in (torch.float16, torch.bfloat16)
     if low:  # the oracle rounds where the kernel must: inputs and intermediate
         inputs = [t if t is None else t.to(dtype).double() for t in inputs]
     leaves = [t.clone().requires_grad_() if t is not None else None for t in inputs]
-    expected = oracle(*leaves, stride, padding, dilation, act1, act2, dtype if low else None)
+    scaled = len(inputs) > 5
+    expected = oracle(*leaves[:5], stride, padding, dilation, act1, act2, dtype if low else None,
+                      scale=leaves[5] if scaled else None)
     g = torch.Generator().manual_seed(7)
     gy = torch.randn(expected.shape, dtype=torch.float64, generator=g).to(dtype).double()
     mine = [t.detach().to(**target).requires_grad_() if t is not None else None for t in inputs]
     x = layout(mine[0])
     y = sepconv.separable_conv2d(x, mine[1], mine[2], mine[3], stride, padding, dilation,
-                                 depthwise_bias=mine[4], mid_activation=act1, activation=act2)
+                                 depthwise_bias=mine[4], mid_activation=act1, activation=act2,
+                                 scale=mine[5] if scaled else None)
     assert y.dtype == dtype and y.shape == expected.shape
     assert_close(y, expected, dtype, "y")
     if not grads:
@@ -167,7 +174,7 @@ def check_against_oracle(target, inputs, stride=1, padding=0, dilation=1, act1=N
     got = torch.autograd.grad(y, [t for t in mine if t is not None], gy.to(**target))
     want = torch.autograd.grad(expected, [t for t in leaves if t is not None], gy,
                                allow_unused=True)
-    names = [n for n, t in zip(["x", "dw", "pw", "b", "b_dw"], inputs) if t is not None]
+    names = [n for n, t in zip(["x", "dw", "pw", "b", "b_dw", "scale"], inputs) if t is not None]
     for name, a, e in zip(names, got, want):
         e = torch.zeros(a.shape, dtype=torch.float64) if e is None else e
         assert_close(a, e, dtype, f"grad {name}")

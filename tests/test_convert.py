@@ -46,18 +46,19 @@ def test_fuse_zoo_models(build, chains, fmt):
         assert _relative_error(fused(x), model(x)) < 1e-5
 
 
-@pytest.mark.parametrize("build,chains,se", [(models.mobilenet_v3_large, 7, 8),
-                                             (models.efficientnet_b0, 0, 16)],
+@pytest.mark.parametrize("build,chains,se", [(models.mobilenet_v3_large, 15, 8),
+                                             (models.efficientnet_b0, 16, 16)],
                          ids=["mobilenet_v3_large", "efficientnet_b0"])
-def test_fuse_zoo_squeeze_excitation_models(build, chains, se):
-    """The chains without SE are fused; those with one are left, each with its reason (SE
-    fusion is issue 17's next step)."""
+@pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last], ids=str)
+def test_fuse_zoo_squeeze_excitation_models(build, chains, se, fmt):
+    """Every chain fused, squeeze-and-excitation included (hard-sigmoid and sigmoid gates)."""
     torch.manual_seed(0)
     model = _random_norms(build()).eval()
     fused, report = sepconv.fuse(model)
-    assert len(report.fused) == chains and len(report.skipped) == se
-    assert all("has 2 users" in why for _, why in report.skipped)  # the SE's pool and product
-    x = torch.randn(2, 3, 97, 96)
+    assert len(report.fused) == chains and not report.skipped
+    seps = [m for m in fused.modules() if isinstance(m, sepconv.SeparableConv2d)]
+    assert sum(m.excitation is not None for m in seps) == se
+    x = torch.randn(2, 3, 97, 96).contiguous(memory_format=fmt)
     with torch.no_grad():
         assert _relative_error(fused(x), model(x)) < 1e-5
 
@@ -262,6 +263,23 @@ class Conv2dSame(nn.Conv2d):
                         self.groups)
 
 
+class SqueezeExcite(nn.Module):
+    """timm.models._efficientnet_blocks.SqueezeExcite: x * gate(conv_expand(act1(
+    conv_reduce(mean_hw(x)))))."""
+
+    def __init__(self, c, rd, act_layer=nn.ReLU, gate_layer=nn.Sigmoid):
+        super().__init__()
+        self.conv_reduce = nn.Conv2d(c, rd, 1, bias=True)
+        self.act1 = act_layer(inplace=True)
+        self.conv_expand = nn.Conv2d(rd, c, 1, bias=True)
+        self.gate = gate_layer()
+
+    def forward(self, x):
+        x_se = x.mean((2, 3), keepdim=True)
+        x_se = self.conv_expand(self.act1(self.conv_reduce(x_se)))
+        return x * self.gate(x_se)
+
+
 def _conv(cin, cout, k, stride=1, groups=1, same=False):
     """timm's create_conv2d: Conv2dSame where "same" needs padding from the input size."""
     if same and stride > 1:
@@ -295,7 +313,7 @@ class DepthwiseSeparableConv(nn.Module):
 
 
 class InvertedResidual(nn.Module):
-    def __init__(self, cin, cout, k=3, stride=1, exp=4, act=nn.ReLU6, same=False):
+    def __init__(self, cin, cout, k=3, stride=1, exp=4, act=nn.ReLU6, same=False, se=False):
         super().__init__()
         mid = cin * exp
         self.has_skip = stride == 1 and cin == cout
@@ -304,7 +322,8 @@ class InvertedResidual(nn.Module):
         self.conv_dw = _conv(mid, mid, k, stride, groups=mid, same=same)
         self.bn2 = BatchNormAct2d(mid, act)
         self.aa = nn.Identity()
-        self.se = nn.Identity()
+        self.se = SqueezeExcite(mid, max(1, cin // 4), act, nn.Hardsigmoid) if se \
+            else nn.Identity()
         self.conv_pwl = _conv(mid, cout, 1)
         self.bn3 = BatchNormAct2d(cout, apply_act=False)
         self.drop_path = nn.Identity()
@@ -327,16 +346,16 @@ class InvertedResidual(nn.Module):
 class EfficientNet(nn.Module):
     """timm's EfficientNet / MobileNetV2 / MnasNet skeleton: stem, stages of blocks, head."""
 
-    def __init__(self, act=nn.ReLU6, same=False):
+    def __init__(self, act=nn.ReLU6, same=False, se=False):
         super().__init__()
         self.conv_stem = _conv(3, 16, 3, 2, same=same)
         self.bn1 = BatchNormAct2d(16, act)
         self.blocks = nn.Sequential(
             nn.Sequential(DepthwiseSeparableConv(16, 16, act=act, same=same)),
-            nn.Sequential(InvertedResidual(16, 24, 3, 2, act=act, same=same),
+            nn.Sequential(InvertedResidual(16, 24, 3, 2, act=act, same=same, se=se),
                           InvertedResidual(24, 24, act=act, same=same)),
-            nn.Sequential(InvertedResidual(24, 32, 5, 2, act=act, same=same),
-                          InvertedResidual(32, 32, 5, act=act, same=same)))
+            nn.Sequential(InvertedResidual(24, 32, 5, 2, act=act, same=same, se=se),
+                          InvertedResidual(32, 32, 5, act=act, same=same, se=se)))
         self.conv_head = _conv(32, 64, 1)
         self.bn2 = BatchNormAct2d(64, act)
 
@@ -344,14 +363,15 @@ class EfficientNet(nn.Module):
         return self.bn2(self.conv_head(self.blocks(self.bn1(self.conv_stem(x)))))
 
 
-@pytest.mark.parametrize("act,same", [(nn.ReLU6, False), (nn.SiLU, False), (nn.ReLU, True),
-                                      (nn.Hardswish, True)])
+@pytest.mark.parametrize("act,same,se", [(nn.ReLU6, False, False), (nn.SiLU, False, True),
+                                         (nn.ReLU, True, False), (nn.Hardswish, True, True)])
 @pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last], ids=str)
-def test_fuse_timm_block_replicas(act, same, fmt):
+def test_fuse_timm_block_replicas(act, same, se, fmt):
     """timm's blocks: BatchNormAct2d read as norm + act (its ndim asserts are not uses),
-    the empty aa / se slots passed through, Conv2dSame as padding="same" at stride 2 (odd
-    and even sizes); every depthwise conv fused, through fx."""
-    model = _random_norms(EfficientNet(act, same)).eval()
+    the empty aa / se slots passed through or a SqueezeExcite fused, Conv2dSame as
+    padding="same" at stride 2 (odd and even sizes); every depthwise conv fused, through
+    fx."""
+    model = _random_norms(EfficientNet(act, same, se)).eval()
     fused, report = sepconv.fuse(model)
     assert not report.skipped
     assert [names for names, _ in report.fused][:2] == [
@@ -361,6 +381,7 @@ def test_fuse_timm_block_replicas(act, same, fmt):
          "blocks.1.0.conv_pwl", "blocks.1.0.bn3"]]
     seps = [m for m in fused.modules() if isinstance(m, sepconv.SeparableConv2d)]
     assert len(seps) == 5 and {s.mid_activation for s in seps} == {_act(act)}
+    assert sum(s.excitation is not None for s in seps) == (3 if se else 0)
     assert [s.padding for s in seps if s.stride == (2, 2)] == (["same"] * 2 if same else
                                                                [(1, 1), (2, 2)])
     for size in (33, 32):
@@ -444,21 +465,21 @@ def test_fuse_ignores_metadata_reads(read_shape):
         assert _relative_error(fused(x), model(x)) < 1e-5
 
 
-@pytest.mark.parametrize("lib,name,dw,skipped", [
+@pytest.mark.parametrize("lib,name,dw,se", [
     ("torchvision", "mobilenet_v2", 17, 0), ("torchvision", "mnasnet1_0", 17, 0),
     ("torchvision", "shufflenet_v2_x1_0", 19, 0), ("timm", "mobilenetv2_100", 17, 0),
     ("timm", "mnasnet_100", 17, 0), ("timm", "tf_efficientnet_lite0", 16, 0),
     ("timm", "xception41", 39, 0),
-    # squeeze-and-excitation between dw and pw: not yet fused (issue 17, item 2)
+    # squeeze-and-excitation between dw and pw (the last number: chains with one)
     ("torchvision", "mobilenet_v3_large", 15, 8), ("torchvision", "efficientnet_b0", 16, 16),
     ("timm", "mobilenetv3_large_100", 15, 8), ("timm", "efficientnet_b0", 16, 16),
     # torchvision's FrozenBatchNorm2d, as its detection backbones have it
     ("torchvision", "mobilenet_v2+frozen", 17, 0),
     ("torchvision", "mobilenet_v3_large+frozen", 15, 8),
 ])
-def test_fuse_real_timm_and_torchvision_models(lib, name, dw, skipped):
+def test_fuse_real_timm_and_torchvision_models(lib, name, dw, se):
     """The libraries' own model code, where they import (not in CI: torchvision has no
-    build for the pinned CPU torch)."""
+    build for the pinned CPU torch): every depthwise conv fused."""
     module = pytest.importorskip(lib)
     torch.manual_seed(0)
     build = module.create_model if lib == "timm" else module.models.get_model
@@ -466,8 +487,9 @@ def test_fuse_real_timm_and_torchvision_models(lib, name, dw, skipped):
     kwargs = {"norm_layer": module.ops.misc.FrozenBatchNorm2d} if frozen else {}
     model = _random_norms(build(name, **kwargs)).eval()
     fused, report = sepconv.fuse(model)
-    assert len(report.fused) == dw - skipped and len(report.skipped) == skipped
-    assert all("users" in why for _, why in report.skipped)  # the SE's mean and product
+    assert len(report.fused) == dw and not report.skipped
+    seps = [m for m in fused.modules() if isinstance(m, sepconv.SeparableConv2d)]
+    assert sum(m.excitation is not None for m in seps) == se
     x = torch.randn(2, 3, 225, 218)  # odd and even: timm's tf_ models pad by the size
     with torch.no_grad():
         assert _relative_error(fused(x), model(x)) < 1e-5

@@ -118,7 +118,7 @@ GOOD_GEOMETRY = (1, 1, 4, 4, 1, 1, 3, 3, 1, 1, 1, 1, 1, 1, 1, 1, 4, 4, False, 0,
 
 
 def _native(geometry, dtype="float32"):
-    return lambda: _C.forward(tuple(geometry), dtype, 0, 0, 0, 0, 0, 0)
+    return lambda: _C.forward(tuple(geometry), dtype, 0, 0, 0, 0, 0, 0, 0)
 
 
 if _C is not None:

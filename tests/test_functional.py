@@ -239,7 +239,7 @@ def test_backward_mode_rule():
         try:
             geom = _native._build_geometry(
                 torch.empty(N, C, hw, hw), torch.empty(C * m, 1, 3, 3),
-                torch.empty(64, C * m, 1, 1), (1, 1), (1, 1, 1, 1), (1, 1),
+                64, (1, 1), (1, 1, 1, 1), (1, 1),
                 torch.contiguous_format, "relu", "relu")
         finally:
             torch.set_num_threads(before)

@@ -41,7 +41,8 @@ def test_kernels_compile_fit_and_do_not_spill(tmp_path, triton_path):
     for cc in (90, 80):
         table = next(tmp_path.glob(f"sm{cc}_triton{version}_quick.md")).read_text()
         for kernel in ("_forward", "_forward (GRAD)", "_depthwise", "_forward (GEMM)",
-                       "_forward (GRAD) (GEMM)", "_mid", "_pw_weight", "_dw_weight", "_input"):
+                       "_forward (GRAD) (GEMM)", "_mid", "_pw_weight", "_dw_weight", "_input",
+                       "_mean"):
             assert f"| {kernel} |" in table
         assert "| yes |" in table  # the autotune configs compiled too
 

@@ -40,11 +40,12 @@ from ._common import (
 
 
 @triton.jit(do_not_specialize=["P"])  # P follows the batch size: no recompile per batch
-def _forward(x, wdw, bdw, wpw, bpw, out, gy, P, Cm, Co, H, W, Ho, Wo,
+def _forward(x, wdw, bdw, wpw, bpw, out, gy, sc, P, Cm, Co, H, W, Ho, Wo,
              sxn, sxc, sxh, sxw, son, soc, soh, sow, sh, sw, pt, pl, dh, dw,
              M: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr, PIXEL_FAST: tl.constexpr,
              ACT1: tl.constexpr, ACT2: tl.constexpr, HAS_BDW: tl.constexpr,
              HAS_BPW: tl.constexpr, GRAD: tl.constexpr, DEPTHWISE: tl.constexpr,
+             HAS_SCALE: tl.constexpr,
              PRECISION: tl.constexpr,
              EMULATE_BF16: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_CO: tl.constexpr,
              BLOCK_K: tl.constexpr):
@@ -68,7 +69,11 @@ def _forward(x, wdw, bdw, wpw, bpw, out, gy, P, Cm, Co, H, W, Ho, Wo,
                                BLOCK_P, BLOCK_K)
             if PIXEL_FAST:  # built as [K, P] (NCHW: the taps read along the pixels)
                 u = tl.trans(u)
-            mid = cast(activate(u, ACT1), wpw.dtype.element_ty, EMULATE_BF16)
+            v = activate(u, ACT1)
+            if HAS_SCALE:  # squeeze-and-excitation: sc[n, cm] per image and mid channel
+                v *= tl.load(sc + n.to(tl.int64)[:, None] * Cm + cm[None, :],
+                             mask=p_ok[:, None] & cm_ok[None, :], other=0.0).to(tl.float32)
+            mid = cast(v, wpw.dtype.element_ty, EMULATE_BF16)
         w = tl.load(wpw + co[None, :] * Cm + cm[:, None], mask=cm_ok[:, None] & co_ok[None, :],
                     other=0.0)
         acc = dot(mid, w, acc, PRECISION, EMULATE_BF16)
@@ -85,12 +90,14 @@ def _forward(x, wdw, bdw, wpw, bpw, out, gy, P, Cm, Co, H, W, Ho, Wo,
 
 
 @triton.jit(do_not_specialize=["P"])
-def _depthwise(x, wdw, bdw, mid, P, Cm, H, W, Ho, Wo, sxn, sxc, sxh, sxw, sh, sw, pt, pl, dh, dw,
-               M: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr, PIXEL_FAST: tl.constexpr,
-               ACT1: tl.constexpr, HAS_BDW: tl.constexpr, EMULATE_BF16: tl.constexpr,
+def _depthwise(x, wdw, bdw, mid, sc, P, Cm, H, W, Ho, Wo, sxn, sxc, sxh, sxw, sh, sw, pt, pl,
+               dh, dw, M: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
+               PIXEL_FAST: tl.constexpr, ACT1: tl.constexpr, HAS_BDW: tl.constexpr,
+               HAS_SCALE: tl.constexpr, EMULATE_BF16: tl.constexpr,
                BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr):
-    """mid[p, cm] = act1(dw(x) + b_dw) ([P, Cm], pixel-major) for BLOCK_P pixels x BLOCK_K
-    mid channels: the first half of a split forward."""
+    """mid[p, cm] = act1(dw(x) + b_dw) (times sc[n, cm] with HAS_SCALE) ([P, Cm],
+    pixel-major) for BLOCK_P pixels x BLOCK_K mid channels: the first half of a split
+    forward."""
     p, cm = tile(tl.program_id(0), Cm, BLOCK_P, BLOCK_K)
     cm_ok, p_ok = cm < Cm, p < P
     n, ho, wo = pixels(p, Ho, Wo)
@@ -99,9 +106,14 @@ def _depthwise(x, wdw, bdw, mid, P, Cm, H, W, Ho, Wo, sxn, sxc, sxh, sxw, sh, sw
                        BLOCK_K)
     if PIXEL_FAST:  # u is [K, P]
         at, mask = p.to(tl.int64)[None, :] * Cm + cm[:, None], cm_ok[:, None] & p_ok[None, :]
+        s_at = n.to(tl.int64)[None, :] * Cm + cm[:, None]
     else:
         at, mask = p.to(tl.int64)[:, None] * Cm + cm[None, :], p_ok[:, None] & cm_ok[None, :]
-    tl.store(mid + at, cast(activate(u, ACT1), mid.dtype.element_ty, EMULATE_BF16), mask=mask)
+        s_at = n.to(tl.int64)[:, None] * Cm + cm[None, :]
+    v = activate(u, ACT1)
+    if HAS_SCALE:
+        v *= tl.load(sc + s_at, mask=mask, other=0.0).to(tl.float32)
+    tl.store(mid + at, cast(v, mid.dtype.element_ty, EMULATE_BF16), mask=mask)
 
 
 def fits(bp: int, bco: int, bk: int, warps: int, precision: str, nchw: bool, cc: int) -> bool:
@@ -211,13 +223,14 @@ def _depthwise_blocks() -> dict:
 
 # _depthwise's scalar and constexpr arguments, taken from the forward's
 _DW_ARGS = ("H", "W", "Ho", "Wo", "sxn", "sxc", "sxh", "sxw", "sh", "sw", "pt", "pl", "dh", "dw",
-            "M", "KH", "KW", "PIXEL_FAST", "ACT1", "HAS_BDW", "EMULATE_BF16")
+            "M", "KH", "KW", "PIXEL_FAST", "ACT1", "HAS_BDW", "HAS_SCALE", "EMULATE_BF16")
 
 
 def launch(x, dw_weight, pw_weight, dw_bias, pw_bias, stride, padding, dilation,
-           mid_activation, activation, out, grad_y=None) -> torch.Tensor:
-    """Writes act(pw(act_mid(dw(x)))) into ``out`` or, given grad_y (same shape and
-    strides as out), grad_y * act'(z). x and out may have any strides."""
+           mid_activation, activation, out, grad_y=None, scale=None) -> torch.Tensor:
+    """Writes act(pw(act_mid(dw(x)) * scale)) into ``out`` or, given grad_y (same shape and
+    strides as out), grad_y * act'(z). x and out may have any strides; scale (N, C * m)
+    or None."""
     N, Co, Ho, Wo = out.shape
     P, Cm = N * Ho * Wo, dw_weight.shape[0]
     if P == 0:
@@ -232,18 +245,19 @@ def launch(x, dw_weight, pw_weight, dw_bias, pw_bias, stride, padding, dilation,
         son=out.stride(0), soc=out.stride(1), soh=out.stride(2), sow=out.stride(3),
         ACT1=ACTIVATIONS.index(mid_activation), ACT2=ACTIVATIONS.index(activation),
         HAS_BDW=dw_bias is not None, HAS_BPW=pw_bias is not None, GRAD=grad_y is not None,
-        **dot_mode(x))
+        HAS_SCALE=scale is not None, **dot_mode(x))
+    sc = wdw if scale is None else scale.contiguous()
     wide = wide_blocks(args["PRECISION"], _nchw(args), arch(x))
     split = splits_depthwise(Co, args["KH"], args["KW"], wide[1])
     if split:
         mid = torch.empty((P, Cm), dtype=x.dtype, device=x.device)
         blocks = _depthwise_blocks()
         grid = (cdiv(P, blocks["BLOCK_P"]) * cdiv(Cm, blocks["BLOCK_K"]),)
-        _depthwise[grid](x, wdw, bdw, mid, P, Cm,
+        _depthwise[grid](x, wdw, bdw, mid, sc, P, Cm,
                          **{k: v for k, v in args.items() if k in _DW_ARGS}, **blocks)
         x = mid
     args["DEPTHWISE"] = not split
-    tensors = (x, wdw, bdw, wpw, bpw, out, out if grad_y is None else grad_y)
+    tensors = (x, wdw, bdw, wpw, bpw, out, out if grad_y is None else grad_y, sc)
     if autotuned(x):
         grid = lambda meta: (cdiv(P, meta["BLOCK_P"]) * cdiv(Co, meta["BLOCK_CO"]),)  # noqa: E731
         _forward_tuned[grid](*tensors, **args)

@@ -160,6 +160,37 @@ void pad_band(const Geometry& g, const Geometry& gp, const T* xn, int64_t row0, 
   }
 }
 
+// U's rows [0, p1 - p0) = act1(dw(x) + b_dw) at output pixels [p0, p1) of the image xn,
+// all mid channels: an NCHW image's band of input rows is transposed into xb first (as
+// NHWC), and where pad (pads_band) the band is copied with its zeros into xp.
+template <class T>
+void depthwise_pixels(const Geometry& g, const Geometry& gp, bool pad, const int64_t* cols,
+                      const T* xn, int64_t p0, int64_t p1, const T* wt, const T* dwb, T* U,
+                      int64_t ldu, T* xb, T* xp) {
+  int64_t r0 = 0, r1 = g.H;
+  if (!g.channels_last) {  // the band of input rows these pixels read, as NHWC
+    input_rows(g, p0, p1, &r0, &r1);
+    if (r1 > r0) transpose_copy(xn + r0 * g.W, g.H * g.W, xb, g.C, g.C, (r1 - r0) * g.W);
+    xn = xb;
+  }
+  if (pad) {
+    const int64_t q0 = p0 / g.Wo * g.sh, q1 = (p1 - 1) / g.Wo * g.sh + (g.kh - 1) * g.dh + 1;
+    pad_band(g, gp, xn, r0, q0, q1, xp);
+    dw_forward(gp, cols + 2 * g.kw, xp, q0, q1, wt, dwb, g.act1, p0, p1, U, ldu, 0, g.Cm);
+  } else {
+    dw_forward(g, cols, xn, r0, r1, wt, dwb, g.act1, p0, p1, U, ldu, 0, g.Cm);
+  }
+}
+
+// U's rows times a per-image scale of each mid channel (squeeze-and-excitation's
+// excitation, applied before the pointwise GEMM): a pass over the tile in cache.
+template <class T> void scale_rows(T* U, int64_t rows, int64_t ldu, const T* s, int64_t n) {
+  for (int64_t p = 0; p < rows; ++p) {
+    T* u = U + p * ldu;
+    for (int64_t c = 0; c < n; ++c) u[c] *= s[c];
+  }
+}
+
 // Both layouts run one pipeline, pixel-major: U[p][c] = act1(dw(x) + b_dw) by the
 // NHWC depthwise (vectorised along channels, where even 7x7 planes fill the vectors),
 // then y[p][co] = act2(U . W^T + b_pw) by the GEMM. An NCHW x is transposed into an
@@ -167,7 +198,7 @@ void pad_band(const Geometry& g, const Geometry& gp, const T* xn, int64_t row0, 
 // costs two in-cache transposes and no extra pass over memory.
 template <class T>
 int forward_impl(const Geometry& g, const T* x, const T* dww, const T* pww, const T* dwb,
-                 const T* pwb, T* y) {
+                 const T* pwb, const T* scale, T* y) {
   constexpr int64_t nr = NR<T>();
   const int64_t HWo = g.Ho * g.Wo, Cm = g.Cm, Co = g.Co, kk = g.kh * g.kw;
   const bool cl = g.channels_last;
@@ -286,21 +317,10 @@ int forward_impl(const Geometry& g, const T* x, const T* dww, const T* pww, cons
       packed_block = t / pixel_tiles;
     }
     for (int64_t j = 0; j < ni; ++j) {  // image n + j's pixels into U's rows from j * np
-      const T* xn = x + (n + j) * g.C * g.H * g.W;
       T* Uj = U + j * np * ldu;
-      int64_t r0 = 0, r1 = g.H;
-      if (!cl) {  // the band of input rows these pixels read, as NHWC
-        input_rows(g, p0, p1, &r0, &r1);
-        if (r1 > r0) transpose_copy(xn + r0 * g.W, g.H * g.W, xb, g.C, g.C, (r1 - r0) * g.W);
-        xn = xb;
-      }
-      if (pad) {
-        const int64_t q0 = p0 / g.Wo * g.sh, q1 = (p1 - 1) / g.Wo * g.sh + (g.kh - 1) * g.dh + 1;
-        pad_band(g, gp, xn, r0, q0, q1, xp);
-        dw_forward(gp, cols_t + 2 * g.kw, xp, q0, q1, wt_t, dwb, g.act1, p0, p1, Uj, ldu, 0, Cm);
-      } else {
-        dw_forward(g, cols_t, xn, r0, r1, wt_t, dwb, g.act1, p0, p1, Uj, ldu, 0, Cm);
-      }
+      depthwise_pixels(g, gp, pad, cols_t, x + (n + j) * g.C * g.H * g.W, p0, p1, wt_t, dwb, Uj,
+                       ldu, xb, xp);
+      if (scale) scale_rows(Uj, np, ldu, scale + (n + j) * Cm, Cm);
     }
     Prefetch next;  // the next tile's input, unless it is this tile's (another weight block)
     if (t + 1 < t_end && (t + 1) % pixel_tiles != t % pixel_tiles) {

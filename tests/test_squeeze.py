@@ -1,0 +1,327 @@
+"""depthwise_mean: squeeze-and-excitation's squeeze of the intermediate, on every path,
+against the float64 nn.Conv2d oracle; its op (opcheck, compile, fake) and its errors."""
+
+import os
+
+import pytest
+import torch
+from conftest import ACTS, ISAS, assert_close, check_against_oracle, make_inputs, tf_same_pad
+from test_functional import CASES, INTERPRETER_FLOAT32_ONLY, LAYOUTS
+
+import sepconv
+from sepconv import _backend
+
+OP = torch.ops.sepconv.depthwise_mean
+
+
+def _oracle(x, dw, b_dw, stride, padding, dilation, act):
+    """The mean of the depthwise conv's output (F.conv2d, nn.Conv2d's padding) after the
+    activation, in float64."""
+    if padding == "same" and stride not in (1, (1, 1)):  # F.conv2d refuses: pad first
+        x, padding = tf_same_pad(x, dw.shape[2:], stride, dilation), 0
+    u = torch.nn.functional.conv2d(x, dw, b_dw, stride, padding, dilation, groups=x.shape[1])
+    return ACTS[act]()(u).mean((2, 3))
+
+
+def check_mean(target, x, dw, b_dw, stride, padding, dilation, act, layout=lambda t: t):
+    dtype = target["dtype"]
+    low = dtype in (torch.float16, torch.bfloat16)
+    x, dw, b_dw = (t if t is None or not low else t.to(dtype).double() for t in (x, dw, b_dw))
+    leaves = [t.clone().requires_grad_() if t is not None else None for t in (x, dw, b_dw)]
+    want = _oracle(*leaves, stride, padding, dilation, act)
+    mine = [t.detach().to(**target).requires_grad_() if t is not None else None
+            for t in (x, dw, b_dw)]
+    got = sepconv.depthwise_mean(layout(mine[0]), mine[1], stride, padding, dilation,
+                                 depthwise_bias=mine[2], mid_activation=act)
+    assert got.dtype == dtype and got.shape == want.shape
+    assert_close(got, want, dtype, "mean")
+    g = torch.randn(want.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    inputs = [t for t in mine if t is not None]
+    got_grads = torch.autograd.grad(got, inputs, g.to(**target))
+    want_grads = torch.autograd.grad(want, [t for t in leaves if t is not None], g)
+    for name, a, e in zip(["x", "dw", "b_dw"], got_grads, want_grads):
+        assert_close(a, e, dtype, f"grad {name}")
+
+
+@pytest.mark.parametrize("name", CASES)
+@pytest.mark.parametrize("layout", ["nchw", "channels_last", "strided_nchw"])
+def test_mean_shapes(path, name, layout):
+    interpreted = path["device"] == "cpu" and _backend.current_backend() == "triton"
+    if interpreted and (layout == "strided_nchw" or name in INTERPRETER_FLOAT32_ONLY
+                        and path["dtype"] != torch.float32):
+        pytest.skip("the interpreter runs the contiguous layouts (the gather is the "
+                    "forward's, tested with strides there), the large cases in float32")
+    N, C, H, W, m, Co, k, s, p, d = CASES[name]
+    x, dw, _, _, b_dw = make_inputs(N, C, H, W, m, Co, k)
+    for act in ("silu", "relu6")[:1 if interpreted else 2]:
+        check_mean(path, x, dw, b_dw, s, p, d, act, LAYOUTS[layout])
+
+
+@pytest.mark.parametrize("act", list(ACTS))
+def test_mean_activations_and_no_bias(path, act):
+    x, dw, _, _, _ = make_inputs(2, 5, 11, 9, 2, 3, 3, seed=1)
+    check_mean(path, x, dw, None, 2, 1, 1, act)
+
+
+def test_mean_unbatched_and_batch_zero():
+    x, dw, _, _, b = make_inputs(1, 4, 8, 7, 1, 3, 3)
+    y = sepconv.depthwise_mean(x[0], dw, padding=1, depthwise_bias=b, mid_activation="relu")
+    torch.testing.assert_close(y, _oracle(x, dw, b, 1, 1, 1, "relu")[0])
+    assert sepconv.depthwise_mean(x[:0], dw, padding=1).shape == (0, 4)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("threads", [1, 3])
+def test_mean_native_sums_images_apart(isa, threads):
+    """Tiles of several images shared out over threads: each image's sums stay its own."""
+    from sepconv._backend import _C
+    before, previous = torch.get_num_threads(), _C.isa()
+    torch.set_num_threads(threads)
+    _C.set_isa(isa)
+    try:
+        x, dw, _, _, b = make_inputs(5, 24, 30, 29, 1, 3, 5)
+        with sepconv.use_backend("native"):
+            y = sepconv.depthwise_mean(x, dw, 1, 2, depthwise_bias=b, mid_activation="silu")
+        torch.testing.assert_close(y, _oracle(x, dw, b, 1, 2, 1, "silu"))
+    finally:
+        torch.set_num_threads(before)
+        _C.set_isa(previous)
+
+
+@pytest.mark.parametrize("backend", ["auto", "reference"])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_mean_opcheck(backend, channels_last):
+    x, dw, _, _, b = make_inputs(2, 3, 7, 6, 2, 5, 3)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    args = (x.requires_grad_(), dw.requires_grad_(), b.requires_grad_(), [2, 1], [1, 0, 2, 1],
+            [1, 2], "silu", backend)
+    torch.library.opcheck(OP, args)
+
+
+def _compiled_matches_eager(fn, tensors):
+    """torch.compile(fn, fullgraph=True) gives fn's output and gradients (float32)."""
+    leaves = [t.detach().float().requires_grad_() for t in tensors]
+    y, y_eager = torch.compile(fn, fullgraph=True)(*leaves), fn(*leaves)
+    torch.testing.assert_close(y, y_eager)
+    for a, e in zip(torch.autograd.grad(y.sum(), leaves),
+                    torch.autograd.grad(y_eager.sum(), leaves)):
+        torch.testing.assert_close(a, e)
+
+
+def test_mean_compile_fullgraph_matches_eager():
+    x, dw, _, _, b = make_inputs(3, 4, 12, 10, 1, 3, 3)
+
+    def squeeze(x, dw, b):
+        return sepconv.depthwise_mean(x, dw, 2, 1, depthwise_bias=b, mid_activation="hardswish")
+    _compiled_matches_eager(squeeze, (x, dw, b))
+
+
+@pytest.mark.parametrize("call,error,match", [
+    (lambda x, w: sepconv.depthwise_mean(x[0, 0], w), ValueError, "4 dims"),
+    (lambda x, w: sepconv.depthwise_mean(x, w[:5]), ValueError, "multiple of the 4 input"),
+    (lambda x, w: sepconv.depthwise_mean(x, w.float()), TypeError, "dtype"),
+    (lambda x, w: sepconv.depthwise_mean(x, w, depthwise_bias=torch.zeros(3).double()),
+     ValueError, "depthwise_bias of shape"),
+    (lambda x, w: sepconv.depthwise_mean(x, w, stride=0), ValueError, "stride"),
+    (lambda x, w: sepconv.depthwise_mean(x, w, mid_activation="gelu"), ValueError, "gelu"),
+    (lambda x, w: sepconv.depthwise_mean(x[..., :1, :1], w), ValueError, "larger than"),
+])
+def test_mean_bad_input_raises(call, error, match):
+    x, w, _, _, _ = make_inputs(1, 4, 5, 5, 2, 3, 3)
+    with pytest.raises(error, match=match):
+        call(x, w)
+
+
+class _Squeeze(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        x, dw, _, _, b = make_inputs(1, 3, 1, 1, 2, 1, 3)
+        self.dw, self.b = torch.nn.Parameter(dw.float()), torch.nn.Parameter(b.float())
+
+    def forward(self, x):
+        return sepconv.depthwise_mean(x, self.dw, 2, 1, depthwise_bias=self.b,
+                                      mid_activation="hardswish")
+
+
+@pytest.mark.parametrize("dynamo", [True, False], ids=["dynamo", "torchscript"])
+def test_mean_onnx_export_is_standard_operators(dynamo, tmp_path):
+    if os.environ.get("SEPCONV_REQUIRE_ONNX") != "1":
+        for name in ("onnx", "onnxruntime", "onnxscript"):
+            pytest.importorskip(name)
+    import onnx
+    import onnxruntime
+
+    model, x = _Squeeze().eval(), torch.randn(2, 3, 13, 11)
+    path = tmp_path / "squeeze.onnx"
+    torch.onnx.export(model, (x,), str(path), dynamo=dynamo, input_names=["x"],
+                      dynamic_axes=None if dynamo else {"x": {0: "batch"}},
+                      dynamic_shapes=({0: torch.export.Dim("batch")},) if dynamo else None)
+    graph = onnx.load(str(path)).graph
+    assert {n.domain for n in graph.node} <= {"", "ai.onnx"}
+    assert [n.op_type for n in graph.node].count("Conv") == 1
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    for n in (2, 3):
+        x = torch.randn(n, 3, 13, 11)
+        (got,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
+        torch.testing.assert_close(torch.from_numpy(got), model(x), rtol=1e-5, atol=1e-5)
+
+
+# --- the excitation: separable_conv2d(..., scale=) ----------------------------------------
+
+SCALED_CASES = ["base", "stride2", "multiplier3_stride2", "C1", "batch0", "wide_m2", "k7_rows",
+                "same_stride2_odd", "many_bands"]
+
+
+def _scaled_inputs(name, seed=0):
+    N, C, H, W, m, Co, k, s, p, d = CASES[name]
+    g = torch.Generator().manual_seed(seed + 11)
+    scale = torch.rand(N, C * m, generator=g, dtype=torch.float64) * 1.5 + 0.1
+    return (*make_inputs(N, C, H, W, m, Co, k, seed=seed), scale), (s, p, d)
+
+
+@pytest.mark.parametrize("name", SCALED_CASES)
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_scaled_shapes(path, name, layout):
+    """Forward and every gradient, the scale's included, against the float64 oracle."""
+    if (name in INTERPRETER_FLOAT32_ONLY and path["device"] == "cpu"
+            and _backend.current_backend() == "triton" and path["dtype"] != torch.float32):
+        pytest.skip("float32 runs it in the interpreter; the same code path")
+    inputs, (s, p, d) = _scaled_inputs(name)
+    # In 16 bits the backward's z (recomputed with the rounded W * scale[n]) and the
+    # forward's (W times the rounded mid * scale) differ by a rounding: at relu6's kinks
+    # a z that close may fall on the other side. A smooth act2 there; relu6 in 32 / 64.
+    act2 = "relu6" if path["dtype"] in (torch.float32, torch.float64) else "silu"
+    check_against_oracle(path, inputs, s, p, d, "silu", act2, layout=LAYOUTS[layout])
+
+
+def test_scaled_triton_split_forward(monkeypatch):
+    """The Triton forward that runs the depthwise into a buffer first (splits_depthwise)
+    applies the scale there."""
+    if sepconv._triton.unsupported(torch.empty(1)) is not None:
+        pytest.skip("needs Triton on a GPU or its interpreter")
+    from sepconv.triton_kernels import forward
+    monkeypatch.setattr(forward, "SPLIT", "always")
+    inputs, (s, p, d) = _scaled_inputs("wide_m2", seed=2)
+    with sepconv.use_backend("triton"):
+        check_against_oracle(dict(dtype=torch.float32, device="cpu"), inputs, s, p, d,
+                             "hardswish", None, grads=False)
+
+
+def test_scaled_zero_scale_and_unbatched():
+    """A gate of exactly 0 (hard-sigmoid) and unbatched input."""
+    (x, dw, pw, b, bd, scale), _ = _scaled_inputs("base")
+    scale[:, 1] = 0.0
+    check_against_oracle(dict(dtype=torch.float64, device="cpu"), (x, dw, pw, b, bd, scale),
+                         1, 1, 1, "relu", None)
+    y = sepconv.separable_conv2d(x[0], dw, pw, b, 1, 1, depthwise_bias=bd, scale=scale[0])
+    want = sepconv.separable_conv2d(x[:1], dw, pw, b, 1, 1, depthwise_bias=bd, scale=scale[:1])
+    torch.testing.assert_close(y, want[0])
+
+
+def test_scaled_opcheck_and_compile():
+    (x, dw, pw, b, bd, scale), _ = _scaled_inputs("stride2")
+    leaves = [t.requires_grad_() for t in (x, dw, pw, bd, b)]
+    scale.requires_grad_()
+    args = (*leaves, [2, 2], [1, 1, 1, 1], [1, 1], "relu", "silu")
+    for backend in ("auto", "reference"):
+        torch.library.opcheck(torch.ops.sepconv.separable_conv2d, (*args, backend, scale))
+
+    def layer(x, dw, pw, b, bd, scale):
+        return sepconv.separable_conv2d(x, dw, pw, b, 2, 1, depthwise_bias=bd,
+                                        mid_activation="relu", activation="silu", scale=scale)
+    _compiled_matches_eager(layer, (x, dw, pw, b, bd, scale))
+
+
+@pytest.mark.parametrize("scale,error,match", [
+    (torch.ones(2, 4), ValueError, r"scale of shape \(2, 3\)"),
+    (torch.ones(2, 3, dtype=torch.float64), TypeError, "scale has dtype"),
+    (torch.ones(2, 3, dtype=torch.int64), TypeError, "floating-point"),
+    ([[1.0] * 3] * 2, TypeError, "scale must be a Tensor"),
+])
+def test_scaled_bad_input_raises(scale, error, match):
+    x, dw, pw = torch.randn(2, 3, 5, 5), torch.randn(3, 1, 3, 3), torch.randn(4, 3, 1, 1)
+    with pytest.raises(error, match=match):
+        sepconv.separable_conv2d(x, dw, pw, scale=scale)
+
+
+# --- SeparableConv2d with squeeze-and-excitation, and fuse() of SE blocks -----------------
+
+def _se_composite(m, x):
+    """What an SE SeparableConv2d computes, written out with torch ops."""
+    pads = m._pads or [0, 0, 0, 0]
+    u = torch.nn.functional.conv2d(torch.nn.functional.pad(x, (pads[2], pads[3], pads[0],
+                                                                pads[1])),
+                                   m.depthwise_weight, m.depthwise_bias, m.stride, 0,
+                                   m.dilation, groups=m.in_channels)
+    u = ACTS[m.mid_activation]()(u)
+    s = m.excitation.gate(m.excitation.fc2(m.excitation.activation(
+        m.excitation.fc1(u.mean((2, 3), keepdim=True)))))
+    return ACTS[m.activation]()(torch.nn.functional.conv2d(u * s, m.pointwise_weight, m.bias))
+
+
+@pytest.mark.parametrize("kw", [dict(se_channels=2), dict(se_channels=3, se_activation="silu",
+                                                          se_gate="hardsigmoid",
+                                                          depthwise_bias=True, stride=2)])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_module_with_excitation_matches_composite(kw, channels_last):
+    torch.manual_seed(0)
+    m = sepconv.SeparableConv2d(6, 5, 3, padding=1, mid_activation="relu6", activation="silu",
+                                dtype=torch.float64, **kw)
+    x = torch.randn(3, 6, 10, 9, dtype=torch.float64, requires_grad=True)
+    xin = x.contiguous(memory_format=torch.channels_last) if channels_last else x
+    y, want = m(xin), _se_composite(m, x)
+    torch.testing.assert_close(y, want)
+    params = [x, *m.parameters()]
+    g = torch.randn_like(want)
+    for a, e in zip(torch.autograd.grad(y, params, g), torch.autograd.grad(want, params, g)):
+        torch.testing.assert_close(a, e)
+    torch.testing.assert_close(m(x[0]), want[0])  # unbatched
+    assert "(excitation): Excitation" in repr(m)
+
+
+def test_module_with_excitation_on_meta_and_bad_arguments():
+    m = sepconv.SeparableConv2d(4, 6, 3, padding=1, se_channels=2, device="meta")
+    assert m(torch.empty(2, 4, 7, 7, device="meta")).shape == (2, 6, 7, 7)
+    for kw, match in ((dict(se_channels=0), "se_channels"), (dict(se_channels=2, se_gate="tanh"),
+                                                             "se_gate")):
+        with pytest.raises(ValueError, match=match):
+            sepconv.SeparableConv2d(4, 6, 3, **kw)
+
+
+def test_fuse_leaves_what_only_looks_like_an_se_block():
+    """A module with an SE block's parts that computes something else is not taken."""
+    class NotSE(sepconv.models.SqueezeExcitation):
+        def forward(self, x):
+            return x + self.scale_activation(self.fc2(self.activation(self.fc1(x.mean(
+                (2, 3), keepdim=True)))))
+    model = torch.nn.Sequential(torch.nn.Conv2d(4, 8, 3, padding=1, groups=4), torch.nn.ReLU(),
+                                NotSE(8, 2), torch.nn.Conv2d(8, 6, 1)).eval()
+    fused, report = sepconv.fuse(model)
+    assert not report.fused and [name for name, _ in report.skipped] == ["0"]
+    x = torch.randn(2, 4, 7, 7)
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x), model(x))
+
+
+def test_fuse_with_excitation_trains_as_the_original():
+    """fold_bn=False on a chain with SE and no norm: fused, the same gradients for every
+    parameter, the SE's included."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(4, 8, 3, 2, 1, groups=4), torch.nn.SiLU(),
+                                sepconv.models.SqueezeExcitation(8, 2, gate=torch.nn.Hardsigmoid),
+                                torch.nn.Conv2d(8, 6, 1), torch.nn.ReLU()).train()
+    fused, report = sepconv.fuse(model, fold_bn=False)
+    assert len(report.fused) == 1 and fused[0].excitation is not None
+    x = torch.randn(3, 4, 12, 11)
+    ys = [m(x) for m in (fused, model)]
+    torch.testing.assert_close(ys[0], ys[1])
+    got = torch.autograd.grad(ys[0].square().sum(), list(fused.parameters()))
+    want = torch.autograd.grad(ys[1].square().sum(), list(model.parameters()))
+    mine = dict(zip([n for n, _ in fused.named_parameters()], got))
+    theirs = dict(zip([n for n, _ in model.named_parameters()], want))
+    pairs = {"0.depthwise_weight": "0.weight", "0.depthwise_bias": "0.bias",
+             "0.pointwise_weight": "3.weight", "0.bias": "3.bias",
+             "0.excitation.fc1.weight": "2.fc1.weight", "0.excitation.fc2.bias": "2.fc2.bias"}
+    for a, b in pairs.items():
+        torch.testing.assert_close(mine[a], theirs[b], rtol=1e-4, atol=1e-5)
