@@ -99,6 +99,44 @@ inline int64_t floor_div(int64_t a, int64_t b) { return a >= 0 ? a / b : -((-a +
 inline float ex(float v) { return expf(v); }
 inline double ex(double v) { return exp(v); }
 
+// e^x in vector arithmetic. silu took libm's exp lane by lane: at 96x112 (stride 2,
+// batch 1, Zen 4) the depthwise stage with silu took 0.54 ms, 0.10 ms with relu.
+// x = n ln2 + r (Cody-Waite, |r| <= ln2 / 2), e^r by its Taylor polynomial (degree 7
+// for float, 13 for double: truncation below 0.1 ulp), 2^n put in the exponent bits.
+// Beyond [lo, hi] the result is 0 or inf (e^88 is 1.7e38 of FLT_MAX's 3.4e38; the
+// kernels flush subnormals anyway); a NaN stays NaN.
+template <class T> struct ExpConsts;
+template <> struct ExpConsts<float> {
+  typedef int32_t I __attribute__((vector_size(VB)));
+  static constexpr float lo = -87.0f, hi = 88.0f, magic = 12582912.0f;  // 1.5 * 2^23
+  static constexpr float ln2_hi = 0.693145751953125f, ln2_lo = 1.428606765330187e-06f;
+  static constexpr int degree = 7, mantissa = 23, bias = 127;
+};
+template <> struct ExpConsts<double> {
+  typedef int64_t I __attribute__((vector_size(VB)));
+  static constexpr double lo = -708.0, hi = 709.0, magic = 6755399441055744.0;  // 1.5 * 2^52
+  static constexpr double ln2_hi = 6.93147180369123816490e-01,
+                          ln2_lo = 1.90821492927058770002e-10;
+  static constexpr int degree = 13, mantissa = 52, bias = 1023;
+};
+template <class T> inline V<T> exp_vec(V<T> x) {
+  typedef ExpConsts<T> K;
+  typedef typename K::I I;
+  const V<T> lo = bcast(K::lo), hi = bcast(K::hi), magic = bcast(K::magic);
+  V<T> xc = x < lo ? lo : x;
+  xc = xc > hi ? hi : xc;
+  const V<T> t = xc * T(1.4426950408889634) + magic;  // magic + round(x / ln2)
+  const V<T> n = t - magic;
+  const V<T> r = (xc - n * K::ln2_hi) - n * K::ln2_lo;
+  V<T> p = bcast(T(1));
+  for (int k = K::degree; k >= 1; --k) p = p * (r * (T(1) / T(k))) + T(1);  // 1 + r (1 + r/2 (..))
+  const I scale = ((I)t - (I)magic + K::bias) << K::mantissa;    // 2^n
+  V<T> e = p * (V<T>)scale;
+  e = x < lo ? V<T>{} : e;
+  e = x > hi ? bcast(T(__builtin_inf())) : e;
+  return x != x ? x : e;
+}
+
 
 // ---------------------------------------------------------------- aligned buffer
 // Workspaces are not cleared (they are written before being read); pass zero =
