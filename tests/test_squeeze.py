@@ -5,7 +5,15 @@ import os
 
 import pytest
 import torch
-from conftest import ACTS, ISAS, assert_close, check_against_oracle, make_inputs, tf_same_pad
+from conftest import (
+    ACTS,
+    ISAS,
+    assert_close,
+    assert_compiled_matches_eager,
+    check_against_oracle,
+    make_inputs,
+    tf_same_pad,
+)
 from test_functional import CASES, INTERPRETER_FLOAT32_ONLY, LAYOUTS
 
 import sepconv
@@ -144,22 +152,34 @@ class _Squeeze(torch.nn.Module):
                                       mid_activation="hardswish")
 
 
+def _se_layer():
+    """The mean, the excitation and the scaled separable conv, in one module."""
+    torch.manual_seed(0)
+    return sepconv.SeparableConv2d(3, 5, 3, 2, 1, depth_multiplier=2, mid_activation="silu",
+                                   activation="relu", se_channels=2,
+                                   se_gate="hardsigmoid").eval()
+
+
+@pytest.mark.parametrize("build,convs", [(_Squeeze, {1}), (_se_layer, {2, 3})],
+                         ids=["mean", "se"])
 @pytest.mark.parametrize("dynamo", [True, False], ids=["dynamo", "torchscript"])
-def test_mean_onnx_export_is_standard_operators(dynamo, tmp_path):
+def test_mean_onnx_export_is_standard_operators(build, convs, dynamo, tmp_path):
     if os.environ.get("SEPCONV_REQUIRE_ONNX") != "1":
         for name in ("onnx", "onnxruntime", "onnxscript"):
             pytest.importorskip(name)
     import onnx
     import onnxruntime
 
-    model, x = _Squeeze().eval(), torch.randn(2, 3, 13, 11)
+    model, x = build().eval(), torch.randn(2, 3, 13, 11)
     path = tmp_path / "squeeze.onnx"
     torch.onnx.export(model, (x,), str(path), dynamo=dynamo, input_names=["x"],
                       dynamic_axes=None if dynamo else {"x": {0: "batch"}},
                       dynamic_shapes=({0: torch.export.Dim("batch")},) if dynamo else None)
     graph = onnx.load(str(path)).graph
     assert {n.domain for n in graph.node} <= {"", "ai.onnx"}
-    assert [n.op_type for n in graph.node].count("Conv") == 1
+    # se: the depthwise conv for the mean and for the layer (an exporter may merge the
+    # two), the pointwise conv; the excitation's F.linear are Gemm / MatMul nodes
+    assert [n.op_type for n in graph.node].count("Conv") in convs
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     for n in (2, 3):
         x = torch.randn(n, 3, 13, 11)
@@ -325,3 +345,9 @@ def test_fuse_with_excitation_trains_as_the_original():
              "0.excitation.fc1.weight": "2.fc1.weight", "0.excitation.fc2.bias": "2.fc2.bias"}
     for a, b in pairs.items():
         torch.testing.assert_close(mine[a], theirs[b], rtol=1e-4, atol=1e-5)
+
+
+def test_module_with_excitation_compiles_fullgraph():
+    model = torch.nn.Sequential(_se_layer(), sepconv.SeparableConv2d(5, 4, 3, padding=1,
+                                                                     se_channels=3)).train()
+    assert_compiled_matches_eager(model, [torch.randn(2, 3, 13, 11)])
