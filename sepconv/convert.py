@@ -109,10 +109,10 @@ def _same_conv(m) -> bool:
 
 
 def _probe(m: nn.Module) -> bool:
-    """Whether the timm module ``m`` computes what fuse() reads it as, on random inputs
-    (two sizes of each parity for a conv). Eval-mode norms only (training mode would update
-    their statistics; fuse() refuses those anyway); on the meta device there is nothing to
-    compare, and the reading stands on the class and its attributes."""
+    """Whether the timm or frozen-norm module ``m`` computes what fuse() reads it as, on
+    random inputs (two sizes of each parity for a conv). Not for torch norms in training
+    mode (it would update their statistics; fuse() refuses those anyway); on the meta device
+    there is nothing to compare, and the reading stands on the class and its attributes."""
     p = next((t for t in (*m.parameters(), *m.buffers()) if t.is_floating_point()), None)
     factory = {"dtype": p.dtype if p is not None else torch.float32,
                "device": p.device if p is not None else None}
@@ -270,10 +270,12 @@ def _match(names: list[str], mods: list, fold_bn: bool) -> tuple[_Chain | None, 
     """The chain that starts at the depthwise conv mods[0] and follows ``mods`` (modules,
     or activation names found by fx; identities pass through), or (None, why there is
     none). Batch norms are taken (folded) only with ``fold_bn``."""
-    bad = next((k for k in range(1, len(mods)) if _own_forward(mods[k])), None)
+    # (each reading of a timm module runs it on random inputs: once per module here)
+    bad, reason = next(((k, r) for k in range(1, len(mods)) if (r := _own_forward(mods[k]))),
+                       (None, ""))
     if bad is not None:  # the chain ends before it, or there is none
         chain, why = _match(names[:bad], mods[:bad], fold_bn)
-        return (chain, why) if chain else (None, f"{names[bad]} is {_own_forward(mods[bad])}")
+        return (chain, why) if chain else (None, f"{names[bad]} is {reason}")
     steps = [0] + [k for k in range(1, len(mods)) if not _is_identity(mods[k])]
     i = 1
 
@@ -292,7 +294,8 @@ def _match(names: list[str], mods: list, fold_bn: bool) -> tuple[_Chain | None, 
         return norm, act or None
 
     dw_norm, act1 = norm_and_act()
-    se = optional(lambda m: _excitation_of(m) is not None)
+    excitation = _excitation_of(mods[steps[i]]) if i < len(steps) else None
+    i += excitation is not None
     if i == len(steps):
         return None, f"nothing follows {names[-1]} that fuse() can take"
     pw, at = mods[steps[i]], names[steps[i]]
@@ -306,7 +309,7 @@ def _match(names: list[str], mods: list, fold_bn: bool) -> tuple[_Chain | None, 
     i += 1
     pw_norm, act2 = norm_and_act()
     chain = _Chain(names[:steps[i - 1] + 1], mods[0], pw, dw_norm, act1, pw_norm, act2,
-                   _excitation_of(se) if se is not None else None)
+                   excitation)
     for norm in (dw_norm, pw_norm):
         if norm is not None and norm.training and not _frozen_norm(norm):
             raise ValueError(f"fuse(): the batch norm in {' -> '.join(chain.names)} is in "

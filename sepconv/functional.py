@@ -222,7 +222,7 @@ def depthwise_mean(
     if x.dim() == 3:
         return depthwise_mean(x.unsqueeze(0), depthwise_weight, stride, padding, dilation,
                               depthwise_bias=depthwise_bias, mid_activation=mid_activation)[0]
-    C, kh, kw = _check_depthwise(x, depthwise_weight, depthwise_bias)
+    _, kh, kw = _check_depthwise(x, depthwise_weight, depthwise_bias)
     stride, pads, dilation, act1, _ = _check_config(stride, padding, dilation, kh, kw,
                                                     *x.shape[2:], mid_activation, None)
     return _ops.call_mean(x, depthwise_weight, depthwise_bias, stride, pads, dilation, act1,
@@ -257,7 +257,7 @@ def _check_call(x, depthwise_weight, pointwise_weight, bias, depthwise_bias, str
     """Checks a call with a tensor x; returns its (stride, [top, bottom, left, right],
     dilation, act1, act2)."""
     Cm, kh, kw = _check_depthwise(x, depthwise_weight, depthwise_bias)
-    N, C, H, W = x.shape
+    H, W = x.shape[2:]
     _check_tensor(pointwise_weight, "pointwise_weight", x, None)
     if (pointwise_weight.dim() != 4 or pointwise_weight.shape[1:] != (Cm, 1, 1)
             or pointwise_weight.shape[0] == 0):

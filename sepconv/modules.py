@@ -53,6 +53,7 @@ SE_GATES = {"sigmoid": nn.Sigmoid, "hardsigmoid": nn.Hardsigmoid}
 
 class Excitation(nn.Module):
     """Squeeze-and-excitation's excitation, on the mid channels' means: (N, C) -> (N, C)
+    (or (C,) -> (C,))
     scales ``gate(fc2(activation(fc1(means))))``, fc1 / fc2 1x1 convs with biases (C -> r
     -> C, torchvision's and timm's SE blocks hold them so). ``SeparableConv2d`` runs it
     between its two kernel calls; the activation and gate may be any modules."""
@@ -196,11 +197,10 @@ class SeparableConv2d(nn.Module):
             padding = 0
         scale = None
         if self.excitation is not None:  # two passes: the mid channels' means, then y
-            means = depthwise_mean(x, self.depthwise_weight, self.stride, padding, self.dilation,
-                                   depthwise_bias=self.depthwise_bias,
-                                   mid_activation=self.mid_activation)
-            scale = self.excitation(means if x.dim() == 4 else means[None])
-            scale = scale if x.dim() == 4 else scale[0]
+            # (unbatched, the means are (C,): F.linear takes them as they are)
+            scale = self.excitation(depthwise_mean(
+                x, self.depthwise_weight, self.stride, padding, self.dilation,
+                depthwise_bias=self.depthwise_bias, mid_activation=self.mid_activation))
         return separable_conv2d(x, self.depthwise_weight, self.pointwise_weight, self.bias,
                                 self.stride, padding, self.dilation,
                                 depthwise_bias=self.depthwise_bias,
