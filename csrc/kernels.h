@@ -13,7 +13,7 @@
 //   U *= scale[n]                    (optional: squeeze-and-excitation's per-image scale)
 //   y  = act2(W_pw . U + b_pw)       (register-blocked GEMM, bias + act in the epilogue)
 // Backward recomputes U (and the pre-activation of y when act2 is silu or hardswish)
-// per tile. Mean: the channel means of U per image (squeeze-and-excitation's squeeze).
+// per tile, and with a scale also gives its gradient. Mean: the channel means of U per image (squeeze-and-excitation's squeeze).
 #include <math.h>
 #include <omp.h>
 #include <stdint.h>
@@ -53,8 +53,8 @@ int mean(const Geometry& g, const T* x, const T* dww, const T* dwb, T* out) {
 
 template <class T>
 int backward(const Geometry& g, const T* gy, const T* y, const T* x, const T* dww, const T* pww,
-             const T* dwb, const T* pwb, const Grads<T>& out) {
-  return backward_impl(g, gy, y, x, dww, pww, dwb, pwb, out);
+             const T* dwb, const T* pwb, const T* scale, const Grads<T>& out) {
+  return backward_impl(g, gy, y, x, dww, pww, dwb, pwb, scale, out);
 }
 
 template int forward<float>(const Geometry&, const float*, const float*, const float*,
@@ -66,10 +66,10 @@ template int mean<double>(const Geometry&, const double*, const double*, const d
                           double*);
 template int backward<float>(const Geometry&, const float*, const float*, const float*,
                              const float*, const float*, const float*, const float*,
-                             const Grads<float>&);
+                             const float*, const Grads<float>&);
 template int backward<double>(const Geometry&, const double*, const double*, const double*,
                               const double*, const double*, const double*, const double*,
-                              const Grads<double>&);
+                              const double*, const Grads<double>&);
 
 bool backward_splits(const Geometry& g, bool f64) {
   return f64 ? splits_channels<double>(g, band_rows(g))

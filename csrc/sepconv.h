@@ -47,6 +47,7 @@ struct Grads {
   T* pw_weight;
   T* dw_bias;
   T* pw_bias;
+  T* scale;   // (N, Cm): d loss / d scale, for a call with a scale (null: not wanted)
 };
 
 // Scratch memory for one kernel call, kept by the calling thread between calls
@@ -74,7 +75,8 @@ constexpr int OUT_OF_MEMORY = 1;
   int mean(const Geometry& g, const T* x, const T* dww, const T* dwb, T* out);            \
   template <class T>                                                                       \
   int backward(const Geometry& g, const T* gy, const T* y, const T* x, const T* dww,       \
-               const T* pww, const T* dwb, const T* pwb, const Grads<T>& out);             \
+               const T* pww, const T* dwb, const T* pwb, const T* scale,                   \
+               const Grads<T>& out);                                                       \
   bool backward_splits(const Geometry& g, bool f64);                                       \
   double fma_probe(int threads, int64_t iters);                                            \
   }

@@ -103,8 +103,11 @@ def mean(x, dw_weight, dw_bias, stride, padding, dilation, mid_activation) -> Te
 
 
 def backward(grad_y, x, dw_weight, pw_weight, dw_bias, pw_bias, stride, padding, dilation,
-             mid_activation, activation, output_mask, y=None) -> tuple[Tensor | None, ...]:
-    """y: the forward's output, or None; the kernel reads relu' / relu6' from it."""
+             mid_activation, activation, output_mask, y=None, scale=None,
+             want_scale=False) -> tuple[Tensor | None, ...]:
+    """y: the forward's output, or None; the kernel reads relu' / relu6' from it. scale:
+    the forward's (N, C * m) or None. Returns the gradients of (x, dw_weight, pw_weight,
+    dw_bias, pw_bias), and of the scale too (None unless want_scale) where it is given."""
     fmt = memory_format(x)
     x, grad_y = x.contiguous(memory_format=fmt), grad_y.contiguous(memory_format=fmt)
     if y is not None:  # read with grad_y's offsets
@@ -112,7 +115,8 @@ def backward(grad_y, x, dw_weight, pw_weight, dw_bias, pw_bias, stride, padding,
             raise ValueError(f"y must be like grad_y ({tuple(grad_y.shape)}, {x.dtype}, "
                              f"{x.device}), got {tuple(y.shape)}, {y.dtype}, {y.device}")
         y = y.contiguous(memory_format=fmt)
-    dw_weight, pw_weight, dw_bias, pw_bias = _dense(dw_weight, pw_weight, dw_bias, pw_bias)
+    dw_weight, pw_weight, dw_bias, pw_bias, scale = _dense(dw_weight, pw_weight, dw_bias,
+                                                           pw_bias, scale)
     geom = _geometry(x, dw_weight, pw_weight.shape[0], stride, padding, dilation, fmt,
                      mid_activation, activation)
     want_x, want_dw, want_pw, want_dwb, want_pwb = output_mask
@@ -121,7 +125,25 @@ def backward(grad_y, x, dw_weight, pw_weight, dw_bias, pw_bias, stride, padding,
     gpw = torch.empty_like(pw_weight) if want_pw else None
     gdwb = torch.empty_like(dw_bias) if want_dwb and dw_bias is not None else None
     gpwb = torch.empty_like(pw_bias) if want_pwb and pw_bias is not None else None
+    gs = torch.empty_like(scale) if want_scale and scale is not None else None
     _C.backward(geom, DTYPES[x.dtype], _ptr(grad_y), _ptr(y), _ptr(x), _ptr(dw_weight),
-                _ptr(pw_weight), _ptr(dw_bias), _ptr(pw_bias), _ptr(gx), _ptr(gdw), _ptr(gpw),
-                _ptr(gdwb), _ptr(gpwb))
-    return gx, gdw, gpw, gdwb, gpwb
+                _ptr(pw_weight), _ptr(dw_bias), _ptr(pw_bias), _ptr(scale), _ptr(gx), _ptr(gdw),
+                _ptr(gpw), _ptr(gdwb), _ptr(gpwb), _ptr(gs))
+    grads = gx, gdw, gpw, gdwb, gpwb
+    return grads if scale is None else (*grads, gs)
+
+
+def mean_backward(grad, x, dw_weight, dw_bias, stride, padding, dilation, mid_activation,
+                  output_mask) -> tuple[Tensor | None, ...]:
+    """Gradients (x, dw_weight, dw_bias) of ``mean`` given grad (N, C * m), by the fused
+    backward kernel: the sum of the mean's grad-weighted pixels is the op with one output
+    channel, pointwise weight 1 / (Ho * Wo), scale ``grad`` and grad_y 1. Its GEMMs have
+    one output channel; the depthwise backward is the work."""
+    Ho, Wo = output_size(x, dw_weight, stride, padding, dilation)
+    ones = x.new_ones((x.shape[0], 1, Ho, Wo))  # one channel: NCHW and NHWC alike
+    w = x.new_full((1, dw_weight.shape[0], 1, 1), 1.0 / (Ho * Wo))
+    need_x, need_dw, need_dwb = output_mask
+    gx, gdw, _, gdwb, _, _ = backward(ones, x, dw_weight, w, dw_bias, None, stride, padding,
+                                      dilation, mid_activation, "none",
+                                      [need_x, need_dw, False, need_dwb, False], scale=grad)
+    return gx, gdw, gdwb

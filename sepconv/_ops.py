@@ -163,23 +163,24 @@ def _scaled_backward(grad_y, x, dw_weight, pw_weight, dw_bias, pw_bias, stride, 
                      dilation, mid_activation, activation, backend, scale, mask, want_scale):
     """Gradients of (x, dw_weight, pw_weight, dw_bias, pw_bias, scale) of the scaled op.
 
-    Image n's output is the unscaled op's with the pointwise weight W * scale[n] (each
-    mid channel's column scaled), so the backward op runs per image with that weight:
-    its weight gradient G_n gives dW += G_n * scale[n] and dscale[n] = sum_o W * G_n.
-    No intermediate is kept between the passes; the price is a kernel call per image (on
-    the native path without the op's dispatch, as ``call``).
+    The native kernels take the scale themselves: one call, dscale summed in their tiles.
+    Elsewhere (Triton, the reference, or where the op must be seen): image n's output is
+    the unscaled op's with the pointwise weight W * scale[n] (each mid channel's column
+    scaled), so the backward op runs per image with that weight: its weight gradient G_n
+    gives dW += G_n * scale[n] and dscale[n] = sum_o W * G_n. No intermediate is kept
+    between the passes; the price there is a kernel call per image.
     """
+    config = (stride, padding, dilation, mid_activation, activation)
+    if (_impl(x, backend) is _native and not torch.is_grad_enabled()  # (create_graph: ops)
+            and _nothing_to_record((grad_y, x, dw_weight, pw_weight, dw_bias, pw_bias, scale))):
+        return _native.backward(grad_y, x, dw_weight, pw_weight, dw_bias, pw_bias, *config,
+                                mask, scale=scale, want_scale=want_scale)
     N, (Co, Cm) = x.shape[0], pw_weight.shape[:2]
     W = pw_weight.reshape(Co, Cm)
     need = [mask[0], mask[1], mask[2] or want_scale, mask[3], mask[4]]
-    config = (stride, padding, dilation, mid_activation, activation)
-    if _impl(x, backend) is _native and _nothing_to_record(
-            (grad_y, x, dw_weight, pw_weight, dw_bias, pw_bias, scale)):
-        def backward_one(*tensors):
-            return _native.backward(*tensors, *config, need)
-    else:
-        def backward_one(*tensors):
-            return separable_conv2d_backward(*tensors, *config, backend, need)
+
+    def backward_one(*tensors):
+        return separable_conv2d_backward(*tensors, *config, backend, need)
     zero = lambda t: None if t is None else torch.zeros_like(t)  # noqa: E731
     gx, gdw, gW, gdwb, gpwb = [], zero(dw_weight), zero(W), zero(dw_bias), zero(pw_bias)
     gscale = torch.zeros_like(scale)
@@ -229,23 +230,30 @@ class _NativeAutograd(torch.autograd.Function):
     ~100 us more per call than this. The same kernels, so the same results."""
 
     @staticmethod
-    def forward(ctx, x, dw_weight, pw_weight, dw_bias, pw_bias, *config):
-        y = _native.forward(x, dw_weight, pw_weight, dw_bias, pw_bias, *config)
-        keep_y = _native_keeps_y(config[4])
-        ctx.save_for_backward(x, dw_weight, pw_weight, dw_bias, pw_bias, y if keep_y else None)
+    def forward(ctx, x, dw_weight, pw_weight, dw_bias, pw_bias, scale, *config):
+        y = _native.forward(x, dw_weight, pw_weight, dw_bias, pw_bias, *config, scale=scale)
+        keep_y = _native_keeps_y(config[4]) and scale is None
+        ctx.save_for_backward(x, dw_weight, pw_weight, dw_bias, pw_bias, y if keep_y else None,
+                              scale)
         ctx.config = config  # stride, padding, dilation, mid_activation, activation
         return y
 
     @staticmethod
     def backward(ctx, grad_y):
-        x, dw_weight, pw_weight, dw_bias, pw_bias, y = ctx.saved_tensors
+        x, dw_weight, pw_weight, dw_bias, pw_bias, y, scale = ctx.saved_tensors
         mask = _grad_mask(ctx, dw_bias, pw_bias)
+        want_scale = scale is not None and ctx.needs_input_grad[5]
         args = (grad_y, x, dw_weight, pw_weight, dw_bias, pw_bias, *ctx.config)
         if torch.is_grad_enabled():  # create_graph: the backward op, whose own backward
-            grads = separable_conv2d_backward(*args, "native", mask, y)  # raises clearly
+            if scale is None:  # raises clearly
+                grads = separable_conv2d_backward(*args, "native", mask, y)
+            else:
+                *grads, gs = _scaled_backward(*args, "native", scale, mask, want_scale)
         else:
-            grads = _native.backward(*args, mask, y=y)
-        return _grads_or_none(grads, mask, len(ctx.config))
+            *grads, gs = _native.backward(*args, mask, y=y, scale=scale, want_scale=want_scale) \
+                if scale is not None else (*_native.backward(*args, mask, y=y), None)
+        out = _grads_or_none(grads, mask, 0)
+        return (*out, gs if want_scale else None) + (None,) * len(ctx.config)
 
 
 def call(x, dw_weight, pw_weight, dw_bias, pw_bias, stride, padding, dilation, mid_activation,
@@ -261,8 +269,7 @@ def call(x, dw_weight, pw_weight, dw_bias, pw_bias, stride, padding, dilation, m
             t is not None and t.requires_grad for t in (*args[:5], scale))
         if not grad:
             return _native.forward(*args, scale=scale)
-        if scale is None:
-            return _NativeAutograd.apply(*args)
+        return _NativeAutograd.apply(*args[:5], scale, *args[5:])
     if torch.onnx.is_in_onnx_export():  # (an export traces, so it never takes the path above)
         # ONNX has no sepconv op: export the same maths as standard Conv / activation nodes.
         return reference.forward(*args, scale=scale)
@@ -290,16 +297,21 @@ def _(x, dw_weight, dw_bias, stride, padding, dilation, mid_activation, backend)
 def _mean_setup_context(ctx, inputs, output):
     x, dw_weight, dw_bias, *config = inputs
     ctx.save_for_backward(x, dw_weight, dw_bias)
-    ctx.config = config[:4]  # stride, padding, dilation, mid_activation
+    ctx.config, ctx.backend = config[:4], config[4]  # stride, padding, dilation, mid_activation
 
 
 def _mean_backward(ctx, grad):
-    """The reference formula (torch ops, every device): it recomputes the intermediate,
-    which the forward did not keep."""
+    """Recomputes the intermediate, which the forward did not keep: the native backward
+    kernel where nothing needs to see the ops (_native.mean_backward), else the reference
+    formula (torch ops, every device, differentiable)."""
     x, dw_weight, dw_bias = ctx.saved_tensors
     mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1],
             ctx.needs_input_grad[2] and dw_bias is not None]
-    grads = reference.mean_backward(grad, x, dw_weight, dw_bias, *ctx.config, mask)
+    if (_impl(x, ctx.backend) is _native and not torch.is_grad_enabled()
+            and _nothing_to_record((grad, x, dw_weight, dw_bias))):
+        grads = _native.mean_backward(grad, x, dw_weight, dw_bias, *ctx.config, mask)
+    else:
+        grads = reference.mean_backward(grad, x, dw_weight, dw_bias, *ctx.config, mask)
     return (*(g if want else None for g, want in zip(grads, mask)), None, None, None, None, None)
 
 

@@ -105,6 +105,18 @@ def native_path(request):
     yield from _on_path(request.param)
 
 
+@pytest.fixture(params=["bands", "split"])
+def backward_mode(request):
+    """The native backward forced onto one way of sharing out its work."""
+    from sepconv._backend import _C
+    if _C is None:
+        pytest.skip("extension not built")
+    before = _C.backward_mode()
+    _C.set_backward_mode(request.param)
+    yield request.param
+    _C.set_backward_mode(before)
+
+
 def tf_same_pad(x, kernel_size, stride, dilation, mode="constant"):
     """x padded as TensorFlow's SAME (timm's pad_same): out = ceil(in / stride)."""
     pads = []

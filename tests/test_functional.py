@@ -186,15 +186,6 @@ SPLIT_CASES = {
 }
 
 
-@pytest.fixture(params=["bands", "split"])
-def backward_mode(request):
-    """The native backward forced onto one way of sharing out its work."""
-    before = _C.backward_mode()
-    _C.set_backward_mode(request.param)
-    yield request.param
-    _C.set_backward_mode(before)
-
-
 @pytest.mark.parametrize("case", SPLIT_CASES)
 @pytest.mark.parametrize("threads", [1, 2, 3])
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])

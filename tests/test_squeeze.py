@@ -14,7 +14,7 @@ from conftest import (
     make_inputs,
     tf_same_pad,
 )
-from test_functional import CASES, INTERPRETER_FLOAT32_ONLY, LAYOUTS
+from test_functional import CASES, INTERPRETER_FLOAT32_ONLY, LAYOUTS, SPLIT_CASES
 
 import sepconv
 from sepconv import _backend
@@ -258,6 +258,78 @@ def test_scaled_opcheck_and_compile():
         return sepconv.separable_conv2d(x, dw, pw, b, 2, 1, depthwise_bias=bd,
                                         mid_activation="relu", activation="silu", scale=scale)
     _compiled_matches_eager(layer, (x, dw, pw, b, bd, scale))
+
+
+# The native backward takes the scale itself (one call for the batch): under both ways of
+# sharing out its work (bands, and the mid channels split over the threads), 1-3 threads,
+# M made where the weight gradient's stacks are packed or not (Cm 515), relu's kink, a
+# gate of exactly 0 (hard-sigmoid), act1 none. Split cases from test_functional.
+@pytest.mark.parametrize("case", ["7x7_k7", "two_images_two_bands", "m2_stride2", "Cm515"])
+@pytest.mark.parametrize("threads", [1, 3])
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_scaled_native_backward_modes(native_path, backward_mode, case, threads, layout):
+    N, C, H, W, m, Co, k, s, act1, act2 = SPLIT_CASES[case]
+    g = torch.Generator().manual_seed(5)
+    scale = torch.rand(N, C * m, generator=g, dtype=torch.float64) * 1.5
+    scale[:, ::5] = 0.0
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        check_against_oracle(native_path, (*make_inputs(N, C, H, W, m, Co, k), scale), s,
+                             k // 2, 1, act1, act2, layout=LAYOUTS[layout])
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("mask", [(True, False, False, False, False, False),
+                                  (False, True, True, True, True, False),
+                                  (False, False, False, False, False, True)])
+def test_scaled_native_partial_gradients(native_path, backward_mode, mask):
+    """Each gradient alone, the scale's included, is the one computed with all the others
+    (same bits)."""
+    from sepconv import _native
+    x, dw, pw, b, bd = (t.to(native_path["dtype"]) for t in make_inputs(2, 70, 7, 7, 1, 40, 7))
+    scale = torch.rand(2, 70, dtype=x.dtype)
+    conf = ((1, 1), (3, 3, 3, 3), (1, 1), "silu", "relu")
+    gy = torch.randn(2, 40, 7, 7, dtype=x.dtype)
+    full = _native.backward(gy, x, dw, pw, bd, b, *conf, (True,) * 5, scale=scale,
+                            want_scale=True)
+    part = _native.backward(gy, x, dw, pw, bd, b, *conf, mask[:5], scale=scale,
+                            want_scale=mask[5])
+    for want, a, e in zip(mask, part, full):
+        assert (a is not None) == want
+        if want:
+            assert torch.equal(a, e)
+
+
+@pytest.mark.parametrize("case", ["7x7_k7", "two_images_two_bands", "m2_stride2"])
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_mean_native_backward_modes(native_path, backward_mode, case, layout):
+    """depthwise_mean's gradients by the native backward kernel (one output channel, the
+    mean's gradient as its scale) under both ways of sharing out its work, against the
+    float64 oracle."""
+    N, C, H, W, m, _, k, s, act1, _ = SPLIT_CASES[case]
+    x, dw, _, _, b = make_inputs(N, C, H, W, m, 1, k)
+    with sepconv.use_backend("native"):
+        check_mean(native_path, x, dw, b, s, k // 2, 1, act1, layout=LAYOUTS[layout])
+
+
+def test_mean_backward_takes_the_native_kernel(monkeypatch):
+    """The native path's gradients come from the kernel, not the reference formula (which
+    stays for create_graph and traced calls, and matches it)."""
+    from sepconv import _native, reference
+    x, dw, _, _, b = make_inputs(2, 8, 9, 9, 1, 1, 3)
+    leaves = [t.clone().requires_grad_() for t in (x, dw, b)]
+    y = sepconv.depthwise_mean(leaves[0], leaves[1], 1, 1, depthwise_bias=leaves[2],
+                               mid_activation="silu")
+    gm = torch.randn(y.shape, dtype=y.dtype)
+    monkeypatch.setattr(reference, "mean_backward", None)  # raises if called
+    got = torch.autograd.grad(y, leaves, gm, retain_graph=True)
+    monkeypatch.undo()
+    monkeypatch.setattr(_native, "mean_backward", None)
+    twice = torch.autograd.grad(y, leaves, gm, create_graph=True)  # the reference formula
+    for a, e in zip(got, twice):
+        torch.testing.assert_close(a, e)
 
 
 @pytest.mark.parametrize("scale,error,match", [

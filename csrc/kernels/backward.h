@@ -14,7 +14,37 @@ BackwardNeeds backward_needs(const Geometry& g, const T* y, const Grads<T>& out)
   // exactly (NaN included), so with y at hand z is not recomputed; silu and
   // hardswish need z itself.
   const bool from_y = y && (g.act2 == ACT_RELU || g.act2 == ACT_RELU6);
-  return {out.x || out.dw_weight || out.dw_bias, from_y, g.act2 != ACT_NONE && !from_y};
+  return {out.x || out.dw_weight || out.dw_bias || out.scale, from_y,
+          g.act2 != ACT_NONE && !from_y};
+}
+
+// Squeeze-and-excitation's scale s (the forward multiplies M = act1(U) by s[n] before the
+// GEMM): on entry G = dL/d(M * s) of `rows` pixels. ds (when wanted) adds the sum over them
+// of G * M, and G becomes dL/dM = G * s; act1' follows as without a scale. M is remade
+// from U here, a chunk of a row at a time, rather than kept beside it.
+template <class T>
+void scale_grad_rows(int act1, T* G, const T* U, int64_t ld, int64_t rows, const T* s, T* ds,
+                     int64_t n) {
+  constexpr int64_t chunk = 256;
+  T m[chunk];
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t c0 = 0; c0 < n; c0 += chunk) {
+      const int64_t k = imin(chunk, n - c0);
+      T* gr = G + r * ld + c0;
+      if (ds) {
+        memcpy(m, U + r * ld + c0, k * sizeof(T));
+        act_inplace(act1, m, k);
+#pragma omp simd
+        for (int64_t c = 0; c < k; ++c) ds[c0 + c] += gr[c] * m[c];
+      }
+#pragma omp simd
+      for (int64_t c = 0; c < k; ++c) gr[c] *= s[c0 + c];
+    }
+}
+
+// Whether a call wants a gradient of the depthwise stage's input or weights.
+template <class T> bool wants_depthwise(const Grads<T>& out) {
+  return out.x || out.dw_weight || out.dw_bias;
 }
 
 // The pointwise weight's panels both backward drivers read, as W^T for z = W.M + b,
@@ -131,7 +161,8 @@ template <class T> bool splits_channels(const Geometry& g, int64_t R) {
 // that cross the shares: z reads all of M, and dL/dU all of dL/dz.
 template <class T>
 int backward_split(const Geometry& g, const T* gy, const T* y, const T* x, const T* dww,
-                   const T* pww, const T* dwb, const T* pwb, const Grads<T>& out) {
+                   const T* pww, const T* dwb, const T* pwb, const T* scale,
+                   const Grads<T>& out) {
   constexpr int64_t nr = NR<T>();
   const int64_t HWo = g.Ho * g.Wo, HW = g.H * g.W, C = g.C, Cm = g.Cm, Co = g.Co;
   const int64_t kk = g.kh * g.kw;
@@ -160,7 +191,8 @@ int backward_split(const Geometry& g, const T* gy, const T* y, const T* x, const
   T* a_dw = acc.p;  // [tap][Cm]
   T* a_dwb = a_dw + kk * Cm;
   T* a_pwb = a_dwb + Cm;
-  T* M = g.act1 == ACT_NONE ? U : G;  // act1(U); dL/dU overwrites it after its last use
+  // act1(U) (times the scale); dL/dU overwrites it after its last use
+  T* M = g.act1 == ACT_NONE && !scale ? U : G;
 #pragma omp parallel num_threads(g.threads)
   {
     const DenormalMode thread_mode(g.flush_denormals);
@@ -208,6 +240,8 @@ int backward_split(const Geometry& g, const T* gy, const T* y, const T* x, const
               memcpy(M + r * ldm + c0, U + r * ldm + c0, nc * sizeof(T));
               act_inplace(g.act1, M + r * ldm + c0, nc);
             }
+          if (scale) scale_rows(M + c0, np, ldm, scale + n * Cm + c0, nc);
+          if (out.scale && band == 0) memset(out.scale + n * Cm + c0, 0, nc * sizeof(T));
         }
         // All of M is made, and every thread is done with the last band's dL/dz.
 #pragma omp barrier
@@ -259,6 +293,10 @@ int backward_split(const Geometry& g, const T* gy, const T* y, const T* x, const
         // G = dL/dU = (W^T . GZ) * act1'(U), this thread's channels
         Out<T> o{G + c0, ldm, false, nullptr, 0, ACT_NONE};
         gemm(np, nc, Co, GZ, ldo, (int64_t)1, (int64_t)0, wpk.p + c0 * Co, Co * nr, nr, o);
+        if (scale)  // (this thread's channels of the scale's gradient are its own)
+          scale_grad_rows(g.act1, G + c0, U + c0, ldm, np, scale + n * Cm + c0,
+                          out.scale ? out.scale + n * Cm + c0 : nullptr, nc);
+        if (!wants_depthwise(out)) continue;
         if (g.act1 != ACT_NONE)
           for (int64_t r = 0; r < np; ++r)
             grad_act(g.act1, G + r * ldm + c0, U + r * ldm + c0, G + r * ldm + c0, nc);
@@ -283,12 +321,14 @@ int backward_split(const Geometry& g, const T* gy, const T* y, const T* x, const
 // band and added into the NCHW tensor by a transpose.
 template <class T>
 int backward_impl(const Geometry& g, const T* gy, const T* y, const T* x, const T* dww,
-                  const T* pww, const T* dwb, const T* pwb, const Grads<T>& out) {
+                  const T* pww, const T* dwb, const T* pwb, const T* scale,
+                  const Grads<T>& out) {
   constexpr int64_t nr = NR<T>();
   const int64_t HWo = g.Ho * g.Wo, Cm = g.Cm, Co = g.Co, kk = g.kh * g.kw, T_ = g.threads;
   const bool cl = g.channels_last;
   const int64_t R = band_rows(g), P = R * g.Wo, nb = ceil_div(g.Ho, R);
-  if (splits_channels<T>(g, R)) return backward_split(g, gy, y, x, dww, pww, dwb, pwb, out);
+  if (splits_channels<T>(g, R))
+    return backward_split(g, gy, y, x, dww, pww, dwb, pwb, scale, out);
   const BackwardNeeds need = backward_needs(g, y, out);
   const bool need_g = need.g, from_y = need.from_y, need_z = need.z;
   const int64_t ldm = padded_ld<T>(Cm, nr, 128), ldo = padded_ld<T>(Co, nr, 128);
@@ -315,7 +355,7 @@ int backward_impl(const Geometry& g, const T* gy, const T* y, const T* x, const 
   const int64_t resident =
       (per_thread + (need_g ? Co * ldm : 0) + (need_z ? ldo * Cm : 0)) * (int64_t)sizeof(T);
   // Per-thread gradient accumulators, reduced in thread order at the end.
-  const int64_t sacc = Co * Cm + kk * Cm + Cm + Co;
+  const int64_t sacc = Co * Cm + kk * Cm + Cm + Co + (out.scale ? g.N * Cm : 0);
   // The weight gradient's GEMM takes a row block across all weight panels (the row
   // blocks outer: gemm's panel_group) where the accumulator is beyond a quarter of the
   // L2, so that it is read and written in whole rows, a few lines apart, rather than a
@@ -405,6 +445,7 @@ int backward_impl(const Geometry& g, const T* gy, const T* y, const T* x, const 
     T* a_dw = a_pw + Co * Cm;
     T* a_dwb = a_dw + kk * Cm;
     T* a_pwb = a_dwb + Cm;
+    T* a_s = out.scale ? a_pwb + Co : nullptr;  // [n][Cm]
     // Band t of a phase: its image and first and last output pixels.
     auto band_of = [&](int64_t t, int64_t per_n, int phase, int64_t* n, int64_t* p0, int64_t* p1) {
       *n = t / per_n;
@@ -477,16 +518,17 @@ int backward_impl(const Geometry& g, const T* gy, const T* y, const T* x, const 
         // backward 3-7% (Zen 5, AVX-512, batch 32, CL and NCHW, in-process A/B:
         // 32x112->64 relu 1.07x, 32x112->16 relu6 1.06x, 576x14->96 1.05x, 728x19 1.01x).
         T* Mt = out.pw_weight && !pack_m ? Ms + stacked * ldm : G;
-        const bool direct =
-            Mt != G && (g.act1 == ACT_NONE || g.act1 == ACT_RELU || g.act1 == ACT_RELU6);
+        const bool direct = Mt != G && !scale &&
+                            (g.act1 == ACT_NONE || g.act1 == ACT_RELU || g.act1 == ACT_RELU6);
         dw_forward(g, cols.p, xn, r0, r1, wt.p, dwb, direct ? g.act1 : ACT_NONE, p0, p1,
                    direct ? Mt : U, ldm, 0, Cm);
         const T* M = direct ? Mt : U;
-        if (!direct && (out.pw_weight || need_z) && (g.act1 != ACT_NONE || Mt != G)) {
+        if (!direct && (out.pw_weight || need_z) && (g.act1 != ACT_NONE || Mt != G || scale)) {
           for (int64_t r = 0; r < np; ++r) {
             for (int64_t c = 0; c < Cm; ++c) Mt[r * ldm + c] = U[r * ldm + c];
             act_inplace(g.act1, Mt + r * ldm, Cm);
           }
+          if (scale) scale_rows(Mt, np, ldm, scale + n * Cm, Cm);
           M = Mt;
         }
         if (need_z) {
@@ -524,6 +566,8 @@ int backward_impl(const Geometry& g, const T* gy, const T* y, const T* x, const 
         Out<T> o{G, ldm, false, nullptr, 0, ACT_NONE};
         o.prefetch = &next;
         gemm(np, Cm, Co, GZ, ldo, (int64_t)1, (int64_t)0, wpkt, Co * nr, nr, o);
+        if (scale) scale_grad_rows(g.act1, G, U, ldm, np, scale + n * Cm, a_s ? a_s + n * Cm : nullptr, Cm);
+        if (!wants_depthwise(out)) continue;
         if (g.act1 != ACT_NONE)
           for (int64_t r = 0; r < np; ++r)
             grad_act(g.act1, G + r * ldm, (direct ? M : U) + r * ldm, G + r * ldm, Cm);
@@ -578,6 +622,9 @@ int backward_impl(const Geometry& g, const T* gy, const T* y, const T* x, const 
     const T* a_dw = acc.p + t * sacc + Co * Cm;
     const T* a_dwb = a_dw + kk * Cm;
     const T* a_pwb = a_dwb + Cm;
+    const T* a_s = a_pwb + Co;
+    if (out.scale)
+      for (int64_t i = 0; i < g.N * Cm; ++i) out.scale[i] = (t ? out.scale[i] : T(0)) + a_s[i];
     if (out.dw_weight)  // accumulated as [tap][Cm]; the result is [Cm][tap]
       for (int64_t c = 0; c < Cm; ++c)
         for (int64_t k = 0; k < kk; ++k)
