@@ -189,8 +189,9 @@ int run_forward(const Geometry& g, uintptr_t x, uintptr_t dww, uintptr_t pww, ui
 }
 
 template <class T>
-int run_mean(const Geometry& g, uintptr_t x, uintptr_t dww, uintptr_t dwb, uintptr_t out) {
-  return SEPCONV_PICK(mean<T>)(g, cp<T>(x), cp<T>(dww), cp<T>(dwb), mp<T>(out));
+int run_mean(const Geometry& g, uintptr_t x, uintptr_t dww, uintptr_t dwb, uintptr_t out,
+             uintptr_t u) {
+  return SEPCONV_PICK(mean<T>)(g, cp<T>(x), cp<T>(dww), cp<T>(dwb), mp<T>(out), mp<T>(u));
 }
 
 template <class T>
@@ -242,16 +243,17 @@ PYBIND11_MODULE(_C, m) {
     check(status);
   });
 
-  // out (N, Cm): the channel means of act1(dw(x) + b_dw) per image; the geometry's Co
-  // and act2 are not read.
+  // out (N, Cm): the channel means of act1(dw(x) + b_dw) per image; u: 0, or that
+  // intermediate itself (N, Cm, Ho, Wo, x's layout). The geometry's Co and act2 are not read.
   m.def("mean", [](py::tuple geom, const std::string& dtype, uintptr_t x, uintptr_t dww,
-                   uintptr_t dwb, uintptr_t out) {
+                   uintptr_t dwb, uintptr_t out, uintptr_t u) {
     Geometry g = parse(geom);
     bool f64 = is_f64(dtype);
     int status;
     {
       py::gil_scoped_release nogil;
-      status = f64 ? run_mean<double>(g, x, dww, dwb, out) : run_mean<float>(g, x, dww, dwb, out);
+      status = f64 ? run_mean<double>(g, x, dww, dwb, out, u)
+                   : run_mean<float>(g, x, dww, dwb, out, u);
     }
     check(status);
   });

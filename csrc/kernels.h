@@ -47,8 +47,8 @@ int forward(const Geometry& g, const T* x, const T* dww, const T* pww, const T* 
 }
 
 template <class T>
-int mean(const Geometry& g, const T* x, const T* dww, const T* dwb, T* out) {
-  return mean_impl(g, x, dww, dwb, out);
+int mean(const Geometry& g, const T* x, const T* dww, const T* dwb, T* out, T* u) {
+  return mean_impl(g, x, dww, dwb, out, u);
 }
 
 template <class T>
@@ -61,9 +61,10 @@ template int forward<float>(const Geometry&, const float*, const float*, const f
                             const float*, const float*, const float*, float*);
 template int forward<double>(const Geometry&, const double*, const double*, const double*,
                              const double*, const double*, const double*, double*);
-template int mean<float>(const Geometry&, const float*, const float*, const float*, float*);
+template int mean<float>(const Geometry&, const float*, const float*, const float*, float*,
+                         float*);
 template int mean<double>(const Geometry&, const double*, const double*, const double*,
-                          double*);
+                          double*, double*);
 template int backward<float>(const Geometry&, const float*, const float*, const float*,
                              const float*, const float*, const float*, const float*,
                              const float*, const Grads<float>&);

@@ -8,6 +8,7 @@
 //   dw_weight            (Cm, kh, kw)     contiguous, Cm = C * m
 //   pw_weight            (Co, Cm)         contiguous
 //   mean's out, scale    (N, Cm)          contiguous (mean: Co is not read); scale or null
+//   mean's u             (N, Cm, Ho, Wo)  same layout as x, or null
 //   dw_bias / pw_bias    (Cm) / (Co)      contiguous, or null
 #pragma once
 #include <cstdint>
@@ -72,7 +73,7 @@ constexpr int OUT_OF_MEMORY = 1;
   int forward(const Geometry& g, const T* x, const T* dww, const T* pww, const T* dwb,     \
               const T* pwb, const T* scale, T* y);                                         \
   template <class T>                                                                       \
-  int mean(const Geometry& g, const T* x, const T* dww, const T* dwb, T* out);            \
+  int mean(const Geometry& g, const T* x, const T* dww, const T* dwb, T* out, T* u);     \
   template <class T>                                                                       \
   int backward(const Geometry& g, const T* gy, const T* y, const T* x, const T* dww,       \
                const T* pww, const T* dwb, const T* pwb, const T* scale,                   \

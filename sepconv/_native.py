@@ -91,15 +91,34 @@ def forward(x, dw_weight, pw_weight, dw_bias, pw_bias, stride, padding, dilation
     return y
 
 
-def mean(x, dw_weight, dw_bias, stride, padding, dilation, mid_activation) -> Tensor:
-    """(N, C * m): the mean over the output pixels of act_mid(dw(x) + dw_bias) per image."""
+_IDENTITY: dict = {}  # (channels, dtype) -> a 1x1 depthwise weight of ones
+
+
+def forward_from_mid(mid, pw_weight, pw_bias, activation, scale) -> Tensor:
+    """The pointwise stage alone, on mid = act_mid(dw(x) + dw_bias) already made (``mean``
+    with keep): the fused forward with a 1x1 identity depthwise (a copy into its tiles),
+    so the same scale and GEMM, and the same bits, as from x."""
+    key = (mid.shape[1], mid.dtype)
+    ones = _IDENTITY.get(key)
+    if ones is None:
+        ones = _IDENTITY[key] = torch.ones((mid.shape[1], 1, 1, 1), dtype=mid.dtype)
+    return forward(mid, ones, pw_weight, None, pw_bias, (1, 1), (0, 0, 0, 0), (1, 1), "none",
+                   activation, scale=scale)
+
+
+def mean(x, dw_weight, dw_bias, stride, padding, dilation, mid_activation,
+         keep=False) -> Tensor | tuple[Tensor, Tensor]:
+    """(N, C * m): the mean over the output pixels of act_mid(dw(x) + dw_bias) per image;
+    with keep, also that intermediate u (N, C * m, Ho, Wo) in x's layout: (mean, u)."""
     fmt = memory_format(x)
     x = x.contiguous(memory_format=fmt)
     dw_weight, dw_bias = _dense(dw_weight, dw_bias)
     geom = _geometry(x, dw_weight, 1, stride, padding, dilation, fmt, mid_activation, "none")
     out = torch.empty((x.shape[0], dw_weight.shape[0]), dtype=x.dtype)
-    _C.mean(geom, DTYPES[x.dtype], _ptr(x), _ptr(dw_weight), _ptr(dw_bias), _ptr(out))
-    return out
+    u = torch.empty((x.shape[0], dw_weight.shape[0], *geom[16:18]), dtype=x.dtype,
+                    memory_format=fmt) if keep else None
+    _C.mean(geom, DTYPES[x.dtype], _ptr(x), _ptr(dw_weight), _ptr(dw_bias), _ptr(out), _ptr(u))
+    return (out, u) if keep else out
 
 
 def backward(grad_y, x, dw_weight, pw_weight, dw_bias, pw_bias, stride, padding, dilation,

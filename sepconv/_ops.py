@@ -230,8 +230,11 @@ class _NativeAutograd(torch.autograd.Function):
     ~100 us more per call than this. The same kernels, so the same results."""
 
     @staticmethod
-    def forward(ctx, x, dw_weight, pw_weight, dw_bias, pw_bias, scale, *config):
-        y = _native.forward(x, dw_weight, pw_weight, dw_bias, pw_bias, *config, scale=scale)
+    def forward(ctx, x, dw_weight, pw_weight, dw_bias, pw_bias, scale, mid, *config):
+        if mid is None:
+            y = _native.forward(x, dw_weight, pw_weight, dw_bias, pw_bias, *config, scale=scale)
+        else:  # (the intermediate made by mean(keep=True): the backward recomputes it)
+            y = _native.forward_from_mid(mid, pw_weight, pw_bias, config[4], scale)
         keep_y = _native_keeps_y(config[4]) and scale is None
         ctx.save_for_backward(x, dw_weight, pw_weight, dw_bias, pw_bias, y if keep_y else None,
                               scale)
@@ -253,14 +256,16 @@ class _NativeAutograd(torch.autograd.Function):
             *grads, gs = _native.backward(*args, mask, y=y, scale=scale, want_scale=want_scale) \
                 if scale is not None else (*_native.backward(*args, mask, y=y), None)
         out = _grads_or_none(grads, mask, 0)
-        return (*out, gs if want_scale else None) + (None,) * len(ctx.config)
+        return (*out, gs if want_scale else None, None) + (None,) * len(ctx.config)
 
 
 def call(x, dw_weight, pw_weight, dw_bias, pw_bias, stride, padding, dilation, mid_activation,
-         activation, backend, scale=None) -> Tensor:
+         activation, backend, scale=None, mid=None) -> Tensor:
     """The forward op, or its native CPU kernel directly where nothing needs to see
     the op (same kernel, same result): plain under no_grad, through _NativeAutograd
-    where a gradient is wanted (unscaled calls)."""
+    where a gradient is wanted. mid: None, or act_mid(dw(x) + dw_bias) from
+    ``call_mean(keep=True)``, which the native forward then starts from (the op paths
+    recompute it)."""
     args = (x, dw_weight, pw_weight, dw_bias, pw_bias, stride, padding, dilation,
             mid_activation, activation)
     if (backend in ("auto", "native") and _native.supports(x)
@@ -268,8 +273,10 @@ def call(x, dw_weight, pw_weight, dw_bias, pw_bias, stride, padding, dilation, m
         grad = torch.is_grad_enabled() and any(
             t is not None and t.requires_grad for t in (*args[:5], scale))
         if not grad:
+            if mid is not None:
+                return _native.forward_from_mid(mid, pw_weight, pw_bias, activation, scale)
             return _native.forward(*args, scale=scale)
-        return _NativeAutograd.apply(*args[:5], scale, *args[5:])
+        return _NativeAutograd.apply(*args[:5], scale, mid, *args[5:])
     if torch.onnx.is_in_onnx_export():  # (an export traces, so it never takes the path above)
         # ONNX has no sepconv op: export the same maths as standard Conv / activation nodes.
         return reference.forward(*args, scale=scale)
@@ -318,16 +325,41 @@ def _mean_backward(ctx, grad):
 depthwise_mean.register_autograd(_mean_backward, setup_context=_mean_setup_context)
 
 
+class _NativeMean(torch.autograd.Function):
+    """The mean op's autograd formula on the native kernels without the dispatcher (as
+    _NativeAutograd); with keep, the intermediate too, as an output without gradient."""
+
+    @staticmethod
+    def forward(ctx, x, dw_weight, dw_bias, stride, padding, dilation, mid_activation, keep):
+        out = _native.mean(x, dw_weight, dw_bias, stride, padding, dilation, mid_activation,
+                           keep=keep)
+        ctx.save_for_backward(x, dw_weight, dw_bias)
+        ctx.config, ctx.backend = (stride, padding, dilation, mid_activation), "native"
+        if keep:
+            ctx.mark_non_differentiable(out[1])
+        return out
+
+    @staticmethod
+    def backward(ctx, grad, *_):  # (the intermediate's gradient: none, it is not one)
+        return _mean_backward(ctx, grad)[:3] + (None,) * 5
+
+
 def call_mean(x, dw_weight, dw_bias, stride, padding, dilation, mid_activation,
-              backend) -> Tensor:
-    """The mean op, or its native kernel directly where nothing needs to see the op and
-    no gradient is wanted (as ``call``)."""
+              backend, keep=False) -> Tensor | tuple[Tensor, Tensor | None]:
+    """The mean op, or its native kernel directly where nothing needs to see the op (as
+    ``call``). keep: returns (mean, mid) where mid is act_mid(dw(x) + dw_bias) for
+    ``call``'s forward to start from, made by the native kernel in the same pass (on
+    the op paths, None: the forward recomputes it)."""
     if (backend in ("auto", "native") and _native.supports(x)
-            and _nothing_to_record((x, dw_weight, dw_bias))
-            and not (torch.is_grad_enabled()
-                     and any(t is not None and t.requires_grad for t in (x, dw_weight, dw_bias)))):
-        return _native.mean(x, dw_weight, dw_bias, stride, padding, dilation, mid_activation)
+            and _nothing_to_record((x, dw_weight, dw_bias))):
+        config = (stride, padding, dilation, mid_activation)
+        if not (torch.is_grad_enabled()
+                and any(t is not None and t.requires_grad for t in (x, dw_weight, dw_bias))):
+            return _native.mean(x, dw_weight, dw_bias, *config, keep=keep)
+        return _NativeMean.apply(x, dw_weight, dw_bias, *config, keep)
     if torch.onnx.is_in_onnx_export():  # standard Conv / activation / ReduceMean nodes
-        return reference.mean(x, dw_weight, dw_bias, stride, padding, dilation, mid_activation)
-    return depthwise_mean(x, dw_weight, dw_bias, stride, padding, dilation, mid_activation,
-                          backend)
+        out = reference.mean(x, dw_weight, dw_bias, stride, padding, dilation, mid_activation)
+    else:
+        out = depthwise_mean(x, dw_weight, dw_bias, stride, padding, dilation, mid_activation,
+                             backend)
+    return (out, None) if keep else out

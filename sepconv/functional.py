@@ -169,6 +169,13 @@ def separable_conv2d(
     the mid channels' means from ``depthwise_mean``. Its backward runs the kernels once
     per image.
     """
+    return _separable_conv2d(x, depthwise_weight, pointwise_weight, bias, stride, padding,
+                             dilation, depthwise_bias, mid_activation, activation, scale, None)
+
+
+def _separable_conv2d(x, depthwise_weight, pointwise_weight, bias, stride, padding, dilation,
+                      depthwise_bias, mid_activation, activation, scale, mid) -> Tensor:
+    """separable_conv2d; mid: None, or the intermediate from _depthwise_mean(keep=True)."""
     if torch._C._is_any_autocast_enabled():
         x, depthwise_weight, pointwise_weight, bias, depthwise_bias, scale = _autocast(
             x, depthwise_weight, pointwise_weight, bias, depthwise_bias, scale)
@@ -195,7 +202,7 @@ def separable_conv2d(
         if key is not None and len(_CALLS) < 4096:
             _CALLS[key] = config
     return _ops.call(x, depthwise_weight, pointwise_weight, depthwise_bias, bias, *config,
-                     _backend.current_backend(), scale)
+                     _backend.current_backend(), scale, mid)
 
 
 def depthwise_mean(
@@ -214,19 +221,42 @@ def depthwise_mean(
     Shapes: x (N, C_in, H, W) or (C_in, H, W); depthwise_weight (C_in * m, 1, kh, kw);
     depthwise_bias (C_in * m,); returns (N, C_in * m) or (C_in * m,). The arguments
     mean what they mean for ``separable_conv2d``. The gradients recompute the
-    intermediate (PyTorch ops), which the forward does not keep.
+    intermediate, which the forward does not keep.
     """
+    return _depthwise_mean(x, depthwise_weight, stride, padding, dilation, depthwise_bias,
+                           mid_activation, False)
+
+
+def _depthwise_mean(x, depthwise_weight, stride, padding, dilation, depthwise_bias,
+                    mid_activation, keep):
+    """depthwise_mean; with keep, (mean, mid) where mid is the intermediate for
+    _separable_conv2d to start from, or None where the kernels do not make it."""
     if torch._C._is_any_autocast_enabled():
         x, depthwise_weight, depthwise_bias = _autocast(x, depthwise_weight, depthwise_bias)
     _check_tensor(x, "x", None, None)
     if x.dim() == 3:
-        return depthwise_mean(x.unsqueeze(0), depthwise_weight, stride, padding, dilation,
+        mean = depthwise_mean(x.unsqueeze(0), depthwise_weight, stride, padding, dilation,
                               depthwise_bias=depthwise_bias, mid_activation=mid_activation)[0]
+        return (mean, None) if keep else mean
     _, kh, kw = _check_depthwise(x, depthwise_weight, depthwise_bias)
     stride, pads, dilation, act1, _ = _check_config(stride, padding, dilation, kh, kw,
                                                     *x.shape[2:], mid_activation, None)
     return _ops.call_mean(x, depthwise_weight, depthwise_bias, stride, pads, dilation, act1,
-                          _backend.current_backend())
+                          _backend.current_backend(), keep)
+
+
+def excited_conv2d(x, depthwise_weight, pointwise_weight, bias, stride, padding, dilation,
+                   depthwise_bias, mid_activation, activation, excitation) -> Tensor:
+    """``separable_conv2d(..., scale=excitation(depthwise_mean(...)))``, as SeparableConv2d
+    with squeeze-and-excitation runs it: where the native kernels run both passes, the
+    mean's pass also stores the intermediate and the conv's starts from it, not from a
+    second depthwise (the intermediate is a temporary, as a PyTorch pair's; the backward
+    recomputes it from x, and nothing more is saved for it). Elsewhere two passes over x."""
+    mean, mid = _depthwise_mean(x, depthwise_weight, stride, padding, dilation,
+                                depthwise_bias, mid_activation, True)
+    return _separable_conv2d(x, depthwise_weight, pointwise_weight, bias, stride, padding,
+                             dilation, depthwise_bias, mid_activation, activation,
+                             excitation(mean), mid)
 
 
 def _check_depthwise(x, depthwise_weight, depthwise_bias) -> tuple[int, int, int]:

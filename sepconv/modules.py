@@ -9,7 +9,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn import init
 
-from .functional import _activation, _pair, depthwise_mean, resolve_padding, separable_conv2d
+from .functional import (
+    _activation,
+    _pair,
+    excited_conv2d,
+    resolve_padding,
+    separable_conv2d,
+)
 
 __all__ = ["SeparableConv2d", "Excitation"]
 
@@ -195,17 +201,15 @@ class SeparableConv2d(nn.Module):
                 "same", self.kernel_size, self.stride, self.dilation, x.shape[-2:])
             x = F.pad(x, (left, right, top, bottom), mode=self.padding_mode)
             padding = 0
-        scale = None
-        if self.excitation is not None:  # two passes: the mid channels' means, then y
+        if self.excitation is not None:  # the mid channels' means, the excitation, then y
             # (unbatched, the means are (C,): F.linear takes them as they are)
-            scale = self.excitation(depthwise_mean(
-                x, self.depthwise_weight, self.stride, padding, self.dilation,
-                depthwise_bias=self.depthwise_bias, mid_activation=self.mid_activation))
+            return excited_conv2d(x, self.depthwise_weight, self.pointwise_weight, self.bias,
+                                  self.stride, padding, self.dilation, self.depthwise_bias,
+                                  self.mid_activation, self.activation, self.excitation)
         return separable_conv2d(x, self.depthwise_weight, self.pointwise_weight, self.bias,
                                 self.stride, padding, self.dilation,
                                 depthwise_bias=self.depthwise_bias,
-                                mid_activation=self.mid_activation, activation=self.activation,
-                                scale=scale)
+                                mid_activation=self.mid_activation, activation=self.activation)
 
     @classmethod
     def from_conv2d_pair(cls, depthwise: nn.Conv2d, pointwise: nn.Conv2d, *,

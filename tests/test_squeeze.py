@@ -332,6 +332,71 @@ def test_mean_backward_takes_the_native_kernel(monkeypatch):
         torch.testing.assert_close(a, e)
 
 
+# SeparableConv2d's squeeze-and-excitation on the native path: the mean's pass also
+# stores the intermediate (mean(keep=True)) and the conv's pass starts from it.
+KEEP_CASES = ["base", "k5", "stride2", "same_stride2_odd", "multiplier3_stride2", "C1",
+              "batch0", "k7_image7", "many_bands"]
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("name", KEEP_CASES)
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_mean_keeps_the_intermediate(isa, name, layout, dtype):
+    """u is act_mid(dw(x) + b) in x's layout; the means are those without keep (same
+    bits), and the conv from u is the conv from x (same bits: the same tiles' GEMM)."""
+    from sepconv import _native
+    from sepconv._backend import _C
+    from sepconv.functional import resolve_padding
+    N, C, H, W, m, Co, k, s, p, d = CASES[name]
+    x, dw, pw, b, bd = (t.to(dtype) for t in make_inputs(N, C, H, W, m, Co, k))
+    x = LAYOUTS[layout](x)
+    kk = dw.shape[2:]
+    stride, dilation = [s, s], [d, d]
+    pads = resolve_padding(p, kk, stride, dilation, (H, W))
+    scale = torch.rand(N, C * m, dtype=dtype) + 0.5
+    previous = _C.isa()
+    _C.set_isa(isa)
+    try:
+        mean, u = _native.mean(x, dw, bd, stride, pads, dilation, "hardswish", keep=True)
+        assert torch.equal(mean, _native.mean(x, dw, bd, stride, pads, dilation, "hardswish"))
+        xp = torch.nn.functional.pad(x, (pads[2], pads[3], pads[0], pads[1]))
+        want = torch.nn.functional.hardswish(torch.nn.functional.conv2d(
+            xp.double(), dw.double(), bd.double(), stride, 0, dilation, groups=C))
+        assert u.is_contiguous(memory_format=_native.memory_format(x))
+        assert_close(u, want, dtype, "u")
+        from_x = _native.forward(x, dw, pw, bd, b, stride, pads, dilation, "hardswish", "relu",
+                                 scale=scale)
+        assert torch.equal(_native.forward_from_mid(u, pw, b, "relu", scale), from_x)
+    finally:
+        _C.set_isa(previous)
+
+
+def test_module_with_excitation_keeps_nothing_more_for_the_backward():
+    """The intermediate made by the mean's pass is a temporary: training saves x and the
+    weights, as without it, and the gradients are those of the two passes from x."""
+    torch.manual_seed(0)
+    m = sepconv.SeparableConv2d(16, 8, 3, padding=1, mid_activation="silu", se_channels=4,
+                                stride=2)
+    x = torch.randn(2, 16, 12, 12, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.shape) or t,
+                                                  lambda t: t):
+        y = m(x)
+    assert (2, 16, 6, 6) not in saved  # the intermediate's shape
+    ex = m.excitation
+    scale = ex(sepconv.depthwise_mean(x, m.depthwise_weight, 2, 1,
+                                      depthwise_bias=m.depthwise_bias, mid_activation="silu"))
+    want = sepconv.separable_conv2d(x, m.depthwise_weight, m.pointwise_weight, m.bias, 2, 1,
+                                    depthwise_bias=m.depthwise_bias, mid_activation="silu",
+                                    scale=scale)
+    torch.testing.assert_close(y, want, rtol=0, atol=0)
+    g = torch.randn_like(y)
+    params = [x, *m.parameters()]
+    for a, e in zip(torch.autograd.grad(y, params, g), torch.autograd.grad(want, params, g)):
+        torch.testing.assert_close(a, e)
+
+
 @pytest.mark.parametrize("scale,error,match", [
     (torch.ones(2, 4), ValueError, r"scale of shape \(2, 3\)"),
     (torch.ones(2, 3, dtype=torch.float64), TypeError, "scale has dtype"),

@@ -63,8 +63,9 @@ template <class T>
 void prepare_weights(const Geometry& g, const T* dww, const T* pwb, T* wt, T* bias, int64_t* cols) {
   const int64_t kk = g.kh * g.kw;
   column_ranges(g, cols);
-  for (int64_t c = 0; c < g.Cm; ++c)
-    for (int64_t t = 0; t < kk; ++t) wt[t * g.Cm + c] = dww[c * kk + t];
+  // by register blocks: element by element it took an eighth of a 1152x7x7 (5x5)
+  // depthwise pass at batch 1, as every thread makes its own copy in every call
+  transpose_copy(dww, kk, wt, g.Cm, g.Cm, kk);
   if (pwb)
     for (int64_t co = 0; co < g.Co; ++co) bias[co] = pwb[co];
 }

@@ -6,11 +6,15 @@
 // Each thread sums its tiles into its own N x Cm partial sums, in double (an image's
 // mean is a sum of up to 12544 pixels at 112x112); they are added in thread order at
 // the end, so the result does not depend on the timing.
+//
+// u (null, or (N, Cm, Ho, Wo) in x's layout): the intermediate itself is stored too,
+// for a forward that then runs the pointwise stage on it rather than a second
+// depthwise (see _ops.call); a tile's rows go out as they are made.
 template <class T>
-int mean_impl(const Geometry& g, const T* x, const T* dww, const T* dwb, T* out) {
+int mean_impl(const Geometry& g, const T* x, const T* dww, const T* dwb, T* out, T* u) {
   const int64_t HWo = g.Ho * g.Wo, Cm = g.Cm, kk = g.kh * g.kw;
   const bool cl = g.channels_last;
-  const int64_t P = tile_pixels<T>(g, 4 * MR), tiles_per_image = ceil_div(HWo, P);
+  const int64_t P = tile_pixels<T>(g, 8), tiles_per_image = ceil_div(HWo, P);
   const int64_t ldu = padded_ld<T>(Cm, 16, 1024);
   constexpr int64_t line = 64 / (int64_t)sizeof(T);
   const int64_t lw = round_up(kk * Cm, line), lc = round_up(4 * g.kw, 8);
@@ -46,6 +50,11 @@ int mean_impl(const Geometry& g, const T* x, const T* dww, const T* dwb, T* out)
                   p1 = imin(p0 + P, HWo);
     depthwise_pixels(g, gp, pad, cols_t, x + n * g.C * g.H * g.W, p0, p1, wt_t, dwb, U, ldu, xb,
                      xp);
+    if (u && cl) {
+      for (int64_t p = p0; p < p1; ++p) memcpy(u + (n * HWo + p) * Cm, U + (p - p0) * ldu, Cm * sizeof(T));
+    } else if (u) {
+      transpose_copy(U, ldu, u + n * Cm * HWo + p0, HWo, p1 - p0, Cm);
+    }
     double* s = S + n * Cm;
     for (int64_t p = 0; p < p1 - p0; ++p) {
       const T* u = U + p * ldu;

@@ -128,8 +128,13 @@ template <class T> inline V<T> exp_vec(V<T> x) {
   const V<T> t = xc * T(1.4426950408889634) + magic;  // magic + round(x / ln2)
   const V<T> n = t - magic;
   const V<T> r = (xc - n * K::ln2_hi) - n * K::ln2_lo;
-  V<T> p = bcast(T(1));
-  for (int k = K::degree; k >= 1; --k) p = p * (r * (T(1) / T(k))) + T(1);  // 1 + r (1 + r/2 (..))
+  // Horner on the coefficients 1/k! (one FMA a degree: 1 + r (1 + r/2 (..)) took a
+  // multiply more each, and twice the dependent chain)
+  T c[K::degree + 1];
+  c[0] = T(1);
+  for (int k = 1; k <= K::degree; ++k) c[k] = c[k - 1] / T(k);
+  V<T> p = bcast(c[K::degree]);
+  for (int k = K::degree - 1; k >= 0; --k) p = p * r + c[k];
   const I scale = ((I)t - (I)magic + K::bias) << K::mantissa;    // 2^n
   V<T> e = p * (V<T>)scale;
   e = x < lo ? V<T>{} : e;
