@@ -244,7 +244,7 @@ PYBIND11_MODULE(_C, m) {
   });
 
   // out (N, Cm): the channel means of act1(dw(x) + b_dw) per image; u: 0, or that
-  // intermediate itself (N, Cm, Ho, Wo, x's layout). The geometry's Co and act2 are not read.
+  // intermediate itself (N, Cm, Ho, Wo, channels-last). The geometry's Co and act2 are not read.
   m.def("mean", [](py::tuple geom, const std::string& dtype, uintptr_t x, uintptr_t dww,
                    uintptr_t dwb, uintptr_t out, uintptr_t u) {
     Geometry g = parse(geom);

@@ -8,7 +8,7 @@
 //   dw_weight            (Cm, kh, kw)     contiguous, Cm = C * m
 //   pw_weight            (Co, Cm)         contiguous
 //   mean's out, scale    (N, Cm)          contiguous (mean: Co is not read); scale or null
-//   mean's u             (N, Cm, Ho, Wo)  same layout as x, or null
+//   mean's u             (N, Cm, Ho, Wo)  NHWC whatever x's layout, or null
 //   dw_bias / pw_bias    (Cm) / (Co)      contiguous, or null
 #pragma once
 #include <cstdint>

@@ -96,8 +96,9 @@ _IDENTITY: dict = {}  # (channels, dtype) -> a 1x1 depthwise weight of ones
 
 def forward_from_mid(mid, pw_weight, pw_bias, activation, scale) -> Tensor:
     """The pointwise stage alone, on mid = act_mid(dw(x) + dw_bias) already made (``mean``
-    with keep): the fused forward with a 1x1 identity depthwise (a copy into its tiles),
-    so the same scale and GEMM, and the same bits, as from x."""
+    with keep; channels-last): the fused forward with a 1x1 identity depthwise (a copy
+    into its tiles), so the same scale and GEMM, and the same bits, as from x. y comes
+    channels-last: the caller puts it in x's layout."""
     key = (mid.shape[1], mid.dtype)
     ones = _IDENTITY.get(key)
     if ones is None:
@@ -109,14 +110,14 @@ def forward_from_mid(mid, pw_weight, pw_bias, activation, scale) -> Tensor:
 def mean(x, dw_weight, dw_bias, stride, padding, dilation, mid_activation,
          keep=False) -> Tensor | tuple[Tensor, Tensor]:
     """(N, C * m): the mean over the output pixels of act_mid(dw(x) + dw_bias) per image;
-    with keep, also that intermediate u (N, C * m, Ho, Wo) in x's layout: (mean, u)."""
+    with keep, also that intermediate u (N, C * m, Ho, Wo), channels-last: (mean, u)."""
     fmt = memory_format(x)
     x = x.contiguous(memory_format=fmt)
     dw_weight, dw_bias = _dense(dw_weight, dw_bias)
     geom = _geometry(x, dw_weight, 1, stride, padding, dilation, fmt, mid_activation, "none")
     out = torch.empty((x.shape[0], dw_weight.shape[0]), dtype=x.dtype)
     u = torch.empty((x.shape[0], dw_weight.shape[0], *geom[16:18]), dtype=x.dtype,
-                    memory_format=fmt) if keep else None
+                    memory_format=torch.channels_last) if keep else None
     _C.mean(geom, DTYPES[x.dtype], _ptr(x), _ptr(dw_weight), _ptr(dw_bias), _ptr(out), _ptr(u))
     return (out, u) if keep else out
 

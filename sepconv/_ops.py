@@ -234,7 +234,8 @@ class _NativeAutograd(torch.autograd.Function):
         if mid is None:
             y = _native.forward(x, dw_weight, pw_weight, dw_bias, pw_bias, *config, scale=scale)
         else:  # (the intermediate made by mean(keep=True): the backward recomputes it)
-            y = _native.forward_from_mid(mid, pw_weight, pw_bias, config[4], scale)
+            y = _native.forward_from_mid(mid, pw_weight, pw_bias, config[4], scale).contiguous(
+                memory_format=_native.memory_format(x))
         keep_y = _native_keeps_y(config[4]) and scale is None
         ctx.save_for_backward(x, dw_weight, pw_weight, dw_bias, pw_bias, y if keep_y else None,
                               scale)
@@ -274,7 +275,8 @@ def call(x, dw_weight, pw_weight, dw_bias, pw_bias, stride, padding, dilation, m
             t is not None and t.requires_grad for t in (*args[:5], scale))
         if not grad:
             if mid is not None:
-                return _native.forward_from_mid(mid, pw_weight, pw_bias, activation, scale)
+                return _native.forward_from_mid(mid, pw_weight, pw_bias, activation,
+                                                scale).contiguous(memory_format=_native.memory_format(x))
             return _native.forward(*args, scale=scale)
         return _NativeAutograd.apply(*args[:5], scale, mid, *args[5:])
     if torch.onnx.is_in_onnx_export():  # (an export traces, so it never takes the path above)

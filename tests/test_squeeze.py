@@ -343,7 +343,7 @@ KEEP_CASES = ["base", "k5", "stride2", "same_stride2_odd", "multiplier3_stride2"
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_mean_keeps_the_intermediate(isa, name, layout, dtype):
-    """u is act_mid(dw(x) + b) in x's layout; the means are those without keep (same
+    """u is act_mid(dw(x) + b), channels-last; the means are those without keep (same
     bits), and the conv from u is the conv from x (same bits: the same tiles' GEMM)."""
     from sepconv import _native
     from sepconv._backend import _C
@@ -363,7 +363,7 @@ def test_mean_keeps_the_intermediate(isa, name, layout, dtype):
         xp = torch.nn.functional.pad(x, (pads[2], pads[3], pads[0], pads[1]))
         want = torch.nn.functional.hardswish(torch.nn.functional.conv2d(
             xp.double(), dw.double(), bd.double(), stride, 0, dilation, groups=C))
-        assert u.is_contiguous(memory_format=_native.memory_format(x))
+        assert u.is_contiguous(memory_format=torch.channels_last)
         assert_close(u, want, dtype, "u")
         from_x = _native.forward(x, dw, pw, bd, b, stride, pads, dilation, "hardswish", "relu",
                                  scale=scale)

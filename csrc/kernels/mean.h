@@ -7,9 +7,11 @@
 // mean is a sum of up to 12544 pixels at 112x112); they are added in thread order at
 // the end, so the result does not depend on the timing.
 //
-// u (null, or (N, Cm, Ho, Wo) in x's layout): the intermediate itself is stored too,
-// for a forward that then runs the pointwise stage on it rather than a second
-// depthwise (see _ops.call); a tile's rows go out as they are made.
+// u (null, or (N, Cm, Ho, Wo) channels-last, whatever x's layout): the intermediate
+// itself is stored too, for a forward that then runs the pointwise stage on it rather
+// than a second depthwise (see _ops.call); a tile's rows go out as they are made. In
+// x's layout an NCHW u was transposed twice more (out of the tile here, back into the
+// forward's tiles): the forward's y (Co <= Cm channels) is transposed instead.
 template <class T>
 int mean_impl(const Geometry& g, const T* x, const T* dww, const T* dwb, T* out, T* u) {
   const int64_t HWo = g.Ho * g.Wo, Cm = g.Cm, kk = g.kh * g.kw;
@@ -50,11 +52,8 @@ int mean_impl(const Geometry& g, const T* x, const T* dww, const T* dwb, T* out,
                   p1 = imin(p0 + P, HWo);
     depthwise_pixels(g, gp, pad, cols_t, x + n * g.C * g.H * g.W, p0, p1, wt_t, dwb, U, ldu, xb,
                      xp);
-    if (u && cl) {
+    if (u)
       for (int64_t p = p0; p < p1; ++p) memcpy(u + (n * HWo + p) * Cm, U + (p - p0) * ldu, Cm * sizeof(T));
-    } else if (u) {
-      transpose_copy(U, ldu, u + n * Cm * HWo + p0, HWo, p1 - p0, Cm);
-    }
     double* s = S + n * Cm;
     for (int64_t p = 0; p < p1 - p0; ++p) {
       const T* u = U + p * ldu;
