@@ -104,8 +104,8 @@ def _signature(x, depthwise_weight, pointwise_weight, bias, depthwise_bias, stri
     return (type(x), x.shape, x.dtype, x.device,
             type(depthwise_weight), depthwise_weight.shape, depthwise_weight.dtype,
             depthwise_weight.device,
-            type(pointwise_weight), pointwise_weight.shape, pointwise_weight.dtype,
-            pointwise_weight.device,
+            None if pointwise_weight is None else (type(pointwise_weight), pointwise_weight.shape,
+                                                   pointwise_weight.dtype, pointwise_weight.device),
             None if bias is None else (type(bias), bias.shape, bias.dtype, bias.device),
             None if depthwise_bias is None else (type(depthwise_bias), depthwise_bias.shape,
                                                  depthwise_bias.dtype, depthwise_bias.device),
@@ -238,10 +238,19 @@ def _depthwise_mean(x, depthwise_weight, stride, padding, dilation, depthwise_bi
         mean = depthwise_mean(x.unsqueeze(0), depthwise_weight, stride, padding, dilation,
                               depthwise_bias=depthwise_bias, mid_activation=mid_activation)[0]
         return (mean, None) if keep else mean
-    _, kh, kw = _check_depthwise(x, depthwise_weight, depthwise_bias)
-    stride, pads, dilation, act1, _ = _check_config(stride, padding, dilation, kh, kw,
-                                                    *x.shape[2:], mid_activation, None)
-    return _ops.call_mean(x, depthwise_weight, depthwise_bias, stride, pads, dilation, act1,
+    try:  # checked calls are remembered, as separable_conv2d's (no pointwise weight: None)
+        key = ("mean", *_signature(x, depthwise_weight, None, None, depthwise_bias, stride,
+                                   padding, dilation, mid_activation, None))
+        config = _CALLS.get(key)
+    except (AttributeError, TypeError):
+        key = config = None
+    if config is None:
+        _, kh, kw = _check_depthwise(x, depthwise_weight, depthwise_bias)
+        config = _check_config(stride, padding, dilation, kh, kw, *x.shape[2:],
+                               mid_activation, None)[:4]
+        if key is not None and len(_CALLS) < 4096:
+            _CALLS[key] = config
+    return _ops.call_mean(x, depthwise_weight, depthwise_bias, *config,
                           _backend.current_backend(), keep)
 
 
