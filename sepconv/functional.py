@@ -166,8 +166,8 @@ def separable_conv2d(
     ``mid_activation`` / ``activation``: None, "relu", "relu6", "silu", "hardswish".
     ``scale``: (N, C_in * m) (unbatched: (C_in * m,)) or None, a factor per image and mid
     channel applied before the pointwise conv: squeeze-and-excitation's excitation, with
-    the mid channels' means from ``depthwise_mean``. Its backward runs the kernels once
-    per image.
+    the mid channels' means from ``depthwise_mean``. Its backward also gives the scale's
+    gradient (native: in one kernel call; Triton and the reference: a call per image).
     """
     return _separable_conv2d(x, depthwise_weight, pointwise_weight, bias, stride, padding,
                              dilation, depthwise_bias, mid_activation, activation, scale, None)
