@@ -254,8 +254,8 @@ class _NativeAutograd(torch.autograd.Function):
             else:
                 *grads, gs = _scaled_backward(*args, "native", scale, mask, want_scale)
         else:
-            *grads, gs = _native.backward(*args, mask, y=y, scale=scale, want_scale=want_scale) \
-                if scale is not None else (*_native.backward(*args, mask, y=y), None)
+            grads = _native.backward(*args, mask, y=y, scale=scale, want_scale=want_scale)
+            grads, gs = (grads[:5], grads[5]) if scale is not None else (grads, None)
         out = _grads_or_none(grads, mask, 0)
         return (*out, gs if want_scale else None, None) + (None,) * len(ctx.config)
 

@@ -342,7 +342,7 @@ KEEP_CASES = ["base", "k5", "stride2", "same_stride2_odd", "multiplier3_stride2"
 @pytest.mark.parametrize("name", KEEP_CASES)
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_mean_keeps_the_intermediate(isa, name, layout, dtype):
+def test_native_mean_keeps_the_intermediate(isa, name, layout, dtype):
     """u is act_mid(dw(x) + b), channels-last; the means are those without keep (same
     bits), and the conv from u is the conv from x (same bits: the same tiles' GEMM)."""
     from sepconv import _native
@@ -372,7 +372,7 @@ def test_mean_keeps_the_intermediate(isa, name, layout, dtype):
         _C.set_isa(previous)
 
 
-def test_module_with_excitation_keeps_nothing_more_for_the_backward():
+def test_native_excitation_keeps_nothing_more_for_the_backward():
     """The intermediate made by the mean's pass is a temporary: training saves x and the
     weights, as without it, and the gradients are those of the two passes from x."""
     torch.manual_seed(0)
