@@ -196,13 +196,14 @@ int run_mean(const Geometry& g, uintptr_t x, uintptr_t dww, uintptr_t dwb, uintp
 
 template <class T>
 int run_backward(const Geometry& g, uintptr_t gy, uintptr_t y, uintptr_t x, uintptr_t dww,
-                 uintptr_t pww, uintptr_t dwb, uintptr_t pwb, uintptr_t scale, uintptr_t gx,
-                 uintptr_t gdww, uintptr_t gpww, uintptr_t gdwb, uintptr_t gpwb,
-                 uintptr_t gscale) {
+                 uintptr_t pww, uintptr_t dwb, uintptr_t pwb, uintptr_t scale, uintptr_t mid_in,
+                 uintptr_t gx, uintptr_t gdww, uintptr_t gpww, uintptr_t gdwb, uintptr_t gpwb,
+                 uintptr_t gscale, uintptr_t gmid) {
   if (gx) advise_huge_pages(gx, g.N * g.C * g.H * g.W * int64_t(sizeof(T)));
-  Grads<T> out{mp<T>(gx), mp<T>(gdww), mp<T>(gpww), mp<T>(gdwb), mp<T>(gpwb), mp<T>(gscale)};
+  Grads<T> out{mp<T>(gx),   mp<T>(gdww),   mp<T>(gpww), mp<T>(gdwb),
+               mp<T>(gpwb), mp<T>(gscale), mp<T>(gmid)};
   return SEPCONV_PICK(backward<T>)(g, cp<T>(gy), cp<T>(y), cp<T>(x), cp<T>(dww), cp<T>(pww),
-                                   cp<T>(dwb), cp<T>(pwb), cp<T>(scale), out);
+                                   cp<T>(dwb), cp<T>(pwb), cp<T>(scale), cp<T>(mid_in), out);
 }
 
 bool is_f64(const std::string& dtype) {
@@ -261,20 +262,23 @@ PYBIND11_MODULE(_C, m) {
   // y: the forward's output, or 0. Given for relu / relu6, whose derivative it determines,
   // it saves the backward recomputing the pointwise GEMM. scale: the forward's (N, Cm) or
   // 0; gscale its gradient (N, Cm), or 0 where not wanted (and always 0 without a scale).
+  // gmid (N, Ho, Wo, Cm): d loss / d act1(U), for a later call to add as its mid_in (0:
+  // neither).
   m.def("backward", [](py::tuple geom, const std::string& dtype, uintptr_t gy, uintptr_t y,
                        uintptr_t x, uintptr_t dww, uintptr_t pww, uintptr_t dwb, uintptr_t pwb,
-                       uintptr_t scale, uintptr_t gx, uintptr_t gdww, uintptr_t gpww,
-                       uintptr_t gdwb, uintptr_t gpwb, uintptr_t gscale) {
+                       uintptr_t scale, uintptr_t mid_in, uintptr_t gx, uintptr_t gdww,
+                       uintptr_t gpww, uintptr_t gdwb, uintptr_t gpwb, uintptr_t gscale,
+                       uintptr_t gmid) {
     if (gscale && !scale) throw py::value_error("backward: gscale asked for without a scale");
     Geometry g = parse(geom);
     bool f64 = is_f64(dtype);
     int status;
     {
       py::gil_scoped_release nogil;
-      status = f64 ? run_backward<double>(g, gy, y, x, dww, pww, dwb, pwb, scale, gx, gdww, gpww,
-                                          gdwb, gpwb, gscale)
-                   : run_backward<float>(g, gy, y, x, dww, pww, dwb, pwb, scale, gx, gdww, gpww,
-                                         gdwb, gpwb, gscale);
+      status = f64 ? run_backward<double>(g, gy, y, x, dww, pww, dwb, pwb, scale, mid_in, gx,
+                                          gdww, gpww, gdwb, gpwb, gscale, gmid)
+                   : run_backward<float>(g, gy, y, x, dww, pww, dwb, pwb, scale, mid_in, gx,
+                                         gdww, gpww, gdwb, gpwb, gscale, gmid);
     }
     check(status);
   });

@@ -53,8 +53,8 @@ int mean(const Geometry& g, const T* x, const T* dww, const T* dwb, T* out, T* u
 
 template <class T>
 int backward(const Geometry& g, const T* gy, const T* y, const T* x, const T* dww, const T* pww,
-             const T* dwb, const T* pwb, const T* scale, const Grads<T>& out) {
-  return backward_impl(g, gy, y, x, dww, pww, dwb, pwb, scale, out);
+             const T* dwb, const T* pwb, const T* scale, const T* mid_in, const Grads<T>& out) {
+  return backward_impl(g, gy, y, x, dww, pww, dwb, pwb, scale, mid_in, out);
 }
 
 template int forward<float>(const Geometry&, const float*, const float*, const float*,
@@ -67,10 +67,10 @@ template int mean<double>(const Geometry&, const double*, const double*, const d
                           double*, double*);
 template int backward<float>(const Geometry&, const float*, const float*, const float*,
                              const float*, const float*, const float*, const float*,
-                             const float*, const Grads<float>&);
+                             const float*, const float*, const Grads<float>&);
 template int backward<double>(const Geometry&, const double*, const double*, const double*,
                               const double*, const double*, const double*, const double*,
-                              const double*, const Grads<double>&);
+                              const double*, const double*, const Grads<double>&);
 
 bool backward_splits(const Geometry& g, bool f64) {
   return f64 ? splits_channels<double>(g, band_rows(g))

@@ -49,6 +49,8 @@ struct Grads {
   T* dw_bias;
   T* pw_bias;
   T* scale;   // (N, Cm): d loss / d scale, for a call with a scale (null: not wanted)
+  T* mid;     // (N, Ho, Wo, Cm): d loss / d act1(U) (scaled), for a caller that takes the
+              // depthwise gradients later from it (backward's mid_in; null: not wanted)
 };
 
 // Scratch memory for one kernel call, kept by the calling thread between calls
@@ -76,7 +78,7 @@ constexpr int OUT_OF_MEMORY = 1;
   int mean(const Geometry& g, const T* x, const T* dww, const T* dwb, T* out, T* u);     \
   template <class T>                                                                       \
   int backward(const Geometry& g, const T* gy, const T* y, const T* x, const T* dww,       \
-               const T* pww, const T* dwb, const T* pwb, const T* scale,                   \
+               const T* pww, const T* dwb, const T* pwb, const T* scale, const T* mid_in,  \
                const Grads<T>& out);                                                       \
   bool backward_splits(const Geometry& g, bool f64);                                       \
   double fma_probe(int threads, int64_t iters);                                            \

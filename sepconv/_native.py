@@ -124,10 +124,12 @@ def mean(x, dw_weight, dw_bias, stride, padding, dilation, mid_activation,
 
 def backward(grad_y, x, dw_weight, pw_weight, dw_bias, pw_bias, stride, padding, dilation,
              mid_activation, activation, output_mask, y=None, scale=None,
-             want_scale=False) -> tuple[Tensor | None, ...]:
+             want_scale=False, mid_in=None, want_mid=False) -> tuple[Tensor | None, ...]:
     """y: the forward's output, or None; the kernel reads relu' / relu6' from it. scale:
     the forward's (N, C * m) or None. Returns the gradients of (x, dw_weight, pw_weight,
-    dw_bias, pw_bias), and of the scale too (None unless want_scale) where it is given."""
+    dw_bias, pw_bias), then of the scale (None unless want_scale) where it is given, then
+    with want_mid d loss / d act_mid(dw(x) + dw_bias) (N, C * m, Ho, Wo; channels-last),
+    which a later call adds as its mid_in (a squeeze-and-excitation block's mean)."""
     fmt = memory_format(x)
     x, grad_y = x.contiguous(memory_format=fmt), grad_y.contiguous(memory_format=fmt)
     if y is not None:  # read with grad_y's offsets
@@ -137,6 +139,8 @@ def backward(grad_y, x, dw_weight, pw_weight, dw_bias, pw_bias, stride, padding,
         y = y.contiguous(memory_format=fmt)
     dw_weight, pw_weight, dw_bias, pw_bias, scale = _dense(dw_weight, pw_weight, dw_bias,
                                                            pw_bias, scale)
+    if mid_in is not None:
+        mid_in = mid_in.contiguous(memory_format=torch.channels_last)
     geom = _geometry(x, dw_weight, pw_weight.shape[0], stride, padding, dilation, fmt,
                      mid_activation, activation)
     want_x, want_dw, want_pw, want_dwb, want_pwb = output_mask
@@ -146,24 +150,29 @@ def backward(grad_y, x, dw_weight, pw_weight, dw_bias, pw_bias, stride, padding,
     gdwb = torch.empty_like(dw_bias) if want_dwb and dw_bias is not None else None
     gpwb = torch.empty_like(pw_bias) if want_pwb and pw_bias is not None else None
     gs = torch.empty_like(scale) if want_scale and scale is not None else None
+    gmid = torch.empty((x.shape[0], dw_weight.shape[0], *geom[16:18]), dtype=x.dtype,
+                       memory_format=torch.channels_last) if want_mid else None
     _C.backward(geom, DTYPES[x.dtype], _ptr(grad_y), _ptr(y), _ptr(x), _ptr(dw_weight),
-                _ptr(pw_weight), _ptr(dw_bias), _ptr(pw_bias), _ptr(scale), _ptr(gx), _ptr(gdw),
-                _ptr(gpw), _ptr(gdwb), _ptr(gpwb), _ptr(gs))
-    grads = gx, gdw, gpw, gdwb, gpwb
-    return grads if scale is None else (*grads, gs)
+                _ptr(pw_weight), _ptr(dw_bias), _ptr(pw_bias), _ptr(scale), _ptr(mid_in),
+                _ptr(gx), _ptr(gdw), _ptr(gpw), _ptr(gdwb), _ptr(gpwb), _ptr(gs), _ptr(gmid))
+    grads = (gx, gdw, gpw, gdwb, gpwb) + ((gs,) if scale is not None else ())
+    return grads + (gmid,) if want_mid else grads
 
 
 def mean_backward(grad, x, dw_weight, dw_bias, stride, padding, dilation, mid_activation,
-                  output_mask) -> tuple[Tensor | None, ...]:
+                  output_mask, mid_in=None) -> tuple[Tensor | None, ...]:
     """Gradients (x, dw_weight, dw_bias) of ``mean`` given grad (N, C * m), by the fused
     backward kernel: the sum of the mean's grad-weighted pixels is the op with one output
     channel, pointwise weight 1 / (Ho * Wo), scale ``grad`` and grad_y 1. Its GEMMs have
-    one output channel; the depthwise backward is the work."""
+    one output channel; the depthwise backward is the work. mid_in: another d loss /
+    d act_mid(...) to add (``backward``'s want_mid), so that the one depthwise backward
+    gives the gradients of both."""
     Ho, Wo = output_size(x, dw_weight, stride, padding, dilation)
     ones = x.new_ones((x.shape[0], 1, Ho, Wo))  # one channel: NCHW and NHWC alike
     w = x.new_full((1, dw_weight.shape[0], 1, 1), 1.0 / (Ho * Wo))
     need_x, need_dw, need_dwb = output_mask
     gx, gdw, _, gdwb, _, _ = backward(ones, x, dw_weight, w, dw_bias, None, stride, padding,
                                       dilation, mid_activation, "none",
-                                      [need_x, need_dw, False, need_dwb, False], scale=grad)
+                                      [need_x, need_dw, False, need_dwb, False], scale=grad,
+                                      mid_in=mid_in)
     return gx, gdw, gdwb

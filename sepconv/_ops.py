@@ -365,3 +365,73 @@ def call_mean(x, dw_weight, dw_bias, stride, padding, dilation, mid_activation,
         out = depthwise_mean(x, dw_weight, dw_bias, stride, padding, dilation, mid_activation,
                              backend)
     return (out, None) if keep else out
+
+
+# --- a squeeze-and-excitation separable conv as one autograd node ----------------------
+
+class _NativeExcited(torch.autograd.Function):
+    """``excited_conv2d`` on the native kernels as one node: the mean's pass (keeping the
+    intermediate), the excitation (PyTorch: its small graph, from the means to the scale,
+    is kept inside the node), the conv from the intermediate. Separately, the conv's and
+    the mean's backward each ran a depthwise backward (recompute, act', the scatter into
+    grad_x and the depthwise weight's sums): here the conv's backward gives the pointwise
+    gradients, the scale's and dL/d act_mid(u) only, the excitation's backward the means'
+    gradient, and one depthwise backward takes both. The intermediate's gradient is a
+    temporary of the backward; the forward saves what the two nodes saved."""
+
+    @staticmethod
+    def forward(ctx, x, dw_weight, pw_weight, dw_bias, pw_bias, config, excitation, *params):
+        stride, padding, dilation, act1, act2 = config
+        mean, mid = _native.mean(x, dw_weight, dw_bias, stride, padding, dilation, act1,
+                                 keep=True)
+        with torch.enable_grad():
+            means = mean.requires_grad_()
+            scale = excitation(means)
+        y = _native.forward_from_mid(mid, pw_weight, pw_bias, act2, scale.detach())
+        ctx.save_for_backward(x, dw_weight, pw_weight, dw_bias, pw_bias)
+        ctx.excitation = (means, scale, params)
+        ctx.config = config
+        return y.contiguous(memory_format=_native.memory_format(x))
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        if torch.is_grad_enabled():
+            raise RuntimeError("sepconv: double backward (create_graph=True) through a "
+                               "squeeze-and-excitation SeparableConv2d is not supported")
+        x, dw_weight, pw_weight, dw_bias, pw_bias = ctx.saved_tensors
+        means, scale, params = ctx.excitation
+        stride, padding, dilation, act1, act2 = ctx.config
+        need = ctx.needs_input_grad
+        depthwise = [need[0], need[1], need[3] and dw_bias is not None]
+        out = _native.backward(grad_y, x, dw_weight, pw_weight, dw_bias, pw_bias, *ctx.config,
+                               [False, False, need[2], False, need[4] and pw_bias is not None],
+                               scale=scale.detach(), want_scale=True, want_mid=any(depthwise))
+        gpw, gpwb, gscale, gmid = out[2], out[4], out[5], out[6] if any(depthwise) else None
+        wanted = [p for p, n in zip(params, need[7:]) if n]
+        inputs = ([means] if any(depthwise) else []) + wanted
+        grads = list(torch.autograd.grad(scale, inputs, gscale, retain_graph=True,
+                                         allow_unused=True)) if inputs else []
+        gx = gdw = gdwb = None
+        if any(depthwise):
+            gx, gdw, gdwb = _native.mean_backward(grads.pop(0), x, dw_weight, dw_bias, stride,
+                                                  padding, dilation, act1, depthwise,
+                                                  mid_in=gmid)
+        gparams = [grads.pop(0) if n else None for n in need[7:]]
+        return gx, gdw, gpw, gdwb, gpwb, None, None, *gparams
+
+
+def call_excited(x, dw_weight, pw_weight, dw_bias, pw_bias, stride, padding, dilation,
+                 mid_activation, activation, backend, excitation) -> Tensor | None:
+    """The one-node native SE conv (_NativeExcited) where it applies: the native kernels,
+    eager with nothing to see the ops, a gradient wanted. None elsewhere (the caller runs
+    the mean and the conv as two ops)."""
+    params = tuple(excitation.parameters())
+    tensors = (x, dw_weight, pw_weight, dw_bias, pw_bias, *params)
+    if not (backend in ("auto", "native") and _native.supports(x) and x.dim() == 4
+            and torch.is_grad_enabled() and any(t is not None and t.requires_grad
+                                                for t in tensors)
+            and _nothing_to_record(tensors)):
+        return None
+    config = (stride, padding, dilation, mid_activation, activation)
+    return _NativeExcited.apply(x, dw_weight, pw_weight, dw_bias, pw_bias, config, excitation,
+                                *params)

@@ -260,7 +260,17 @@ def excited_conv2d(x, depthwise_weight, pointwise_weight, bias, stride, padding,
     with squeeze-and-excitation runs it: where the native kernels run both passes, the
     mean's pass also stores the intermediate and the conv's starts from it, not from a
     second depthwise (the intermediate is a temporary, as a PyTorch pair's; the backward
-    recomputes it from x, and nothing more is saved for it). Elsewhere two passes over x."""
+    recomputes it from x, and nothing more is saved for it); in training, as one autograd
+    node whose backward runs one depthwise backward for both (_ops._NativeExcited).
+    Elsewhere two passes over x."""
+    if isinstance(x, Tensor) and x.dim() == 4 and not torch._C._is_any_autocast_enabled():
+        # training on the native path: one autograd node, one depthwise backward
+        config = _check_call(x, depthwise_weight, pointwise_weight, bias, depthwise_bias, stride,
+                             padding, dilation, mid_activation, activation)
+        y = _ops.call_excited(x, depthwise_weight, pointwise_weight, depthwise_bias, bias,
+                              *config, _backend.current_backend(), excitation)
+        if y is not None:
+            return y
     mean, mid = _depthwise_mean(x, depthwise_weight, stride, padding, dilation,
                                 depthwise_bias, mid_activation, True)
     return _separable_conv2d(x, depthwise_weight, pointwise_weight, bias, stride, padding,

@@ -444,6 +444,41 @@ def test_module_with_excitation_matches_composite(kw, channels_last):
     assert "(excitation): Excitation" in repr(m)
 
 
+@pytest.mark.parametrize("wanted", ["x", "depthwise", "pointwise", "excitation", "all"])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_native_excitation_one_node_gradients(wanted, channels_last):
+    """Training on the native path runs the block as one autograd node (one depthwise
+    backward for the conv's and the mean's gradients): every subset of gradients against
+    the float64 composite, and double backward refused clearly."""
+    from sepconv import _ops
+    torch.manual_seed(1)
+    m = sepconv.SeparableConv2d(12, 7, 5, padding=2, stride=2, mid_activation="silu",
+                                depthwise_bias=True, se_channels=3, se_activation="silu",
+                                se_gate="hardsigmoid", dtype=torch.float64)
+    x = torch.randn(3, 12, 11, 10, dtype=torch.float64)
+    groups = {"x": [x], "depthwise": [m.depthwise_weight, m.depthwise_bias],
+              "pointwise": [m.pointwise_weight, m.bias],
+              "excitation": list(m.excitation.parameters())}
+    leaves = [t for k, ts in groups.items() for t in ts if wanted in (k, "all")]
+    for t in [x, *m.parameters()]:
+        t.requires_grad_(any(t is u for u in leaves))
+    xin = x.contiguous(memory_format=torch.channels_last) if channels_last else x
+    calls = []
+    apply = _ops._NativeExcited.apply
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(_ops._NativeExcited, "apply", lambda *a: calls.append(1) or apply(*a))
+        y = m(xin)
+    assert calls == [1]
+    want = _se_composite(m, x)
+    torch.testing.assert_close(y, want)
+    g = torch.randn_like(want)
+    for a, e in zip(torch.autograd.grad(y, leaves, g, retain_graph=True),
+                    torch.autograd.grad(want, leaves, g)):
+        torch.testing.assert_close(a, e)
+    with pytest.raises(RuntimeError, match="double backward"):
+        torch.autograd.grad(y, leaves, g, create_graph=True)
+
+
 def test_module_with_excitation_on_meta_and_bad_arguments():
     m = sepconv.SeparableConv2d(4, 6, 3, padding=1, se_channels=2, device="meta")
     assert m(torch.empty(2, 4, 7, 7, device="meta")).shape == (2, 6, 7, 7)

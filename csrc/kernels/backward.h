@@ -14,8 +14,23 @@ BackwardNeeds backward_needs(const Geometry& g, const T* y, const Grads<T>& out)
   // exactly (NaN included), so with y at hand z is not recomputed; silu and
   // hardswish need z itself.
   const bool from_y = y && (g.act2 == ACT_RELU || g.act2 == ACT_RELU6);
-  return {out.x || out.dw_weight || out.dw_bias || out.scale, from_y,
+  return {out.x || out.dw_weight || out.dw_bias || out.scale || out.mid, from_y,
           g.act2 != ACT_NONE && !from_y};
+}
+
+// dL/dM of `rows` pixels of a band (G, rows ldg apart; M = act1(U)), channels [0, n):
+// plus the caller's (in), and given out, as pixel-major rows `ld` apart. A squeeze-and-
+// excitation block's backward takes dL/dM from the conv's backward and adds it to the
+// mean's, so that one depthwise backward serves both (_ops._NativeExcited).
+template <class T>
+void mid_rows(T* G, int64_t ldg, const T* in, T* out, int64_t ld, int64_t rows, int64_t n) {
+  for (int64_t r = 0; r < rows; ++r) {
+    T* gr = G + r * ldg;
+    if (in)
+#pragma omp simd
+      for (int64_t c = 0; c < n; ++c) gr[c] += in[r * ld + c];
+    if (out) memcpy(out + r * ld, gr, n * sizeof(T));
+  }
 }
 
 // Squeeze-and-excitation's scale s (the forward multiplies M = act1(U) by s[n] before the
@@ -161,7 +176,7 @@ template <class T> bool splits_channels(const Geometry& g, int64_t R) {
 // that cross the shares: z reads all of M, and dL/dU all of dL/dz.
 template <class T>
 int backward_split(const Geometry& g, const T* gy, const T* y, const T* x, const T* dww,
-                   const T* pww, const T* dwb, const T* pwb, const T* scale,
+                   const T* pww, const T* dwb, const T* pwb, const T* scale, const T* mid_in,
                    const Grads<T>& out) {
   constexpr int64_t nr = NR<T>();
   const int64_t HWo = g.Ho * g.Wo, HW = g.H * g.W, C = g.C, Cm = g.Cm, Co = g.Co;
@@ -296,6 +311,11 @@ int backward_split(const Geometry& g, const T* gy, const T* y, const T* x, const
         if (scale)  // (this thread's channels of the scale's gradient are its own)
           scale_grad_rows(g.act1, G + c0, U + c0, ldm, np, scale + n * Cm + c0,
                           out.scale ? out.scale + n * Cm + c0 : nullptr, nc);
+        if (mid_in || out.mid) {
+          const int64_t at = (n * HWo + p0) * Cm + c0;
+          mid_rows(G + c0, ldm, mid_in ? mid_in + at : nullptr, out.mid ? out.mid + at : nullptr,
+                   Cm, np, nc);
+        }
         if (!wants_depthwise(out)) continue;
         if (g.act1 != ACT_NONE)
           for (int64_t r = 0; r < np; ++r)
@@ -321,14 +341,14 @@ int backward_split(const Geometry& g, const T* gy, const T* y, const T* x, const
 // band and added into the NCHW tensor by a transpose.
 template <class T>
 int backward_impl(const Geometry& g, const T* gy, const T* y, const T* x, const T* dww,
-                  const T* pww, const T* dwb, const T* pwb, const T* scale,
+                  const T* pww, const T* dwb, const T* pwb, const T* scale, const T* mid_in,
                   const Grads<T>& out) {
   constexpr int64_t nr = NR<T>();
   const int64_t HWo = g.Ho * g.Wo, Cm = g.Cm, Co = g.Co, kk = g.kh * g.kw, T_ = g.threads;
   const bool cl = g.channels_last;
   const int64_t R = band_rows(g), P = R * g.Wo, nb = ceil_div(g.Ho, R);
   if (splits_channels<T>(g, R))
-    return backward_split(g, gy, y, x, dww, pww, dwb, pwb, scale, out);
+    return backward_split(g, gy, y, x, dww, pww, dwb, pwb, scale, mid_in, out);
   const BackwardNeeds need = backward_needs(g, y, out);
   const bool need_g = need.g, from_y = need.from_y, need_z = need.z;
   const int64_t ldm = padded_ld<T>(Cm, nr, 128), ldo = padded_ld<T>(Co, nr, 128);
@@ -567,6 +587,11 @@ int backward_impl(const Geometry& g, const T* gy, const T* y, const T* x, const 
         o.prefetch = &next;
         gemm(np, Cm, Co, GZ, ldo, (int64_t)1, (int64_t)0, wpkt, Co * nr, nr, o);
         if (scale) scale_grad_rows(g.act1, G, U, ldm, np, scale + n * Cm, a_s ? a_s + n * Cm : nullptr, Cm);
+        if (mid_in || out.mid) {
+          const int64_t at = (n * HWo + p0) * Cm;
+          mid_rows(G, ldm, mid_in ? mid_in + at : nullptr, out.mid ? out.mid + at : nullptr, Cm,
+                   np, Cm);
+        }
         if (!wants_depthwise(out)) continue;
         if (g.act1 != ACT_NONE)
           for (int64_t r = 0; r < np; ++r)
