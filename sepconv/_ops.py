@@ -253,9 +253,10 @@ class _NativeAutograd(torch.autograd.Function):
                 grads = separable_conv2d_backward(*args, "native", mask, y)
             else:
                 *grads, gs = _scaled_backward(*args, "native", scale, mask, want_scale)
+        elif scale is None:
+            grads, gs = _native.backward(*args, mask, y=y), None
         else:
-            grads = _native.backward(*args, mask, y=y, scale=scale, want_scale=want_scale)
-            grads, gs = (grads[:5], grads[5]) if scale is not None else (grads, None)
+            *grads, gs = _native.backward(*args, mask, scale=scale, want_scale=want_scale)
         out = _grads_or_none(grads, mask, 0)
         return (*out, gs if want_scale else None, None) + (None,) * len(ctx.config)
 
