@@ -261,10 +261,10 @@ def test_scaled_opcheck_and_compile():
 
 
 # The native backward takes the scale itself (one call for the batch): under both ways of
-# sharing out its work (bands, and the mid channels split over the threads), 1-3 threads,
+# sharing out its work (bands, and the mid channels split over the threads), 1 and 3 threads,
 # M made where the weight gradient's stacks are packed or not (Cm 515), relu's kink, a
-# gate of exactly 0 (hard-sigmoid), act1 none. Split cases from test_functional.
-@pytest.mark.parametrize("case", ["7x7_k7", "two_images_two_bands", "m2_stride2", "Cm515"])
+# gate of exactly 0 (hard-sigmoid), act1 none (Co520). Split cases from test_functional.
+@pytest.mark.parametrize("case", ["7x7_k7", "two_images_two_bands", "m2_stride2", "Co520", "Cm515"])
 @pytest.mark.parametrize("threads", [1, 3])
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
 def test_scaled_native_backward_modes(native_path, backward_mode, case, threads, layout):
