@@ -13,7 +13,8 @@
 //   U *= scale[n]                    (optional: squeeze-and-excitation's per-image scale)
 //   y  = act2(W_pw . U + b_pw)       (register-blocked GEMM, bias + act in the epilogue)
 // Backward recomputes U (and the pre-activation of y when act2 is silu or hardswish)
-// per tile, and with a scale also gives its gradient. Mean: the channel means of U per image (squeeze-and-excitation's squeeze).
+// per tile, and with a scale also gives its gradient. Mean: the channel means of U per
+// image (squeeze-and-excitation's squeeze).
 #include <math.h>
 #include <omp.h>
 #include <stdint.h>

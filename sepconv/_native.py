@@ -94,17 +94,18 @@ def forward(x, dw_weight, pw_weight, dw_bias, pw_bias, stride, padding, dilation
 _IDENTITY: dict = {}  # (channels, dtype) -> a 1x1 depthwise weight of ones
 
 
-def forward_from_mid(mid, pw_weight, pw_bias, activation, scale) -> Tensor:
+def forward_from_mid(mid, pw_weight, pw_bias, activation, scale, fmt) -> Tensor:
     """The pointwise stage alone, on mid = act_mid(dw(x) + dw_bias) already made (``mean``
     with keep; channels-last): the fused forward with a 1x1 identity depthwise (a copy
-    into its tiles), so the same scale and GEMM, and the same bits, as from x. y comes
-    channels-last: the caller puts it in x's layout."""
+    into its tiles), so the same scale and GEMM, and the same bits, as from x. y is made
+    channels-last and returned in ``fmt``, x's layout."""
     key = (mid.shape[1], mid.dtype)
     ones = _IDENTITY.get(key)
     if ones is None:
         ones = _IDENTITY[key] = torch.ones((mid.shape[1], 1, 1, 1), dtype=mid.dtype)
-    return forward(mid, ones, pw_weight, None, pw_bias, (1, 1), (0, 0, 0, 0), (1, 1), "none",
-                   activation, scale=scale)
+    y = forward(mid, ones, pw_weight, None, pw_bias, (1, 1), (0, 0, 0, 0), (1, 1), "none",
+                activation, scale=scale)
+    return y.contiguous(memory_format=fmt)
 
 
 def mean(x, dw_weight, dw_bias, stride, padding, dilation, mid_activation,

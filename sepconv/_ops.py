@@ -230,12 +230,8 @@ class _NativeAutograd(torch.autograd.Function):
     ~100 us more per call than this. The same kernels, so the same results."""
 
     @staticmethod
-    def forward(ctx, x, dw_weight, pw_weight, dw_bias, pw_bias, scale, mid, *config):
-        if mid is None:
-            y = _native.forward(x, dw_weight, pw_weight, dw_bias, pw_bias, *config, scale=scale)
-        else:  # (the intermediate made by mean(keep=True): the backward recomputes it)
-            y = _native.forward_from_mid(mid, pw_weight, pw_bias, config[4], scale).contiguous(
-                memory_format=_native.memory_format(x))
+    def forward(ctx, x, dw_weight, pw_weight, dw_bias, pw_bias, scale, *config):
+        y = _native.forward(x, dw_weight, pw_weight, dw_bias, pw_bias, *config, scale=scale)
         keep_y = _native_keeps_y(config[4]) and scale is None
         ctx.save_for_backward(x, dw_weight, pw_weight, dw_bias, pw_bias, y if keep_y else None,
                               scale)
@@ -258,7 +254,7 @@ class _NativeAutograd(torch.autograd.Function):
         else:
             *grads, gs = _native.backward(*args, mask, scale=scale, want_scale=want_scale)
         out = _grads_or_none(grads, mask, 0)
-        return (*out, gs if want_scale else None, None) + (None,) * len(ctx.config)
+        return (*out, gs if want_scale else None) + (None,) * len(ctx.config)
 
 
 def call(x, dw_weight, pw_weight, dw_bias, pw_bias, stride, padding, dilation, mid_activation,
@@ -266,8 +262,8 @@ def call(x, dw_weight, pw_weight, dw_bias, pw_bias, stride, padding, dilation, m
     """The forward op, or its native CPU kernel directly where nothing needs to see
     the op (same kernel, same result): plain under no_grad, through _NativeAutograd
     where a gradient is wanted. mid: None, or act_mid(dw(x) + dw_bias) from
-    ``call_mean(keep=True)``, which the native forward then starts from (the op paths
-    recompute it)."""
+    ``call_mean(keep=True)``, which the native forward under no_grad then starts from
+    (elsewhere it is recomputed; training takes _NativeExcited instead)."""
     args = (x, dw_weight, pw_weight, dw_bias, pw_bias, stride, padding, dilation,
             mid_activation, activation)
     if (backend in ("auto", "native") and _native.supports(x)
@@ -276,10 +272,10 @@ def call(x, dw_weight, pw_weight, dw_bias, pw_bias, stride, padding, dilation, m
             t is not None and t.requires_grad for t in (*args[:5], scale))
         if not grad:
             if mid is not None:
-                return _native.forward_from_mid(mid, pw_weight, pw_bias, activation,
-                                                scale).contiguous(memory_format=_native.memory_format(x))
+                return _native.forward_from_mid(mid, pw_weight, pw_bias, activation, scale,
+                                                _native.memory_format(x))
             return _native.forward(*args, scale=scale)
-        return _NativeAutograd.apply(*args[:5], scale, mid, *args[5:])
+        return _NativeAutograd.apply(*args[:5], scale, *args[5:])
     if torch.onnx.is_in_onnx_export():  # (an export traces, so it never takes the path above)
         # ONNX has no sepconv op: export the same maths as standard Conv / activation nodes.
         return reference.forward(*args, scale=scale)
@@ -330,36 +326,33 @@ depthwise_mean.register_autograd(_mean_backward, setup_context=_mean_setup_conte
 
 class _NativeMean(torch.autograd.Function):
     """The mean op's autograd formula on the native kernels without the dispatcher (as
-    _NativeAutograd); with keep, the intermediate too, as an output without gradient."""
+    _NativeAutograd)."""
 
     @staticmethod
-    def forward(ctx, x, dw_weight, dw_bias, stride, padding, dilation, mid_activation, keep):
-        out = _native.mean(x, dw_weight, dw_bias, stride, padding, dilation, mid_activation,
-                           keep=keep)
+    def forward(ctx, x, dw_weight, dw_bias, stride, padding, dilation, mid_activation):
         ctx.save_for_backward(x, dw_weight, dw_bias)
         ctx.config, ctx.backend = (stride, padding, dilation, mid_activation), "native"
-        if keep:
-            ctx.mark_non_differentiable(out[1])
-        return out
+        return _native.mean(x, dw_weight, dw_bias, stride, padding, dilation, mid_activation)
 
     @staticmethod
-    def backward(ctx, grad, *_):  # (the intermediate's gradient: none, it is not one)
-        return _mean_backward(ctx, grad)[:3] + (None,) * 5
+    def backward(ctx, grad):
+        return _mean_backward(ctx, grad)[:3] + (None,) * 4
 
 
 def call_mean(x, dw_weight, dw_bias, stride, padding, dilation, mid_activation,
               backend, keep=False) -> Tensor | tuple[Tensor, Tensor | None]:
     """The mean op, or its native kernel directly where nothing needs to see the op (as
     ``call``). keep: returns (mean, mid) where mid is act_mid(dw(x) + dw_bias) for
-    ``call``'s forward to start from, made by the native kernel in the same pass (on
-    the op paths, None: the forward recomputes it)."""
+    ``call``'s forward to start from, made by the native kernel in the same pass under
+    no_grad (elsewhere None: the forward recomputes it)."""
     if (backend in ("auto", "native") and _native.supports(x)
             and _nothing_to_record((x, dw_weight, dw_bias))):
         config = (stride, padding, dilation, mid_activation)
         if not (torch.is_grad_enabled()
                 and any(t is not None and t.requires_grad for t in (x, dw_weight, dw_bias))):
             return _native.mean(x, dw_weight, dw_bias, *config, keep=keep)
-        return _NativeMean.apply(x, dw_weight, dw_bias, *config, keep)
+        out = _NativeMean.apply(x, dw_weight, dw_bias, *config)
+        return (out, None) if keep else out
     if torch.onnx.is_in_onnx_export():  # standard Conv / activation / ReduceMean nodes
         out = reference.mean(x, dw_weight, dw_bias, stride, padding, dilation, mid_activation)
     else:
@@ -388,11 +381,12 @@ class _NativeExcited(torch.autograd.Function):
         with torch.enable_grad():
             means = mean.requires_grad_()
             scale = excitation(means)
-        y = _native.forward_from_mid(mid, pw_weight, pw_bias, act2, scale.detach())
+        y = _native.forward_from_mid(mid, pw_weight, pw_bias, act2, scale.detach(),
+                                     _native.memory_format(x))
         ctx.save_for_backward(x, dw_weight, pw_weight, dw_bias, pw_bias)
         ctx.excitation = (means, scale, params)
         ctx.config = config
-        return y.contiguous(memory_format=_native.memory_format(x))
+        return y
 
     @staticmethod
     def backward(ctx, grad_y):

@@ -367,7 +367,8 @@ def test_native_mean_keeps_the_intermediate(isa, name, layout, dtype):
         assert_close(u, want, dtype, "u")
         from_x = _native.forward(x, dw, pw, bd, b, stride, pads, dilation, "hardswish", "relu",
                                  scale=scale)
-        assert torch.equal(_native.forward_from_mid(u, pw, b, "relu", scale), from_x)
+        assert torch.equal(_native.forward_from_mid(u, pw, b, "relu", scale,
+                                                         _native.memory_format(x)), from_x)
     finally:
         _C.set_isa(previous)
 
