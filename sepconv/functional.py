@@ -263,7 +263,8 @@ def excited_conv2d(x, depthwise_weight, pointwise_weight, bias, stride, padding,
     recomputes it from x, and nothing more is saved for it); in training, as one autograd
     node whose backward runs one depthwise backward for both (_ops._NativeExcited).
     Elsewhere two passes over x."""
-    if isinstance(x, Tensor) and x.dim() == 4 and not torch._C._is_any_autocast_enabled():
+    if (torch.is_grad_enabled() and isinstance(x, Tensor) and x.dim() == 4
+            and not torch._C._is_any_autocast_enabled()):
         # training on the native path: one autograd node, one depthwise backward
         config = _check_call(x, depthwise_weight, pointwise_weight, bias, depthwise_bias, stride,
                              padding, dilation, mid_activation, activation)
