@@ -61,12 +61,14 @@ CASES = {
     "k7_rows": (1, 19, 9, 26, 1, 6, 7, 1, 3, 1),
     "k5_stride2_rows": (1, 17, 9, 40, 1, 5, 5, 2, 2, 1),
     "k7_stride2_rows": (1, 16, 9, 44, 1, 5, 7, 2, 3, 1),
-    # images where most columns read the zero padding: the native forward copies the
-    # band with its zeros in place (AVX-512), and segments / blocks at a row's end
-    # start early, recomputing pixels
+    # images where most columns read the zero padding: the native forward's segments
+    # (AVX-512) take the border pixels too, with the input columns outside the image
+    # masked, 7 pixels long where 7 divides the row (7, 14, 28), and segments / blocks
+    # at a row's end start early, recomputing pixels
     "k7_image7": (2, 19, 7, 7, 1, 6, 7, 1, 3, 1),
     "k7_image14": (1, 17, 14, 14, 1, 5, 7, 1, 3, 1),
     "k5_stride2_image14": (1, 17, 14, 13, 1, 5, 5, 2, 2, 1),
+    "k5_image28_pad4": (1, 18, 5, 24, 1, 5, 5, 1, (1, 4), 1),
 }
 
 def _every_other_row(t, fmt):
@@ -91,7 +93,8 @@ LAYOUTS = {
 # sixth of CI's test time. Their code paths are float32's, which runs them in full,
 # and bfloat16 runs every other case; on a GPU, every dtype runs every case.
 INTERPRETER_FLOAT32_ONLY = {"Cm256", "many_bands", "k7", "k7_rows", "k5_stride2_rows",
-                            "k7_stride2_rows", "k7_image7", "k7_image14", "k5_stride2_image14"}
+                            "k7_stride2_rows", "k7_image7", "k7_image14", "k5_stride2_image14",
+                            "k5_image28_pad4"}
 
 
 @pytest.mark.parametrize("name", CASES)

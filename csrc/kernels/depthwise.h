@@ -136,20 +136,29 @@ void dw_run_act(int act1, int64_t nb, const T* x, int64_t ps, int64_t xs_i, int6
   }
 }
 
-// S output pixels of one row whose KW tap columns all read inside the image (stride
-// SW, dilation 1), for channels [0, nc) of the pointers given, nc >= one vector. Per
-// tap row, the NX input vectors the S pixels read are loaded once into registers and
-// each tap column's weight multiplies S of them: NX + KW loads for S * KW FMAs (at 7
-// taps, 21 for 56, where dw_block's 4 pixels x 2 vectors take 70 for 56), with S
-// independent accumulators at every step. The sum runs in dw_block's order (bias,
-// then the taps row by row), so the bits are the same. Zen 5, one thread, cycles per
-// output vector with the image in L2: 7x7 taps 52 -> 41 at 56 columns, 74 -> 60 at 28,
-// 86 -> 79 at 14; no gain at 3x3 (13.4 either way), where it is not used.
-// AVX-512 only: with 16 registers, 4 pixels are all that fit, and 4 accumulators are
-// fewer than the FMA latency x pipes (AVX2, one thread: 7x7 at 14 columns 1.15x slower).
-template <class T, int S, int KW, int SW>
-void dw_segment(const T* x, int64_t xs_c, int64_t xs_i, const T* w, int64_t ws_i, int64_t Cm,
-                int64_t nc, int64_t di, const T* dwb, int act1, T* u, int64_t ldu) {
+// S output pixels of one row (stride SW, dilation 1), for channels [0, nc) of the
+// pointers given, nc >= one vector. Per tap row, the NX input vectors the S pixels read
+// are loaded once into registers and each tap column's weight multiplies S of them: NX +
+// KW loads for S * KW FMAs (at 7 taps, 21 for 56, where dw_block's 4 pixels x 2 vectors
+// take 70 for 56), with S independent accumulators at every step. The sum runs in
+// dw_block's order (bias, then the taps row by row), so the bits are the same.
+// Zen 5, one thread, cycles per output vector with the image in L2: 7x7 taps 52 -> 41
+// at 56 columns, 74 -> 60 at 28, 86 -> 79 at 14; no gain at 3x3 (13.4 either way),
+// where it is not used. AVX-512 only: with 16 registers, 4 pixels are all that fit, and
+// 4 accumulators are fewer than the FMA latency x pipes (AVX2, one thread: 7x7 at 14
+// columns 1.15x slower).
+// Border pixels take it too (MASK): of the NX input columns, only [lo, hi) lie inside
+// the image (x points at column lo), and the others read as zeros, as the zero padding
+// they stand for; 0 * w adds nothing, so the bits are still dw_block's. It replaced a
+// zero-padded copy of each tile's input band (a sixth of a 5x5 depthwise pass over
+// 672x14x14, its halo rows copied again for every tile). Zen 4, AVX-512, batch 8, SE
+// mean pass (5x5, silu), in-process A/B against the copy: CL 672x14 1.31x, 480x14
+// 1.18x, 672x14/s2 1.44x, 1152x7 1.34x; NCHW 1.16-1.31x; 3x3 layers and those with
+// few border columns 0.99-1.04x.
+template <class T, int S, int KW, int SW, bool MASK>
+void dw_segment(const T* x, int64_t xs_c, int64_t xs_i, int lo, int hi, const T* w,
+                int64_t ws_i, int64_t Cm, int64_t nc, int64_t di, const T* dwb, int act1, T* u,
+                int64_t ldu) {
   constexpr int L = lanes<T>(), NX = (S - 1) * SW + KW;
   static_assert(S + NX + 1 <= 32, "accumulators, inputs and a weight in 32 registers");
   // Channels [c, c + L); the last vector ends at nc, overlapping the one before it
@@ -163,7 +172,8 @@ void dw_segment(const T* x, int64_t xs_c, int64_t xs_i, const T* w, int64_t ws_i
       const T* xr = x + i * xs_i + c;
       const T* wr = w + i * ws_i + c;
       V<T> xv[NX];
-      for (int n = 0; n < NX; ++n) xv[n] = loadu(xr + n * xs_c);
+      for (int n = 0; n < NX; ++n)
+        xv[n] = !MASK || (n >= lo && n < hi) ? loadu(xr + (n - (MASK ? lo : 0)) * xs_c) : V<T>{};
       for (int j = 0; j < KW; ++j) {
         const V<T> wv = loadu(wr + j * Cm);
         for (int q = 0; q < S; ++q) acc[q] += xv[q * SW + j] * wv;
@@ -171,6 +181,16 @@ void dw_segment(const T* x, int64_t xs_c, int64_t xs_i, const T* w, int64_t ws_i
     }
     for (int q = 0; q < S; ++q) storeu(u + q * ldu + c, act_vec<T>(act1, acc[q]));
   }
+}
+
+// The segment kernel for the shape (5 or 7 tap columns, stride 1 or 2), or null.
+template <class T>
+using SegmentFn = void (*)(const T*, int64_t, int64_t, int, int, const T*, int64_t, int64_t,
+                           int64_t, int64_t, const T*, int, T*, int64_t);
+template <class T, int S, bool MASK> SegmentFn<T> segment_for(int64_t kw, int64_t sw) {
+  if (kw == 5) return sw == 1 ? dw_segment<T, S, 5, 1, MASK> : dw_segment<T, S, 5, 2, MASK>;
+  if (kw == 7) return sw == 1 ? dw_segment<T, S, 7, 1, MASK> : dw_segment<T, S, 7, 2, MASK>;
+  return nullptr;
 }
 
 template <class T>
@@ -185,21 +205,23 @@ void dw_forward_nhwc(const Geometry& g, const int64_t* cols, const T* xn, int64_
   int64_t ca = 0, cb = g.Wo;
   for (int64_t j = 0; j < g.kw; ++j) ca = imax(ca, cols[2 * j]), cb = imin(cb, cols[2 * j + 1]);
   // Row segments (dw_segment, AVX-512) where the shape has them: 5 or 7 tap columns,
-  // stride 1 or 2, no dilation, at least one vector of channels.
-  constexpr int SEG = 8;
-  void (*segment)(const T*, int64_t, int64_t, const T*, int64_t, int64_t, int64_t, int64_t,
-                  const T*, int, T*, int64_t) = nullptr;
+  // stride 1 or 2, no dilation, at least one vector of channels. 8 pixels, or 7 where
+  // 7 divides the row and 8 does not (7, 14 and 28 columns: no pixel made twice, and a
+  // 7x7 image takes them at all).
+  int64_t seg = 0;
+  SegmentFn<T> full = nullptr, masked = nullptr;
   if constexpr (VB >= 64) {
-    if (g.dw == 1 && nc >= lanes<T>() && (g.sw == 1 || g.sw == 2)) {
-      if (g.kw == 5) segment = g.sw == 1 ? dw_segment<T, SEG, 5, 1> : dw_segment<T, SEG, 5, 2>;
-      if (g.kw == 7) segment = g.sw == 1 ? dw_segment<T, SEG, 7, 1> : dw_segment<T, SEG, 7, 2>;
+    if (g.dw == 1 && nc >= lanes<T>() && (g.sw == 1 || g.sw == 2) && (g.kw == 5 || g.kw == 7)) {
+      seg = g.Wo % 8 && g.Wo % 7 == 0 ? 7 : 8;
+      full = seg == 7 ? segment_for<T, 7, false>(g.kw, g.sw) : segment_for<T, 8, false>(g.kw, g.sw);
+      masked = seg == 7 ? segment_for<T, 7, true>(g.kw, g.sw) : segment_for<T, 8, true>(g.kw, g.sw);
     }
   }
   // Where n pixels from p would run past the row's full-tap columns or the tile's end,
   // they start as many pixels earlier, recomputing some (the same arithmetic, so the
-  // same bits): the 8- or 4-pixel kernels instead of the one-pixel one for a row's
-  // last pixels, where that recomputes at most half of them (7 columns of 3x3 taps:
-  // 3 of 4 again, 0.97x). The shift, or -1 where n pixels of full taps do not fit there.
+  // same bits): the 4-pixel kernel instead of the one-pixel one for a row's last
+  // pixels, where that recomputes at most half of them (7 columns of 3x3 taps: 3 of 4
+  // again, 0.97x). The shift, or -1 where n pixels of full taps do not fit there.
   auto shift = [&](int64_t p, int64_t ow, int64_t n) -> int64_t {
     if (ow < ca || ow >= cb || cb - ca < n) return -1;
     const int64_t back = imax(0, imax(ow + n - cb, p + n - p1));
@@ -207,7 +229,11 @@ void dw_forward_nhwc(const Geometry& g, const int64_t* cols, const T* xn, int64_
   };
   for (int64_t p = p0; p < p1;) {
     int64_t ow = p % g.Wo;
-    const int64_t back_seg = segment ? shift(p, ow, SEG) : -1;
+    int64_t back_seg = -1;  // a segment may start anywhere in the row (borders masked)
+    if (seg && seg <= g.Wo) {
+      const int64_t back = imax(0, imax(ow + seg - g.Wo, p + seg - p1));
+      if (2 * back <= seg && ow - back >= 0 && p - back >= p0) back_seg = back;
+    }
     const int64_t back = back_seg >= 0 ? back_seg : shift(p, ow, PX);
     if (back > 0) p -= back, ow -= back;
     const int64_t oh = p / g.Wo;
@@ -227,11 +253,11 @@ void dw_forward_nhwc(const Geometry& g, const int64_t* cols, const T* xn, int64_
           u[q * ldu + c] = act(act1, acc);
         }
     };
-    const bool seg = back_seg >= 0, block = !seg && back >= 0;  // pixels of the same rectangle
+    const bool segment = back_seg >= 0, block = !segment && back >= 0;  // pixels of the same rectangle
     // With a vector of channels or more, the blocks run on to the row's last full-tap
     // pixel in the tile (at least one block: shift() left room for it).
     const bool run = block && nc >= lanes<T>();
-    const int64_t npx = seg ? SEG : run ? imin(cb - ow, p1 - p) / PX * PX : block ? PX : 1;
+    const int64_t npx = segment ? seg : run ? imin(cb - ow, p1 - p) / PX * PX : block ? PX : 1;
     // Prefetch the input rows that output row oh + 1 adds, under these pixels' columns
     // (to the row's end at its last pixel). The depthwise stage otherwise waits on
     // DRAM: in a network x arrives from cold cache, and the hardware prefetcher
@@ -244,9 +270,18 @@ void dw_forward_nhwc(const Geometry& g, const int64_t* cols, const T* xn, int64_
       const int64_t bytes = (c_hi - c_lo) * C * (int64_t)sizeof(T);
       for (int64_t b = 0; b < bytes; b += 64) __builtin_prefetch(r + b, 0, 2);  // T1: into L2
     }
-    if (seg) {
-      segment(x, C, xs_i, w, ws_i, Cm, nc, di, dwb, act1, u, ldu);
-      p += SEG;
+    if (segment) {
+      // its tap rows inside the image, and its NX input columns [lo, hi) inside it
+      const int64_t ih0 = oh * g.sh - g.pt, ic0 = ow * g.sw - g.pl, nx = (seg - 1) * g.sw + g.kw;
+      int64_t i0 = 0, i1 = g.kh;
+      while (i0 < i1 && ih0 + i0 * g.dh < 0) ++i0;
+      while (i1 > i0 && ih0 + (i1 - 1) * g.dh >= g.H) --i1;
+      const int lo = (int)imax(0, -ic0), hi = (int)imin(nx, g.W - ic0);
+      if (hi <= lo) i1 = i0;  // no input column: the bias alone
+      const T* xs = hi <= lo ? xn : xn + ((ih0 + i0 * g.dh - row0) * g.W + ic0 + lo) * C + c0;
+      (lo > 0 || hi < nx ? masked : full)(xs, C, xs_i, lo, hi, wt + i0 * ws_i + c0, ws_i, Cm, nc,
+                                          i1 - i0, dwb, act1, u, ldu);
+      p += seg;
     } else if (run) {
       dw_run_act<T, PX>(act1, npx / PX, x, ps, xs_i, xs_j, w, ws_i, Cm, nc, di, dj, dwb, u, ldu);
       p += npx;

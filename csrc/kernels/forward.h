@@ -106,81 +106,19 @@ inline int64_t band_elems(const Geometry& g, int64_t P) {
   return imin(g.H, (rows - 1) * g.sh + (g.kh - 1) * g.dh + 1) * g.W * g.C;
 }
 
-// The depthwise stage on a zero-padded copy of the band. A pixel some of whose taps
-// fall in the zero padding takes the one-pixel path, with a tap rectangle of its own:
-// at 7x7 taps that is 6 of 14 columns of a 14x14 image and every pixel of a 7x7 one.
-// In a copy with the zeros in place every tap is inside, and every pixel takes the
-// row segments (AVX-512) or 4-pixel blocks; the zero taps are extra FMAs, cheaper
-// than the one-pixel path. The copy is a pass over the band in cache, worth it where
-// many columns are border columns.
-// The padded image: the rows and columns the output reads, with no padding.
-inline Geometry padded_geometry(const Geometry& g) {
-  Geometry p = g;
-  p.H = (g.Ho - 1) * g.sh + (g.kh - 1) * g.dh + 1;
-  p.W = (g.Wo - 1) * g.sw + (g.kw - 1) * g.dw + 1;
-  p.pt = p.pl = 0;
-  return p;
-}
-
-// Output columns that read the zero padding (some tap column outside the image).
-inline int64_t border_columns(const Geometry& g) {
-  int64_t ca = 0, cb = g.Wo;
-  for (int64_t j = 0; j < g.kw; ++j) {
-    int64_t lo, hi;
-    valid_range(g.W, g.sw, j * g.dw - g.pl, &lo, &hi);
-    ca = imax(ca, lo), cb = imin(cb, hi);
-  }
-  return g.Wo - imax(0, cb - ca);
-}
-
-// Only for the shapes that have row segments (dw_forward_nhwc): elsewhere the 4-pixel
-// blocks gained nothing (3x3 taps, or AVX2: 0.97-1.0x). Zen 5, AVX-512, batch 32, one
-// process, off -> on: 384x14->1536 CL 1.03x, NCHW 1.01-1.02x; 768x7->3072 1.01-1.03x;
-// batch 1: 1.05x and 1.02x. 192x28->768 (6 of 28 columns): 0.98-1.03x, not padded.
-inline bool pads_band(const Geometry& g) {
-  return VB >= 64 && g.m == 1 && (g.kw == 5 || g.kw == 7) && g.dw == 1 &&
-         (g.sw == 1 || g.sw == 2) && 4 * border_columns(g) >= g.Wo;
-}
-
-// Rows [q0, q1) of the padded image (gp) into dst, NHWC: row q is input row q - pt,
-// column j input column j - pl, zero outside the image. xn: NHWC input rows from row0.
-template <class T>
-void pad_band(const Geometry& g, const Geometry& gp, const T* xn, int64_t row0, int64_t q0,
-              int64_t q1, T* dst) {
-  const int64_t C = g.C, left = imin(g.pl, gp.W), n = imax(0, imin(g.W, gp.W - left));
-  for (int64_t q = q0; q < q1; ++q) {
-    T* d = dst + (q - q0) * gp.W * C;
-    const int64_t ih = q - g.pt;
-    if (ih < 0 || ih >= g.H) {
-      memset(d, 0, gp.W * C * sizeof(T));
-      continue;
-    }
-    memset(d, 0, left * C * sizeof(T));
-    memcpy(d + left * C, xn + (ih - row0) * g.W * C, n * C * sizeof(T));
-    memset(d + (left + n) * C, 0, (gp.W - left - n) * C * sizeof(T));
-  }
-}
-
 // U's rows [0, p1 - p0) = act1(dw(x) + b_dw) at output pixels [p0, p1) of the image xn,
 // all mid channels: an NCHW image's band of input rows is transposed into xb first (as
-// NHWC), and where pad (pads_band) the band is copied with its zeros into xp.
+// NHWC).
 template <class T>
-void depthwise_pixels(const Geometry& g, const Geometry& gp, bool pad, const int64_t* cols,
-                      const T* xn, int64_t p0, int64_t p1, const T* wt, const T* dwb, T* U,
-                      int64_t ldu, T* xb, T* xp) {
+void depthwise_pixels(const Geometry& g, const int64_t* cols, const T* xn, int64_t p0, int64_t p1,
+                      const T* wt, const T* dwb, T* U, int64_t ldu, T* xb) {
   int64_t r0 = 0, r1 = g.H;
   if (!g.channels_last) {  // the band of input rows these pixels read, as NHWC
     input_rows(g, p0, p1, &r0, &r1);
     if (r1 > r0) transpose_copy(xn + r0 * g.W, g.H * g.W, xb, g.C, g.C, (r1 - r0) * g.W);
     xn = xb;
   }
-  if (pad) {
-    const int64_t q0 = p0 / g.Wo * g.sh, q1 = (p1 - 1) / g.Wo * g.sh + (g.kh - 1) * g.dh + 1;
-    pad_band(g, gp, xn, r0, q0, q1, xp);
-    dw_forward(gp, cols + 2 * g.kw, xp, q0, q1, wt, dwb, g.act1, p0, p1, U, ldu, 0, g.Cm);
-  } else {
-    dw_forward(g, cols, xn, r0, r1, wt, dwb, g.act1, p0, p1, U, ldu, 0, g.Cm);
-  }
+  dw_forward(g, cols, xn, r0, r1, wt, dwb, g.act1, p0, p1, U, ldu, 0, g.Cm);
 }
 
 // U's rows times a per-image scale of each mid channel (squeeze-and-excitation's
@@ -233,19 +171,16 @@ int forward_impl(const Geometry& g, const T* x, const T* dww, const T* pww, cons
   const int64_t packed_elems = npanels * nr * Cm;
   const bool own = !pack_each && own_weight_copies(g, packed_elems * (int64_t)sizeof(T));
   constexpr int64_t line = 64 / (int64_t)sizeof(T);  // each thread's buffers start on a line
-  // The depthwise weight as [tap][Cm], the bias (NR-padded) and the tap columns' ranges
-  // in g, then in gp: a copy per thread, made by the thread (as own_weight_copies: a
+  // The depthwise weight as [tap][Cm], the bias (NR-padded) and the tap columns' ranges:
+  // a copy per thread, made by the thread (as own_weight_copies: a
   // shared one was read by every thread and written again by the next call). Zen 4,
   // forward, batch 1, in-process A/B against one copy made before the threads start:
   // mobilenet_v2 CL 1.011x, NCHW 1.015x, mobilenet_v1 CL 1.015x.
-  const int64_t lw = round_up(kk * Cm, line), lb = round_up(Co, nr), lc = round_up(4 * g.kw, 8);
+  const int64_t lw = round_up(kk * Cm, line), lb = round_up(Co, nr), lc = round_up(2 * g.kw, 8);
   Buf<T> wt(0, g.threads * lw), bp(1, pack_each || own ? 0 : packed_elems), bias(2, g.threads * lb);
-  const bool pad = pads_band(g);
-  const Geometry gp = pad ? padded_geometry(g) : g;
   Buf<int64_t> cols(3, g.threads * lc);
-  const int64_t band = cl ? 0 : round_up(band_elems(g, P), line),
-                pband = pad ? round_up(band_elems(gp, P), line) : 0;
-  const int64_t per_thread = images * P * ldu + band + pband + (pack_each ? Cm * nr : 0) +
+  const int64_t band = cl ? 0 : round_up(band_elems(g, P), line);
+  const int64_t per_thread = images * P * ldu + band + (pack_each ? Cm * nr : 0) +
                              (own ? packed_elems : 0);
   Buf<T> ws(4, g.threads * per_thread);
   if (!wt.p || !bp.p || !bias.p || !ws.p || !cols.p) return OUT_OF_MEMORY;
@@ -291,7 +226,6 @@ int forward_impl(const Geometry& g, const T* x, const T* dww, const T* pww, cons
   int64_t* const cols_t = cols.p + tid * lc;
   memset(bias_t, 0, lb * sizeof(T));
   prepare_weights(g, dww, pwb, wt_t, bias_t, cols_t);
-  column_ranges(gp, cols_t + 2 * g.kw);
   if (!pack_each && !own) {
 #pragma omp for schedule(static)
     for (int64_t q = 0; q < npanels; ++q) pack_wt_panel(pww, Co, Cm, q, bp.p + q * Cm * nr);
@@ -305,8 +239,7 @@ int forward_impl(const Geometry& g, const T* x, const T* dww, const T* pww, cons
   static_range(ntiles, tid, omp_get_num_threads(), &t_begin, &t_end);
   T* U = ws.p + tid * per_thread;
   T* xb = U + images * P * ldu;
-  T* xp = xb + band;  // the padded band
-  T* const packed = own ? xp + pband : bp.p;  // (own: no pack_each panel there)
+  T* const packed = own ? xb + band : bp.p;  // (own: no pack_each panel there)
   int64_t packed_block = -1;  // own: the weight block whose panels this thread packed last
   for (int64_t t = t_begin; t < t_end; ++t) {
     int64_t n, ni, p0, p1;
@@ -319,8 +252,7 @@ int forward_impl(const Geometry& g, const T* x, const T* dww, const T* pww, cons
     }
     for (int64_t j = 0; j < ni; ++j) {  // image n + j's pixels into U's rows from j * np
       T* Uj = U + j * np * ldu;
-      depthwise_pixels(g, gp, pad, cols_t, x + (n + j) * g.C * g.H * g.W, p0, p1, wt_t, dwb, Uj,
-                       ldu, xb, xp);
+      depthwise_pixels(g, cols_t, x + (n + j) * g.C * g.H * g.W, p0, p1, wt_t, dwb, Uj, ldu, xb);
       if (scale) scale_rows(Uj, np, ldu, scale + (n + j) * Cm, Cm);
     }
     Prefetch next;  // the next tile's input, unless it is this tile's (another weight block)
@@ -353,7 +285,7 @@ int forward_impl(const Geometry& g, const T* x, const T* dww, const T* pww, cons
         }
       continue;
     }
-    T* panel = xp + pband;
+    T* panel = xb + band;
     for (int64_t j = co0; j < co1; j += nr) {  // output channels [j, j + nr)
       pack_wt_panel(pww, Co, Cm, j / nr, panel);
       Out<T> oj = o;

@@ -19,12 +19,9 @@ int mean_impl(const Geometry& g, const T* x, const T* dww, const T* dwb, T* out,
   const int64_t P = tile_pixels<T>(g, 8), tiles_per_image = ceil_div(HWo, P);
   const int64_t ldu = padded_ld<T>(Cm, 16, 1024);
   constexpr int64_t line = 64 / (int64_t)sizeof(T);
-  const int64_t lw = round_up(kk * Cm, line), lc = round_up(4 * g.kw, 8);
-  const bool pad = pads_band(g);
-  const Geometry gp = pad ? padded_geometry(g) : g;
-  const int64_t band = cl ? 0 : round_up(band_elems(g, P), line),
-                pband = pad ? round_up(band_elems(gp, P), line) : 0;
-  const int64_t per_thread = P * ldu + band + pband, sums = round_up(g.N * Cm, 8);
+  const int64_t lw = round_up(kk * Cm, line), lc = round_up(2 * g.kw, 8);
+  const int64_t band = cl ? 0 : round_up(band_elems(g, P), line);
+  const int64_t per_thread = P * ldu + band, sums = round_up(g.N * Cm, 8);
   Buf<T> wt(0, g.threads * lw), ws(1, g.threads * per_thread);
   Buf<double> acc(2, g.threads * sums);
   Buf<int64_t> cols(3, g.threads * lc);
@@ -39,10 +36,8 @@ int mean_impl(const Geometry& g, const T* x, const T* dww, const T* dwb, T* out,
   T* const wt_t = wt.p + tid * lw;
   int64_t* const cols_t = cols.p + tid * lc;
   prepare_weights(g, dww, (const T*)nullptr, wt_t, (T*)nullptr, cols_t);
-  column_ranges(gp, cols_t + 2 * g.kw);
   T* U = ws.p + tid * per_thread;
   T* xb = U + P * ldu;
-  T* xp = xb + band;  // the padded band
   double* const S = acc.p + tid * sums;
   memset(S, 0, g.N * Cm * sizeof(double));
   int64_t t_begin, t_end;
@@ -50,8 +45,7 @@ int mean_impl(const Geometry& g, const T* x, const T* dww, const T* dwb, T* out,
   for (int64_t t = t_begin; t < t_end; ++t) {
     const int64_t n = t / tiles_per_image, p0 = (t % tiles_per_image) * P,
                   p1 = imin(p0 + P, HWo);
-    depthwise_pixels(g, gp, pad, cols_t, x + n * g.C * g.H * g.W, p0, p1, wt_t, dwb, U, ldu, xb,
-                     xp);
+    depthwise_pixels(g, cols_t, x + n * g.C * g.H * g.W, p0, p1, wt_t, dwb, U, ldu, xb);
     if (u)
       for (int64_t p = p0; p < p1; ++p) memcpy(u + (n * HWo + p) * Cm, U + (p - p0) * ldu, Cm * sizeof(T));
     double* s = S + n * Cm;
