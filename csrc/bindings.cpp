@@ -138,6 +138,7 @@ Geometry parse(const py::tuple& t) {
   g.sh = get(t, 8); g.sw = get(t, 9); g.pt = get(t, 10); int64_t pb = get(t, 11);
   g.pl = get(t, 12); int64_t pr = get(t, 13); g.dh = get(t, 14); g.dw = get(t, 15);
   g.Ho = get(t, 16); g.Wo = get(t, 17); g.channels_last = t[18].cast<bool>();
+  g.y_channels_last = g.channels_last;
   g.act1 = (int)get(t, 19); g.act2 = (int)get(t, 20); g.threads = (int)get(t, 21);
   g.tile_bytes = g_tile_bytes;
   g.l2_bytes = kCaches.l2;
@@ -230,10 +231,15 @@ PYBIND11_MODULE(_C, m) {
   m.doc() = "Fused depthwise-separable convolution CPU kernels (raw pointers; use sepconv).";
 
   // scale: (N, Cm) or 0, each image's factor for each mid channel, applied before the
-  // pointwise GEMM (squeeze-and-excitation).
+  // pointwise GEMM (squeeze-and-excitation). y_layout: -1 (x's layout), 0 (NCHW) or 1
+  // (channels-last): forward_from_mid's x (the intermediate) is always channels-last,
+  // and its y is made in the caller's layout rather than transposed after.
   m.def("forward", [](py::tuple geom, const std::string& dtype, uintptr_t x, uintptr_t dww,
-                      uintptr_t pww, uintptr_t dwb, uintptr_t pwb, uintptr_t scale, uintptr_t y) {
+                      uintptr_t pww, uintptr_t dwb, uintptr_t pwb, uintptr_t scale, uintptr_t y,
+                      int y_layout) {
     Geometry g = parse(geom);
+    if (y_layout < -1 || y_layout > 1) throw py::value_error("y_layout must be -1, 0 or 1");
+    if (y_layout >= 0) g.y_channels_last = y_layout == 1;
     bool f64 = is_f64(dtype);
     int status;
     {
@@ -242,7 +248,8 @@ PYBIND11_MODULE(_C, m) {
                    : run_forward<float>(g, x, dww, pww, dwb, pwb, scale, y);
     }
     check(status);
-  });
+  }, py::arg("geom"), py::arg("dtype"), py::arg("x"), py::arg("dww"), py::arg("pww"),
+     py::arg("dwb"), py::arg("pwb"), py::arg("scale"), py::arg("y"), py::arg("y_layout") = -1);
 
   // out (N, Cm): the channel means of act1(dw(x) + b_dw) per image; u: 0, or that
   // intermediate itself (N, Cm, Ho, Wo, channels-last). The geometry's Co and act2 are not read.

@@ -25,7 +25,8 @@ struct Geometry {
   int64_t pt, pl;         // top / left zero padding (bottom / right follow from Ho, Wo)
   int64_t dh, dw;         // dilation
   int64_t Ho, Wo;         // output size
-  bool channels_last;
+  bool channels_last;     // x's layout (and y's, but for the forward's y_channels_last)
+  bool y_channels_last;   // the forward's y layout
   int act1, act2;         // activation after the depthwise / pointwise stage
   int threads;
   int64_t tile_bytes;     // the forward's depthwise tile budget, from the L2 size (bindings)

@@ -75,8 +75,9 @@ def _dense(*ts: Tensor | None) -> list[Tensor | None]:
 
 
 def forward(x, dw_weight, pw_weight, dw_bias, pw_bias, stride, padding, dilation,
-            mid_activation, activation, scale=None) -> Tensor:
-    """scale: (N, C * m) or None, each image's factor for each mid channel."""
+            mid_activation, activation, scale=None, y_format=None) -> Tensor:
+    """scale: (N, C * m) or None, each image's factor for each mid channel. y_format: y's
+    memory format (default: x's)."""
     fmt = memory_format(x)
     x = x.contiguous(memory_format=fmt)
     dw_weight, pw_weight, dw_bias, pw_bias, scale = _dense(dw_weight, pw_weight, dw_bias,
@@ -84,10 +85,12 @@ def forward(x, dw_weight, pw_weight, dw_bias, pw_bias, stride, padding, dilation
     geom = _geometry(x, dw_weight, pw_weight.shape[0], stride, padding, dilation, fmt,
                      mid_activation, activation)
     Ho, Wo = geom[16:18]
+    y_format = fmt if y_format is None else y_format
     y = torch.empty((x.shape[0], pw_weight.shape[0], Ho, Wo), dtype=x.dtype,
-                    memory_format=fmt)
+                    memory_format=y_format)
     _C.forward(geom, DTYPES[x.dtype], _ptr(x), _ptr(dw_weight), _ptr(pw_weight),
-               _ptr(dw_bias), _ptr(pw_bias), _ptr(scale), _ptr(y))
+               _ptr(dw_bias), _ptr(pw_bias), _ptr(scale), _ptr(y),
+               int(y_format == torch.channels_last))
     return y
 
 
@@ -98,14 +101,14 @@ def forward_from_mid(mid, pw_weight, pw_bias, activation, scale, fmt) -> Tensor:
     """The pointwise stage alone, on mid = act_mid(dw(x) + dw_bias) already made (``mean``
     with keep; channels-last): the fused forward with a 1x1 identity depthwise (a copy
     into its tiles), so the same scale and GEMM, and the same bits, as from x. y is made
-    channels-last and returned in ``fmt``, x's layout."""
+    in ``fmt``, x's layout, by the kernel (a transposing copy after it took as long as
+    the GEMM at 32x112->16 in NCHW)."""
     key = (mid.shape[1], mid.dtype)
     ones = _IDENTITY.get(key)
     if ones is None:
         ones = _IDENTITY[key] = torch.ones((mid.shape[1], 1, 1, 1), dtype=mid.dtype)
-    y = forward(mid, ones, pw_weight, None, pw_bias, (1, 1), (0, 0, 0, 0), (1, 1), "none",
-                activation, scale=scale)
-    return y.contiguous(memory_format=fmt)
+    return forward(mid, ones, pw_weight, None, pw_bias, (1, 1), (0, 0, 0, 0), (1, 1), "none",
+                   activation, scale=scale, y_format=fmt)
 
 
 def mean(x, dw_weight, dw_bias, stride, padding, dilation, mid_activation,

@@ -131,6 +131,8 @@ if _C is not None:
     BAD_CALLS["native_float16"] = (TypeError, "float16", _native(GOOD_GEOMETRY, "float16"))
     BAD_CALLS["native_size_overflow"] = (ValueError, "overflow",
                                          _native((2**40, 2**20) + GOOD_GEOMETRY[2:]))
+    BAD_CALLS["native_y_layout"] = (ValueError, "y_layout", lambda: _C.forward(
+        GOOD_GEOMETRY, "float32", 0, 0, 0, 0, 0, 0, 0, 2))
 
 
 def _outcomes() -> dict:

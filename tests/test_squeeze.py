@@ -344,7 +344,8 @@ KEEP_CASES = ["base", "k5", "stride2", "same_stride2_odd", "multiplier3_stride2"
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_native_mean_keeps_the_intermediate(isa, name, layout, dtype):
     """u is act_mid(dw(x) + b), channels-last; the means are those without keep (same
-    bits), and the conv from u is the conv from x (same bits: the same tiles' GEMM)."""
+    bits), and the conv from u is the conv from x (same bits: the same tiles' GEMM), in
+    x's layout."""
     from sepconv import _native
     from sepconv._backend import _C
     from sepconv.functional import resolve_padding
@@ -367,8 +368,9 @@ def test_native_mean_keeps_the_intermediate(isa, name, layout, dtype):
         assert_close(u, want, dtype, "u")
         from_x = _native.forward(x, dw, pw, bd, b, stride, pads, dilation, "hardswish", "relu",
                                  scale=scale)
-        assert torch.equal(_native.forward_from_mid(u, pw, b, "relu", scale,
-                                                         _native.memory_format(x)), from_x)
+        from_u = _native.forward_from_mid(u, pw, b, "relu", scale, _native.memory_format(x))
+        assert from_u.is_contiguous(memory_format=_native.memory_format(x))  # made so
+        assert torch.equal(from_u, from_x)
     finally:
         _C.set_isa(previous)
 

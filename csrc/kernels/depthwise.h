@@ -163,6 +163,16 @@ void dw_segment(const T* x, int64_t xs_c, int64_t xs_i, int lo, int hi, const T*
   static_assert(S + NX + 1 <= 32, "accumulators, inputs and a weight in 32 registers");
   // Channels [c, c + L); the last vector ends at nc, overlapping the one before it
   // where nc is not a multiple of L (the same arithmetic, so the same bits).
+  // MASK: column n is loaded with lanes[n] lanes (all, or none: zeros, and no memory
+  // read) from offset[n], a column inside the image either way.
+  int lanes_of[MASK ? NX : 1];
+  int64_t offset[MASK ? NX : 1];
+  if constexpr (MASK)
+    for (int n = 0; n < NX; ++n) {
+      const bool in = n >= lo && n < hi;
+      lanes_of[n] = in ? L : 0;
+      offset[n] = (in ? n - lo : 0) * xs_c;
+    }
   for (int64_t c0 = 0; c0 < nc; c0 += L) {
     const int64_t c = imin(c0, nc - L);
     V<T> acc[S];
@@ -173,7 +183,10 @@ void dw_segment(const T* x, int64_t xs_c, int64_t xs_i, int lo, int hi, const T*
       const T* wr = w + i * ws_i + c;
       V<T> xv[NX];
       for (int n = 0; n < NX; ++n)
-        xv[n] = !MASK || (n >= lo && n < hi) ? loadu(xr + (n - (MASK ? lo : 0)) * xs_c) : V<T>{};
+        if constexpr (MASK)
+          xv[n] = load_n(xr + offset[n], lanes_of[n]);
+        else
+          xv[n] = loadu(xr + n * xs_c);
       for (int j = 0; j < KW; ++j) {
         const V<T> wv = loadu(wr + j * Cm);
         for (int q = 0; q < S; ++q) acc[q] += xv[q * SW + j] * wv;

@@ -140,7 +140,7 @@ int forward_impl(const Geometry& g, const T* x, const T* dww, const T* pww, cons
                  const T* pwb, const T* scale, T* y) {
   constexpr int64_t nr = NR<T>();
   const int64_t HWo = g.Ho * g.Wo, Cm = g.Cm, Co = g.Co, kk = g.kh * g.kw;
-  const bool cl = g.channels_last;
+  const bool xcl = g.channels_last, cl = g.y_channels_last;  // x's layout, y's
   // The packed weights in half the L2 (else they stream from L3: images_per_tile and
   // the GEMM's panel groups below).
   const int64_t npanels = ceil_div(Co, nr), panel_bytes = Cm * nr * (int64_t)sizeof(T);
@@ -179,7 +179,7 @@ int forward_impl(const Geometry& g, const T* x, const T* dww, const T* pww, cons
   const int64_t lw = round_up(kk * Cm, line), lb = round_up(Co, nr), lc = round_up(2 * g.kw, 8);
   Buf<T> wt(0, g.threads * lw), bp(1, pack_each || own ? 0 : packed_elems), bias(2, g.threads * lb);
   Buf<int64_t> cols(3, g.threads * lc);
-  const int64_t band = cl ? 0 : round_up(band_elems(g, P), line);
+  const int64_t band = xcl ? 0 : round_up(band_elems(g, P), line);
   const int64_t per_thread = images * P * ldu + band + (pack_each ? Cm * nr : 0) +
                              (own ? packed_elems : 0);
   Buf<T> ws(4, g.threads * per_thread);

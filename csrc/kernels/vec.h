@@ -18,7 +18,7 @@ template <class T> constexpr int NR() { return NV * lanes<T>(); }
 
 template <class T> inline V<T> loadu(const T* p) { V<T> v; __builtin_memcpy(&v, p, sizeof v); return v; }
 template <class T> inline void storeu(T* p, V<T> v) { __builtin_memcpy(p, &v, sizeof v); }
-// Lanes [0, n) of a vector, 0 < n < lanes: loaded (the others read as 0) and stored
+// Lanes [0, n) of a vector, 0 <= n <= lanes: loaded (the others read as 0) and stored
 // (the others left alone in memory), for the channels past the last whole vector of
 // an accumulator, where an overlapping whole vector would add some channels twice.
 // (The #if tests the macro: VB is a C++ constant, which the preprocessor reads as 0.)
