@@ -334,8 +334,15 @@ def test_mean_backward_takes_the_native_kernel(monkeypatch):
 
 # SeparableConv2d's squeeze-and-excitation on the native path: the mean's pass also
 # stores the intermediate (mean(keep=True)) and the conv's pass starts from it.
+# NCHW batches of one or two small images with more mid channels than a block (64
+# floats, 32 doubles): the native mean goes by (image, channel block), the last block
+# part of a vector (float) or whole vectors and a part (double)
+MEAN_BLOCK_CASES = {
+    "blocks_k5": (1, 70, 14, 14, 1, 8, 5, 1, 2, 1),
+    "blocks_k3_stride2": (2, 81, 13, 14, 1, 8, 3, 2, 1, 1),
+}
 KEEP_CASES = ["base", "k5", "stride2", "same_stride2_odd", "multiplier3_stride2", "C1",
-              "batch0", "k7_image7", "many_bands"]
+              "batch0", "k7_image7", "many_bands", *MEAN_BLOCK_CASES]
 
 
 @pytest.mark.parametrize("isa", ISAS)
@@ -349,7 +356,7 @@ def test_native_mean_keeps_the_intermediate(isa, name, layout, dtype):
     from sepconv import _native
     from sepconv._backend import _C
     from sepconv.functional import resolve_padding
-    N, C, H, W, m, Co, k, s, p, d = CASES[name]
+    N, C, H, W, m, Co, k, s, p, d = {**CASES, **MEAN_BLOCK_CASES}[name]
     x, dw, pw, b, bd = (t.to(dtype) for t in make_inputs(N, C, H, W, m, Co, k))
     x = LAYOUTS[layout](x)
     kk = dw.shape[2:]
@@ -366,6 +373,7 @@ def test_native_mean_keeps_the_intermediate(isa, name, layout, dtype):
             xp.double(), dw.double(), bd.double(), stride, 0, dilation, groups=C))
         assert u.is_contiguous(memory_format=torch.channels_last)
         assert_close(u, want, dtype, "u")
+        assert_close(mean, want.mean((2, 3)), dtype, "mean")
         from_x = _native.forward(x, dw, pw, bd, b, stride, pads, dilation, "hardswish", "relu",
                                  scale=scale)
         from_u = _native.forward_from_mid(u, pw, b, "relu", scale, _native.memory_format(x))
