@@ -9,9 +9,11 @@
 //
 // u (null, or (N, Cm, Ho, Wo) channels-last, whatever x's layout): the intermediate
 // itself is stored too, for a forward that then runs the pointwise stage on it rather
-// than a second depthwise (see _ops.call); a tile's rows go out as they are made. In
-// x's layout an NCHW u was transposed twice more (out of the tile here, back into the
-// forward's tiles): the forward's y (Co <= Cm channels) is transposed instead.
+// than a second depthwise (see _ops.call). The depthwise stage writes it in place and
+// the sums read it back from cache (a tile made apart and copied out pixel by pixel
+// took as long as the silu: Zen 4, batch 8, CL, 32x112 and 144x56 in-process A/B
+// 1.2-1.3x). In x's layout an NCHW u was transposed twice more (out of the tile here,
+// back into the forward's tiles): the forward makes its y in x's layout instead.
 // An NCHW batch of few small images (14x14, 7x7: the whole image's input and
 // intermediate for a block of channels within the tile budget) goes by (image, channel
 // block) instead of by pixel tiles: at batch 1 a 14x14 image took 4 tiles of 3.5 output
@@ -41,7 +43,7 @@ int mean_impl(const Geometry& g, const T* x, const T* dww, const T* dwb, T* out,
   // NCHW: the band of input rows as NHWC (a block's channels of the whole image, where
   // blocks)
   const int64_t band = cl ? 0 : round_up(blk ? g.H * g.W * g.C : band_elems(g, P), line);
-  const int64_t per_thread = (blk && u ? 0 : P * ldu) + band, sums = round_up(g.N * Cm, 8);
+  const int64_t per_thread = (u ? 0 : P * ldu) + band, sums = round_up(g.N * Cm, 8);
   Buf<T> wt(0, g.threads * lw), ws(1, g.threads * per_thread);
   Buf<double> acc(2, g.threads * sums);
   Buf<int64_t> cols(3, g.threads * lc);
@@ -57,7 +59,7 @@ int mean_impl(const Geometry& g, const T* x, const T* dww, const T* dwb, T* out,
   int64_t* const cols_t = cols.p + tid * lc;
   prepare_weights(g, dww, (const T*)nullptr, wt_t, (T*)nullptr, cols_t);
   T* const U = ws.p + tid * per_thread;
-  T* const xb = U + (blk && u ? 0 : P * ldu);
+  T* const xb = U + (u ? 0 : P * ldu);  // (a kept intermediate is made in place)
   double* const S = acc.p + tid * sums;
   memset(S, 0, g.N * Cm * sizeof(double));
   // Columns [c0, c1) of rows [0, rows) of V (ld apart) into image n's sums.
@@ -88,11 +90,10 @@ int mean_impl(const Geometry& g, const T* x, const T* dww, const T* dwb, T* out,
     for (int64_t t = t_begin; t < t_end; ++t) {
       const int64_t n = t / tiles_per_image, p0 = (t % tiles_per_image) * P,
                     p1 = imin(p0 + P, HWo);
-      depthwise_pixels(g, cols_t, x + n * g.C * g.H * g.W, p0, p1, wt_t, dwb, U, ldu, xb);
-      if (u)
-        for (int64_t p = p0; p < p1; ++p)
-          memcpy(u + (n * HWo + p) * Cm, U + (p - p0) * ldu, Cm * sizeof(T));
-      add_rows(U, ldu, p1 - p0, n, 0, Cm);
+      T* const V = u ? u + (n * HWo + p0) * Cm : U;  // the intermediate, kept or not
+      const int64_t ld = u ? Cm : ldu;
+      depthwise_pixels(g, cols_t, x + n * g.C * g.H * g.W, p0, p1, wt_t, dwb, V, ld, xb);
+      add_rows(V, ld, p1 - p0, n, 0, Cm);
     }
   }
   }
