@@ -40,6 +40,20 @@ inline void store_n(double* p, V<double> v, int n) {
 inline void stream_store(float* p, V<float> v) { _mm512_stream_ps(p, (__m512)v); }
 inline void stream_store(double* p, V<double> v) { _mm512_stream_pd(p, (__m512d)v); }
 inline void stream_fence() { _mm_sfence(); }
+// Whole-number rounding (to nearest, ties to even) and p * 2^n for whole-number n,
+// which VSCALEF saturates to inf and 0 (exp_vec).
+inline V<float> round_even(V<float> v) {
+  return (V<float>)_mm512_roundscale_ps((__m512)v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+}
+inline V<double> round_even(V<double> v) {
+  return (V<double>)_mm512_roundscale_pd((__m512d)v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+}
+inline V<float> scale_pow2(V<float> p, V<float> n) {
+  return (V<float>)_mm512_scalef_ps((__m512)p, (__m512)n);
+}
+inline V<double> scale_pow2(V<double> p, V<double> n) {
+  return (V<double>)_mm512_scalef_pd((__m512d)p, (__m512d)n);
+}
 #elif SEPCONV_VEC_BYTES == 32
 // AVX2: lane i takes part where the mask lane's sign bit is set, i.e. where i < n.
 inline __m256i lane_mask32(int n) {
@@ -122,24 +136,40 @@ template <> struct ExpConsts<double> {
 template <class T> inline V<T> exp_vec(V<T> x) {
   typedef ExpConsts<T> K;
   typedef typename K::I I;
-  const V<T> lo = bcast(K::lo), hi = bcast(K::hi), magic = bcast(K::magic);
-  V<T> xc = x < lo ? lo : x;
-  xc = xc > hi ? hi : xc;
-  const V<T> t = xc * T(1.4426950408889634) + magic;  // magic + round(x / ln2)
-  const V<T> n = t - magic;
-  const V<T> r = (xc - n * K::ln2_hi) - n * K::ln2_lo;
   // Horner on the coefficients 1/k! (one FMA a degree: 1 + r (1 + r/2 (..)) took a
   // multiply more each, and twice the dependent chain)
-  T c[K::degree + 1];
-  c[0] = T(1);
-  for (int k = 1; k <= K::degree; ++k) c[k] = c[k - 1] / T(k);
-  V<T> p = bcast(c[K::degree]);
-  for (int k = K::degree - 1; k >= 0; --k) p = p * r + c[k];
-  const I scale = ((I)t - (I)magic + K::bias) << K::mantissa;    // 2^n
-  V<T> e = p * (V<T>)scale;
-  e = x < lo ? V<T>{} : e;
-  e = x > hi ? bcast(T(__builtin_inf())) : e;
-  return x != x ? x : e;
+  auto poly = [](V<T> r) {
+    T c[K::degree + 1];
+    c[0] = T(1);
+    for (int k = 1; k <= K::degree; ++k) c[k] = c[k - 1] / T(k);
+    V<T> p = bcast(c[K::degree]);
+    for (int k = K::degree - 1; k >= 0; --k) p = p * r + c[k];
+    return p;
+  };
+  if constexpr (VB >= 64) {
+    // AVX-512: n by rounding, 2^n by VSCALEF, which gives inf and 0 beyond the range
+    // itself: no integer exponent arithmetic and none of the three selects below
+    // (silu alone, in L2, one thread: 15 cycles a vector, 19.3 with them; the same bits
+    // in range). The clamp
+    // keeps n finite (x = +-inf) and passes NaN through (a NaN x selects x).
+    const V<T> lo = bcast(T(K::lo * 1.2)), hi = bcast(T(K::hi + 1));
+    V<T> xc = x < lo ? lo : x;
+    xc = xc > hi ? hi : xc;
+    const V<T> n = round_even(xc * T(1.4426950408889634));
+    return scale_pow2(poly((xc - n * K::ln2_hi) - n * K::ln2_lo), n);
+  } else {
+    const V<T> lo = bcast(K::lo), hi = bcast(K::hi), magic = bcast(K::magic);
+    V<T> xc = x < lo ? lo : x;
+    xc = xc > hi ? hi : xc;
+    const V<T> t = xc * T(1.4426950408889634) + magic;  // magic + round(x / ln2)
+    const V<T> n = t - magic;
+    const V<T> p = poly((xc - n * K::ln2_hi) - n * K::ln2_lo);
+    const I scale = ((I)t - (I)magic + K::bias) << K::mantissa;    // 2^n
+    V<T> e = p * (V<T>)scale;
+    e = x < lo ? V<T>{} : e;
+    e = x > hi ? bcast(T(__builtin_inf())) : e;
+    return x != x ? x : e;
+  }
 }
 
 
