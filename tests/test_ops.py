@@ -267,7 +267,7 @@ def test_tile_budget_from_the_cache_and_its_extremes(channels_last, isa):
     info = sepconv.backend_info()["cpu_caches"]
     assert info["l2"] > 0 and info["l1d"] > 0 and info["tile_bytes"] == max(info["l2"] // 4,
                                                                              64 << 10)
-    # 3x3 taps, and 7x7 on 14x14 (the padded band, with tiles that end mid-row)
+    # 3x3 taps, and 7x7 on 14x14 (masked border segments, with tiles that end mid-row)
     cases = [(make_inputs(2, 24, 11, 13, 2, 9, 3), 2, 1),
              (make_inputs(2, 20, 14, 14, 1, 9, 7), 1, 3)]
     layout = (lambda t: t.contiguous(memory_format=torch.channels_last)) if channels_last \
