@@ -1,13 +1,13 @@
-"""MobileNetV1, MobileNetV2 and ShuffleNetV2 (seed 002), MobileNetV3-Large and
-EfficientNet-B0, built from standard ``nn`` layers.
+"""MobileNetV1, MobileNetV2, ShuffleNetV1 and ShuffleNetV2 (seed 002), MobileNetV3-Large
+and EfficientNet-B0, built from standard ``nn`` layers.
 
 They are what users have: dw conv -> BN -> act -> 1x1 conv -> BN -> act chains written
 with ``nn.Conv2d`` (in MobileNetV3 and EfficientNet with squeeze-and-excitation between
 the two convs), so they are the inputs ``sepconv.fuse`` is tested and benchmarked on.
-All but MobileNetV1 follow torchvision's modules and attribute names (their
-``state_dict`` keys and shapes are torchvision's, so its weights load); MobileNetV1
+All but MobileNetV1 and ShuffleNetV1 follow torchvision's modules and attribute names
+(their ``state_dict`` keys and shapes are torchvision's, so its weights load); MobileNetV1
 follows Table 1 of Howard et al. 2017 with the last depthwise layer at stride 1, as its
-7x7 output needs.
+7x7 output needs, and ShuffleNetV1 Table 1 of Zhang et al. 2017 (torchvision has none).
 """
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-__all__ = ["mobilenet_v1", "mobilenet_v2", "shufflenet_v2", "mobilenet_v3_large",
-           "efficientnet_b0", "SqueezeExcitation"]
+__all__ = ["mobilenet_v1", "mobilenet_v2", "shufflenet_v1", "shufflenet_v2",
+           "mobilenet_v3_large", "efficientnet_b0", "SqueezeExcitation", "ChannelShuffle"]
 
 
 class ConvNormActivation(nn.Sequential):
@@ -233,6 +233,88 @@ def shufflenet_v2(width_mult: float = 1.0, num_classes: int = 1000) -> ShuffleNe
     """ShuffleNetV2 (x: (N, 3, H, W) -> (N, num_classes)); width_mult 0.5, 1.0, 1.5 or 2.0;
     2,278,604 parameters at 1.0."""
     return ShuffleNetV2(width_mult, num_classes)
+
+
+# --- ShuffleNetV1 ------------------------------------------------------------------------
+
+class ChannelShuffle(nn.Module):
+    """channel_shuffle(x, groups) as a module (seed 002's ChannelShuffle): the channels,
+    read as a groups x (C / groups) matrix, transposed."""
+
+    def __init__(self, groups: int) -> None:
+        super().__init__()
+        self.groups = groups
+
+    def forward(self, x: Tensor) -> Tensor:
+        return channel_shuffle(x, self.groups)
+
+
+class ShuffleUnitV1(nn.Module):
+    """ShuffleNetV1 unit (Zhang et al. 2017, Fig. 2 b/c): 1x1 group conv (g groups) -> BN
+    -> ReLU -> channel shuffle(g) -> 3x3 depthwise (stride) -> BN -> 1x1 group conv -> BN,
+    added to the input (stride 1) or concatenated after its 3x3 average pool (stride 2),
+    then ReLU. The bottleneck has a quarter of the output channels; the first unit of
+    stage 2 takes its 24 input channels by an ungrouped 1x1 conv."""
+
+    def __init__(self, c_in: int, c_out: int, stride: int, groups: int,
+                 group_first: bool = True) -> None:
+        super().__init__()
+        self.stride = stride
+        mid, branch = c_out // 4, c_out - c_in if stride > 1 else c_out
+        self.branch = nn.Sequential(
+            nn.Conv2d(c_in, mid, 1, groups=groups if group_first else 1, bias=False),
+            nn.BatchNorm2d(mid), nn.ReLU(inplace=True), ChannelShuffle(groups),
+            nn.Conv2d(mid, mid, 3, stride, 1, groups=mid, bias=False), nn.BatchNorm2d(mid),
+            nn.Conv2d(mid, branch, 1, groups=groups, bias=False), nn.BatchNorm2d(branch))
+        self.shortcut = nn.AvgPool2d(3, 2, 1) if stride > 1 else nn.Identity()
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = self.branch(x)
+        if self.stride > 1:
+            return torch.relu(torch.cat((self.shortcut(x), y), dim=1))
+        return torch.relu(x + y)
+
+
+# stage output channels per group count (Table 1; seed 002's table has 567 for the
+# paper's 576 at g = 1)
+SHUFFLE_V1_CHANNELS = {1: (144, 288, 576), 2: (200, 400, 800), 3: (240, 480, 960),
+                       4: (272, 544, 1088), 8: (384, 768, 1536)}
+
+
+class ShuffleNetV1(nn.Module):
+    """ShuffleNetV1 1x (Zhang et al. 2017, Table 1): conv 3x3/2 (24) -> max pool 3x3/2 ->
+    stages of 4, 8 and 4 units (each stage's first at stride 2) -> global pool -> fc."""
+
+    def __init__(self, groups: int = 3, num_classes: int = 1000) -> None:
+        super().__init__()
+        _check(1.0, num_classes)
+        if groups not in SHUFFLE_V1_CHANNELS:
+            raise ValueError(f"ShuffleNetV1 is defined for groups in "
+                             f"{sorted(SHUFFLE_V1_CHANNELS)}, got {groups!r}")
+        c = 24
+        self.conv1 = nn.Sequential(nn.Conv2d(3, c, 3, 2, 1, bias=False), nn.BatchNorm2d(c),
+                                   nn.ReLU(inplace=True))
+        self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
+        for name, repeats, c_out in zip(("stage2", "stage3", "stage4"), (4, 8, 4),
+                                        SHUFFLE_V1_CHANNELS[groups]):
+            units = [ShuffleUnitV1(c, c_out, 2, groups, group_first=name != "stage2")]
+            units += [ShuffleUnitV1(c_out, c_out, 1, groups) for _ in range(repeats - 1)]
+            setattr(self, name, nn.Sequential(*units))
+            c = c_out
+        self.fc = nn.Linear(c, num_classes)
+        _init(self)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.maxpool(self.conv1(x))
+        x = self.stage4(self.stage3(self.stage2(x)))
+        return self.fc(x.mean([2, 3]))
+
+
+def shufflenet_v1(groups: int = 3, num_classes: int = 1000) -> ShuffleNetV1:
+    """ShuffleNetV1 1x (x: (N, 3, H, W) -> (N, num_classes)), its 1x1 convs in ``groups``
+    groups (1, 2, 3, 4 or 8; seed 002); 1,865,728 parameters and 137.5 M multiply-adds at
+    224x224 for groups=3 (the paper's Table 2: 137 MFLOPs)."""
+    return ShuffleNetV1(groups, num_classes)
 
 
 # --- squeeze-and-excitation networks -----------------------------------------------------

@@ -89,3 +89,64 @@ def test_torchvision_names_and_shapes():
 def test_bad_arguments(call, match):
     with pytest.raises(ValueError, match=match):
         call()
+
+
+# ShuffleNetV1 1x at 224x224, Zhang et al. 2017 Table 2: multiply-adds ("MFLOPs") by groups
+SHUFFLE_V1_PAPER_MMACS = {1: 143, 2: 140, 3: 137, 4: 133, 8: 137}
+
+
+def _shufflenet_v1_by_hand(groups: int) -> tuple[int, int]:
+    """(parameters, multiply-adds) at 224x224 in seed 002's convention: a conv has
+    kh kw c_in c_out / g weights and that times H_out W_out multiply-adds, a batch norm
+    2 C parameters, the fc c_in c_out + c_out weights and c_in c_out multiply-adds."""
+    params, macs = 3 * 3 * 3 * 24 + 2 * 24, 3 * 3 * 3 * 24 * 112 * 112
+    c, size = 24, 56  # after the max pool
+    for stage, (repeats, c_out) in enumerate(zip((4, 8, 4),
+                                                 models.SHUFFLE_V1_CHANNELS[groups])):
+        for unit in range(repeats):
+            stride = 2 if unit == 0 else 1
+            g1 = 1 if stage == 0 and unit == 0 else groups
+            mid, branch, out = c_out // 4, c_out - c if stride > 1 else c_out, size // stride
+            params += c * mid // g1 + 2 * mid + 9 * mid + 2 * mid + mid * branch // groups \
+                + 2 * branch
+            macs += c * mid // g1 * size * size + 9 * mid * out * out \
+                + mid * branch // groups * out * out
+            c, size = c_out, out
+    return params + c * 1000 + 1000, macs + c * 1000
+
+
+@pytest.mark.parametrize("groups", sorted(SHUFFLE_V1_PAPER_MMACS))
+def test_shufflenet_v1_complexity_by_hand_and_the_papers(groups):
+    import sepconv
+    report = sepconv.complexity(models.shufflenet_v1(groups), (1, 3, 224, 224))
+    assert (report.params, report.macs) == _shufflenet_v1_by_hand(groups)
+    assert abs(report.macs / 1e6 - SHUFFLE_V1_PAPER_MMACS[groups]) < 1.5  # its rounding
+
+
+@pytest.mark.parametrize("groups", [1, 8])
+def test_shufflenet_v1_output_shape(groups):
+    model = models.shufflenet_v1(groups, num_classes=7).eval()
+    with torch.no_grad():
+        assert model(torch.randn(2, 3, 64, 64)).shape == (2, 7)
+
+
+def test_channel_shuffle_is_the_transpose():
+    x = torch.arange(6.0).view(1, 6, 1, 1)
+    assert models.ChannelShuffle(3)(x).flatten().tolist() == [0, 2, 4, 1, 3, 5]
+
+
+def test_fuse_takes_shufflenet_v1_units_with_ungrouped_pointwise_only():
+    """groups=1: every unit's dw -> BN -> 1x1 fused, the same outputs; groups=3: none,
+    each named with its grouped 1x1 conv (issue 18 adds grouped pointwise)."""
+    import sepconv
+    torch.manual_seed(0)
+    model = models.shufflenet_v1(1, num_classes=10).eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        want = model(x)
+        fused, report = sepconv.fuse(model)
+        assert len(report.fused) == 16
+        torch.testing.assert_close(fused(x), want, rtol=1e-4, atol=1e-4)
+    _, report = sepconv.fuse(models.shufflenet_v1(3).eval())
+    assert not report.fused and len(report.skipped) == 16
+    assert all("groups=3" in why for _, why in report.skipped)
