@@ -1,5 +1,5 @@
-"""MobileNetV1, MobileNetV2, ShuffleNetV1 and ShuffleNetV2 (seed 002), MobileNetV3-Large
-and EfficientNet-B0, built from standard ``nn`` layers.
+"""SqueezeNet, MobileNetV1, MobileNetV2, ShuffleNetV1 and ShuffleNetV2 (seed 002),
+MobileNetV3-Large and EfficientNet-B0, built from standard ``nn`` layers.
 
 They are what users have: dw conv -> BN -> act -> 1x1 conv -> BN -> act chains written
 with ``nn.Conv2d`` (in MobileNetV3 and EfficientNet with squeeze-and-excitation between
@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-__all__ = ["mobilenet_v1", "mobilenet_v2", "shufflenet_v1", "shufflenet_v2",
+__all__ = ["mobilenet_v1", "mobilenet_v2", "shufflenet_v1", "shufflenet_v2", "squeezenet",
            "mobilenet_v3_large", "efficientnet_b0", "SqueezeExcitation", "ChannelShuffle"]
 
 
@@ -315,6 +315,61 @@ def shufflenet_v1(groups: int = 3, num_classes: int = 1000) -> ShuffleNetV1:
     groups (1, 2, 3, 4 or 8; seed 002); 1,865,728 parameters and 137.5 M multiply-adds at
     224x224 for groups=3 (the paper's Table 2: 137 MFLOPs)."""
     return ShuffleNetV1(groups, num_classes)
+
+
+# --- SqueezeNet --------------------------------------------------------------------------
+
+class Fire(nn.Module):
+    """SqueezeNet's Fire module (Iandola et al. 2016): a 1x1 squeeze conv, then 1x1 and 3x3
+    expand convs side by side, concatenated; ReLU after each conv."""
+
+    def __init__(self, c_in: int, squeeze: int, expand1x1: int, expand3x3: int) -> None:
+        super().__init__()
+        self.squeeze = nn.Conv2d(c_in, squeeze, 1)
+        self.squeeze_activation = nn.ReLU(inplace=True)
+        self.expand1x1 = nn.Conv2d(squeeze, expand1x1, 1)
+        self.expand1x1_activation = nn.ReLU(inplace=True)
+        self.expand3x3 = nn.Conv2d(squeeze, expand3x3, 3, padding=1)
+        self.expand3x3_activation = nn.ReLU(inplace=True)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.squeeze_activation(self.squeeze(x))
+        return torch.cat((self.expand1x1_activation(self.expand1x1(x)),
+                          self.expand3x3_activation(self.expand3x3(x))), dim=1)
+
+
+class SqueezeNet(nn.Module):
+    """SqueezeNet 1.0 (Iandola et al. 2016, Table 1), torchvision's squeezenet1_0: conv
+    7x7/2 (96) -> max pool -> Fire 2-4 -> max pool -> Fire 5-8 -> max pool -> Fire 9 ->
+    dropout -> conv 1x1 (classes) -> ReLU -> global average pool. No depthwise conv:
+    seed 002's baseline for complexity, which fuse leaves as it is."""
+
+    def __init__(self, num_classes: int = 1000, dropout: float = 0.5) -> None:
+        super().__init__()
+        _check(1.0, num_classes)
+        pool = lambda: nn.MaxPool2d(kernel_size=3, stride=2, ceil_mode=True)  # noqa: E731
+        self.features = nn.Sequential(
+            nn.Conv2d(3, 96, kernel_size=7, stride=2), nn.ReLU(inplace=True), pool(),
+            Fire(96, 16, 64, 64), Fire(128, 16, 64, 64), Fire(128, 32, 128, 128), pool(),
+            Fire(256, 32, 128, 128), Fire(256, 48, 192, 192), Fire(384, 48, 192, 192),
+            Fire(384, 64, 256, 256), pool(), Fire(512, 64, 256, 256))
+        self.classifier = nn.Sequential(nn.Dropout(p=dropout), nn.Conv2d(512, num_classes, 1),
+                                        nn.ReLU(inplace=True), nn.AdaptiveAvgPool2d((1, 1)))
+        for m in self.modules():  # torchvision's initialisation
+            if isinstance(m, nn.Conv2d):
+                if m is self.classifier[1]:
+                    nn.init.normal_(m.weight, mean=0.0, std=0.01)
+                else:
+                    nn.init.kaiming_uniform_(m.weight)
+                nn.init.zeros_(m.bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.flatten(self.classifier(self.features(x)), 1)
+
+
+def squeezenet(num_classes: int = 1000) -> SqueezeNet:
+    """SqueezeNet 1.0 (x: (N, 3, H, W) -> (N, num_classes)); 1,248,424 parameters."""
+    return SqueezeNet(num_classes)
 
 
 # --- squeeze-and-excitation networks -----------------------------------------------------

@@ -8,7 +8,7 @@ from sepconv import models
 # parameter counts at width 1.0 (Keras' MobileNet trainable count; torchvision's docs)
 PUBLISHED = {models.mobilenet_v1: 4_231_976, models.mobilenet_v2: 3_504_872,
              models.shufflenet_v2: 2_278_604, models.mobilenet_v3_large: 5_483_032,
-             models.efficientnet_b0: 5_288_548}
+             models.efficientnet_b0: 5_288_548, models.squeezenet: 1_248_424}
 
 
 @pytest.mark.parametrize("build", PUBLISHED, ids=lambda f: f.__name__)
@@ -40,7 +40,7 @@ def test_squeeze_excitation_networks_train(build):
 
 
 @pytest.mark.parametrize("name", ["mobilenet_v2", "shufflenet_v2_x1_0", "mobilenet_v3_large",
-                                  "efficientnet_b0"])
+                                  "efficientnet_b0", "squeezenet1_0"])
 def test_torchvision_weights_load_and_give_its_outputs(name):
     """torchvision's state_dict loads strictly, and the networks then agree exactly (where
     torchvision imports: not in CI, it has no build for the pinned CPU torch)."""
@@ -51,7 +51,7 @@ def test_torchvision_weights_load_and_give_its_outputs(name):
         if isinstance(m, torch.nn.BatchNorm2d):
             m.running_mean.uniform_(-0.5, 0.5)
             m.running_var.uniform_(0.5, 2.0)
-    ours = getattr(models, name.removesuffix("_x1_0"))().eval()
+    ours = getattr(models, name.removesuffix("_x1_0").removesuffix("1_0"))().eval()
     ours.load_state_dict(theirs.state_dict(), strict=True)
     x = torch.randn(2, 3, 96, 80)
     with torch.no_grad():
@@ -85,6 +85,8 @@ def test_torchvision_names_and_shapes():
     (lambda: models.mobilenet_v2(width_mult=0), "width_mult"),
     (lambda: models.mobilenet_v1(num_classes=0), "num_classes"),
     (lambda: models.shufflenet_v2(width_mult=0.75), "0.5, 1.0, 1.5, 2.0"),
+    (lambda: models.shufflenet_v1(groups=5), r"\[1, 2, 3, 4, 8\]"),
+    (lambda: models.squeezenet(num_classes=0), "num_classes"),
 ])
 def test_bad_arguments(call, match):
     with pytest.raises(ValueError, match=match):
@@ -150,3 +152,35 @@ def test_fuse_takes_shufflenet_v1_units_with_ungrouped_pointwise_only():
     _, report = sepconv.fuse(models.shufflenet_v1(3).eval())
     assert not report.fused and len(report.skipped) == 16
     assert all("groups=3" in why for _, why in report.skipped)
+
+
+def _squeezenet_by_hand() -> tuple[int, int]:
+    """(parameters, multiply-adds) of SqueezeNet 1.0 at 224x224, seed 002's convention
+    (convs with biases: k^2 c_in c_out + c_out parameters, k^2 c_in c_out H_out W_out
+    multiply-adds)."""
+    def conv(k, c_in, c_out, size):
+        return k * k * c_in * c_out + c_out, k * k * c_in * c_out * size * size
+    def fire(c_in, s, e, size):
+        parts = [conv(1, c_in, s, size), conv(1, s, e, size), conv(3, s, e, size)]
+        return sum(p for p, _ in parts), sum(m for _, m in parts)
+    # 224 -> conv 7x7/2: 109 -> pools (ceil): 54, 27, 13
+    parts = [conv(7, 3, 96, 109), fire(96, 16, 64, 54), fire(128, 16, 64, 54),
+             fire(128, 32, 128, 54), fire(256, 32, 128, 27), fire(256, 48, 192, 27),
+             fire(384, 48, 192, 27), fire(384, 64, 256, 27), fire(512, 64, 256, 13),
+             conv(1, 512, 1000, 13)]
+    return sum(p for p, _ in parts), sum(m for _, m in parts)
+
+
+def test_squeezenet_complexity_by_hand_and_fuse_leaves_it():
+    """torchvision lists squeezenet1_0 at 0.82 GFLOPS (multiply-adds); no depthwise conv,
+    so fuse changes nothing and reports nothing."""
+    import sepconv
+    model = models.squeezenet().eval()
+    report = sepconv.complexity(model, (1, 3, 224, 224))
+    assert (report.params, report.macs) == _squeezenet_by_hand()
+    assert round(report.macs / 1e9, 2) == 0.82
+    fused, fuse_report = sepconv.fuse(model)
+    assert not fuse_report.fused and not fuse_report.skipped
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(fused(x), model(x))
