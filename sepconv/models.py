@@ -1,5 +1,5 @@
-"""SqueezeNet, MobileNetV1, MobileNetV2, ShuffleNetV1 and ShuffleNetV2 (seed 002),
-MobileNetV3-Large and EfficientNet-B0, built from standard ``nn`` layers.
+"""SqueezeNet, MobileNetV1, MobileNetV2, ShuffleNetV1, ShuffleNetV2 and Xception (seed
+002), MobileNetV3-Large and EfficientNet-B0, built from standard ``nn`` layers.
 
 They are what users have: dw conv -> BN -> act -> 1x1 conv -> BN -> act chains written
 with ``nn.Conv2d`` (in MobileNetV3 and EfficientNet with squeeze-and-excitation between
@@ -16,7 +16,8 @@ import torch
 from torch import Tensor, nn
 
 __all__ = ["mobilenet_v1", "mobilenet_v2", "shufflenet_v1", "shufflenet_v2", "squeezenet",
-           "mobilenet_v3_large", "efficientnet_b0", "SqueezeExcitation", "ChannelShuffle"]
+           "xception", "mobilenet_v3_large", "efficientnet_b0", "SqueezeExcitation",
+           "ChannelShuffle"]
 
 
 class ConvNormActivation(nn.Sequential):
@@ -370,6 +371,93 @@ class SqueezeNet(nn.Module):
 def squeezenet(num_classes: int = 1000) -> SqueezeNet:
     """SqueezeNet 1.0 (x: (N, 3, H, W) -> (N, num_classes)); 1,248,424 parameters."""
     return SqueezeNet(num_classes)
+
+
+# --- Xception ----------------------------------------------------------------------------
+
+class XceptionSeparable(nn.Module):
+    """Xception's separable conv: depthwise 3x3 (``conv1``) then 1x1 (``pointwise``), no
+    norm or activation between them, no biases (timm's legacy xception names)."""
+
+    def __init__(self, c_in: int, c_out: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(c_in, c_in, 3, 1, 1, groups=c_in, bias=False)
+        self.pointwise = nn.Conv2d(c_in, c_out, 1, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.pointwise(self.conv1(x))
+
+
+class XceptionBlock(nn.Module):
+    """(ReLU -> separable conv -> BN) x reps, then a 3x3/2 max pool where strided, added to
+    the input (through a 1x1 conv + BN where the shape changes). ``grow_first``: the
+    first separable conv changes the channels, else the last; the entry flow's first
+    block starts without the ReLU."""
+
+    def __init__(self, c_in: int, c_out: int, reps: int, stride: int = 1,
+                 start_with_relu: bool = True, grow_first: bool = True) -> None:
+        super().__init__()
+        if c_out != c_in or stride != 1:
+            self.skip = nn.Conv2d(c_in, c_out, 1, stride=stride, bias=False)
+            self.skipbn = nn.BatchNorm2d(c_out)
+        else:
+            self.skip = self.skipbn = None
+        widths = ([c_in] + [c_out] * reps) if grow_first else ([c_in] * reps + [c_out])
+        layers: list[nn.Module] = []
+        for a, b in zip(widths, widths[1:]):
+            layers += [nn.ReLU(inplace=bool(layers)), XceptionSeparable(a, b), nn.BatchNorm2d(b)]
+        if not start_with_relu:
+            layers = layers[1:]
+        if stride != 1:
+            layers.append(nn.MaxPool2d(3, stride, 1))
+        self.rep = nn.Sequential(*layers)
+
+    def forward(self, x: Tensor) -> Tensor:
+        skip = x if self.skip is None else self.skipbn(self.skip(x))
+        return self.rep(x) + skip
+
+
+class Xception(nn.Module):
+    """Xception (Chollet 2017, Fig. 5), as timm's legacy ``xception``: entry flow (two
+    3x3 convs, unpadded, then blocks to 128, 256 and 728 channels at stride 2), middle
+    flow (8 blocks of three 728-channel separable convs), exit flow (a block to 1024 at
+    stride 2, separable convs to 1536 and 2048), global pool, fc. Input 299x299."""
+
+    def __init__(self, num_classes: int = 1000) -> None:
+        super().__init__()
+        _check(1.0, num_classes)
+        self.conv1 = nn.Conv2d(3, 32, 3, 2, 0, bias=False)
+        self.bn1 = nn.BatchNorm2d(32)
+        self.act1 = nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv2d(32, 64, 3, bias=False)
+        self.bn2 = nn.BatchNorm2d(64)
+        self.act2 = nn.ReLU(inplace=True)
+        self.block1 = XceptionBlock(64, 128, 2, 2, start_with_relu=False)
+        self.block2 = XceptionBlock(128, 256, 2, 2)
+        self.block3 = XceptionBlock(256, 728, 2, 2)
+        for i in range(4, 12):
+            setattr(self, f"block{i}", XceptionBlock(728, 728, 3, 1))
+        self.block12 = XceptionBlock(728, 1024, 2, 2, grow_first=False)
+        self.conv3 = XceptionSeparable(1024, 1536)
+        self.bn3 = nn.BatchNorm2d(1536)
+        self.act3 = nn.ReLU(inplace=True)
+        self.conv4 = XceptionSeparable(1536, 2048)
+        self.bn4 = nn.BatchNorm2d(2048)
+        self.act4 = nn.ReLU(inplace=True)
+        self.fc = nn.Linear(2048, num_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.act2(self.bn2(self.conv2(self.act1(self.bn1(self.conv1(x))))))
+        for i in range(1, 13):
+            x = getattr(self, f"block{i}")(x)
+        x = self.act4(self.bn4(self.conv4(self.act3(self.bn3(self.conv3(x))))))
+        return self.fc(x.mean([2, 3]))
+
+
+def xception(num_classes: int = 1000) -> Xception:
+    """Xception (x: (N, 3, H, W) -> (N, num_classes); seed 002), 22,855,952 parameters,
+    34 depthwise separable convs."""
+    return Xception(num_classes)
 
 
 # --- squeeze-and-excitation networks -----------------------------------------------------

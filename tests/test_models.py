@@ -8,7 +8,8 @@ from sepconv import models
 # parameter counts at width 1.0 (Keras' MobileNet trainable count; torchvision's docs)
 PUBLISHED = {models.mobilenet_v1: 4_231_976, models.mobilenet_v2: 3_504_872,
              models.shufflenet_v2: 2_278_604, models.mobilenet_v3_large: 5_483_032,
-             models.efficientnet_b0: 5_288_548, models.squeezenet: 1_248_424}
+             models.efficientnet_b0: 5_288_548, models.squeezenet: 1_248_424,
+             models.xception: 22_855_952}  # timm's legacy xception
 
 
 @pytest.mark.parametrize("build", PUBLISHED, ids=lambda f: f.__name__)
@@ -184,3 +185,44 @@ def test_squeezenet_complexity_by_hand_and_fuse_leaves_it():
     x = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
         assert torch.equal(fused(x), model(x))
+
+
+def _xception_by_hand() -> tuple[int, int]:
+    """(parameters, multiply-adds) of Xception at 299x299, seed 002's convention: a
+    separable conv c -> c' is 9 c depthwise weights and c c' pointwise weights, times
+    H W multiply-adds each; a batch norm 2 C parameters."""
+    params = macs = 0
+    def conv(k, c_in, c_out, size, groups=1):
+        nonlocal params, macs
+        params += k * k * c_in * c_out // groups
+        macs += k * k * c_in * c_out // groups * size * size
+    def bn(c):
+        nonlocal params
+        params += 2 * c
+    def sep(c_in, c_out, size):
+        conv(3, c_in, c_in, size, c_in)
+        conv(1, c_in, c_out, size)
+        bn(c_out)
+    conv(3, 3, 32, 149), bn(32), conv(3, 32, 64, 147), bn(64)
+    for c_in, c_out, size in [(64, 128, 147), (128, 256, 74), (256, 728, 37)]:
+        sep(c_in, c_out, size), sep(c_out, c_out, size)
+        conv(1, c_in, c_out, (size + 1) // 2), bn(c_out)  # the strided skip
+    for _ in range(8 * 3):
+        sep(728, 728, 19)
+    sep(728, 728, 19), sep(728, 1024, 19), conv(1, 728, 1024, 10), bn(1024)
+    sep(1024, 1536, 10), sep(1536, 2048, 10)
+    return params + 2048 * 1000 + 1000, macs + 2048 * 1000
+
+
+def test_xception_complexity_by_hand_and_fuse_takes_all_34():
+    import sepconv
+    model = models.xception().eval()
+    report = sepconv.complexity(model, (1, 3, 299, 299))
+    assert (report.params, report.macs) == _xception_by_hand()  # 8.36 G multiply-adds
+    torch.manual_seed(0)
+    x = torch.randn(1, 3, 80, 80)
+    with torch.no_grad():
+        want = model(x)
+        fused, fuse_report = sepconv.fuse(model)
+        assert len(fuse_report.fused) == 34 and not fuse_report.skipped
+        torch.testing.assert_close(fused(x), want, rtol=1e-4, atol=1e-4 * want.abs().max())
