@@ -19,15 +19,18 @@ from benchmarks.layers import interleaved_seconds
 MODELS = {"mobilenet_v1": sepconv.models.mobilenet_v1,
           "mobilenet_v2": sepconv.models.mobilenet_v2,
           "shufflenet_v2": sepconv.models.shufflenet_v2,
-          # squeeze-and-excitation between dw and pw: fuse() leaves those chains (for now)
+          # squeeze-and-excitation between dw and pw
           "mobilenet_v3_large": sepconv.models.mobilenet_v3_large,
           "efficientnet_b0": sepconv.models.efficientnet_b0}
-# torchvision's own model code, where torchvision is installed: fuse() on a network it
-# did not write. Timed only when asked for (--model), not by default.
-EXTRA_MODELS = {}
+# Timed only when asked for (--model), not by default: Xception (seed 002; 4.6 G
+# multiply-adds an image at 224, a minute or two more for the default run), ShuffleNetV1
+# at groups=3 (fuse leaves its units until grouped pointwise lands), and torchvision's
+# own model code where torchvision is installed (fuse() on a network it did not write).
+EXTRA_MODELS = {"xception": sepconv.models.xception,
+                "shufflenet_v1": sepconv.models.shufflenet_v1}
 try:
     import torchvision
-    EXTRA_MODELS = {"torchvision_mobilenet_v2": torchvision.models.mobilenet_v2}
+    EXTRA_MODELS["torchvision_mobilenet_v2"] = torchvision.models.mobilenet_v2
 except ImportError:
     pass
 ALL_MODELS = MODELS | EXTRA_MODELS
