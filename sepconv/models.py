@@ -4,10 +4,11 @@
 They are what users have: dw conv -> BN -> act -> 1x1 conv -> BN -> act chains written
 with ``nn.Conv2d`` (in MobileNetV3 and EfficientNet with squeeze-and-excitation between
 the two convs), so they are the inputs ``sepconv.fuse`` is tested and benchmarked on.
-All but MobileNetV1 and ShuffleNetV1 follow torchvision's modules and attribute names
-(their ``state_dict`` keys and shapes are torchvision's, so its weights load); MobileNetV1
-follows Table 1 of Howard et al. 2017 with the last depthwise layer at stride 1, as its
-7x7 output needs, and ShuffleNetV1 Table 1 of Zhang et al. 2017 (torchvision has none).
+All but MobileNetV1, ShuffleNetV1 and Xception follow torchvision's modules and attribute
+names (their ``state_dict`` keys and shapes are torchvision's, so its weights load);
+MobileNetV1 follows Table 1 of Howard et al. 2017 with the last depthwise layer at stride
+1, as its 7x7 output needs, ShuffleNetV1 Table 1 of Zhang et al. 2017, and Xception timm's
+legacy ``xception`` (torchvision has neither).
 """
 
 from __future__ import annotations
