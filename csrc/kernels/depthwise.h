@@ -42,13 +42,18 @@ template <class F> void walk_pixels(const Geometry& g, int64_t p0, int64_t p1, F
 struct TapRect {
   int64_t di, dj, x, w;
 };
+// The tap rows [*i0, *i1) of output row oh that read inside the image.
+inline void tap_rows(const Geometry& g, int64_t oh, int64_t* i0, int64_t* i1) {
+  auto row_ok = [&](int64_t i) { int64_t ih = oh * g.sh - g.pt + i * g.dh; return ih >= 0 && ih < g.H; };
+  *i0 = 0, *i1 = g.kh;
+  while (*i0 < *i1 && !row_ok(*i0)) ++*i0;
+  while (*i1 > *i0 && !row_ok(*i1 - 1)) --*i1;
+}
 inline TapRect tap_rect(const Geometry& g, const int64_t* cols, int64_t oh, int64_t ow,
                         int64_t row0) {
-  int64_t i0 = 0, i1 = g.kh, j0 = 0, j1 = g.kw;
-  auto row_ok = [&](int64_t i) { int64_t ih = oh * g.sh - g.pt + i * g.dh; return ih >= 0 && ih < g.H; };
+  int64_t i0, i1, j0 = 0, j1 = g.kw;
+  tap_rows(g, oh, &i0, &i1);
   auto col_ok = [&](int64_t j) { return ow >= cols[2 * j] && ow < cols[2 * j + 1]; };
-  while (i0 < i1 && !row_ok(i0)) ++i0;
-  while (i1 > i0 && !row_ok(i1 - 1)) --i1;
   while (j0 < j1 && !col_ok(j0)) ++j0;
   while (j1 > j0 && !col_ok(j1 - 1)) --j1;
   if (j0 >= j1) i1 = i0;  // no tap reads inside the input: bias only
@@ -234,20 +239,17 @@ void dw_forward_nhwc(const Geometry& g, const int64_t* cols, const T* xn, int64_
   // they start as many pixels earlier, recomputing some (the same arithmetic, so the
   // same bits): the 4-pixel kernel instead of the one-pixel one for a row's last
   // pixels, where that recomputes at most half of them (7 columns of 3x3 taps: 3 of 4
-  // again, 0.97x). The shift, or -1 where n pixels of full taps do not fit there.
-  auto shift = [&](int64_t p, int64_t ow, int64_t n) -> int64_t {
-    if (ow < ca || ow >= cb || cb - ca < n) return -1;
-    const int64_t back = imax(0, imax(ow + n - cb, p + n - p1));
-    return 2 * back <= n && ow - back >= ca && p - back >= p0 ? back : -1;
+  // again, 0.97x). The shift, or -1 where n pixels of columns [a, b) do not fit there:
+  // full-tap columns for the blocks, the whole row for a segment (borders masked).
+  auto shift = [&](int64_t p, int64_t ow, int64_t n, int64_t a, int64_t b) -> int64_t {
+    if (ow < a || ow >= b || b - a < n) return -1;
+    const int64_t back = imax(0, imax(ow + n - b, p + n - p1));
+    return 2 * back <= n && ow - back >= a && p - back >= p0 ? back : -1;
   };
   for (int64_t p = p0; p < p1;) {
     int64_t ow = p % g.Wo;
-    int64_t back_seg = -1;  // a segment may start anywhere in the row (borders masked)
-    if (seg && seg <= g.Wo) {
-      const int64_t back = imax(0, imax(ow + seg - g.Wo, p + seg - p1));
-      if (2 * back <= seg && ow - back >= 0 && p - back >= p0) back_seg = back;
-    }
-    const int64_t back = back_seg >= 0 ? back_seg : shift(p, ow, PX);
+    const int64_t back_seg = seg ? shift(p, ow, seg, 0, g.Wo) : -1;
+    const int64_t back = back_seg >= 0 ? back_seg : shift(p, ow, PX, ca, cb);
     if (back > 0) p -= back, ow -= back;
     const int64_t oh = p / g.Wo;
     const TapRect t = tap_rect(g, cols, oh, ow, row0);
@@ -286,9 +288,8 @@ void dw_forward_nhwc(const Geometry& g, const int64_t* cols, const T* xn, int64_
     if (segment) {
       // its tap rows inside the image, and its NX input columns [lo, hi) inside it
       const int64_t ih0 = oh * g.sh - g.pt, ic0 = ow * g.sw - g.pl, nx = (seg - 1) * g.sw + g.kw;
-      int64_t i0 = 0, i1 = g.kh;
-      while (i0 < i1 && ih0 + i0 * g.dh < 0) ++i0;
-      while (i1 > i0 && ih0 + (i1 - 1) * g.dh >= g.H) --i1;
+      int64_t i0, i1;
+      tap_rows(g, oh, &i0, &i1);
       const int lo = (int)imax(0, -ic0), hi = (int)imin(nx, g.W - ic0);
       if (hi <= lo) i1 = i0;  // no input column: the bias alone
       const T* xs = hi <= lo ? xn : xn + ((ih0 + i0 * g.dh - row0) * g.W + ic0 + lo) * C + c0;

@@ -42,8 +42,8 @@ int mean_impl(const Geometry& g, const T* x, const T* dww, const T* dwb, T* out,
   const int64_t ldu = padded_ld<T>(Cm, 16, 1024);
   constexpr int64_t line = 64 / (int64_t)sizeof(T);
   const int64_t lw = round_up(kk * Cm, line), lc = round_up(2 * g.kw, 8);
-  // NCHW: the band of input rows as NHWC (a block's channels of the whole image, where
-  // blocks)
+  // NCHW: the band of input rows as NHWC (with channel blocks, a block's channels of
+  // the whole image)
   const int64_t band = cl ? 0 : round_up(blk ? g.H * g.W * g.C : band_elems(g, P), line);
   const int64_t per_thread = (u ? 0 : P * ldu) + band, sums = round_up(g.N * Cm, 8);
   Buf<T> wt(0, g.threads * lw), ws(1, g.threads * per_thread);
@@ -62,6 +62,7 @@ int mean_impl(const Geometry& g, const T* x, const T* dww, const T* dwb, T* out,
   prepare_weights(g, dww, (const T*)nullptr, wt_t, (T*)nullptr, cols_t);
   T* const U = ws.p + tid * per_thread;
   T* const xb = U + (u ? 0 : P * ldu);  // (a kept intermediate is made in place)
+  const int64_t ld = u ? Cm : ldu;  // the intermediate's row stride, kept or not
   double* const S = acc.p + tid * sums;
   memset(S, 0, g.N * Cm * sizeof(double));
   // Columns [c0, c1) of rows [0, rows) of V (ld apart) into image n's sums.
@@ -83,7 +84,6 @@ int mean_impl(const Geometry& g, const T* x, const T* dww, const T* dwb, T* out,
         xn = xb;
       }
       T* const V = u ? u + n * HWo * Cm : U;  // the intermediate, kept or not
-      const int64_t ld = u ? Cm : ldu;
       dw_forward(g, cols_t, xn, 0, g.H, wt_t, dwb, g.act1, 0, HWo, V, ld, c0, c1);
       add_rows(V, ld, HWo, n, c0, c1);
     }
@@ -93,7 +93,6 @@ int mean_impl(const Geometry& g, const T* x, const T* dww, const T* dwb, T* out,
       const int64_t n = t / tiles_per_image, p0 = (t % tiles_per_image) * P,
                     p1 = imin(p0 + P, HWo);
       T* const V = u ? u + (n * HWo + p0) * Cm : U;  // the intermediate, kept or not
-      const int64_t ld = u ? Cm : ldu;
       depthwise_pixels(g, cols_t, x + n * g.C * g.H * g.W, p0, p1, wt_t, dwb, V, ld, xb);
       add_rows(V, ld, p1 - p0, n, 0, Cm);
     }

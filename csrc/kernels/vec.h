@@ -116,9 +116,9 @@ inline double ex(double v) { return exp(v); }
 // e^x in vector arithmetic. silu took libm's exp lane by lane: at 96x112 (stride 2,
 // batch 1, Zen 4) the depthwise stage with silu took 0.54 ms, 0.10 ms with relu.
 // x = n ln2 + r (Cody-Waite, |r| <= ln2 / 2), e^r by its Taylor polynomial (degree 7
-// for float, 13 for double: truncation below 0.1 ulp), 2^n put in the exponent bits.
-// Beyond [lo, hi] the result is 0 or inf (e^88 is 1.7e38 of FLT_MAX's 3.4e38; the
-// kernels flush subnormals anyway); a NaN stays NaN.
+// for float, 13 for double: truncation below 0.1 ulp), 2^n put in the exponent bits
+// (AVX-512: by VSCALEF). Beyond [lo, hi] the result is 0 or inf (e^88 is 1.7e38 of
+// FLT_MAX's 3.4e38; the kernels flush subnormals anyway); a NaN stays NaN.
 template <class T> struct ExpConsts;
 template <> struct ExpConsts<float> {
   typedef int32_t I __attribute__((vector_size(VB)));
@@ -136,34 +136,34 @@ template <> struct ExpConsts<double> {
 template <class T> inline V<T> exp_vec(V<T> x) {
   typedef ExpConsts<T> K;
   typedef typename K::I I;
+  // AVX-512: n by rounding and 2^n by VSCALEF, which gives inf and 0 beyond the range
+  // itself: no integer exponent arithmetic and none of the three selects at the end
+  // (silu alone, in L2, one thread: 15 cycles a vector, 19.3 with them; the same bits
+  // in range). Its wider clamp only keeps n finite (x = +-inf). A NaN x passes the
+  // clamp (its comparisons are false) and stays NaN.
+  constexpr bool scalef = VB >= 64;
+  const V<T> lo = bcast(scalef ? T(K::lo * 1.2) : K::lo), hi = bcast(scalef ? T(K::hi + 1) : K::hi);
+  V<T> xc = x < lo ? lo : x;
+  xc = xc > hi ? hi : xc;
+  const V<T> magic = bcast(K::magic);
+  V<T> n, t;  // n = round(x / ln2); t = magic + n (but on AVX-512)
+  if constexpr (scalef) {
+    n = round_even(xc * T(1.4426950408889634));
+  } else {
+    t = xc * T(1.4426950408889634) + magic;  // the magic number's rounding
+    n = t - magic;
+  }
+  const V<T> r = (xc - n * K::ln2_hi) - n * K::ln2_lo;
   // Horner on the coefficients 1/k! (one FMA a degree: 1 + r (1 + r/2 (..)) took a
   // multiply more each, and twice the dependent chain)
-  auto poly = [](V<T> r) {
-    T c[K::degree + 1];
-    c[0] = T(1);
-    for (int k = 1; k <= K::degree; ++k) c[k] = c[k - 1] / T(k);
-    V<T> p = bcast(c[K::degree]);
-    for (int k = K::degree - 1; k >= 0; --k) p = p * r + c[k];
-    return p;
-  };
-  if constexpr (VB >= 64) {
-    // AVX-512: n by rounding, 2^n by VSCALEF, which gives inf and 0 beyond the range
-    // itself: no integer exponent arithmetic and none of the three selects below
-    // (silu alone, in L2, one thread: 15 cycles a vector, 19.3 with them; the same bits
-    // in range). The clamp
-    // keeps n finite (x = +-inf) and passes NaN through (a NaN x selects x).
-    const V<T> lo = bcast(T(K::lo * 1.2)), hi = bcast(T(K::hi + 1));
-    V<T> xc = x < lo ? lo : x;
-    xc = xc > hi ? hi : xc;
-    const V<T> n = round_even(xc * T(1.4426950408889634));
-    return scale_pow2(poly((xc - n * K::ln2_hi) - n * K::ln2_lo), n);
+  T c[K::degree + 1];
+  c[0] = T(1);
+  for (int k = 1; k <= K::degree; ++k) c[k] = c[k - 1] / T(k);
+  V<T> p = bcast(c[K::degree]);
+  for (int k = K::degree - 1; k >= 0; --k) p = p * r + c[k];
+  if constexpr (scalef) {
+    return scale_pow2(p, n);
   } else {
-    const V<T> lo = bcast(K::lo), hi = bcast(K::hi), magic = bcast(K::magic);
-    V<T> xc = x < lo ? lo : x;
-    xc = xc > hi ? hi : xc;
-    const V<T> t = xc * T(1.4426950408889634) + magic;  // magic + round(x / ln2)
-    const V<T> n = t - magic;
-    const V<T> p = poly((xc - n * K::ln2_hi) - n * K::ln2_lo);
     const I scale = ((I)t - (I)magic + K::bias) << K::mantissa;    // 2^n
     V<T> e = p * (V<T>)scale;
     e = x < lo ? V<T>{} : e;
