@@ -79,6 +79,8 @@ std::atomic<int64_t> g_tile_bytes{kCaches.l2 / 4 < (64 << 10) ? (64 << 10) : kCa
 // still cached when the next layer reads it.
 std::atomic<int64_t> g_stream_bytes{kCaches.l3 / 2};
 std::atomic<int> g_isa{kBestIsa};
+// The fewest multiply-adds a call gives each thread (team_size); -1: the ISA's default.
+std::atomic<int64_t> g_thread_macs{-1};
 // Subnormals flushed to zero inside the kernels (see DenormalMode in kernels/vec.h).
 std::atomic<bool> g_flush_denormals{true};
 std::atomic<int> g_backward_mode{sepconv::BACKWARD_AUTO};
@@ -168,6 +170,26 @@ Geometry parse(const py::tuple& t) {
   return g;
 }
 
+// Threads for a call of `passes` sweeps of the multiply-adds N * Ho * Wo * Cm * (kh * kw +
+// Co) (the mean: no Co): each thread gets at least thread_macs() of them. Starting and
+// joining an OpenMP team costs about 1.5 us, as long as a few hundred thousand
+// multiply-adds on one core: a 16-channel 4x4 layer ran in 3.4 us on 2 threads and 1.9 on
+// one. Measured on Zen 5 (AVX-512, 2 threads), forward, by multiply-adds per call: one
+// thread took 0.5-0.85x the time of two up to 300 K, 0.74-1.00x at 450 K; two were ahead
+// from 620 K (0.96-1.16x). So 256 K a thread on AVX-512 and, with vectors half as wide,
+// 128 K on AVX2 (64 K generic).
+int64_t thread_macs() {
+  int64_t n = g_thread_macs;
+  return n >= 0 ? n : g_isa == AVX512 ? (256 << 10) : g_isa == AVX2 ? (128 << 10) : (64 << 10);
+}
+
+int team_size(const Geometry& g, bool mean_only, int64_t passes) {
+  const double macs = double(g.N) * g.Ho * g.Wo * g.Cm *
+                      (g.kh * g.kw + (mean_only ? 0 : g.Co)) * passes;
+  const double per_thread = double(std::max<int64_t>(thread_macs(), 1));
+  return macs >= per_thread * g.threads ? g.threads : std::max(1, int(macs / per_thread));
+}
+
 template <class T> const T* cp(uintptr_t p) { return reinterpret_cast<const T*>(p); }
 template <class T> T* mp(uintptr_t p) { return reinterpret_cast<T*>(p); }
 
@@ -238,6 +260,7 @@ PYBIND11_MODULE(_C, m) {
                       uintptr_t pww, uintptr_t dwb, uintptr_t pwb, uintptr_t scale, uintptr_t y,
                       int y_layout) {
     Geometry g = parse(geom);
+    g.threads = team_size(g, false, 1);
     if (y_layout < -1 || y_layout > 1) throw py::value_error("y_layout must be -1, 0 or 1");
     if (y_layout >= 0) g.y_channels_last = y_layout == 1;
     bool f64 = is_f64(dtype);
@@ -256,6 +279,7 @@ PYBIND11_MODULE(_C, m) {
   m.def("mean", [](py::tuple geom, const std::string& dtype, uintptr_t x, uintptr_t dww,
                    uintptr_t dwb, uintptr_t out, uintptr_t u) {
     Geometry g = parse(geom);
+    g.threads = team_size(g, true, 1);
     bool f64 = is_f64(dtype);
     int status;
     {
@@ -278,6 +302,7 @@ PYBIND11_MODULE(_C, m) {
                        uintptr_t gmid) {
     if (gscale && !scale) throw py::value_error("backward: gscale asked for without a scale");
     Geometry g = parse(geom);
+    g.threads = team_size(g, false, 3);  // the two GEMMs, the depthwise's and its recompute
     bool f64 = is_f64(dtype);
     int status;
     {
@@ -310,9 +335,16 @@ PYBIND11_MODULE(_C, m) {
     d["l3"] = kCaches.l3;
     d["tile_bytes"] = g_tile_bytes.load();
     d["stream_bytes"] = g_stream_bytes.load();
+    d["thread_macs"] = thread_macs();
     return d;
   }, "Cache sizes read at load (bytes, L2 per core), the tile budget derived from them and "
-     "the output size from which the forward stores around the caches.");
+     "the output size from which the forward stores around the caches; the fewest "
+     "multiply-adds a call gives each of its threads.");
+  m.def("set_thread_macs", [](int64_t n) {
+    if (n < -1) throw py::value_error("thread_macs must be >= 0, or -1 for the default");
+    g_thread_macs = n;
+  }, "Override the fewest multiply-adds a call gives each thread (0: every call takes all "
+     "of torch's threads; -1: the default; for tests and tuning).");
   m.def("set_stream_bytes", [](int64_t n) {
     if (n < 0) throw py::value_error("stream_bytes must be >= 0");
     g_stream_bytes = n;
@@ -334,7 +366,9 @@ PYBIND11_MODULE(_C, m) {
   }, "Force the backward onto bands of pixels or onto split mid channels (tests and tuning; "
      "'split' applies where the shape allows it).");
   m.def("backward_splits", [](py::tuple geom, const std::string& dtype) {
-    return SEPCONV_PICK(backward_splits)(parse(geom), is_f64(dtype));
+    Geometry g = parse(geom);
+    g.threads = team_size(g, false, 3);
+    return SEPCONV_PICK(backward_splits)(g, is_f64(dtype));
   }, "Whether a backward call of this geometry splits the mid channels over the threads.");
   m.def("flush_denormal", [] { return g_flush_denormals.load(); },
         "Whether the kernels treat subnormal inputs and results as zero (FTZ + DAZ).");

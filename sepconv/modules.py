@@ -201,15 +201,21 @@ class SeparableConv2d(nn.Module):
                 "same", self.kernel_size, self.stride, self.dilation, x.shape[-2:])
             x = F.pad(x, (left, right, top, bottom), mode=self.padding_mode)
             padding = 0
+        # The parameters by one dict read each: nn.Module's __getattr__ for the four was a
+        # tenth of a small layer's call (1.2 of 10.7 us at 16 channels, 4x4). A name not
+        # there (None, a parametrization's property, a plain tensor) is read as usual.
+        p = self._parameters
+        dw = p["depthwise_weight"] if "depthwise_weight" in p else self.depthwise_weight
+        pw = p["pointwise_weight"] if "pointwise_weight" in p else self.pointwise_weight
+        b = p["bias"] if "bias" in p else self.bias
+        db = p["depthwise_bias"] if "depthwise_bias" in p else self.depthwise_bias
         if self.excitation is not None:  # the mid channels' means, the excitation, then y
             # (unbatched, the means are (C,): F.linear takes them as they are)
-            return excited_conv2d(x, self.depthwise_weight, self.pointwise_weight, self.bias,
-                                  self.stride, padding, self.dilation, self.depthwise_bias,
+            return excited_conv2d(x, dw, pw, b, self.stride, padding, self.dilation, db,
                                   self.mid_activation, self.activation, self.excitation)
-        return separable_conv2d(x, self.depthwise_weight, self.pointwise_weight, self.bias,
-                                self.stride, padding, self.dilation,
-                                depthwise_bias=self.depthwise_bias,
-                                mid_activation=self.mid_activation, activation=self.activation)
+        return separable_conv2d(x, dw, pw, b, self.stride, padding, self.dilation,
+                                depthwise_bias=db, mid_activation=self.mid_activation,
+                                activation=self.activation)
 
     @classmethod
     def from_conv2d_pair(cls, depthwise: nn.Conv2d, pointwise: nn.Conv2d, *,

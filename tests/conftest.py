@@ -25,6 +25,12 @@ settings.register_profile("ci", max_examples=60, deadline=None, derandomize=True
 settings.register_profile("long", max_examples=2000, deadline=None)
 settings.load_profile(os.environ.get("SEPCONV_HYPOTHESIS", "ci"))
 
+# Small calls run on fewer threads than torch's (each thread gets thread_macs
+# multiply-adds at least): nearly every call here is small, so the tests take every
+# thread whatever the size, as the threaded paths need; test_ops checks the rule itself.
+if _C is not None:
+    _C.set_thread_macs(0)
+
 ACTS = {None: nn.Identity, "relu": nn.ReLU, "relu6": nn.ReLU6, "silu": nn.SiLU,
         "hardswish": nn.Hardswish}
 ISAS = list(_C.supported_isas()) if _C is not None else []

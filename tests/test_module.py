@@ -240,3 +240,30 @@ def test_matches_oracle_in_training_loop():
 def test_groups_other_than_one_is_rejected():
     with pytest.raises(ValueError, match="groups"):
         sepconv.SeparableConv2d(4, 4, 3, 1, 0, 1, 2)
+
+
+def test_parametrized_parameters():
+    """forward reads its parameters from the module's dict (faster than nn.Module's
+    __getattr__), and as nn.Module does where a parametrization made one a property:
+    the output and gradients are the functional's on the parametrized tensors."""
+    from torch.nn.utils import parametrize
+
+    class Triple(nn.Module):
+        def forward(self, w):
+            return 3 * w
+
+    torch.manual_seed(0)
+    m = sepconv.SeparableConv2d(4, 5, 3, padding=1, depthwise_bias=True).double()
+    dw, pw = m.depthwise_weight.detach().clone(), m.pointwise_weight.detach().clone()
+    b, db = m.bias.detach().clone(), m.depthwise_bias.detach().clone()
+    for name in ("pointwise_weight", "bias"):
+        parametrize.register_parametrization(m, name, Triple())
+    x = torch.randn(2, 4, 6, 7, dtype=torch.float64)
+    want = sepconv.separable_conv2d(x, dw, 3 * pw, 3 * b, 1, 1, depthwise_bias=db)
+    got = m(x)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    got.sum().backward()
+    original = m.parametrizations.pointwise_weight.original
+    pw_ = pw.clone().requires_grad_()
+    sepconv.separable_conv2d(x, dw, 3 * pw_, 3 * b, 1, 1, depthwise_bias=db).sum().backward()
+    torch.testing.assert_close(original.grad, pw_.grad, rtol=1e-12, atol=1e-12)

@@ -10,6 +10,7 @@ import torch
 from conftest import ISAS, assert_compiled_matches_eager, check_against_oracle, make_inputs
 
 import sepconv
+from sepconv._backend import _C
 
 OP = torch.ops.sepconv.separable_conv2d
 BWD = torch.ops.sepconv.separable_conv2d_backward
@@ -254,6 +255,35 @@ def test_follows_torch_num_threads():
             check_against_oracle(dict(dtype=torch.float64), inputs, 1, 1, 1, "relu", None)
     finally:
         torch.set_num_threads(before)
+
+
+@pytest.mark.skipif(_C is None, reason="extension not built")
+def test_small_calls_take_fewer_threads():
+    """A call gives each thread thread_macs multiply-adds at least (an OpenMP team costs
+    about as much as a few hundred thousand): the default comes from the ISA; a layer
+    that splits its backward over 2 threads runs on one when that minimum is raised, and
+    gives the same results with the default as with every thread."""
+    from sepconv import _native
+    before, threads = _C.blocking()["thread_macs"], torch.get_num_threads()
+    geom = _native._build_geometry(torch.empty(1, 768, 7, 7), torch.empty(768, 1, 3, 3), 64,
+                                   (1, 1), (1, 1, 1, 1), (1, 1), torch.contiguous_format,
+                                   "relu", "relu")
+    geom = geom[:-1] + (2,)
+    try:
+        _C.set_thread_macs(-1)
+        assert _C.blocking()["thread_macs"] == {"avx512": 1 << 18, "avx2": 1 << 17,
+                                                "generic": 1 << 16}[_C.isa()]
+        assert _C.backward_splits(geom, "float32")  # 8.2 M multiply-adds: 2 threads
+        torch.set_num_threads(2)
+        for inputs in (make_inputs(1, 16, 4, 4, 1, 16, 3), make_inputs(2, 24, 9, 11, 2, 19, 3)):
+            check_against_oracle(dict(dtype=torch.float64), inputs, 1, 1, 1, "relu", "silu")
+        _C.set_thread_macs(1 << 40)
+        assert not _C.backward_splits(geom, "float32")
+        with pytest.raises(ValueError, match="thread_macs"):
+            _C.set_thread_macs(-2)
+    finally:
+        _C.set_thread_macs(before)
+        torch.set_num_threads(threads)
 
 
 @pytest.mark.parametrize("channels_last", [False, True])
