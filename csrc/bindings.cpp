@@ -175,9 +175,9 @@ Geometry parse(const py::tuple& t) {
 // joining an OpenMP team costs about 1.5 us, as long as a few hundred thousand
 // multiply-adds on one core: a 16-channel 4x4 layer ran in 3.4 us on 2 threads and 1.9 on
 // one. Measured on Zen 5 (AVX-512, 2 threads), forward, by multiply-adds per call: one
-// thread took 0.5-0.85x the time of two up to 300 K, 0.74-1.00x at 450 K; two were ahead
-// from 620 K (0.96-1.16x). So 256 K a thread on AVX-512 and, with vectors half as wide,
-// 128 K on AVX2 (64 K generic).
+// thread took 0.5-0.85x the time of two up to 300 K, 0.74-1.00x at 450 K, 0.96-1.07x at
+// 620 K and 1.01-1.71x from 930 K on. So 256 K a thread on AVX-512 and, with vectors half
+// as wide, 128 K on AVX2 (64 K generic).
 int64_t thread_macs() {
   int64_t n = g_thread_macs;
   return n >= 0 ? n : g_isa == AVX512 ? (256 << 10) : g_isa == AVX2 ? (128 << 10) : (64 << 10);
