@@ -165,3 +165,13 @@ def test_gpu_run_script_dry_run(tmp_path):
         names = {Path(n).name for n in tar.getnames()}
     assert {"fwd_b1_float32.json", "fwdbwd_b1_float32.json", "models_b2_float32.json",
             "fwd_b2_float32.json", "fwd_b2_float64.json"} <= names
+
+
+def test_percall_reports_every_path_in_both_formats(capsys):
+    from benchmarks import percall
+    assert percall.main(["--channels", "8", "--size", "3", "--min-run-time", "0.01"]) == 0
+    out = capsys.readouterr().out
+    assert "8 channels, 3x3, batch 1" in out
+    rows = percall.measure(8, 3, 0.01)
+    assert len(rows) == 12 and {r["format"] for r in rows} == {"nchw", "channels_last"}
+    assert all(r["us"] > 0 for r in rows) and torch.is_grad_enabled()
