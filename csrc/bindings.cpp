@@ -190,6 +190,14 @@ int team_size(const Geometry& g, bool mean_only, int64_t passes) {
   return macs >= per_thread * g.threads ? g.threads : std::max(1, int(macs / per_thread));
 }
 
+// A backward call's geometry and team: three sweeps (the two GEMMs, the depthwise's and
+// its recompute). backward_splits reports on the same team as the backward runs.
+Geometry backward_geometry(const py::tuple& t) {
+  Geometry g = parse(t);
+  g.threads = team_size(g, false, 3);
+  return g;
+}
+
 template <class T> const T* cp(uintptr_t p) { return reinterpret_cast<const T*>(p); }
 template <class T> T* mp(uintptr_t p) { return reinterpret_cast<T*>(p); }
 
@@ -301,8 +309,7 @@ PYBIND11_MODULE(_C, m) {
                        uintptr_t gpww, uintptr_t gdwb, uintptr_t gpwb, uintptr_t gscale,
                        uintptr_t gmid) {
     if (gscale && !scale) throw py::value_error("backward: gscale asked for without a scale");
-    Geometry g = parse(geom);
-    g.threads = team_size(g, false, 3);  // the two GEMMs, the depthwise's and its recompute
+    Geometry g = backward_geometry(geom);
     bool f64 = is_f64(dtype);
     int status;
     {
@@ -366,9 +373,7 @@ PYBIND11_MODULE(_C, m) {
   }, "Force the backward onto bands of pixels or onto split mid channels (tests and tuning; "
      "'split' applies where the shape allows it).");
   m.def("backward_splits", [](py::tuple geom, const std::string& dtype) {
-    Geometry g = parse(geom);
-    g.threads = team_size(g, false, 3);
-    return SEPCONV_PICK(backward_splits)(g, is_f64(dtype));
+    return SEPCONV_PICK(backward_splits)(backward_geometry(geom), is_f64(dtype));
   }, "Whether a backward call of this geometry splits the mid channels over the threads.");
   m.def("flush_denormal", [] { return g_flush_denormals.load(); },
         "Whether the kernels treat subnormal inputs and results as zero (FTZ + DAZ).");
