@@ -136,7 +136,7 @@ Geometry parse(const py::tuple& t) {
   if (t.size() != 22) throw py::value_error("geometry must have 22 entries");
   Geometry g{};
   g.N = get(t, 0); g.C = get(t, 1); g.H = get(t, 2); g.W = get(t, 3);
-  g.m = get(t, 4); g.Co = get(t, 5); g.kh = get(t, 6); g.kw = get(t, 7);
+  g.m = get(t, 4); g.Co = get(t, 5); g.kh = get(t, 6); g.kw = get(t, 7); g.groups = 1;
   g.sh = get(t, 8); g.sw = get(t, 9); g.pt = get(t, 10); int64_t pb = get(t, 11);
   g.pl = get(t, 12); int64_t pr = get(t, 13); g.dh = get(t, 14); g.dw = get(t, 15);
   g.Ho = get(t, 16); g.Wo = get(t, 17); g.channels_last = t[18].cast<bool>();
@@ -185,7 +185,7 @@ int64_t thread_macs() {
 
 int team_size(const Geometry& g, bool mean_only, int64_t passes) {
   const double macs = double(g.N) * g.Ho * g.Wo * g.Cm *
-                      (g.kh * g.kw + (mean_only ? 0 : g.Co)) * passes;
+                      (g.kh * g.kw + (mean_only ? 0 : g.Co / g.groups)) * passes;
   const double per_thread = double(std::max<int64_t>(thread_macs(), 1));
   return macs >= per_thread * g.threads ? g.threads : std::max(1, int(macs / per_thread));
 }
@@ -263,11 +263,16 @@ PYBIND11_MODULE(_C, m) {
   // scale: (N, Cm) or 0, each image's factor for each mid channel, applied before the
   // pointwise GEMM (squeeze-and-excitation). y_layout: -1 (x's layout), 0 (NCHW) or 1
   // (channels-last): forward_from_mid's x (the intermediate) is always channels-last,
-  // and its y is made in the caller's layout rather than transposed after.
+  // and its y is made in the caller's layout rather than transposed after. groups: the
+  // pointwise weight is (Co, Cm / groups), output channel block i reading mid channel
+  // block i only (a block-diagonal GEMM, no zero blocks).
   m.def("forward", [](py::tuple geom, const std::string& dtype, uintptr_t x, uintptr_t dww,
                       uintptr_t pww, uintptr_t dwb, uintptr_t pwb, uintptr_t scale, uintptr_t y,
-                      int y_layout) {
+                      int y_layout, int64_t groups) {
     Geometry g = parse(geom);
+    if (groups < 1 || g.Cm % groups || g.Co % groups)
+      throw py::value_error("groups must be >= 1 and divide the mid and output channels");
+    g.groups = groups;
     g.threads = team_size(g, false, 1);
     if (y_layout < -1 || y_layout > 1) throw py::value_error("y_layout must be -1, 0 or 1");
     if (y_layout >= 0) g.y_channels_last = y_layout == 1;
@@ -280,7 +285,8 @@ PYBIND11_MODULE(_C, m) {
     }
     check(status);
   }, py::arg("geom"), py::arg("dtype"), py::arg("x"), py::arg("dww"), py::arg("pww"),
-     py::arg("dwb"), py::arg("pwb"), py::arg("scale"), py::arg("y"), py::arg("y_layout") = -1);
+     py::arg("dwb"), py::arg("pwb"), py::arg("scale"), py::arg("y"), py::arg("y_layout") = -1,
+     py::arg("groups") = 1);
 
   // out (N, Cm): the channel means of act1(dw(x) + b_dw) per image; u: 0, or that
   // intermediate itself (N, Cm, Ho, Wo, channels-last). The geometry's Co and act2 are not read.

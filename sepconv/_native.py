@@ -75,9 +75,10 @@ def _dense(*ts: Tensor | None) -> list[Tensor | None]:
 
 
 def forward(x, dw_weight, pw_weight, dw_bias, pw_bias, stride, padding, dilation,
-            mid_activation, activation, scale=None, y_format=None) -> Tensor:
+            mid_activation, activation, scale=None, y_format=None, pw_groups=1) -> Tensor:
     """scale: (N, C * m) or None, each image's factor for each mid channel. y_format: y's
-    memory format (default: x's)."""
+    memory format (default: x's). pw_groups: the pointwise conv's groups, pw_weight (C_out,
+    C * m / pw_groups, 1, 1): the kernel's GEMM is block-diagonal, without zero blocks."""
     fmt = memory_format(x)
     x = x.contiguous(memory_format=fmt)
     dw_weight, pw_weight, dw_bias, pw_bias, scale = _dense(dw_weight, pw_weight, dw_bias,
@@ -90,14 +91,14 @@ def forward(x, dw_weight, pw_weight, dw_bias, pw_bias, stride, padding, dilation
                     memory_format=y_format)
     _C.forward(geom, DTYPES[x.dtype], _ptr(x), _ptr(dw_weight), _ptr(pw_weight),
                _ptr(dw_bias), _ptr(pw_bias), _ptr(scale), _ptr(y),
-               int(y_format == torch.channels_last))
+               int(y_format == torch.channels_last), pw_groups)
     return y
 
 
 _IDENTITY: dict = {}  # (channels, dtype) -> a 1x1 depthwise weight of ones
 
 
-def forward_from_mid(mid, pw_weight, pw_bias, activation, scale, fmt) -> Tensor:
+def forward_from_mid(mid, pw_weight, pw_bias, activation, scale, fmt, pw_groups=1) -> Tensor:
     """The pointwise stage alone, on mid = act_mid(dw(x) + dw_bias) already made (``mean``
     with keep; channels-last): the fused forward with a 1x1 identity depthwise (a copy
     into its tiles), so the same scale and GEMM, and the same bits, as from x. y is made
@@ -108,7 +109,7 @@ def forward_from_mid(mid, pw_weight, pw_bias, activation, scale, fmt) -> Tensor:
     if ones is None:
         ones = _IDENTITY[key] = torch.ones((mid.shape[1], 1, 1, 1), dtype=mid.dtype)
     return forward(mid, ones, pw_weight, None, pw_bias, (1, 1), (0, 0, 0, 0), (1, 1), "none",
-                   activation, scale=scale, y_format=fmt)
+                   activation, scale=scale, y_format=fmt, pw_groups=pw_groups)
 
 
 def mean(x, dw_weight, dw_bias, stride, padding, dilation, mid_activation,

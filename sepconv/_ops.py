@@ -59,19 +59,41 @@ def separable_conv2d(
     x: Tensor, dw_weight: Tensor, pw_weight: Tensor, dw_bias: Tensor | None,
     pw_bias: Tensor | None, stride: list[int], padding: list[int], dilation: list[int],
     mid_activation: str, activation: str, backend: str, scale: Tensor | None = None,
+    pw_groups: int = 1,
 ) -> Tensor:
     """y = act(pw(act_mid(dw(x) + dw_bias) * scale) + pw_bias), on every device; scale
-    (N, C * m) or None: squeeze-and-excitation's per-image factor of each mid channel."""
+    (N, C * m) or None: squeeze-and-excitation's per-image factor of each mid channel.
+    pw_groups: the pointwise conv's groups (pw_weight (C_out, C * m / pw_groups, 1, 1))."""
+    impl = _impl(x, backend)
+    if pw_groups > 1 and impl is _triton:  # (its kernels take a dense pointwise weight)
+        pw_weight, pw_groups = dense_pointwise(pw_weight, pw_groups), 1
     args = (x, dw_weight, pw_weight, dw_bias, pw_bias, stride, padding, dilation,
             mid_activation, activation)
-    impl = _impl(x, backend)
-    y = impl.forward(*args) if scale is None else impl.forward(*args, scale=scale)
+    if pw_groups > 1:
+        y = impl.forward(*args, scale=scale, pw_groups=pw_groups)
+    else:
+        y = impl.forward(*args) if scale is None else impl.forward(*args, scale=scale)
     return y.contiguous(memory_format=_native.memory_format(x))
+
+
+def dense_pointwise(w: Tensor, groups: int) -> Tensor:
+    """The block-diagonal (C_out, C_mid, 1, 1) weight that a grouped pointwise weight
+    (C_out, C_mid / groups, 1, 1) stands for: the dense op's, zeros off the blocks."""
+    Co, Kg = w.shape[:2]
+    return torch.block_diag(*w.reshape(groups, Co // groups, Kg)).reshape(Co, Kg * groups, 1, 1)
+
+
+def grouped_grad(g: Tensor, groups: int) -> Tensor:
+    """The gradient of the grouped pointwise weight: the diagonal blocks of the dense
+    weight's gradient g (C_out, C_mid, 1, 1)."""
+    Co, Cm = g.shape[:2]
+    blocks = g.reshape(groups, Co // groups, groups, Cm // groups).diagonal(dim1=0, dim2=2)
+    return blocks.permute(2, 0, 1).reshape(Co, Cm // groups, 1, 1)
 
 
 @separable_conv2d.register_fake
 def _(x, dw_weight, pw_weight, dw_bias, pw_bias, stride, padding, dilation, mid_activation,
-      activation, backend, scale=None):
+      activation, backend, scale=None, pw_groups=1):
     Ho, Wo = _native.output_size(x, dw_weight, stride, padding, dilation)
     return _out_like(x, (x.shape[0], pw_weight.shape[0], Ho, Wo))
 
@@ -139,8 +161,9 @@ def _grads_or_none(grads, mask, n_config: int) -> tuple:
 
 
 def _setup_context(ctx, inputs, output):
-    x, dw_weight, pw_weight, dw_bias, pw_bias, *config, scale = inputs
+    x, dw_weight, pw_weight, dw_bias, pw_bias, *config, scale, pw_groups = inputs
     activation, backend = config[4], config[5]
+    ctx.pw_groups = pw_groups
     keep_y = _native_keeps_y(activation) and _impl(x, backend) is _native and scale is None
     ctx.save_for_backward(x, dw_weight, pw_weight, dw_bias, pw_bias, output if keep_y else None,
                           scale)
@@ -150,13 +173,29 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad_y):
     x, dw_weight, pw_weight, dw_bias, pw_bias, y, scale = ctx.saved_tensors
     mask = _grad_mask(ctx, dw_bias, pw_bias)
+    groups = ctx.pw_groups
+    if groups > 1:  # the backward kernels take the dense weight (see _grouped)
+        pw_weight = dense_pointwise(pw_weight, groups)
     args = (grad_y, x, dw_weight, pw_weight, dw_bias, pw_bias, *ctx.config)
     if scale is None:
-        grads = separable_conv2d_backward(*args, mask, y)
-        return _grads_or_none(grads, mask, len(ctx.config)) + (None,)
-    want_scale = ctx.needs_input_grad[-1]
+        grads = _grouped(separable_conv2d_backward(*args, mask, y), mask, groups)
+        return _grads_or_none(grads, mask, len(ctx.config)) + (None, None)
+    want_scale = ctx.needs_input_grad[11]  # (scale's position; pw_groups is an int)
     *grads, grad_scale = _scaled_backward(*args, scale, mask, want_scale)
-    return _grads_or_none(grads, mask, len(ctx.config)) + (grad_scale if want_scale else None,)
+    return (_grads_or_none(_grouped(grads, mask, groups), mask, len(ctx.config))
+            + (grad_scale if want_scale else None, None))
+
+
+def _grouped(grads, mask, groups: int):
+    """The gradients with the pointwise weight's as the grouped weight's. With groups,
+    every backward (native, Triton, reference) runs on the dense block-diagonal weight:
+    correct, but its pointwise GEMMs do the zero blocks' work too (groups x the
+    multiply-adds); only the native forward skips them so far."""
+    if groups == 1 or not mask[2]:
+        return grads
+    grads = list(grads)
+    grads[2] = grouped_grad(grads[2], groups)
+    return tuple(grads)
 
 
 def _scaled_backward(grad_y, x, dw_weight, pw_weight, dw_bias, pw_bias, stride, padding,
@@ -230,12 +269,14 @@ class _NativeAutograd(torch.autograd.Function):
     ~100 us more per call than this. The same kernels, so the same results."""
 
     @staticmethod
-    def forward(ctx, x, dw_weight, pw_weight, dw_bias, pw_bias, scale, *config):
-        y = _native.forward(x, dw_weight, pw_weight, dw_bias, pw_bias, *config, scale=scale)
+    def forward(ctx, x, dw_weight, pw_weight, dw_bias, pw_bias, scale, pw_groups, *config):
+        y = _native.forward(x, dw_weight, pw_weight, dw_bias, pw_bias, *config, scale=scale,
+                            pw_groups=pw_groups)
         keep_y = _native_keeps_y(config[4]) and scale is None
         ctx.save_for_backward(x, dw_weight, pw_weight, dw_bias, pw_bias, y if keep_y else None,
                               scale)
         ctx.config = config  # stride, padding, dilation, mid_activation, activation
+        ctx.pw_groups = pw_groups
         return y
 
     @staticmethod
@@ -243,6 +284,8 @@ class _NativeAutograd(torch.autograd.Function):
         x, dw_weight, pw_weight, dw_bias, pw_bias, y, scale = ctx.saved_tensors
         mask = _grad_mask(ctx, dw_bias, pw_bias)
         want_scale = scale is not None and ctx.needs_input_grad[5]
+        if ctx.pw_groups > 1:
+            pw_weight = dense_pointwise(pw_weight, ctx.pw_groups)
         args = (grad_y, x, dw_weight, pw_weight, dw_bias, pw_bias, *ctx.config)
         if torch.is_grad_enabled():  # create_graph: the backward op, whose own backward
             if scale is None:  # raises clearly
@@ -253,17 +296,18 @@ class _NativeAutograd(torch.autograd.Function):
             grads, gs = _native.backward(*args, mask, y=y), None
         else:
             *grads, gs = _native.backward(*args, mask, scale=scale, want_scale=want_scale)
-        out = _grads_or_none(grads, mask, 0)
-        return (*out, gs if want_scale else None) + (None,) * len(ctx.config)
+        out = _grads_or_none(_grouped(grads, mask, ctx.pw_groups), mask, 0)
+        return (*out, gs if want_scale else None, None) + (None,) * len(ctx.config)
 
 
 def call(x, dw_weight, pw_weight, dw_bias, pw_bias, stride, padding, dilation, mid_activation,
-         activation, backend, scale=None, mid=None) -> Tensor:
+         activation, backend, scale=None, mid=None, pw_groups=1) -> Tensor:
     """The forward op, or its native CPU kernel directly where nothing needs to see
     the op (same kernel, same result): plain under no_grad, through _NativeAutograd
     where a gradient is wanted. mid: None, or act_mid(dw(x) + dw_bias) from
     ``call_mean(keep=True)``, which the native forward under no_grad then starts from
-    (elsewhere it is recomputed; training takes _NativeExcited instead)."""
+    (elsewhere it is recomputed; training takes _NativeExcited instead). pw_groups: the
+    pointwise conv's groups."""
     args = (x, dw_weight, pw_weight, dw_bias, pw_bias, stride, padding, dilation,
             mid_activation, activation)
     if (backend in ("auto", "native") and _native.supports(x)
@@ -273,13 +317,13 @@ def call(x, dw_weight, pw_weight, dw_bias, pw_bias, stride, padding, dilation, m
         if not grad:
             if mid is not None:
                 return _native.forward_from_mid(mid, pw_weight, pw_bias, activation, scale,
-                                                _native.memory_format(x))
-            return _native.forward(*args, scale=scale)
-        return _NativeAutograd.apply(*args[:5], scale, *args[5:])
+                                                _native.memory_format(x), pw_groups)
+            return _native.forward(*args, scale=scale, pw_groups=pw_groups)
+        return _NativeAutograd.apply(*args[:5], scale, pw_groups, *args[5:])
     if torch.onnx.is_in_onnx_export():  # (an export traces, so it never takes the path above)
         # ONNX has no sepconv op: export the same maths as standard Conv / activation nodes.
-        return reference.forward(*args, scale=scale)
-    return separable_conv2d(*args, backend, scale)
+        return reference.forward(*args, scale=scale, pw_groups=pw_groups)
+    return separable_conv2d(*args, backend, scale, pw_groups)
 
 
 # --- squeeze-and-excitation's squeeze: the channel means of the intermediate -------------

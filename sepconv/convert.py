@@ -304,6 +304,8 @@ def _match(names: list[str], mods: list, fold_bn: bool) -> tuple[_Chain | None, 
         kept = " (fold_bn=False keeps batch norms)" if _is_norm(pw) else ""
         return None, f"followed by {kind} ({at}), not a 1x1 Conv2d{kept}"
     why = pointwise_problem(pw, mods[0].out_channels)
+    if not why and excitation is not None and pw.groups != 1:
+        why = f"has groups={pw.groups} after a squeeze-and-excitation, which fuse() cannot take"
     if why:
         return None, f"the conv after it ({at}) {why}"
     i += 1

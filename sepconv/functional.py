@@ -150,13 +150,14 @@ def separable_conv2d(
     mid_activation: str | None = None,
     activation: str | None = None,
     scale: Tensor | None = None,
+    pointwise_groups: int = 1,
 ) -> Tensor:
     """Fused ``act(pw(act_mid(dw(x) + depthwise_bias) * scale) + bias)``.
 
     Shapes:
         x: (N, C_in, H, W) or unbatched (C_in, H, W)
         depthwise_weight: (C_in * m, 1, kh, kw)  (m: depth multiplier)
-        pointwise_weight: (C_out, C_in * m, 1, 1)
+        pointwise_weight: (C_out, C_in * m / pointwise_groups, 1, 1)
         bias: (C_out,); depthwise_bias: (C_in * m,)
         returns: (N, C_out, H_out, W_out), in x's memory format
 
@@ -168,13 +169,19 @@ def separable_conv2d(
     channel applied before the pointwise conv: squeeze-and-excitation's excitation, with
     the mid channels' means from ``depthwise_mean``. Its backward also gives the scale's
     gradient (native: in one kernel call; Triton and the reference: a call per image).
+    ``pointwise_groups``: the pointwise conv's groups, as ``nn.Conv2d``'s ``groups`` (both
+    C_in * m and C_out divisible by it): output channel block i reads mid channel block i
+    only (ShuffleNetV1's group convolutions). The native forward's GEMM skips the zero
+    blocks; the backward (every path) and Triton's forward compute them.
     """
     return _separable_conv2d(x, depthwise_weight, pointwise_weight, bias, stride, padding,
-                             dilation, depthwise_bias, mid_activation, activation, scale, None)
+                             dilation, depthwise_bias, mid_activation, activation, scale, None,
+                             pointwise_groups)
 
 
 def _separable_conv2d(x, depthwise_weight, pointwise_weight, bias, stride, padding, dilation,
-                      depthwise_bias, mid_activation, activation, scale, mid) -> Tensor:
+                      depthwise_bias, mid_activation, activation, scale, mid,
+                      pointwise_groups=1) -> Tensor:
     """separable_conv2d; mid: None, or the intermediate from _depthwise_mean(keep=True)."""
     if torch._C._is_any_autocast_enabled():
         x, depthwise_weight, pointwise_weight, bias, depthwise_bias, scale = _autocast(
@@ -184,6 +191,8 @@ def _separable_conv2d(x, depthwise_weight, pointwise_weight, bias, stride, paddi
         key = _signature(x, depthwise_weight, pointwise_weight, bias, depthwise_bias, *hyper)
         if scale is not None:
             key += (type(scale), scale.shape, scale.dtype, scale.device)
+        if pointwise_groups != 1:
+            key += ("groups", _key(pointwise_groups))
         config = _CALLS.get(key)
     except (AttributeError, TypeError):  # not a tensor, or unhashable: checked, not kept
         key = config = None
@@ -195,14 +204,15 @@ def _separable_conv2d(x, depthwise_weight, pointwise_weight, bias, stride, paddi
             return separable_conv2d(x.unsqueeze(0), depthwise_weight, pointwise_weight, bias,
                                     stride, padding, dilation, depthwise_bias=depthwise_bias,
                                     mid_activation=mid_activation, activation=activation,
-                                    scale=scale)[0]
-        config = _check_call(x, depthwise_weight, pointwise_weight, bias, depthwise_bias, *hyper)
+                                    scale=scale, pointwise_groups=pointwise_groups)[0]
+        config = _check_call(x, depthwise_weight, pointwise_weight, bias, depthwise_bias, *hyper,
+                             pointwise_groups)
         if scale is not None:
             _check_tensor(scale, "scale", x, (x.shape[0], depthwise_weight.shape[0]))
         if key is not None and len(_CALLS) < 4096:
             _CALLS[key] = config
     return _ops.call(x, depthwise_weight, pointwise_weight, depthwise_bias, bias, *config,
-                     _backend.current_backend(), scale, mid)
+                     _backend.current_backend(), scale, mid, pointwise_groups)
 
 
 def depthwise_mean(
@@ -303,15 +313,20 @@ def _check_depthwise(x, depthwise_weight, depthwise_bias) -> tuple[int, int, int
 
 
 def _check_call(x, depthwise_weight, pointwise_weight, bias, depthwise_bias, stride, padding,
-                dilation, mid_activation, activation) -> tuple:
+                dilation, mid_activation, activation, groups=1) -> tuple:
     """Checks a call with a tensor x; returns its (stride, [top, bottom, left, right],
-    dilation, act1, act2)."""
+    dilation, act1, act2). groups: the pointwise conv's."""
     Cm, kh, kw = _check_depthwise(x, depthwise_weight, depthwise_bias)
     H, W = x.shape[2:]
     _check_tensor(pointwise_weight, "pointwise_weight", x, None)
-    if (pointwise_weight.dim() != 4 or pointwise_weight.shape[1:] != (Cm, 1, 1)
-            or pointwise_weight.shape[0] == 0):
-        raise ValueError(f"expected pointwise_weight of shape (C_out, {Cm}, 1, 1), "
+    if not isinstance(groups, int) or isinstance(groups, bool) or groups < 1:
+        raise ValueError(f"pointwise_groups must be a positive int, got {groups!r}")
+    if Cm % groups:
+        raise ValueError(f"pointwise_groups={groups} does not divide the {Cm} mid channels")
+    if (pointwise_weight.dim() != 4 or pointwise_weight.shape[1:] != (Cm // groups, 1, 1)
+            or pointwise_weight.shape[0] == 0 or pointwise_weight.shape[0] % groups):
+        out = "C_out" if groups == 1 else f"C_out (a multiple of {groups})"
+        raise ValueError(f"expected pointwise_weight of shape ({out}, {Cm // groups}, 1, 1), "
                          f"got {tuple(pointwise_weight.shape)}")
     if bias is not None:
         _check_tensor(bias, "bias", x, (pointwise_weight.shape[0],))

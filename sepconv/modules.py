@@ -84,8 +84,6 @@ def pointwise_problem(conv: nn.Conv2d, channels: int) -> str | None:
         return f"has kernel {conv.kernel_size}, not 1x1"
     if conv.stride != (1, 1) or conv.padding not in ((0, 0), "valid", "same"):
         return f"has stride {conv.stride} and padding {conv.padding}; it must be 1 and 0"
-    if conv.groups != 1:
-        return f"has groups={conv.groups}; it must be 1"
     if conv.in_channels != channels:
         return f"takes {conv.in_channels} channels, not the {channels} before it"
     return None
@@ -96,13 +94,17 @@ class SeparableConv2d(nn.Module):
     optional ``mid_activation``, then a 1x1 conv to ``out_channels``, optional ``activation``.
 
     Takes ``nn.Conv2d``'s arguments and gives the same output shape for all of them.
-    ``groups`` exists only for signature compatibility and must be 1. ``padding="same"``
+    ``groups`` keeps ``nn.Conv2d``'s position for signature compatibility and must be 1:
+    the depthwise stage is grouped per input channel already, and which stage a second
+    grouping would apply to is ambiguous. ``pointwise_groups`` groups the 1x1 conv
+    (ShuffleNetV1's group convolutions; in_channels * depth_multiplier and out_channels
+    divisible by it): output channel block i reads mid channel block i. ``padding="same"``
     also works with stride > 1 (which ``nn.Conv2d`` refuses): TensorFlow's SAME, as timm's
     Conv2dSame, with the output ceil(input / stride).
 
     Parameters:
         depthwise_weight: (in_channels * m, 1, kh, kw)
-        pointwise_weight: (out_channels, in_channels * m, 1, 1)
+        pointwise_weight: (out_channels, in_channels * m / pointwise_groups, 1, 1)
         bias: (out_channels,) or None
         depthwise_bias: (in_channels * m,) or None (``depthwise_bias=True`` creates it)
 
@@ -131,15 +133,25 @@ class SeparableConv2d(nn.Module):
         se_channels: int | None = None,
         se_activation: str = "relu",
         se_gate: str = "sigmoid",
+        pointwise_groups: int = 1,
     ) -> None:
         super().__init__()
         for name, value in (("in_channels", in_channels), ("out_channels", out_channels),
-                            ("depth_multiplier", depth_multiplier)):
+                            ("depth_multiplier", depth_multiplier),
+                            ("pointwise_groups", pointwise_groups)):
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
         if groups != 1:
             raise ValueError(f"SeparableConv2d has no groups (got groups={groups}): its depthwise "
-                             "stage is already grouped per input channel")
+                             "stage is already grouped per input channel; pointwise_groups "
+                             "groups the 1x1 conv")
+        if (in_channels * depth_multiplier) % pointwise_groups or out_channels % pointwise_groups:
+            raise ValueError(f"pointwise_groups={pointwise_groups} must divide the "
+                             f"{in_channels * depth_multiplier} mid channels and the "
+                             f"{out_channels} out_channels")
+        if pointwise_groups > 1 and se_channels is not None:
+            raise ValueError("SeparableConv2d does not take pointwise_groups with "
+                             "squeeze-and-excitation (se_channels)")
         if padding_mode not in PADDING_MODES:
             raise ValueError(f"padding_mode must be one of {PADDING_MODES}, got {padding_mode!r}")
         self.in_channels, self.out_channels = in_channels, out_channels
@@ -152,6 +164,7 @@ class SeparableConv2d(nn.Module):
                                      list(self.dilation))
         self.padding = padding if isinstance(padding, str) else tuple(_pair(padding, "padding", 0))
         self.groups, self.padding_mode, self.depth_multiplier = 1, padding_mode, depth_multiplier
+        self.pointwise_groups = pointwise_groups
         self.mid_activation = None if _activation(mid_activation, "mid_activation") == "none" \
             else mid_activation.lower()
         self.activation = None if _activation(activation, "activation") == "none" \
@@ -160,7 +173,8 @@ class SeparableConv2d(nn.Module):
         factory = {"device": device, "dtype": dtype}
         mid = in_channels * depth_multiplier
         self.depthwise_weight = nn.Parameter(torch.empty((mid, 1, *self.kernel_size), **factory))
-        self.pointwise_weight = nn.Parameter(torch.empty((out_channels, mid, 1, 1), **factory))
+        self.pointwise_weight = nn.Parameter(
+            torch.empty((out_channels, mid // pointwise_groups, 1, 1), **factory))
         self.bias = nn.Parameter(torch.empty(out_channels, **factory)) if bias else None
         self.depthwise_bias = nn.Parameter(torch.empty(mid, **factory)) if depthwise_bias else None
         self.excitation = None
@@ -215,7 +229,8 @@ class SeparableConv2d(nn.Module):
                                   self.mid_activation, self.activation, self.excitation)
         return separable_conv2d(x, dw, pw, b, self.stride, padding, self.dilation,
                                 depthwise_bias=db, mid_activation=self.mid_activation,
-                                activation=self.activation)
+                                activation=self.activation,
+                                pointwise_groups=self.pointwise_groups)
 
     @classmethod
     def from_conv2d_pair(cls, depthwise: nn.Conv2d, pointwise: nn.Conv2d, *,
@@ -230,7 +245,8 @@ class SeparableConv2d(nn.Module):
 
         depthwise: ``nn.Conv2d(C, C * m, k, ..., groups=C)`` (any stride, padding,
         dilation, padding_mode); pointwise: ``nn.Conv2d(C * m, C_out, 1)`` (stride 1, no
-        padding, groups 1). On depthwise's device and dtype, without gradients attached.
+        padding, any groups: ``pointwise_groups``). On depthwise's device and dtype,
+        without gradients attached.
         ``padding`` replaces depthwise's (``"same"`` for a conv that pads as TensorFlow's
         SAME, as timm's Conv2dSame). ``excitation``: a squeeze-and-excitation between the
         mid activation and the pointwise conv, taken as it is (not copied). Subclasses
@@ -261,13 +277,15 @@ class SeparableConv2d(nn.Module):
                      padding_mode=depthwise.padding_mode, device=dw_w.device, dtype=dw_w.dtype,
                      depth_multiplier=depthwise.out_channels // c,
                      mid_activation=mid_activation, activation=activation,
-                     depthwise_bias=dw_b is not None)
+                     depthwise_bias=dw_b is not None, pointwise_groups=pointwise.groups)
         with torch.no_grad():
             for param, value in ((module.depthwise_weight, dw_w), (module.depthwise_bias, dw_b),
                                  (module.pointwise_weight, pw_w), (module.bias, pw_b)):
                 if param is not None:
                     param.copy_(value)
         if excitation is not None:
+            if pointwise.groups != 1:
+                raise ValueError("an excitation with a grouped pointwise conv is not supported")
             if not isinstance(excitation, Excitation):
                 raise TypeError(f"excitation must be a sepconv Excitation, got "
                                 f"{type(excitation).__name__}")
@@ -293,6 +311,8 @@ class SeparableConv2d(nn.Module):
             s += f", padding_mode={self.padding_mode}"
         if self.depth_multiplier != 1:
             s += f", depth_multiplier={self.depth_multiplier}"
+        if self.pointwise_groups != 1:
+            s += f", pointwise_groups={self.pointwise_groups}"
         if self.depthwise_bias is not None:
             s += ", depthwise_bias=True"
         if self.mid_activation:

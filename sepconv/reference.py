@@ -39,8 +39,9 @@ def _pad(x: Tensor, padding: list[int]) -> Tensor:
 
 
 def forward(x, dw_weight, pw_weight, dw_bias, pw_bias, stride, padding, dilation,
-            mid_activation, activation, scale=None) -> Tensor:
-    """scale: (N, C * m) or None, each image's factor for each mid channel."""
+            mid_activation, activation, scale=None, pw_groups=1) -> Tensor:
+    """scale: (N, C * m) or None, each image's factor for each mid channel; pw_groups: the
+    pointwise conv's groups."""
     top, bottom, left, right = padding
     if top == bottom and left == right:  # conv2d's own padding: one ONNX Conv node
         u = F.conv2d(x, dw_weight, dw_bias, stride, (top, left), dilation, groups=x.shape[1])
@@ -50,7 +51,7 @@ def forward(x, dw_weight, pw_weight, dw_bias, pw_bias, stride, padding, dilation
     mid = _FORWARD[mid_activation](u)
     if scale is not None:
         mid = mid * scale[:, :, None, None]
-    return _FORWARD[activation](F.conv2d(mid, pw_weight, pw_bias))
+    return _FORWARD[activation](F.conv2d(mid, pw_weight, pw_bias, groups=pw_groups))
 
 
 def backward(grad_y, x, dw_weight, pw_weight, dw_bias, pw_bias, stride, padding, dilation,

@@ -137,17 +137,18 @@ def _two(v):
 
 
 def oracle(x, dw, pw, b, b_dw, stride, padding, dilation, act1, act2, mid_dtype=None,
-           scale=None):
+           scale=None, groups=1):
     """The unfused pair of nn.Conv2d modules in float64, run on the given tensors
     (functional_call keeps them in the autograd graph). ``mid_dtype`` rounds the
     intermediate to that dtype on the way forward (gradients pass straight through),
-    as the nn.Conv2d pair in that dtype and the fused kernels' dot do."""
+    as the nn.Conv2d pair in that dtype and the fused kernels' dot do. ``groups``: the
+    pointwise conv's."""
     C, Cm, Co = x.shape[1], dw.shape[0], pw.shape[0]
     if padding == "same" and stride not in (1, (1, 1)):  # nn.Conv2d refuses: pad first
         x, padding = tf_same_pad(x, dw.shape[2:], stride, dilation), 0
     dconv = nn.Conv2d(C, Cm, tuple(dw.shape[2:]), stride, padding, dilation, groups=C,
                       bias=b_dw is not None, device="meta")
-    pconv = nn.Conv2d(Cm, Co, 1, bias=b is not None, device="meta")
+    pconv = nn.Conv2d(Cm, Co, 1, bias=b is not None, groups=groups, device="meta")
     mid = ACTS[act1]()(functional_call(dconv, {"weight": dw, "bias": b_dw}, (x,)))
     if scale is not None:  # squeeze-and-excitation's per-image factor of each mid channel
         mid = mid * scale[:, :, None, None]
@@ -156,20 +157,23 @@ def oracle(x, dw, pw, b, b_dw, stride, padding, dilation, act1, act2, mid_dtype=
     return ACTS[act2]()(functional_call(pconv, {"weight": pw, "bias": b}, (mid,)))
 
 
-def make_inputs(N, C, H, W, m, Co, k, *, bias=True, dw_bias=True, seed=0):
-    """Random float64 tensors of O(1) magnitude: x, dw, pw, b, b_dw."""
+def make_inputs(N, C, H, W, m, Co, k, *, bias=True, dw_bias=True, seed=0, groups=1):
+    """Random float64 tensors of O(1) magnitude: x, dw, pw, b, b_dw (pw grouped by
+    ``groups``)."""
     kh, kw = (k, k) if isinstance(k, int) else k
     g = torch.Generator().manual_seed(seed)
     r = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64)  # noqa: E731
-    return (r(N, C, H, W), r(C * m, 1, kh, kw) / kh, r(Co, C * m, 1, 1) / (C * m) ** 0.5,
+    return (r(N, C, H, W), r(C * m, 1, kh, kw) / kh,
+            r(Co, C * m // groups, 1, 1) / (C * m // groups) ** 0.5,
             r(Co) if bias else None, r(C * m) if dw_bias else None)
 
 
 def check_against_oracle(target, inputs, stride=1, padding=0, dilation=1, act1=None,
-                         act2=None, layout=lambda t: t, grads=True):
+                         act2=None, layout=lambda t: t, grads=True, groups=1):
     """Forward and every gradient of sepconv (inputs moved ``.to(**target)``: dtype and
     device; x passed through ``layout``) against the float64 oracle on random data.
-    ``inputs``: x, dw, pw, b, b_dw (make_inputs), and optionally a scale (N, C * m)."""
+    ``inputs``: x, dw, pw, b, b_dw (make_inputs), and optionally a scale (N, C * m).
+    ``groups``: the pointwise conv's (pw made with them)."""
     dtype = target["dtype"]
     low = dtype in (torch.float16, torch.bfloat16)
     if low:  # the oracle rounds where the kernel must: inputs and intermediate
@@ -177,14 +181,14 @@ def check_against_oracle(target, inputs, stride=1, padding=0, dilation=1, act1=N
     leaves = [t.clone().requires_grad_() if t is not None else None for t in inputs]
     scaled = len(inputs) > 5
     expected = oracle(*leaves[:5], stride, padding, dilation, act1, act2, dtype if low else None,
-                      scale=leaves[5] if scaled else None)
+                      scale=leaves[5] if scaled else None, groups=groups)
     g = torch.Generator().manual_seed(7)
     gy = torch.randn(expected.shape, dtype=torch.float64, generator=g).to(dtype).double()
     mine = [t.detach().to(**target).requires_grad_() if t is not None else None for t in inputs]
     x = layout(mine[0])
     y = sepconv.separable_conv2d(x, mine[1], mine[2], mine[3], stride, padding, dilation,
                                  depthwise_bias=mine[4], mid_activation=act1, activation=act2,
-                                 scale=mine[5] if scaled else None)
+                                 scale=mine[5] if scaled else None, pointwise_groups=groups)
     assert y.dtype == dtype and y.shape == expected.shape
     assert_close(y, expected, dtype, "y")
     if not grads:

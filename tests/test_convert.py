@@ -121,6 +121,9 @@ def _chain(*between, after=(), dw=None, pw=None):
     (_chain(nn.Identity(), after=(nn.Hardswish(),)), None, "hardswish"),
     (_chain(dw=nn.Conv2d(4, 8, (3, 5), 2, (1, 2), 2, groups=4, padding_mode="reflect"),
             after=(nn.ReLU(inplace=True),)), None, "relu"),
+    # a grouped 1x1 conv (ShuffleNetV1): pointwise_groups
+    (_chain(nn.BatchNorm2d(8), pw=nn.Conv2d(8, 6, 1, groups=2), after=(nn.BatchNorm2d(6),)),
+     None, None),
 ])
 def test_fuse_chain_variants(model, act1, act2):
     model = _random_norms(model).eval()
@@ -128,6 +131,8 @@ def test_fuse_chain_variants(model, act1, act2):
     sep = fused[0]
     assert len(report.fused) == 1 and isinstance(sep, sepconv.SeparableConv2d)
     assert (sep.mid_activation, sep.activation) == (act1, act2)
+    pw = [m for m in model if isinstance(m, nn.Conv2d) and m.kernel_size == (1, 1)][0]
+    assert sep.pointwise_groups == pw.groups
     x = torch.randn(2, 4, 11, 13)
     with torch.no_grad():
         assert _relative_error(fused(x), model(x)) < 1e-5
@@ -137,7 +142,6 @@ def test_fuse_chain_variants(model, act1, act2):
     (_chain(nn.BatchNorm2d(8), nn.GELU()), "followed by GELU (2)"),
     (_chain(pw=nn.Conv2d(8, 6, 1, stride=2)), "stride (2, 2)"),
     (_chain(pw=nn.Conv2d(8, 6, 3, padding=1)), "not 1x1"),
-    (_chain(pw=nn.Conv2d(8, 6, 1, groups=2)), "groups=2"),
     (_chain(nn.BatchNorm2d(8, track_running_stats=False)), "track_running_stats=False"),
     (nn.Sequential(nn.Conv2d(4, 4, 3, groups=4)), "nothing follows"),
 ])

@@ -27,6 +27,8 @@ def _model(dtype=torch.float32) -> nn.Module:
         sepconv.SeparableConv2d(8, 5, (3, 5), stride=2, padding=(1, 2), dilation=1,
                                 depth_multiplier=2, activation="hardswish", dtype=dtype),
         sepconv.SeparableConv2d(5, 4, 2, padding="same", mid_activation="silu", dtype=dtype),
+        sepconv.SeparableConv2d(4, 6, 3, padding=1, activation="relu", pointwise_groups=2,
+                                dtype=dtype),
     ).eval()
 
 
@@ -56,10 +58,10 @@ def test_onnx_export_is_standard_operators_and_runs_in_onnxruntime(dynamo, tmp_p
     graph = onnx.load(str(path)).graph
     assert {n.domain for n in graph.node} <= {"", "ai.onnx"}  # no custom domain
     ops = [n.op_type for n in graph.node]
-    assert ops.count("Conv") == 6  # a grouped Conv and a 1x1 Conv per layer
+    assert ops.count("Conv") == 8  # a grouped Conv and a 1x1 Conv per layer
     groups = [a.i for n in graph.node if n.op_type == "Conv" for a in n.attribute
               if a.name == "group"]
-    assert sorted(groups) == [1, 1, 1, 3, 5, 8]
+    assert sorted(groups) == [1, 1, 1, 2, 3, 4, 5, 8]  # (2: the grouped pointwise conv)
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     for n in (2, 3):
         x = torch.randn(n, 3, 17, 15)

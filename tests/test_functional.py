@@ -316,6 +316,68 @@ def test_unbatched_input(path):
     torch.testing.assert_close(sep(x[0], dw, pw, b, 1, 1), sep(x, dw, pw, b, 1, 1)[0])
 
 
+# Grouped pointwise convs (ShuffleNetV1's): (N, C, H, W, m, Co, kernel, stride, padding,
+# groups). Groups' widths below, at and past one GEMM panel (NR: 16 or 32 columns), an
+# output group narrower than a vector (the bias read past a group's last channel), one
+# mid channel per group, a depth multiplier, batch 0.
+GROUPED_CASES = {
+    "g3": (2, 6, 9, 11, 1, 9, 3, 1, 1, 3),
+    "g3_stride2": (2, 12, 13, 11, 1, 24, 3, 2, 1, 3),
+    "g2_m2": (1, 4, 7, 9, 2, 6, 3, 1, 1, 2),
+    "g5_one_channel_each": (2, 5, 6, 7, 1, 10, 3, 1, 1, 5),
+    "g4_wide": (1, 40, 7, 6, 1, 136, 3, 1, 1, 4),  # 34 out per group: a part second panel
+    "g8_k5": (1, 16, 9, 8, 1, 24, 5, 2, 2, 8),
+    "batch0": (0, 6, 5, 5, 1, 9, 3, 1, 1, 3),
+}
+
+
+@pytest.mark.parametrize("name", GROUPED_CASES)
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_grouped_pointwise(path, name, layout):
+    N, C, H, W, m, Co, k, s, p, g = GROUPED_CASES[name]
+    check_against_oracle(path, make_inputs(N, C, H, W, m, Co, k, groups=g), s, p, 1, "relu",
+                         "hardswish", layout=LAYOUTS[layout], groups=g)
+
+
+# With a squeeze-and-excitation scale of the mid channels (the functional takes both).
+def test_grouped_pointwise_with_scale(path):
+    x, dw, pw, b, bd = make_inputs(2, 6, 7, 8, 1, 9, 3, groups=3)
+    scale = torch.rand(2, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    check_against_oracle(path, (x, dw, pw, b, bd, scale), 2, 1, 1, "silu", "relu", groups=3)
+
+
+# Grouped weights beyond half of any L2 up to 4 MiB (1040 x 272 in float64: 2.3 MB) on
+# 5x5 images at batch 10 with the tile budget raised: whole images per tile, each
+# thread's own weight copy, an NCHW y by a GEMM per image and group; and at batch 1
+# (one tile per image row block). Native only, as above.
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+@pytest.mark.parametrize("N", [1, 10])
+def test_grouped_pointwise_large_weights(native_path, threads, layout, N):
+    budget, before = sepconv.backend_info()["cpu_caches"]["tile_bytes"], torch.get_num_threads()
+    try:
+        _C.set_tile_bytes(1 << 20)
+        torch.set_num_threads(threads)
+        check_against_oracle(native_path, make_inputs(N, 544, 5, 5, 1, 1040, 3, groups=2), 1,
+                             1, 1, "relu", None, layout=LAYOUTS[layout], groups=2)
+    finally:
+        _C.set_tile_bytes(budget)
+        torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("groups,shape,message", [
+    (0, (6, 12, 1, 1), "pointwise_groups must be a positive int"),
+    (True, (6, 12, 1, 1), "pointwise_groups must be a positive int"),
+    (5, (5, 2, 1, 1), "does not divide the 12 mid channels"),
+    (3, (6, 12, 1, 1), r"expected pointwise_weight of shape \(C_out \(a multiple of 3\), 4"),
+    (4, (6, 3, 1, 1), r"C_out \(a multiple of 4\)"),
+])
+def test_grouped_pointwise_errors(groups, shape, message):
+    x, dw = torch.randn(1, 12, 5, 5), torch.randn(12, 1, 3, 3)
+    with pytest.raises(ValueError, match=message):
+        sepconv.separable_conv2d(x, dw, torch.randn(shape), pointwise_groups=groups)
+
+
 def _configs(C, Co, k, dilation, HW, layouts):
     return dict(
         N=st.integers(0, 3), C=st.integers(1, C), m=st.integers(1, 3), Co=st.integers(1, Co),

@@ -138,21 +138,22 @@ def test_channel_shuffle_is_the_transpose():
     assert models.ChannelShuffle(3)(x).flatten().tolist() == [0, 2, 4, 1, 3, 5]
 
 
-def test_fuse_takes_shufflenet_v1_units_with_ungrouped_pointwise_only():
-    """groups=1: every unit's dw -> BN -> 1x1 fused, the same outputs; groups=3: none,
-    each named with its grouped 1x1 conv (issue 18 adds grouped pointwise)."""
+@pytest.mark.parametrize("groups", [1, 3, 8])
+def test_fuse_takes_every_shufflenet_v1_unit(groups):
+    """Every unit's dw -> BN -> 1x1 group conv -> BN fused (pointwise_groups=g), the
+    same outputs; the channel shuffle before it stays a module."""
     import sepconv
     torch.manual_seed(0)
-    model = models.shufflenet_v1(1, num_classes=10).eval()
+    model = models.shufflenet_v1(groups, num_classes=10).eval()
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         want = model(x)
         fused, report = sepconv.fuse(model)
-        assert len(report.fused) == 16
-        torch.testing.assert_close(fused(x), want, rtol=1e-4, atol=1e-4)
-    _, report = sepconv.fuse(models.shufflenet_v1(3).eval())
-    assert not report.fused and len(report.skipped) == 16
-    assert all("groups=3" in why for _, why in report.skipped)
+        assert len(report.fused) == 16 and not report.skipped
+        seps = [m for m in fused.modules() if isinstance(m, sepconv.SeparableConv2d)]
+        assert len(seps) == 16 and all(m.pointwise_groups == groups for m in seps)
+        got = fused(x)
+    assert (got - want).abs().max() <= 1e-5 * want.abs().max()
 
 
 def _squeezenet_by_hand() -> tuple[int, int]:

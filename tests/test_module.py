@@ -238,8 +238,43 @@ def test_matches_oracle_in_training_loop():
 
 
 def test_groups_other_than_one_is_rejected():
-    with pytest.raises(ValueError, match="groups"):
+    with pytest.raises(ValueError, match="pointwise_groups groups the 1x1 conv"):
         sepconv.SeparableConv2d(4, 4, 3, 1, 0, 1, 2)
+
+
+def test_pointwise_groups():
+    """nn.Conv2d's grouped 1x1 conv in the module: the weight's shape, the repr, the
+    float64 pair's output and gradients in training, and from_conv2d_pair."""
+    torch.manual_seed(0)
+    sep = sepconv.SeparableConv2d(6, 9, 3, padding=1, mid_activation="relu",
+                                  depthwise_bias=True, pointwise_groups=3, dtype=torch.float64)
+    assert sep.pointwise_weight.shape == (9, 2, 1, 1)
+    assert "pointwise_groups=3" in repr(sep)
+    x = torch.randn(2, 6, 7, 5, dtype=torch.float64)
+    params = [p.detach().clone().requires_grad_() for p in
+              (sep.depthwise_weight, sep.pointwise_weight, sep.bias, sep.depthwise_bias)]
+    want = oracle(x, *params, 1, 1, 1, "relu", None, groups=3)
+    got = sep(x)
+    torch.testing.assert_close(got, want)
+    gy = torch.randn_like(want)
+    torch.testing.assert_close(
+        torch.autograd.grad(got, list(sep.parameters()), gy),
+        torch.autograd.grad(want, params, gy))
+    dw, pw = nn.Conv2d(6, 6, 3, padding=1, groups=6), nn.Conv2d(6, 9, 1, groups=3)
+    pair = sepconv.SeparableConv2d.from_conv2d_pair(dw, pw)
+    assert pair.pointwise_groups == 3
+    xf = x.float()
+    torch.testing.assert_close(pair(xf), pw(dw(xf)))
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(pointwise_groups=4), "must divide the 6 mid channels and the 9 out_channels"),
+    (dict(pointwise_groups=0), "pointwise_groups must be a positive int"),
+    (dict(pointwise_groups=3, se_channels=2), "squeeze-and-excitation"),
+])
+def test_pointwise_groups_errors(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        sepconv.SeparableConv2d(6, 9, 3, **kwargs)
 
 
 def test_parametrized_parameters():

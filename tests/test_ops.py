@@ -32,6 +32,17 @@ def test_opcheck_forward(backend, channels_last, bias):
     torch.library.opcheck(OP, _args(channels_last, bias, backend=backend))
 
 
+@pytest.mark.parametrize("backend", ["auto", "reference"])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_opcheck_forward_grouped(backend, channels_last):
+    x, dw, pw, b, bd = make_inputs(2, 3, 7, 6, 2, 4, 3, groups=2)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    leaves = [t.requires_grad_() for t in (x, dw, pw, bd, b)]
+    torch.library.opcheck(OP, (*leaves, [2, 1], [1, 0, 2, 1], [1, 2], "relu", "silu", backend,
+                               None, 2))
+
+
 @pytest.mark.parametrize("channels_last", [False, True])
 @pytest.mark.parametrize("mask", [[True] * 5, [False, True, False, True, False],
                                   [True, False, False, False, True]])
@@ -98,6 +109,7 @@ def test_compile_fullgraph_matches_eager():
     model = torch.nn.Sequential(
         sepconv.SeparableConv2d(3, 8, 3, padding=1, mid_activation="relu", activation="relu"),
         sepconv.SeparableConv2d(8, 4, 5, stride=2, padding="valid", depthwise_bias=True),
+        sepconv.SeparableConv2d(4, 6, 3, padding=1, pointwise_groups=2),
     )
     assert_compiled_matches_eager(model, [torch.randn(b, 3, 16, 16) for b in (2, 3)],
                                   dynamic=True)

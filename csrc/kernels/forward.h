@@ -141,9 +141,13 @@ int forward_impl(const Geometry& g, const T* x, const T* dww, const T* pww, cons
   constexpr int64_t nr = NR<T>();
   const int64_t HWo = g.Ho * g.Wo, Cm = g.Cm, Co = g.Co, kk = g.kh * g.kw;
   const bool xcl = g.channels_last, cl = g.y_channels_last;  // x's layout, y's
+  // Pointwise groups: output channels [i * Cog, (i + 1) * Cog) read mid channels [i * Kg,
+  // (i + 1) * Kg) only, a GEMM per group on U's column block; the weight (Co x Kg) is
+  // packed by groups, npg panels each. (One group: Kg = Cm, the plain GEMM.)
+  const int64_t G = g.groups, Kg = Cm / G, Cog = Co / G, npg = ceil_div(Cog, nr);
   // The packed weights in half the L2 (else they stream from L3: images_per_tile and
   // the GEMM's panel groups below).
-  const int64_t npanels = ceil_div(Co, nr), panel_bytes = Cm * nr * (int64_t)sizeof(T);
+  const int64_t npanels = G * npg, panel_bytes = Kg * nr * (int64_t)sizeof(T);
   const bool weights_fit = npanels * panel_bytes <= g.l2_bytes / 2;
   const int64_t P = tile_pixels<T>(g, 4 * MR), images = images_per_tile<T>(g, P, weights_fit);
   const int64_t ldu = padded_ld<T>(Cm, 16, 1024);
@@ -156,11 +160,12 @@ int forward_impl(const Geometry& g, const T* x, const T* dww, const T* pww, cons
   // of all of them first (a pass over the packed copy out to memory and back: 9.4
   // MiB at 768x7->3072), and the split is one block per thread. Zen 5, batch 1, in-
   // process A/B: 960x7->320 1.39-1.41x, 1024x7 1.09-1.28x, 768x7->3072 1.16x.
-  const bool pack_each = pixel_tiles == 1;
-  int64_t co_splits = pack_each ? g.threads : imin(ceil_div(2 * g.threads, imax(pixel_tiles, 1)),
+  // (With pointwise groups every tile takes all the output channels, group by group.)
+  const bool pack_each = pixel_tiles == 1 && G == 1;
+  int64_t co_splits = G > 1 ? 1 : pack_each ? g.threads : imin(ceil_div(2 * g.threads, imax(pixel_tiles, 1)),
                                                   ceil_div(Co, 4 * nr));
   // With few tiles, a count that is not a multiple of the threads leaves one idle.
-  while (co_splits < ceil_div(Co, nr) && (pixel_tiles * co_splits) % g.threads != 0 &&
+  while (G == 1 && co_splits < ceil_div(Co, nr) && (pixel_tiles * co_splits) % g.threads != 0 &&
          pixel_tiles * co_splits < 8 * g.threads)
     ++co_splits;
   const int64_t co_block = round_up(ceil_div(Co, co_splits), nr);
@@ -168,7 +173,11 @@ int forward_impl(const Geometry& g, const T* x, const T* dww, const T* pww, cons
 
   // Each thread packs its own copy of the weights (own_weight_copies), as its first
   // tile of a weight block needs them.
-  const int64_t packed_elems = npanels * nr * Cm;
+  const int64_t packed_elems = npanels * nr * Kg;
+  // Panel q of the packed weight: panel q % npg of group q / npg.
+  auto pack_panel = [&](int64_t q, T* dst) {
+    pack_wt_panel(pww + q / npg * Cog * Kg, Cog, Kg, q % npg, dst + q * Kg * nr);
+  };
   const bool own = !pack_each && own_weight_copies(g, packed_elems * (int64_t)sizeof(T));
   constexpr int64_t line = 64 / (int64_t)sizeof(T);  // each thread's buffers start on a line
   // The depthwise weight as [tap][Cm], the bias (NR-padded) and the tap columns' ranges:
@@ -176,7 +185,9 @@ int forward_impl(const Geometry& g, const T* x, const T* dww, const T* pww, cons
   // shared one was read by every thread and written again by the next call). Zen 4,
   // forward, batch 1, in-process A/B against one copy made before the threads start:
   // mobilenet_v2 CL 1.011x, NCHW 1.015x, mobilenet_v1 CL 1.015x.
-  const int64_t lw = round_up(kk * Cm, line), lb = round_up(Co, nr), lc = round_up(2 * g.kw, 8);
+  // (the bias as each group's panels read it: up to NR past the last group's first channel)
+  const int64_t lw = round_up(kk * Cm, line), lb = round_up((G - 1) * Cog + npg * nr, nr),
+                lc = round_up(2 * g.kw, 8);
   Buf<T> wt(0, g.threads * lw), bp(1, pack_each || own ? 0 : packed_elems), bias(2, g.threads * lb);
   Buf<int64_t> cols(3, g.threads * lc);
   const int64_t band = xcl ? 0 : round_up(band_elems(g, P), line);
@@ -228,7 +239,7 @@ int forward_impl(const Geometry& g, const T* x, const T* dww, const T* pww, cons
   prepare_weights(g, dww, pwb, wt_t, bias_t, cols_t);
   if (!pack_each && !own) {
 #pragma omp for schedule(static)
-    for (int64_t q = 0; q < npanels; ++q) pack_wt_panel(pww, Co, Cm, q, bp.p + q * Cm * nr);
+    for (int64_t q = 0; q < npanels; ++q) pack_panel(q, bp.p);
   }
   // Each thread takes a contiguous run of tiles, so that it knows its next tile: the
   // GEMM of one tile pulls the next one's input into L2. A tile's depthwise otherwise
@@ -246,8 +257,8 @@ int forward_impl(const Geometry& g, const T* x, const T* dww, const T* pww, cons
     pixels_of(t, &n, &ni, &p0, &p1);
     const int64_t np = p1 - p0, co0 = t / pixel_tiles * co_block, co1 = imin(co0 + co_block, Co);
     if (own && t / pixel_tiles != packed_block) {  // (a thread's tiles are block-major)
-      for (int64_t q = co0 / nr; q < ceil_div(co1, nr); ++q)
-        pack_wt_panel(pww, Co, Cm, q, packed + q * Cm * nr);
+      for (int64_t q = G > 1 ? 0 : co0 / nr; q < (G > 1 ? npanels : ceil_div(co1, nr)); ++q)
+        pack_panel(q, packed);
       packed_block = t / pixel_tiles;
     }
     for (int64_t j = 0; j < ni; ++j) {  // image n + j's pixels into U's rows from j * np
@@ -269,6 +280,17 @@ int forward_impl(const Geometry& g, const T* x, const T* dww, const T* pww, cons
     o.prefetch = &next;
     o.stream = stream;
     o.panel_group = panel_group;
+    if (G > 1) {  // a GEMM per group (and per image where y is NCHW: Co planes apart)
+      for (int64_t j = 0; j < (cl ? 1 : ni); ++j)
+        for (int64_t i = 0; i < G; ++i) {
+          Out<T> oi = o;
+          oi.c += cl ? i * Cog : j * Co * HWo + i * Cog * HWo;
+          oi.bias += i * Cog;
+          gemm(cl ? ni * np : np, Cog, Kg, U + j * np * ldu + i * Kg, ldu, (int64_t)1,
+               (int64_t)0, packed + i * npg * Kg * nr, Kg * nr, nr, oi);
+        }
+      continue;
+    }
     if (!pack_each && (cl || ni == 1)) {  // channels-last: the images' rows follow in y
       gemm(ni * np, co1 - co0, Cm, U, ldu, (int64_t)1, (int64_t)0, packed + (co0 / nr) * Cm * nr,
            Cm * nr, nr, o);
