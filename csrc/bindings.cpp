@@ -190,10 +190,19 @@ int team_size(const Geometry& g, bool mean_only, int64_t passes) {
   return macs >= per_thread * g.threads ? g.threads : std::max(1, int(macs / per_thread));
 }
 
+// The pointwise groups of a forward or backward call: output channel block i reads mid
+// channel block i only.
+void set_groups(Geometry& g, int64_t groups) {
+  if (groups < 1 || g.Cm % groups || g.Co % groups)
+    throw py::value_error("groups must be >= 1 and divide the mid and output channels");
+  g.groups = groups;
+}
+
 // A backward call's geometry and team: three sweeps (the two GEMMs, the depthwise's and
 // its recompute). backward_splits reports on the same team as the backward runs.
-Geometry backward_geometry(const py::tuple& t) {
+Geometry backward_geometry(const py::tuple& t, int64_t groups = 1) {
   Geometry g = parse(t);
+  set_groups(g, groups);
   g.threads = team_size(g, false, 3);
   return g;
 }
@@ -270,9 +279,7 @@ PYBIND11_MODULE(_C, m) {
                       uintptr_t pww, uintptr_t dwb, uintptr_t pwb, uintptr_t scale, uintptr_t y,
                       int y_layout, int64_t groups) {
     Geometry g = parse(geom);
-    if (groups < 1 || g.Cm % groups || g.Co % groups)
-      throw py::value_error("groups must be >= 1 and divide the mid and output channels");
-    g.groups = groups;
+    set_groups(g, groups);
     g.threads = team_size(g, false, 1);
     if (y_layout < -1 || y_layout > 1) throw py::value_error("y_layout must be -1, 0 or 1");
     if (y_layout >= 0) g.y_channels_last = y_layout == 1;
@@ -308,14 +315,14 @@ PYBIND11_MODULE(_C, m) {
   // it saves the backward recomputing the pointwise GEMM. scale: the forward's (N, Cm) or
   // 0; gscale its gradient (N, Cm), or 0 where not wanted (and always 0 without a scale).
   // gmid (N, Ho, Wo, Cm): d loss / d act1(U), for a later call to add as its mid_in (0:
-  // neither).
+  // neither). groups: the pointwise weight's (as forward's).
   m.def("backward", [](py::tuple geom, const std::string& dtype, uintptr_t gy, uintptr_t y,
                        uintptr_t x, uintptr_t dww, uintptr_t pww, uintptr_t dwb, uintptr_t pwb,
                        uintptr_t scale, uintptr_t mid_in, uintptr_t gx, uintptr_t gdww,
                        uintptr_t gpww, uintptr_t gdwb, uintptr_t gpwb, uintptr_t gscale,
-                       uintptr_t gmid) {
+                       uintptr_t gmid, int64_t groups) {
     if (gscale && !scale) throw py::value_error("backward: gscale asked for without a scale");
-    Geometry g = backward_geometry(geom);
+    Geometry g = backward_geometry(geom, groups);
     bool f64 = is_f64(dtype);
     int status;
     {

@@ -129,12 +129,14 @@ def mean(x, dw_weight, dw_bias, stride, padding, dilation, mid_activation,
 
 def backward(grad_y, x, dw_weight, pw_weight, dw_bias, pw_bias, stride, padding, dilation,
              mid_activation, activation, output_mask, y=None, scale=None,
-             want_scale=False, mid_in=None, want_mid=False) -> tuple[Tensor | None, ...]:
+             want_scale=False, mid_in=None, want_mid=False,
+             pw_groups=1) -> tuple[Tensor | None, ...]:
     """y: the forward's output, or None; the kernel reads relu' / relu6' from it. scale:
     the forward's (N, C * m) or None. Returns the gradients of (x, dw_weight, pw_weight,
     dw_bias, pw_bias), then of the scale (None unless want_scale) where it is given, then
     with want_mid d loss / d act_mid(dw(x) + dw_bias) (N, C * m, Ho, Wo; channels-last),
-    which a later call adds as its mid_in (a squeeze-and-excitation block's mean)."""
+    which a later call adds as its mid_in (a squeeze-and-excitation block's mean).
+    pw_groups: the pointwise conv's groups, as ``forward``'s."""
     fmt = memory_format(x)
     x, grad_y = x.contiguous(memory_format=fmt), grad_y.contiguous(memory_format=fmt)
     if y is not None:  # read with grad_y's offsets
@@ -159,7 +161,8 @@ def backward(grad_y, x, dw_weight, pw_weight, dw_bias, pw_bias, stride, padding,
                        memory_format=torch.channels_last) if want_mid else None
     _C.backward(geom, DTYPES[x.dtype], _ptr(grad_y), _ptr(y), _ptr(x), _ptr(dw_weight),
                 _ptr(pw_weight), _ptr(dw_bias), _ptr(pw_bias), _ptr(scale), _ptr(mid_in),
-                _ptr(gx), _ptr(gdw), _ptr(gpw), _ptr(gdwb), _ptr(gpwb), _ptr(gs), _ptr(gmid))
+                _ptr(gx), _ptr(gdw), _ptr(gpw), _ptr(gdwb), _ptr(gpwb), _ptr(gs), _ptr(gmid),
+                pw_groups)
     grads = (gx, gdw, gpw, gdwb, gpwb) + ((gs,) if scale is not None else ())
     return grads + (gmid,) if want_mid else grads
 

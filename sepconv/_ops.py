@@ -103,16 +103,23 @@ def separable_conv2d_backward(
     grad_y: Tensor, x: Tensor, dw_weight: Tensor, pw_weight: Tensor, dw_bias: Tensor | None,
     pw_bias: Tensor | None, stride: list[int], padding: list[int], dilation: list[int],
     mid_activation: str, activation: str, backend: str, output_mask: list[bool],
-    y: Tensor | None = None,
+    y: Tensor | None = None, pw_groups: int = 1,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Gradients of (x, dw_weight, pw_weight, dw_bias, pw_bias); an empty tensor where
     ``output_mask`` is False or the bias is None. ``y``, the forward's output, is given
-    where the native kernels read the activation's derivative from it."""
+    where the native kernels read the activation's derivative from it. pw_groups: the
+    pointwise conv's groups (the native kernels run them; elsewhere the backward runs on
+    the dense block-diagonal weight, the zero blocks' work included)."""
     impl = _impl(x, backend)
-    args = (grad_y, x, dw_weight, pw_weight, dw_bias, pw_bias, stride, padding, dilation,
-            mid_activation, activation, output_mask)
-    grads = impl.backward(*args, y=y) if impl is _native else impl.backward(*args)
-    return _pack_grads(x, grads, output_mask)
+    if impl is _native:
+        grads = _native.backward(grad_y, x, dw_weight, pw_weight, dw_bias, pw_bias, stride,
+                                 padding, dilation, mid_activation, activation, output_mask,
+                                 y=y, pw_groups=pw_groups)
+        return _pack_grads(x, grads, output_mask)
+    dense = pw_weight if pw_groups == 1 else dense_pointwise(pw_weight, pw_groups)
+    grads = impl.backward(grad_y, x, dw_weight, dense, dw_bias, pw_bias, stride, padding,
+                          dilation, mid_activation, activation, output_mask)
+    return _pack_grads(x, _grouped(grads, output_mask, pw_groups), output_mask)
 
 
 def _grad_shapes(x, dw_weight, pw_weight, dw_bias, pw_bias, output_mask):
@@ -136,7 +143,7 @@ def _pack_grads(x, grads, output_mask):
 
 @separable_conv2d_backward.register_fake
 def _(grad_y, x, dw_weight, pw_weight, dw_bias, pw_bias, stride, padding, dilation,
-      mid_activation, activation, backend, output_mask, y=None):
+      mid_activation, activation, backend, output_mask, y=None, pw_groups=1):
     shapes = _grad_shapes(x, dw_weight, pw_weight, dw_bias, pw_bias, output_mask)
     return tuple(_out_like(x, s) if i == 0 and len(s) == 4 else x.new_empty(s)
                  for i, s in enumerate(shapes))
@@ -174,12 +181,13 @@ def _backward(ctx, grad_y):
     x, dw_weight, pw_weight, dw_bias, pw_bias, y, scale = ctx.saved_tensors
     mask = _grad_mask(ctx, dw_bias, pw_bias)
     groups = ctx.pw_groups
-    if groups > 1:  # the backward kernels take the dense weight (see _grouped)
+    if scale is None:
+        grads = separable_conv2d_backward(grad_y, x, dw_weight, pw_weight, dw_bias, pw_bias,
+                                          *ctx.config, mask, y, groups)
+        return _grads_or_none(grads, mask, len(ctx.config)) + (None, None)
+    if groups > 1:  # (a scale with groups: on the dense weight, see _grouped)
         pw_weight = dense_pointwise(pw_weight, groups)
     args = (grad_y, x, dw_weight, pw_weight, dw_bias, pw_bias, *ctx.config)
-    if scale is None:
-        grads = _grouped(separable_conv2d_backward(*args, mask, y), mask, groups)
-        return _grads_or_none(grads, mask, len(ctx.config)) + (None, None)
     want_scale = ctx.needs_input_grad[11]  # (scale's position; pw_groups is an int)
     *grads, grad_scale = _scaled_backward(*args, scale, mask, want_scale)
     return (_grads_or_none(_grouped(grads, mask, groups), mask, len(ctx.config))
@@ -187,10 +195,9 @@ def _backward(ctx, grad_y):
 
 
 def _grouped(grads, mask, groups: int):
-    """The gradients with the pointwise weight's as the grouped weight's. With groups,
-    every backward (native, Triton, reference) runs on the dense block-diagonal weight:
-    correct, but its pointwise GEMMs do the zero blocks' work too (groups x the
-    multiply-adds); only the native forward skips them so far."""
+    """The gradients with the pointwise weight's as the grouped weight's, from a backward
+    on the dense block-diagonal weight (Triton, the reference, and a scale with groups:
+    correct, but their pointwise GEMMs do the zero blocks' work too)."""
     if groups == 1 or not mask[2]:
         return grads
     grads = list(grads)
@@ -284,19 +291,22 @@ class _NativeAutograd(torch.autograd.Function):
         x, dw_weight, pw_weight, dw_bias, pw_bias, y, scale = ctx.saved_tensors
         mask = _grad_mask(ctx, dw_bias, pw_bias)
         want_scale = scale is not None and ctx.needs_input_grad[5]
-        if ctx.pw_groups > 1:
-            pw_weight = dense_pointwise(pw_weight, ctx.pw_groups)
+        groups = ctx.pw_groups
+        if scale is not None and groups > 1:  # (on the dense weight, see _grouped)
+            pw_weight = dense_pointwise(pw_weight, groups)
         args = (grad_y, x, dw_weight, pw_weight, dw_bias, pw_bias, *ctx.config)
         if torch.is_grad_enabled():  # create_graph: the backward op, whose own backward
             if scale is None:  # raises clearly
-                grads = separable_conv2d_backward(*args, "native", mask, y)
+                grads = separable_conv2d_backward(*args, "native", mask, y, groups)
             else:
                 *grads, gs = _scaled_backward(*args, "native", scale, mask, want_scale)
         elif scale is None:
-            grads, gs = _native.backward(*args, mask, y=y), None
+            grads, gs = _native.backward(*args, mask, y=y, pw_groups=groups), None
         else:
             *grads, gs = _native.backward(*args, mask, scale=scale, want_scale=want_scale)
-        out = _grads_or_none(_grouped(grads, mask, ctx.pw_groups), mask, 0)
+        if scale is not None:
+            grads = _grouped(grads, mask, groups)
+        out = _grads_or_none(grads, mask, 0)
         return (*out, gs if want_scale else None, None) + (None,) * len(ctx.config)
 
 

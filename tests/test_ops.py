@@ -53,6 +53,24 @@ def test_opcheck_backward(channels_last, mask):
                                 b.detach(), *conf, mask))
 
 
+@pytest.mark.parametrize("backend", ["auto", "reference"])
+@pytest.mark.parametrize("mask", [[True] * 5, [False, False, True, False, False],
+                                  [True, False, False, True, True]])
+def test_opcheck_backward_grouped(backend, mask):
+    """The backward op with pointwise groups, every gradient against the reference's
+    (which runs on the dense block-diagonal weight), and opcheck."""
+    x, dw, pw, b, bd = make_inputs(2, 3, 7, 6, 2, 4, 3, groups=2)
+    conf = ([2, 1], [1, 0, 2, 1], [1, 2], "relu", "silu")
+    gy = torch.randn_like(OP(x, dw, pw, bd, b, *conf, "reference", None, 2))
+    args = (gy, x, dw, pw, bd, b, *conf, backend, mask, None, 2)
+    torch.library.opcheck(BWD, args)
+    got = BWD(*args)
+    want = BWD(gy, x, dw, pw, bd, b, *conf, "reference", mask, None, 2)
+    for a, e in zip(got, want):
+        torch.testing.assert_close(a, e)
+    assert got[2].shape == ((4, 3, 1, 1) if mask[2] else (0,))
+
+
 def test_opcheck_backward_with_output():
     x, dw, pw, bd, b, stride, pad, dil, act, _, backend = _args(True, True)
     y = OP(x, dw, pw, bd, b, stride, pad, dil, act, "relu6", backend).detach()
@@ -72,12 +90,13 @@ def test_native_backward_reads_relu_derivatives_from_the_output(monkeypatch, act
         pytest.skip("extension not built")
     from sepconv import _native
     seen, real = [], _native.backward
-    monkeypatch.setattr(_native, "backward", lambda *a, y=None: seen.append(y) or real(*a, y=y))
+    monkeypatch.setattr(_native, "backward",
+                        lambda *a, y=None, **kw: seen.append(y) or real(*a, y=y, **kw))
     x, dw, pw, b = (t.float().requires_grad_() for t in make_inputs(2, 3, 7, 6, 1, 4, 3)[:4])
     y = sepconv.separable_conv2d(x, dw, pw, b, 1, 1, activation=activation)
     with_y = torch.autograd.grad(y, [x, dw, pw, b], torch.ones_like(y))
     assert (seen[0] is not None) == reads_y
-    monkeypatch.setattr(_native, "backward", lambda *a, y=None: real(*a))
+    monkeypatch.setattr(_native, "backward", lambda *a, y=None, **kw: real(*a, **kw))
     without_y = torch.autograd.grad(sepconv.separable_conv2d(x, dw, pw, b, 1, 1,
                                                              activation=activation),
                                     [x, dw, pw, b], torch.ones_like(y))

@@ -65,20 +65,27 @@ template <class T> bool wants_depthwise(const Grads<T>& out) {
 // The pointwise weight's panels both backward drivers read, as W^T for z = W.M + b,
 // as W for dL/dU (inside a parallel region; no barrier): all of them by this thread
 // into its own copy (`all`, own_weight_copies), else this thread's share of one copy.
+// With pointwise groups, each group's weight (Co / G x Cm / G) is packed as a matrix of
+// its own, the groups one after another (wt_panels / w_panels of them each).
+template <class T> int64_t wt_panels(const Geometry& g) { return ceil_div(g.Co / g.groups, NR<T>()); }
+template <class T> int64_t w_panels(const Geometry& g) { return ceil_div(g.Cm / g.groups, NR<T>()); }
 template <class T>
 void pack_weights(const Geometry& g, const T* pww, const BackwardNeeds& need, T* bp, T* wpk,
                   bool all = false) {
   constexpr int64_t nr = NR<T>();
-  const int64_t Co = g.Co, Cm = g.Cm;
+  const int64_t Cog = g.Co / g.groups, Kg = g.Cm / g.groups, nz = wt_panels<T>(g),
+                nm = w_panels<T>(g);
   int64_t lo, hi;
   auto range = [&](int64_t n) {
     if (all) lo = 0, hi = n;
     else static_range(n, omp_get_thread_num(), omp_get_num_threads(), &lo, &hi);
   };
   if (need.z)
-    for (range(ceil_div(Co, nr)); lo < hi; ++lo) pack_wt_panel(pww, Co, Cm, lo, bp + lo * Cm * nr);
+    for (range(g.groups * nz); lo < hi; ++lo)
+      pack_wt_panel(pww + lo / nz * Cog * Kg, Cog, Kg, lo % nz, bp + lo * Kg * nr);
   if (need.g)
-    for (range(ceil_div(Cm, nr)); lo < hi; ++lo) pack_w_panel(pww, Co, Cm, lo, wpk + lo * Co * nr);
+    for (range(g.groups * nm); lo < hi; ++lo)
+      pack_w_panel(pww + lo / nm * Cog * Kg, Cog, Kg, lo % nm, wpk + lo * Cog * nr);
 }
 
 // The weight-gradient GEMM's operands, packed where their rows reach 4 KiB (see
@@ -160,7 +167,8 @@ inline int64_t band_rows(const Geometry& g) {
 // 512x14->1024/s2 0.81 / 0.99x and 1.48 / 1.77x, 384x14->1536 0.99 / 1.14x and 1.09 / 1.34x.
 template <class T> bool splits_channels(const Geometry& g, int64_t R) {
   constexpr int64_t nr = NR<T>();
-  if (g.N == 0 || nr % g.m != 0 || g.backward_mode == BACKWARD_BANDS) return false;
+  // (pointwise groups: bands only)
+  if (g.N == 0 || nr % g.m != 0 || g.backward_mode == BACKWARD_BANDS || g.groups > 1) return false;
   if (g.backward_mode == BACKWARD_SPLIT) return true;
   return g.threads > 1 && ceil_div(g.Cm, nr) >= g.threads &&
          3 * busiest_rows(g, R) * g.threads > 4 * g.N * g.Ho;
@@ -352,6 +360,9 @@ int backward_impl(const Geometry& g, const T* gy, const T* y, const T* x, const 
   const BackwardNeeds need = backward_needs(g, y, out);
   const bool need_g = need.g, from_y = need.from_y, need_z = need.z;
   const int64_t ldm = padded_ld<T>(Cm, nr, 128), ldo = padded_ld<T>(Co, nr, 128);
+  // Pointwise groups: each of the three GEMMs runs per group, on the groups' column
+  // blocks of M, GZ and G and the group's packed weight; the weight gradient is Co x Kg.
+  const int64_t NG = g.groups, Kg = Cm / NG, Cog = Co / NG;
 
   // The weight gradient sums GZ^T . M over all pixels. Per tile its K is one band
   // (49 pixels at 7x7), so each call streamed the Co x Cm accumulator from L3 for
@@ -365,17 +376,22 @@ int backward_impl(const Geometry& g, const T* gy, const T* y, const T* x, const 
   // cost the 32- and 64-channel layers 3-7%), but for a GZ^T that many weight panels
   // read (packs_gz).
   const int64_t KS = imax(1, 256 / P), KP = KS * P;
-  const bool pack_gz = packs_gz<T>(Co, ldo, Cm), pack_m = packs<T>(ldm);
+  // (With groups the stacks stay unpacked: a group's block of rows / columns need not
+  // start on a packed block or panel.)
+  const bool pack_gz = NG == 1 && packs_gz<T>(Co, ldo, Cm), pack_m = NG == 1 && packs<T>(ldm);
   // Per-thread buffers: the tiles U, G (dL/dU, and act1(U) before it) and GZ (when
   // packed), the stacks, and for NCHW grad_y's tile and the NHWC bands of x, grad_x.
   const int64_t sU = P * ldm, sGZ = P * ldo, sB = cl ? 0 : band_elems(g, P);
   const int64_t sGZt = pack_gz ? sGZ : 0, sMs = KP * ldm, sGZs = KP * imax(ldo, round_up(Co, MR));
   const int64_t per_thread = 2 * sU + sGZt + sMs + sGZs + (cl ? 0 : sGZ + 2 * sB);
   // Bytes a band's stages keep in use: the thread's buffers and the packed weights.
-  const int64_t resident =
-      (per_thread + (need_g ? Co * ldm : 0) + (need_z ? ldo * Cm : 0)) * (int64_t)sizeof(T);
+  // The packed weights: W^T's and W's panels, each group's (one group: as many as the
+  // padded rows of GZ and M hold).
+  const int64_t sbp = !need_z ? 0 : NG == 1 ? ldo * Cm : NG * wt_panels<T>(g) * nr * Kg;
+  const int64_t swpk = !need_g ? 0 : NG == 1 ? Co * ldm : NG * w_panels<T>(g) * nr * Cog;
+  const int64_t resident = (per_thread + sbp + swpk) * (int64_t)sizeof(T);
   // Per-thread gradient accumulators, reduced in thread order at the end.
-  const int64_t sacc = Co * Cm + kk * Cm + Cm + Co + (out.scale ? g.N * Cm : 0);
+  const int64_t sgw = Co * Kg, sacc = sgw + kk * Cm + Cm + Co + (out.scale ? g.N * Cm : 0);
   // The weight gradient's GEMM takes a row block across all weight panels (the row
   // blocks outer: gemm's panel_group) where the accumulator is beyond a quarter of the
   // L2, so that it is read and written in whole rows, a few lines apart, rather than a
@@ -384,7 +400,7 @@ int backward_impl(const Geometry& g, const T* gy, const T* y, const T* x, const 
   // in-process A/B (AVX-512 / AVX2 path): 728x19->728 1.02x / 1.01x, 1024x7->1024
   // 1.05x / 1.02x, 384x14->1536 1.05x / 1.03x, 512x14->512 1.01x / 1.02x; with
   // smaller accumulators 0.97-1.02x.
-  const bool acc_rows_whole = Co * Cm * (int64_t)sizeof(T) > g.l2_bytes / 4;
+  const bool acc_rows_whole = sgw * (int64_t)sizeof(T) > g.l2_bytes / 4;
   // Where every thread's pixels fit in its stacks (small images at small batches),
   // the weight gradient is not summed per thread and then across the threads: after
   // the bands, each thread takes a share of its rows, over all the threads' stacks in
@@ -393,13 +409,12 @@ int backward_impl(const Geometry& g, const T* gy, const T* y, const T* x, const 
   // guest, training step, in-process A/B, NCHW / CL: batch 1 728x19->728 1.06 / 1.05x;
   // batch 2 1024x7->1024 1.15 / 1.12x, 768x7->3072 1.19 / 1.20x, 960x7->320 1.07 /
   // 1.06x; batch 8 1024x7 1.07x, 768x7->3072 1.05-1.06x; elsewhere 1.00-1.01x.
-  const bool one_stack_fits = out.pw_weight && busiest_rows(g, R) * g.Wo <= KP;
+  const bool one_stack_fits = out.pw_weight && NG == 1 && busiest_rows(g, R) * g.Wo <= KP;
   // NCHW without act2: dL/dz is grad_y, transposed straight into GZ (no tile, no copy).
   const bool gz_is_gy = !cl && g.act2 == ACT_NONE;
-  const int64_t sbp = need_z ? ldo * Cm : 0, swpk = need_g ? Co * ldm : 0;
   const bool own = own_weight_copies(g, (sbp + swpk) * (int64_t)sizeof(T));
   Buf<T> ws(0, T_ * per_thread), acc(1, T_ * sacc), wt(2, kk * Cm), bp(3, (own ? T_ : 1) * sbp),
-      wpk(4, (own ? T_ : 1) * swpk), bias(5, ldo, true);
+      wpk(4, (own ? T_ : 1) * swpk), bias(5, imax(ldo, (NG - 1) * Cog + wt_panels<T>(g) * nr), true);
   Buf<int64_t> cols(6, 2 * g.kw), counts(7, T_);
   if (!ws.p || !acc.p || !wt.p || !bp.p || !wpk.p || !bias.p || !cols.p || !counts.p)
     return OUT_OF_MEMORY;
@@ -417,7 +432,7 @@ int backward_impl(const Geometry& g, const T* gy, const T* y, const T* x, const 
     // cleared and summed.)
     if (tid == 0) team = omp_get_num_threads();
     const bool one_stack = one_stack_fits && omp_get_num_threads() == g.threads;
-    const int64_t skip = one_stack ? Co * Cm : 0;  // the accumulator it does not use
+    const int64_t skip = one_stack ? sgw : 0;  // the accumulator it does not use
     memset(acc.p + tid * sacc + skip, 0, (sacc - skip) * sizeof(T));
     // Each thread's packed weights: its own copy (own_weight_copies), or the shared one.
     T* const bpt = bp.p + (own ? tid * sbp : 0);
@@ -455,14 +470,16 @@ int backward_impl(const Geometry& g, const T* gy, const T* y, const T* x, const 
     const int64_t acs = pack_gz ? MR : ldo, a_block = pack_gz ? KP * MR : 0;
     const int64_t b_panel = pack_m ? KP * nr : nr, ldb = pack_m ? nr : ldm;
     auto flush_pw = [&] {  // gW[co][c] += sum_p GZ[p][co] * M[p][c] over the stack
-      if (out.pw_weight && stacked) {
-        Out<T> o{a_pw, Cm, true, nullptr, 0, ACT_NONE};
-        o.panel_group = acc_rows_whole ? ceil_div(Cm, nr) : 1;
-        gemm(Co, Cm, stacked, GZs, (int64_t)1, acs, a_block, Ms, b_panel, ldb, o);
-      }
+      if (out.pw_weight && stacked)
+        for (int64_t i = 0; i < NG; ++i) {  // (the stacks are unpacked where NG > 1)
+          Out<T> o{a_pw + i * Cog * Kg, Kg, true, nullptr, 0, ACT_NONE};
+          o.panel_group = acc_rows_whole ? ceil_div(Kg, nr) : 1;
+          gemm(Cog, Kg, stacked, GZs + i * Cog, (int64_t)1, acs, a_block, Ms + i * Kg, b_panel,
+               ldb, o);
+        }
       stacked = 0;
     };
-    T* a_dw = a_pw + Co * Cm;
+    T* a_dw = a_pw + sgw;
     T* a_dwb = a_dw + kk * Cm;
     T* a_pwb = a_dwb + Cm;
     T* a_s = out.scale ? a_pwb + Co : nullptr;  // [n][Cm]
@@ -551,11 +568,13 @@ int backward_impl(const Geometry& g, const T* gy, const T* y, const T* x, const 
           if (scale) scale_rows(Mt, np, ldm, scale + n * Cm, Cm);
           M = Mt;
         }
-        if (need_z) {
-          Out<T> o{GZ, ldo, false, bias.p, pwb ? 2 : 0, ACT_NONE};
-          o.prefetch = &next;
-          gemm(np, Co, Cm, M, ldm, (int64_t)1, (int64_t)0, bpt, Cm * nr, nr, o);
-        }
+        if (need_z)
+          for (int64_t i = 0; i < NG; ++i) {
+            Out<T> o{GZ + i * Cog, ldo, false, bias.p + i * Cog, pwb ? 2 : 0, ACT_NONE};
+            o.prefetch = &next;
+            gemm(np, Cog, Kg, M + i * Kg, ldm, (int64_t)1, (int64_t)0,
+                 bpt + i * wt_panels<T>(g) * nr * Kg, Kg * nr, nr, o);
+          }
         if (!gz_is_gy)
           for (int64_t r = 0; r < np; ++r)
             grad_act(g.act2, gyt + r * gy_rs, from_y ? yt + r * gy_rs : GZ + r * ldo, GZ + r * ldo,
@@ -583,9 +602,12 @@ int backward_impl(const Geometry& g, const T* gy, const T* y, const T* x, const 
         }
         if (!need_g) continue;
         // G = dL/dU = (W^T . GZ) * act1'(U)
-        Out<T> o{G, ldm, false, nullptr, 0, ACT_NONE};
-        o.prefetch = &next;
-        gemm(np, Cm, Co, GZ, ldo, (int64_t)1, (int64_t)0, wpkt, Co * nr, nr, o);
+        for (int64_t i = 0; i < NG; ++i) {
+          Out<T> o{G + i * Kg, ldm, false, nullptr, 0, ACT_NONE};
+          o.prefetch = &next;
+          gemm(np, Kg, Cog, GZ + i * Cog, ldo, (int64_t)1, (int64_t)0,
+               wpkt + i * w_panels<T>(g) * nr * Cog, Cog * nr, nr, o);
+        }
         if (scale) scale_grad_rows(g.act1, G, U, ldm, np, scale + n * Cm, a_s ? a_s + n * Cm : nullptr, Cm);
         if (mid_in || out.mid) {
           const int64_t at = (n * HWo + p0) * Cm;
@@ -631,8 +653,8 @@ int backward_impl(const Geometry& g, const T* gy, const T* y, const T* x, const 
     if (out.pw_weight && !one_stack) {
 #pragma omp barrier
 #pragma omp for schedule(static)
-      for (int64_t i0 = 0; i0 < Co * Cm; i0 += 4096) {
-        const int64_t n = imin(4096, Co * Cm - i0);
+      for (int64_t i0 = 0; i0 < sgw; i0 += 4096) {
+        const int64_t n = imin(4096, sgw - i0);
         T* d = out.pw_weight + i0;
         for (int64_t t = 0; t < team; ++t) {
           const T* a = acc.p + t * sacc + i0;
@@ -644,7 +666,7 @@ int backward_impl(const Geometry& g, const T* gy, const T* y, const T* x, const 
   }
   // The small accumulators, likewise in thread order.
   for (int64_t t = 0; t < team; ++t) {
-    const T* a_dw = acc.p + t * sacc + Co * Cm;
+    const T* a_dw = acc.p + t * sacc + sgw;
     const T* a_dwb = a_dw + kk * Cm;
     const T* a_pwb = a_dwb + Cm;
     const T* a_s = a_pwb + Co;
