@@ -27,7 +27,7 @@ def pytorch_pair(layer: Layer, dw, pw, b_dw, b_pw):
 
     def run(x):
         u = F.conv2d(x, dw, b_dw, layer.stride, layer.padding, groups=layer.c_in)
-        return act2(F.conv2d(act1(u), pw, b_pw))
+        return act2(F.conv2d(act1(u), pw, b_pw, groups=layer.groups))
     return run
 
 
@@ -35,7 +35,8 @@ def fused(layer: Layer, dw, pw, b_dw, b_pw):
     def run(x):
         return sepconv.separable_conv2d(x, dw, pw, b_pw, layer.stride, layer.padding,
                                         depthwise_bias=b_dw, mid_activation=layer.mid_activation,
-                                        activation=layer.activation)
+                                        activation=layer.activation,
+                                        pointwise_groups=layer.groups)
     return run
 
 
@@ -161,7 +162,8 @@ def run_layer(layer: Layer, batch: int, device: str, dtype, mode: str, formats: 
         return (torch.randn(*shape, generator=g) * scale).to(device=device, dtype=dtype)
 
     dw = rand(layer.c_in, 1, layer.kernel, layer.kernel, scale=1 / 3)
-    pw = rand(layer.c_out, layer.c_in, 1, 1, scale=layer.c_in**-0.5)
+    k = layer.c_in // layer.groups
+    pw = rand(layer.c_out, k, 1, 1, scale=k**-0.5)
     b_dw, b_pw = rand(layer.c_in, scale=0.1), rand(layer.c_out, scale=0.1)
     params = [dw, pw, b_dw, b_pw]
     x_bytes = batch * layer.c_in * layer.hw**2 * dtype.itemsize

@@ -1,5 +1,5 @@
-"""Whole networks: the zoo's MobileNetV1, MobileNetV2, ShuffleNetV2, MobileNetV3-Large and
-EfficientNet-B0 as users have them (eval mode, batch norms as modules), the same with
+"""Whole networks: the zoo's MobileNetV1, MobileNetV2, ShuffleNetV2, ShuffleNetV1 (groups=3),
+MobileNetV3-Large and EfficientNet-B0 as users have them (eval mode, batch norms as modules), the same with
 every conv + batch norm folded (the PyTorch baseline: what an inference deployment
 runs), and ``sepconv.fuse`` of the model with the remaining conv + batch norm pairs
 folded the same way, so that the last two differ only in the depthwise separable
@@ -19,15 +19,15 @@ from benchmarks.layers import interleaved_seconds
 MODELS = {"mobilenet_v1": sepconv.models.mobilenet_v1,
           "mobilenet_v2": sepconv.models.mobilenet_v2,
           "shufflenet_v2": sepconv.models.shufflenet_v2,
+          "shufflenet_v1": sepconv.models.shufflenet_v1,  # groups=3: grouped pointwise
           # squeeze-and-excitation between dw and pw
           "mobilenet_v3_large": sepconv.models.mobilenet_v3_large,
           "efficientnet_b0": sepconv.models.efficientnet_b0}
 # Timed only when asked for (--model), not by default: Xception (seed 002; 4.6 G
-# multiply-adds an image at 224, a minute or two more for the default run), ShuffleNetV1
-# at groups=3 (fuse leaves its units until grouped pointwise lands), and torchvision's
-# own model code where torchvision is installed (fuse() on a network it did not write).
-EXTRA_MODELS = {"xception": sepconv.models.xception,
-                "shufflenet_v1": sepconv.models.shufflenet_v1}
+# multiply-adds an image at 224, a minute or two more for the default run), and
+# torchvision's own model code where torchvision is installed (fuse() on a network it
+# did not write).
+EXTRA_MODELS = {"xception": sepconv.models.xception}
 try:
     import torchvision
     EXTRA_MODELS["torchvision_mobilenet_v2"] = torchvision.models.mobilenet_v2

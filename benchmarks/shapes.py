@@ -14,6 +14,7 @@ class Layer:
     kernel: int = 3
     mid_activation: str | None = "relu"
     activation: str | None = "relu"
+    groups: int = 1  # the pointwise conv's (ShuffleNetV1)
 
     @property
     def padding(self) -> int:
@@ -27,18 +28,20 @@ class Layer:
         """Multiply-adds of both stages, counted as 2 flops each; the backward pass
         (grad of the input and of the weights) counted as twice the forward."""
         pixels = batch * self.out_hw**2
-        return 2 * pixels * self.c_in * (self.kernel**2 + self.c_out) * (3 if backward else 1)
+        return 2 * pixels * self.c_in * (self.kernel**2 + self.c_out // self.groups) \
+            * (3 if backward else 1)
 
     def min_bytes(self, batch: int, itemsize: int, backward: bool = False) -> int:
         """Forward: x read once, y written once, weights read once. With the backward
         pass: x and grad_y read, grad_x written, weights read and their grads written."""
         x, y = batch * self.c_in * self.hw**2, batch * self.c_out * self.out_hw**2
-        w = self.c_in * (self.kernel**2 + 1) + self.c_out * (self.c_in + 1)
+        w = self.c_in * (self.kernel**2 + 1) + self.c_out * (self.c_in // self.groups + 1)
         elems = 3 * x + 2 * y + 3 * w if backward else x + y + w
         return elems * itemsize
 
     def name(self) -> str:
-        return f"{self.c_in}x{self.hw}->{self.c_out}/s{self.stride}/k{self.kernel}"
+        name = f"{self.c_in}x{self.hw}->{self.c_out}/s{self.stride}/k{self.kernel}"
+        return name + (f"/g{self.groups}" if self.groups > 1 else "")
 
 
 def _mobilenet_v1() -> list[Layer]:
@@ -83,6 +86,23 @@ def _shufflenet_v2() -> list[Layer]:
     return layers
 
 
+def _shufflenet_v1(groups: int = 3) -> list[Layer]:
+    """The 16 chains fuse() takes in sepconv.models.shufflenet_v1(groups): dw 3x3 -> BN ->
+    1x1 group conv -> BN on each unit's bottleneck (a quarter of the stage's channels),
+    per stage a stride-2 unit (out: the stage's channels less the input's, concatenated
+    with the pooled input) and then stride-1 units. (The channel shuffle before the dw
+    conv stays a module: not measured here.)"""
+    from sepconv.models import SHUFFLE_V1_CHANNELS
+    layers, c_in, hw = [], 24, 56
+    for c_out, repeats in zip(SHUFFLE_V1_CHANNELS[groups], (4, 8, 4)):
+        mid = c_out // 4
+        layers.append(Layer(mid, hw, c_out - c_in, 2, 3, None, None, groups))
+        hw = (hw - 1) // 2 + 1
+        layers += [Layer(mid, hw, c_out, 1, 3, None, None, groups)] * (repeats - 1)
+        c_in = c_out
+    return layers
+
+
 SUITES = {
     "tiny": [Layer(8, 12, 16, 1), Layer(16, 11, 8, 2, 5, "relu6", None)],  # harness tests
     "mobilenet_v1": _mobilenet_v1(),
@@ -90,4 +110,5 @@ SUITES = {
     "xception": _xception(),
     "convnext": _convnext(),
     "shufflenet_v2": _shufflenet_v2(),
+    "shufflenet_v1": _shufflenet_v1(),
 }
