@@ -1,9 +1,9 @@
 """Whole networks: the zoo's MobileNetV1, MobileNetV2, ShuffleNetV2, ShuffleNetV1 (groups=3),
-MobileNetV3-Large and EfficientNet-B0 as users have them (eval mode, batch norms as modules), the same with
-every conv + batch norm folded (the PyTorch baseline: what an inference deployment
-runs), and ``sepconv.fuse`` of the model with the remaining conv + batch norm pairs
-folded the same way, so that the last two differ only in the depthwise separable
-chains."""
+MobileNetV3-Large and EfficientNet-B0 as users have them (eval mode, batch norms as
+modules), the same with every conv + batch norm folded (the PyTorch baseline: what an
+inference deployment runs), and ``sepconv.fuse`` of the model with the remaining conv +
+batch norm pairs folded the same way, so that the last two differ only in the depthwise
+separable chains."""
 
 from __future__ import annotations
 

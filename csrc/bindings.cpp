@@ -136,7 +136,8 @@ Geometry parse(const py::tuple& t) {
   if (t.size() != 22) throw py::value_error("geometry must have 22 entries");
   Geometry g{};
   g.N = get(t, 0); g.C = get(t, 1); g.H = get(t, 2); g.W = get(t, 3);
-  g.m = get(t, 4); g.Co = get(t, 5); g.kh = get(t, 6); g.kw = get(t, 7); g.groups = 1;
+  g.m = get(t, 4); g.Co = get(t, 5); g.kh = get(t, 6); g.kw = get(t, 7);
+  g.groups = 1; g.shuffle = 1;
   g.sh = get(t, 8); g.sw = get(t, 9); g.pt = get(t, 10); int64_t pb = get(t, 11);
   g.pl = get(t, 12); int64_t pr = get(t, 13); g.dh = get(t, 14); g.dw = get(t, 15);
   g.Ho = get(t, 16); g.Wo = get(t, 17); g.channels_last = t[18].cast<bool>();
@@ -190,19 +191,22 @@ int team_size(const Geometry& g, bool mean_only, int64_t passes) {
   return macs >= per_thread * g.threads ? g.threads : std::max(1, int(macs / per_thread));
 }
 
-// The pointwise groups of a forward or backward call: output channel block i reads mid
-// channel block i only.
-void set_groups(Geometry& g, int64_t groups) {
+// The pointwise groups of a forward or backward call (output channel block i reads mid
+// channel block i only) and the channel shuffle of x before its depthwise stage.
+void set_groups(Geometry& g, int64_t groups, int64_t shuffle) {
   if (groups < 1 || g.Cm % groups || g.Co % groups)
     throw py::value_error("groups must be >= 1 and divide the mid and output channels");
+  if (shuffle < 1 || g.C % shuffle)
+    throw py::value_error("shuffle must be >= 1 and divide the input channels");
   g.groups = groups;
+  g.shuffle = shuffle;
 }
 
 // A backward call's geometry and team: three sweeps (the two GEMMs, the depthwise's and
 // its recompute). backward_splits reports on the same team as the backward runs.
-Geometry backward_geometry(const py::tuple& t, int64_t groups = 1) {
+Geometry backward_geometry(const py::tuple& t, int64_t groups = 1, int64_t shuffle = 1) {
   Geometry g = parse(t);
-  set_groups(g, groups);
+  set_groups(g, groups, shuffle);
   g.threads = team_size(g, false, 3);
   return g;
 }
@@ -274,12 +278,13 @@ PYBIND11_MODULE(_C, m) {
   // (channels-last): forward_from_mid's x (the intermediate) is always channels-last,
   // and its y is made in the caller's layout rather than transposed after. groups: the
   // pointwise weight is (Co, Cm / groups), output channel block i reading mid channel
-  // block i only (a block-diagonal GEMM, no zero blocks).
+  // block i only (a block-diagonal GEMM, no zero blocks). shuffle: x's channels go through
+  // a channel shuffle of that many groups before the depthwise stage (read in its order).
   m.def("forward", [](py::tuple geom, const std::string& dtype, uintptr_t x, uintptr_t dww,
                       uintptr_t pww, uintptr_t dwb, uintptr_t pwb, uintptr_t scale, uintptr_t y,
-                      int y_layout, int64_t groups) {
+                      int y_layout, int64_t groups, int64_t shuffle) {
     Geometry g = parse(geom);
-    set_groups(g, groups);
+    set_groups(g, groups, shuffle);
     g.threads = team_size(g, false, 1);
     if (y_layout < -1 || y_layout > 1) throw py::value_error("y_layout must be -1, 0 or 1");
     if (y_layout >= 0) g.y_channels_last = y_layout == 1;
@@ -293,7 +298,7 @@ PYBIND11_MODULE(_C, m) {
     check(status);
   }, py::arg("geom"), py::arg("dtype"), py::arg("x"), py::arg("dww"), py::arg("pww"),
      py::arg("dwb"), py::arg("pwb"), py::arg("scale"), py::arg("y"), py::arg("y_layout") = -1,
-     py::arg("groups") = 1);
+     py::arg("groups") = 1, py::arg("shuffle") = 1);
 
   // out (N, Cm): the channel means of act1(dw(x) + b_dw) per image; u: 0, or that
   // intermediate itself (N, Cm, Ho, Wo, channels-last). The geometry's Co and act2 are not read.
@@ -315,14 +320,14 @@ PYBIND11_MODULE(_C, m) {
   // it saves the backward recomputing the pointwise GEMM. scale: the forward's (N, Cm) or
   // 0; gscale its gradient (N, Cm), or 0 where not wanted (and always 0 without a scale).
   // gmid (N, Ho, Wo, Cm): d loss / d act1(U), for a later call to add as its mid_in (0:
-  // neither). groups: the pointwise weight's (as forward's).
+  // neither). groups, shuffle: as forward's.
   m.def("backward", [](py::tuple geom, const std::string& dtype, uintptr_t gy, uintptr_t y,
                        uintptr_t x, uintptr_t dww, uintptr_t pww, uintptr_t dwb, uintptr_t pwb,
                        uintptr_t scale, uintptr_t mid_in, uintptr_t gx, uintptr_t gdww,
                        uintptr_t gpww, uintptr_t gdwb, uintptr_t gpwb, uintptr_t gscale,
-                       uintptr_t gmid, int64_t groups) {
+                       uintptr_t gmid, int64_t groups, int64_t shuffle) {
     if (gscale && !scale) throw py::value_error("backward: gscale asked for without a scale");
-    Geometry g = backward_geometry(geom, groups);
+    Geometry g = backward_geometry(geom, groups, shuffle);
     bool f64 = is_f64(dtype);
     int status;
     {

@@ -20,8 +20,10 @@ enum Act : int { ACT_NONE = 0, ACT_RELU = 1, ACT_RELU6 = 2, ACT_SILU = 3, ACT_HA
 struct Geometry {
   int64_t N, C, H, W;     // input
   int64_t m, Cm, Co;      // depth multiplier, mid channels (C * m), output channels
-  int64_t groups;         // pointwise groups (the forward; the backward takes 1): output
-                          // channel block i reads mid channel block i only
+  int64_t groups;         // pointwise groups: output channel block i reads mid channel
+                          // block i only
+  int64_t shuffle;        // channel shuffle of x before the depthwise stage (1: none):
+                          // channel i * shuffle + j reads x's channel j * (C / shuffle) + i
   int64_t kh, kw;         // depthwise kernel
   int64_t sh, sw;         // stride
   int64_t pt, pl;         // top / left zero padding (bottom / right follow from Ho, Wo)

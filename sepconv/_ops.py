@@ -59,21 +59,36 @@ def separable_conv2d(
     x: Tensor, dw_weight: Tensor, pw_weight: Tensor, dw_bias: Tensor | None,
     pw_bias: Tensor | None, stride: list[int], padding: list[int], dilation: list[int],
     mid_activation: str, activation: str, backend: str, scale: Tensor | None = None,
-    pw_groups: int = 1,
+    pw_groups: int = 1, shuffle: int = 1,
 ) -> Tensor:
     """y = act(pw(act_mid(dw(x) + dw_bias) * scale) + pw_bias), on every device; scale
     (N, C * m) or None: squeeze-and-excitation's per-image factor of each mid channel.
-    pw_groups: the pointwise conv's groups (pw_weight (C_out, C * m / pw_groups, 1, 1))."""
+    pw_groups: the pointwise conv's groups (pw_weight (C_out, C * m / pw_groups, 1, 1)).
+    shuffle: x goes through a channel shuffle of that many groups first (the native
+    kernels read it through the shuffle; elsewhere it is made)."""
     impl = _impl(x, backend)
+    fmt = _native.memory_format(x)
+    if shuffle > 1 and impl is not _native:
+        x = shuffle_channels(x, shuffle)
     if pw_groups > 1 and impl is _triton:  # (its kernels take a dense pointwise weight)
         pw_weight, pw_groups = dense_pointwise(pw_weight, pw_groups), 1
     args = (x, dw_weight, pw_weight, dw_bias, pw_bias, stride, padding, dilation,
             mid_activation, activation)
+    kw = {} if scale is None else {"scale": scale}
     if pw_groups > 1:
-        y = impl.forward(*args, scale=scale, pw_groups=pw_groups)
-    else:
-        y = impl.forward(*args) if scale is None else impl.forward(*args, scale=scale)
-    return y.contiguous(memory_format=_native.memory_format(x))
+        kw["pw_groups"] = pw_groups
+    if shuffle > 1 and impl is _native:
+        kw["shuffle"] = shuffle
+    return impl.forward(*args, **kw).contiguous(memory_format=fmt)
+
+
+def shuffle_channels(x: Tensor, groups: int, inverse: bool = False) -> Tensor:
+    """ShuffleNet's channel shuffle (channels read as a groups x C / groups matrix,
+    transposed; F.channel_shuffle), or its inverse, in x's memory format."""
+    N, C, H, W = x.shape
+    rows = (C // groups, groups) if inverse else (groups, C // groups)
+    out = x.reshape(N, *rows, H, W).transpose(1, 2).reshape(N, C, H, W)
+    return out.contiguous(memory_format=_native.memory_format(x))
 
 
 def dense_pointwise(w: Tensor, groups: int) -> Tensor:
@@ -93,7 +108,7 @@ def grouped_grad(g: Tensor, groups: int) -> Tensor:
 
 @separable_conv2d.register_fake
 def _(x, dw_weight, pw_weight, dw_bias, pw_bias, stride, padding, dilation, mid_activation,
-      activation, backend, scale=None, pw_groups=1):
+      activation, backend, scale=None, pw_groups=1, shuffle=1):
     Ho, Wo = _native.output_size(x, dw_weight, stride, padding, dilation)
     return _out_like(x, (x.shape[0], pw_weight.shape[0], Ho, Wo))
 
@@ -103,23 +118,28 @@ def separable_conv2d_backward(
     grad_y: Tensor, x: Tensor, dw_weight: Tensor, pw_weight: Tensor, dw_bias: Tensor | None,
     pw_bias: Tensor | None, stride: list[int], padding: list[int], dilation: list[int],
     mid_activation: str, activation: str, backend: str, output_mask: list[bool],
-    y: Tensor | None = None, pw_groups: int = 1,
+    y: Tensor | None = None, pw_groups: int = 1, shuffle: int = 1,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Gradients of (x, dw_weight, pw_weight, dw_bias, pw_bias); an empty tensor where
     ``output_mask`` is False or the bias is None. ``y``, the forward's output, is given
     where the native kernels read the activation's derivative from it. pw_groups: the
     pointwise conv's groups (the native kernels run them; elsewhere the backward runs on
-    the dense block-diagonal weight, the zero blocks' work included)."""
+    the dense block-diagonal weight, the zero blocks' work included). shuffle: the
+    forward's channel shuffle of x (grad_x is x's)."""
     impl = _impl(x, backend)
     if impl is _native:
         grads = _native.backward(grad_y, x, dw_weight, pw_weight, dw_bias, pw_bias, stride,
                                  padding, dilation, mid_activation, activation, output_mask,
-                                 y=y, pw_groups=pw_groups)
+                                 y=y, pw_groups=pw_groups, shuffle=shuffle)
         return _pack_grads(x, grads, output_mask)
     dense = pw_weight if pw_groups == 1 else dense_pointwise(pw_weight, pw_groups)
-    grads = impl.backward(grad_y, x, dw_weight, dense, dw_bias, pw_bias, stride, padding,
-                          dilation, mid_activation, activation, output_mask)
-    return _pack_grads(x, _grouped(grads, output_mask, pw_groups), output_mask)
+    xs = x if shuffle == 1 else shuffle_channels(x, shuffle)
+    grads = list(_grouped(impl.backward(grad_y, xs, dw_weight, dense, dw_bias, pw_bias, stride,
+                                        padding, dilation, mid_activation, activation,
+                                        output_mask), output_mask, pw_groups))
+    if shuffle > 1 and grads[0] is not None:
+        grads[0] = shuffle_channels(grads[0], shuffle, inverse=True)
+    return _pack_grads(x, grads, output_mask)
 
 
 def _grad_shapes(x, dw_weight, pw_weight, dw_bias, pw_bias, output_mask):
@@ -143,7 +163,7 @@ def _pack_grads(x, grads, output_mask):
 
 @separable_conv2d_backward.register_fake
 def _(grad_y, x, dw_weight, pw_weight, dw_bias, pw_bias, stride, padding, dilation,
-      mid_activation, activation, backend, output_mask, y=None, pw_groups=1):
+      mid_activation, activation, backend, output_mask, y=None, pw_groups=1, shuffle=1):
     shapes = _grad_shapes(x, dw_weight, pw_weight, dw_bias, pw_bias, output_mask)
     return tuple(_out_like(x, s) if i == 0 and len(s) == 4 else x.new_empty(s)
                  for i, s in enumerate(shapes))
@@ -168,9 +188,9 @@ def _grads_or_none(grads, mask, n_config: int) -> tuple:
 
 
 def _setup_context(ctx, inputs, output):
-    x, dw_weight, pw_weight, dw_bias, pw_bias, *config, scale, pw_groups = inputs
+    x, dw_weight, pw_weight, dw_bias, pw_bias, *config, scale, pw_groups, shuffle = inputs
     activation, backend = config[4], config[5]
-    ctx.pw_groups = pw_groups
+    ctx.pw_groups, ctx.shuffle = pw_groups, shuffle
     keep_y = _native_keeps_y(activation) and _impl(x, backend) is _native and scale is None
     ctx.save_for_backward(x, dw_weight, pw_weight, dw_bias, pw_bias, output if keep_y else None,
                           scale)
@@ -183,15 +203,16 @@ def _backward(ctx, grad_y):
     groups = ctx.pw_groups
     if scale is None:
         grads = separable_conv2d_backward(grad_y, x, dw_weight, pw_weight, dw_bias, pw_bias,
-                                          *ctx.config, mask, y, groups)
-        return _grads_or_none(grads, mask, len(ctx.config)) + (None, None)
+                                          *ctx.config, mask, y, groups, ctx.shuffle)
+        return _grads_or_none(grads, mask, len(ctx.config)) + (None, None, None)
+    assert ctx.shuffle == 1, "a scale with a channel shuffle (refused by the functional)"
     if groups > 1:  # (a scale with groups: on the dense weight, see _grouped)
         pw_weight = dense_pointwise(pw_weight, groups)
     args = (grad_y, x, dw_weight, pw_weight, dw_bias, pw_bias, *ctx.config)
     want_scale = ctx.needs_input_grad[11]  # (scale's position; pw_groups is an int)
     *grads, grad_scale = _scaled_backward(*args, scale, mask, want_scale)
     return (_grads_or_none(_grouped(grads, mask, groups), mask, len(ctx.config))
-            + (grad_scale if want_scale else None, None))
+            + (grad_scale if want_scale else None, None, None))
 
 
 def _grouped(grads, mask, groups: int):
@@ -276,14 +297,15 @@ class _NativeAutograd(torch.autograd.Function):
     ~100 us more per call than this. The same kernels, so the same results."""
 
     @staticmethod
-    def forward(ctx, x, dw_weight, pw_weight, dw_bias, pw_bias, scale, pw_groups, *config):
+    def forward(ctx, x, dw_weight, pw_weight, dw_bias, pw_bias, scale, pw_groups, shuffle,
+                *config):
         y = _native.forward(x, dw_weight, pw_weight, dw_bias, pw_bias, *config, scale=scale,
-                            pw_groups=pw_groups)
+                            pw_groups=pw_groups, shuffle=shuffle)
         keep_y = _native_keeps_y(config[4]) and scale is None
         ctx.save_for_backward(x, dw_weight, pw_weight, dw_bias, pw_bias, y if keep_y else None,
                               scale)
         ctx.config = config  # stride, padding, dilation, mid_activation, activation
-        ctx.pw_groups = pw_groups
+        ctx.pw_groups, ctx.shuffle = pw_groups, shuffle
         return y
 
     @staticmethod
@@ -291,33 +313,33 @@ class _NativeAutograd(torch.autograd.Function):
         x, dw_weight, pw_weight, dw_bias, pw_bias, y, scale = ctx.saved_tensors
         mask = _grad_mask(ctx, dw_bias, pw_bias)
         want_scale = scale is not None and ctx.needs_input_grad[5]
-        groups = ctx.pw_groups
+        groups, shuffle = ctx.pw_groups, ctx.shuffle
         if scale is not None and groups > 1:  # (on the dense weight, see _grouped)
             pw_weight = dense_pointwise(pw_weight, groups)
         args = (grad_y, x, dw_weight, pw_weight, dw_bias, pw_bias, *ctx.config)
         if torch.is_grad_enabled():  # create_graph: the backward op, whose own backward
             if scale is None:  # raises clearly
-                grads = separable_conv2d_backward(*args, "native", mask, y, groups)
+                grads = separable_conv2d_backward(*args, "native", mask, y, groups, shuffle)
             else:
                 *grads, gs = _scaled_backward(*args, "native", scale, mask, want_scale)
         elif scale is None:
-            grads, gs = _native.backward(*args, mask, y=y, pw_groups=groups), None
+            grads, gs = _native.backward(*args, mask, y=y, pw_groups=groups, shuffle=shuffle), None
         else:
             *grads, gs = _native.backward(*args, mask, scale=scale, want_scale=want_scale)
         if scale is not None:
             grads = _grouped(grads, mask, groups)
         out = _grads_or_none(grads, mask, 0)
-        return (*out, gs if want_scale else None, None) + (None,) * len(ctx.config)
+        return (*out, gs if want_scale else None, None, None) + (None,) * len(ctx.config)
 
 
 def call(x, dw_weight, pw_weight, dw_bias, pw_bias, stride, padding, dilation, mid_activation,
-         activation, backend, scale=None, mid=None, pw_groups=1) -> Tensor:
+         activation, backend, scale=None, mid=None, pw_groups=1, shuffle=1) -> Tensor:
     """The forward op, or its native CPU kernel directly where nothing needs to see
     the op (same kernel, same result): plain under no_grad, through _NativeAutograd
     where a gradient is wanted. mid: None, or act_mid(dw(x) + dw_bias) from
     ``call_mean(keep=True)``, which the native forward under no_grad then starts from
     (elsewhere it is recomputed; training takes _NativeExcited instead). pw_groups: the
-    pointwise conv's groups."""
+    pointwise conv's groups; shuffle: x's channel shuffle (not with scale or mid)."""
     args = (x, dw_weight, pw_weight, dw_bias, pw_bias, stride, padding, dilation,
             mid_activation, activation)
     if (backend in ("auto", "native") and _native.supports(x)
@@ -328,12 +350,14 @@ def call(x, dw_weight, pw_weight, dw_bias, pw_bias, stride, padding, dilation, m
             if mid is not None:
                 return _native.forward_from_mid(mid, pw_weight, pw_bias, activation, scale,
                                                 _native.memory_format(x), pw_groups)
-            return _native.forward(*args, scale=scale, pw_groups=pw_groups)
-        return _NativeAutograd.apply(*args[:5], scale, pw_groups, *args[5:])
+            return _native.forward(*args, scale=scale, pw_groups=pw_groups, shuffle=shuffle)
+        return _NativeAutograd.apply(*args[:5], scale, pw_groups, shuffle, *args[5:])
     if torch.onnx.is_in_onnx_export():  # (an export traces, so it never takes the path above)
         # ONNX has no sepconv op: export the same maths as standard Conv / activation nodes.
+        if shuffle > 1:
+            args = (shuffle_channels(x, shuffle), *args[1:])
         return reference.forward(*args, scale=scale, pw_groups=pw_groups)
-    return separable_conv2d(*args, backend, scale, pw_groups)
+    return separable_conv2d(*args, backend, scale, pw_groups, shuffle)
 
 
 # --- squeeze-and-excitation's squeeze: the channel means of the intermediate -------------

@@ -232,13 +232,14 @@ class _Chain:
     pw_norm: nn.Module | None = None
     act2: str | None = None
     excitation: Excitation | None = None
+    shuffle: int = 1  # a channel shuffle before the depthwise conv, folded (its groups)
 
     def build(self) -> SeparableConv2d:
         fused = SeparableConv2d.from_conv2d_pair(
             _plain(self.dw), _plain(self.pw), depthwise_norm=_plain(self.dw_norm),
             mid_activation=self.act1, pointwise_norm=_plain(self.pw_norm),
             activation=self.act2, padding="same" if _same_conv(self.dw) else None,
-            excitation=self.excitation)
+            excitation=self.excitation, channel_shuffle=self.shuffle)
         for conv, norm, weight, bias in ((self.dw, self.dw_norm, fused.depthwise_weight,
                                           fused.depthwise_bias),
                                          (self.pw, self.pw_norm, fused.pointwise_weight,
@@ -354,10 +355,18 @@ def _sequential_runs(model: nn.Module) -> list[list[tuple[str, nn.Module, str]]]
     return runs
 
 
+def _shuffle_groups(m) -> int:
+    """The groups of a channel shuffle module (sepconv.models.ChannelShuffle, torch's
+    nn.ChannelShuffle; not subclasses with a forward of their own), else 0."""
+    from .models import ChannelShuffle
+    return m.groups if type(m) in (ChannelShuffle, nn.ChannelShuffle) else 0
+
+
 def _fuse_sequential(model: nn.Module, held: set[int], report: FuseReport,
                      fold_bn: bool) -> dict:
     """Fuses chains in Sequential runs, none taking a module in ``held``; returns
-    {id(dw conv): why not} for the rest."""
+    {id(dw conv): why not} for the rest. A channel shuffle right before a chain
+    (ShuffleNetV1) is folded into it (``channel_shuffle``)."""
     left, plans = {}, []
     for run in _sequential_runs(model):
         i = 0
@@ -375,8 +384,16 @@ def _fuse_sequential(model: nn.Module, held: set[int], report: FuseReport,
                 left[id(m)] = why
                 i += 1
                 continue
-            plans.append((chain, window[:len(chain.names)]))
-            i += len(chain.names)
+            taken = window[:len(chain.names)]
+            if i > 0 and not (plans and plans[-1][1][-1] == run[i - 1]):
+                before = getattr(run[i - 1][1], run[i - 1][2])
+                groups = _shuffle_groups(before)
+                if (groups and id(before) not in held and chain.excitation is None
+                        and m.in_channels % groups == 0):
+                    chain.shuffle, chain.names = groups, [run[i - 1][0], *chain.names]
+                    taken = [run[i - 1], *taken]
+            plans.append((chain, taken))
+            i += len(taken) - (chain.shuffle > 1)
     for chain, window in plans:  # every chain checked before the first change
         fused = chain.build()
         for k, (_, parent, attr) in enumerate(window):

@@ -151,6 +151,7 @@ def separable_conv2d(
     activation: str | None = None,
     scale: Tensor | None = None,
     pointwise_groups: int = 1,
+    channel_shuffle: int = 1,
 ) -> Tensor:
     """Fused ``act(pw(act_mid(dw(x) + depthwise_bias) * scale) + bias)``.
 
@@ -173,15 +174,19 @@ def separable_conv2d(
     C_in * m and C_out divisible by it): output channel block i reads mid channel block i
     only (ShuffleNetV1's group convolutions). The native forward's GEMM skips the zero
     blocks; the backward (every path) and Triton's forward compute them.
+    ``channel_shuffle``: x's channels go through ``F.channel_shuffle(x, channel_shuffle)``
+    first (read as a g x C_in / g matrix, transposed: ShuffleNetV1's shuffle before its
+    depthwise conv; C_in divisible by it; not with ``scale``). The native kernels read x
+    through it, so the shuffled tensor is never made; elsewhere it is.
     """
     return _separable_conv2d(x, depthwise_weight, pointwise_weight, bias, stride, padding,
                              dilation, depthwise_bias, mid_activation, activation, scale, None,
-                             pointwise_groups)
+                             pointwise_groups, channel_shuffle)
 
 
 def _separable_conv2d(x, depthwise_weight, pointwise_weight, bias, stride, padding, dilation,
                       depthwise_bias, mid_activation, activation, scale, mid,
-                      pointwise_groups=1) -> Tensor:
+                      pointwise_groups=1, channel_shuffle=1) -> Tensor:
     """separable_conv2d; mid: None, or the intermediate from _depthwise_mean(keep=True)."""
     if torch._C._is_any_autocast_enabled():
         x, depthwise_weight, pointwise_weight, bias, depthwise_bias, scale = _autocast(
@@ -191,8 +196,8 @@ def _separable_conv2d(x, depthwise_weight, pointwise_weight, bias, stride, paddi
         key = _signature(x, depthwise_weight, pointwise_weight, bias, depthwise_bias, *hyper)
         if scale is not None:
             key += (type(scale), scale.shape, scale.dtype, scale.device)
-        if pointwise_groups != 1:
-            key += ("groups", _key(pointwise_groups))
+        if pointwise_groups != 1 or channel_shuffle != 1:
+            key += ("groups", _key(pointwise_groups), _key(channel_shuffle))
         config = _CALLS.get(key)
     except (AttributeError, TypeError):  # not a tensor, or unhashable: checked, not kept
         key = config = None
@@ -204,15 +209,17 @@ def _separable_conv2d(x, depthwise_weight, pointwise_weight, bias, stride, paddi
             return separable_conv2d(x.unsqueeze(0), depthwise_weight, pointwise_weight, bias,
                                     stride, padding, dilation, depthwise_bias=depthwise_bias,
                                     mid_activation=mid_activation, activation=activation,
-                                    scale=scale, pointwise_groups=pointwise_groups)[0]
+                                    scale=scale, pointwise_groups=pointwise_groups,
+                                    channel_shuffle=channel_shuffle)[0]
         config = _check_call(x, depthwise_weight, pointwise_weight, bias, depthwise_bias, *hyper,
                              pointwise_groups)
+        _check_shuffle(channel_shuffle, x.shape[1], scale is not None or mid is not None)
         if scale is not None:
             _check_tensor(scale, "scale", x, (x.shape[0], depthwise_weight.shape[0]))
         if key is not None and len(_CALLS) < 4096:
             _CALLS[key] = config
     return _ops.call(x, depthwise_weight, pointwise_weight, depthwise_bias, bias, *config,
-                     _backend.current_backend(), scale, mid, pointwise_groups)
+                     _backend.current_backend(), scale, mid, pointwise_groups, channel_shuffle)
 
 
 def depthwise_mean(
@@ -310,6 +317,16 @@ def _check_depthwise(x, depthwise_weight, depthwise_bias) -> tuple[int, int, int
     if depthwise_bias is not None:
         _check_tensor(depthwise_bias, "depthwise_bias", x, (Cm,))
     return Cm, kh, kw
+
+
+def _check_shuffle(groups, channels: int, scaled: bool) -> None:
+    if not isinstance(groups, int) or isinstance(groups, bool) or groups < 1:
+        raise ValueError(f"channel_shuffle must be a positive int, got {groups!r}")
+    if channels % groups:
+        raise ValueError(f"channel_shuffle={groups} does not divide the {channels} input "
+                         "channels")
+    if groups > 1 and scaled:
+        raise ValueError("channel_shuffle does not go with a scale (squeeze-and-excitation)")
 
 
 def _check_call(x, depthwise_weight, pointwise_weight, bias, depthwise_bias, stride, padding,

@@ -98,7 +98,9 @@ class SeparableConv2d(nn.Module):
     the depthwise stage is grouped per input channel already, and which stage a second
     grouping would apply to is ambiguous. ``pointwise_groups`` groups the 1x1 conv
     (ShuffleNetV1's group convolutions; in_channels * depth_multiplier and out_channels
-    divisible by it): output channel block i reads mid channel block i. ``padding="same"``
+    divisible by it): output channel block i reads mid channel block i. ``channel_shuffle``
+    puts ShuffleNet's channel shuffle (g groups, ``F.channel_shuffle``) before the
+    depthwise conv, folded: the native kernels read x through it. ``padding="same"``
     also works with stride > 1 (which ``nn.Conv2d`` refuses): TensorFlow's SAME, as timm's
     Conv2dSame, with the output ceil(input / stride).
 
@@ -134,11 +136,13 @@ class SeparableConv2d(nn.Module):
         se_activation: str = "relu",
         se_gate: str = "sigmoid",
         pointwise_groups: int = 1,
+        channel_shuffle: int = 1,
     ) -> None:
         super().__init__()
         for name, value in (("in_channels", in_channels), ("out_channels", out_channels),
                             ("depth_multiplier", depth_multiplier),
-                            ("pointwise_groups", pointwise_groups)):
+                            ("pointwise_groups", pointwise_groups),
+                            ("channel_shuffle", channel_shuffle)):
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
         if groups != 1:
@@ -149,9 +153,12 @@ class SeparableConv2d(nn.Module):
             raise ValueError(f"pointwise_groups={pointwise_groups} must divide the "
                              f"{in_channels * depth_multiplier} mid channels and the "
                              f"{out_channels} out_channels")
-        if pointwise_groups > 1 and se_channels is not None:
-            raise ValueError("SeparableConv2d does not take pointwise_groups with "
-                             "squeeze-and-excitation (se_channels)")
+        if in_channels % channel_shuffle:
+            raise ValueError(f"channel_shuffle={channel_shuffle} must divide the {in_channels} "
+                             "in_channels")
+        if (pointwise_groups > 1 or channel_shuffle > 1) and se_channels is not None:
+            raise ValueError("SeparableConv2d does not take pointwise_groups or channel_shuffle "
+                             "with squeeze-and-excitation (se_channels)")
         if padding_mode not in PADDING_MODES:
             raise ValueError(f"padding_mode must be one of {PADDING_MODES}, got {padding_mode!r}")
         self.in_channels, self.out_channels = in_channels, out_channels
@@ -164,7 +171,7 @@ class SeparableConv2d(nn.Module):
                                      list(self.dilation))
         self.padding = padding if isinstance(padding, str) else tuple(_pair(padding, "padding", 0))
         self.groups, self.padding_mode, self.depth_multiplier = 1, padding_mode, depth_multiplier
-        self.pointwise_groups = pointwise_groups
+        self.pointwise_groups, self.channel_shuffle = pointwise_groups, channel_shuffle
         self.mid_activation = None if _activation(mid_activation, "mid_activation") == "none" \
             else mid_activation.lower()
         self.activation = None if _activation(activation, "activation") == "none" \
@@ -230,7 +237,8 @@ class SeparableConv2d(nn.Module):
         return separable_conv2d(x, dw, pw, b, self.stride, padding, self.dilation,
                                 depthwise_bias=db, mid_activation=self.mid_activation,
                                 activation=self.activation,
-                                pointwise_groups=self.pointwise_groups)
+                                pointwise_groups=self.pointwise_groups,
+                                channel_shuffle=self.channel_shuffle)
 
     @classmethod
     def from_conv2d_pair(cls, depthwise: nn.Conv2d, pointwise: nn.Conv2d, *,
@@ -239,7 +247,8 @@ class SeparableConv2d(nn.Module):
                          pointwise_norm: nn.Module | None = None,
                          activation: str | None = None,
                          padding=None,
-                         excitation: Excitation | None = None) -> SeparableConv2d:
+                         excitation: Excitation | None = None,
+                         channel_shuffle: int = 1) -> SeparableConv2d:
         """The module computing ``act(norm(pointwise(act_mid(norm(depthwise(x))))))``
         exactly: weights copied, eval-mode batch norms folded into weights and biases.
 
@@ -249,7 +258,8 @@ class SeparableConv2d(nn.Module):
         without gradients attached.
         ``padding`` replaces depthwise's (``"same"`` for a conv that pads as TensorFlow's
         SAME, as timm's Conv2dSame). ``excitation``: a squeeze-and-excitation between the
-        mid activation and the pointwise conv, taken as it is (not copied). Subclasses
+        mid activation and the pointwise conv, taken as it is (not copied).
+        ``channel_shuffle``: a channel shuffle of that many groups before the depthwise. Subclasses
         that override ``forward`` are refused: their attributes do not say what they
         compute.
         """
@@ -277,7 +287,8 @@ class SeparableConv2d(nn.Module):
                      padding_mode=depthwise.padding_mode, device=dw_w.device, dtype=dw_w.dtype,
                      depth_multiplier=depthwise.out_channels // c,
                      mid_activation=mid_activation, activation=activation,
-                     depthwise_bias=dw_b is not None, pointwise_groups=pointwise.groups)
+                     depthwise_bias=dw_b is not None, pointwise_groups=pointwise.groups,
+                     channel_shuffle=channel_shuffle)
         with torch.no_grad():
             for param, value in ((module.depthwise_weight, dw_w), (module.depthwise_bias, dw_b),
                                  (module.pointwise_weight, pw_w), (module.bias, pw_b)):
@@ -313,6 +324,8 @@ class SeparableConv2d(nn.Module):
             s += f", depth_multiplier={self.depth_multiplier}"
         if self.pointwise_groups != 1:
             s += f", pointwise_groups={self.pointwise_groups}"
+        if self.channel_shuffle != 1:
+            s += f", channel_shuffle={self.channel_shuffle}"
         if self.depthwise_bias is not None:
             s += ", depthwise_bias=True"
         if self.mid_activation:

@@ -137,13 +137,16 @@ def _two(v):
 
 
 def oracle(x, dw, pw, b, b_dw, stride, padding, dilation, act1, act2, mid_dtype=None,
-           scale=None, groups=1):
+           scale=None, groups=1, shuffle=1):
     """The unfused pair of nn.Conv2d modules in float64, run on the given tensors
     (functional_call keeps them in the autograd graph). ``mid_dtype`` rounds the
     intermediate to that dtype on the way forward (gradients pass straight through),
     as the nn.Conv2d pair in that dtype and the fused kernels' dot do. ``groups``: the
-    pointwise conv's."""
+    pointwise conv's; ``shuffle``: a channel shuffle of x first (as F.channel_shuffle)."""
     C, Cm, Co = x.shape[1], dw.shape[0], pw.shape[0]
+    if shuffle > 1:
+        N, _, H, W = x.shape
+        x = x.reshape(N, shuffle, C // shuffle, H, W).transpose(1, 2).reshape(N, C, H, W)
     if padding == "same" and stride not in (1, (1, 1)):  # nn.Conv2d refuses: pad first
         x, padding = tf_same_pad(x, dw.shape[2:], stride, dilation), 0
     dconv = nn.Conv2d(C, Cm, tuple(dw.shape[2:]), stride, padding, dilation, groups=C,
@@ -169,11 +172,12 @@ def make_inputs(N, C, H, W, m, Co, k, *, bias=True, dw_bias=True, seed=0, groups
 
 
 def check_against_oracle(target, inputs, stride=1, padding=0, dilation=1, act1=None,
-                         act2=None, layout=lambda t: t, grads=True, groups=1):
+                         act2=None, layout=lambda t: t, grads=True, groups=1, shuffle=1):
     """Forward and every gradient of sepconv (inputs moved ``.to(**target)``: dtype and
     device; x passed through ``layout``) against the float64 oracle on random data.
     ``inputs``: x, dw, pw, b, b_dw (make_inputs), and optionally a scale (N, C * m).
-    ``groups``: the pointwise conv's (pw made with them)."""
+    ``groups``: the pointwise conv's (pw made with them); ``shuffle``: x's channel
+    shuffle."""
     dtype = target["dtype"]
     low = dtype in (torch.float16, torch.bfloat16)
     if low:  # the oracle rounds where the kernel must: inputs and intermediate
@@ -181,14 +185,15 @@ def check_against_oracle(target, inputs, stride=1, padding=0, dilation=1, act1=N
     leaves = [t.clone().requires_grad_() if t is not None else None for t in inputs]
     scaled = len(inputs) > 5
     expected = oracle(*leaves[:5], stride, padding, dilation, act1, act2, dtype if low else None,
-                      scale=leaves[5] if scaled else None, groups=groups)
+                      scale=leaves[5] if scaled else None, groups=groups, shuffle=shuffle)
     g = torch.Generator().manual_seed(7)
     gy = torch.randn(expected.shape, dtype=torch.float64, generator=g).to(dtype).double()
     mine = [t.detach().to(**target).requires_grad_() if t is not None else None for t in inputs]
     x = layout(mine[0])
     y = sepconv.separable_conv2d(x, mine[1], mine[2], mine[3], stride, padding, dilation,
                                  depthwise_bias=mine[4], mid_activation=act1, activation=act2,
-                                 scale=mine[5] if scaled else None, pointwise_groups=groups)
+                                 scale=mine[5] if scaled else None, pointwise_groups=groups,
+                                 channel_shuffle=shuffle)
     assert y.dtype == dtype and y.shape == expected.shape
     assert_close(y, expected, dtype, "y")
     if not grads:

@@ -138,6 +138,21 @@ def test_fuse_chain_variants(model, act1, act2):
         assert _relative_error(fused(x), model(x)) < 1e-5
 
 
+def test_fuse_folds_a_channel_shuffle_before_the_chain():
+    """torch's nn.ChannelShuffle right before a chain becomes its channel_shuffle (the
+    shuffle module replaced); one that does not precede a depthwise conv stays."""
+    model = _random_norms(nn.Sequential(
+        nn.ChannelShuffle(2), nn.Conv2d(4, 8, 3, padding=1, groups=4), nn.BatchNorm2d(8),
+        nn.Conv2d(8, 6, 1, groups=2), nn.ChannelShuffle(3))).eval()
+    fused, report = sepconv.fuse(model)
+    assert report.fused == [(["0", "1", "2", "3"], "nn.Sequential")]
+    assert isinstance(fused[0], sepconv.SeparableConv2d) and fused[0].channel_shuffle == 2
+    assert isinstance(fused[1], nn.Identity) and isinstance(fused[4], nn.ChannelShuffle)
+    x = torch.randn(2, 4, 9, 7)
+    with torch.no_grad():
+        assert _relative_error(fused(x), model(x)) < 1e-5
+
+
 @pytest.mark.parametrize("model,reason", [
     (_chain(nn.BatchNorm2d(8), nn.GELU()), "followed by GELU (2)"),
     (_chain(pw=nn.Conv2d(8, 6, 1, stride=2)), "stride (2, 2)"),

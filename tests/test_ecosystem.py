@@ -28,7 +28,7 @@ def _model(dtype=torch.float32) -> nn.Module:
                                 depth_multiplier=2, activation="hardswish", dtype=dtype),
         sepconv.SeparableConv2d(5, 4, 2, padding="same", mid_activation="silu", dtype=dtype),
         sepconv.SeparableConv2d(4, 6, 3, padding=1, activation="relu", pointwise_groups=2,
-                                dtype=dtype),
+                                channel_shuffle=2, dtype=dtype),
     ).eval()
 
 

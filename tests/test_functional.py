@@ -365,6 +365,55 @@ def test_grouped_pointwise_large_weights(native_path, threads, layout, N):
         torch.set_num_threads(before)
 
 
+# A channel shuffle before the depthwise conv (ShuffleNetV1), read through by the native
+# kernels: (N, C, H, W, m, Co, kernel, stride, padding, pointwise groups, shuffle groups).
+# Shuffles as wide as the pointwise groups and not, a depth multiplier, channels past
+# one transpose block (16 / 8 lanes), batch 0.
+SHUFFLE_CASES = {
+    "s3_g3": (2, 6, 9, 11, 1, 9, 3, 1, 1, 3, 3),
+    "s2_g3_stride2": (2, 12, 13, 11, 1, 24, 3, 2, 1, 3, 2),
+    "s4_m2": (1, 8, 7, 9, 2, 8, 3, 1, 1, 1, 4),
+    "s8_wide": (1, 40, 7, 6, 1, 136, 3, 1, 1, 4, 8),
+    "s3_k5_dil2": (1, 18, 11, 9, 1, 12, 5, 1, 4, 3, 3),
+    "batch0": (0, 6, 5, 5, 1, 9, 3, 1, 1, 3, 3),
+}
+
+
+@pytest.mark.parametrize("name", SHUFFLE_CASES)
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_channel_shuffle(path, name, layout):
+    N, C, H, W, m, Co, k, s, p, g, sh = SHUFFLE_CASES[name]
+    d = 2 if name.endswith("dil2") else 1
+    check_against_oracle(path, make_inputs(N, C, H, W, m, Co, k, groups=g), s, p, d, "relu6",
+                         "silu", layout=LAYOUTS[layout], groups=g, shuffle=sh)
+
+
+# Strided and transposed layouts, and images of many backward bands (the even and odd
+# bands add their grad_x bands back through the shuffle in two phases) on 1-3 threads.
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_channel_shuffle_many_bands(native_path, threads, layout):
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        check_against_oracle(native_path, make_inputs(2, 36, 33, 20, 1, 24, 3, groups=3), 1, 1,
+                             1, "relu", None, layout=LAYOUTS[layout], groups=3, shuffle=3)
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("shuffle,message", [
+    (0, "channel_shuffle must be a positive int"),
+    (5, "does not divide the 12 input channels"),
+])
+def test_channel_shuffle_errors(shuffle, message):
+    x, dw, pw = torch.randn(1, 12, 5, 5), torch.randn(12, 1, 3, 3), torch.randn(6, 12, 1, 1)
+    with pytest.raises(ValueError, match=message):
+        sepconv.separable_conv2d(x, dw, pw, channel_shuffle=shuffle)
+    with pytest.raises(ValueError, match="does not go with a scale"):
+        sepconv.separable_conv2d(x, dw, pw, channel_shuffle=3, scale=torch.ones(1, 12))
+
+
 @pytest.mark.parametrize("groups,shape,message", [
     (0, (6, 12, 1, 1), "pointwise_groups must be a positive int"),
     (True, (6, 12, 1, 1), "pointwise_groups must be a positive int"),

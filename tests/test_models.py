@@ -140,8 +140,9 @@ def test_channel_shuffle_is_the_transpose():
 
 @pytest.mark.parametrize("groups", [1, 3, 8])
 def test_fuse_takes_every_shufflenet_v1_unit(groups):
-    """Every unit's dw -> BN -> 1x1 group conv -> BN fused (pointwise_groups=g), the
-    same outputs; the channel shuffle before it stays a module."""
+    """Every unit's channel shuffle -> dw -> BN -> 1x1 group conv -> BN fused (the
+    shuffle folded as channel_shuffle=g, the 1x1 conv as pointwise_groups=g), the same
+    outputs, no shuffle module left."""
     import sepconv
     torch.manual_seed(0)
     model = models.shufflenet_v1(groups, num_classes=10).eval()
@@ -152,6 +153,9 @@ def test_fuse_takes_every_shufflenet_v1_unit(groups):
         assert len(report.fused) == 16 and not report.skipped
         seps = [m for m in fused.modules() if isinstance(m, sepconv.SeparableConv2d)]
         assert len(seps) == 16 and all(m.pointwise_groups == groups for m in seps)
+        assert all(m.channel_shuffle == groups for m in seps)
+        assert not any(isinstance(m, models.ChannelShuffle) for m in fused.modules())
+        assert all(names[0].endswith(".3") for names, _ in report.fused)  # branch.3: shuffle
         got = fused(x)
     assert (got - want).abs().max() <= 1e-5 * want.abs().max()
 

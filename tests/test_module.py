@@ -5,6 +5,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import ACTS, TOL, oracle, tf_same_pad
 from hypothesis import event, given
 from hypothesis import strategies as st
@@ -267,7 +268,25 @@ def test_pointwise_groups():
     torch.testing.assert_close(pair(xf), pw(dw(xf)))
 
 
+def test_channel_shuffle():
+    """F.channel_shuffle before the depthwise conv, in the module and from_conv2d_pair."""
+    torch.manual_seed(0)
+    sep = sepconv.SeparableConv2d(6, 9, 3, padding=1, pointwise_groups=3, channel_shuffle=2,
+                                  dtype=torch.float64)
+    assert "pointwise_groups=3, channel_shuffle=2" in repr(sep)
+    x = torch.randn(2, 6, 7, 5, dtype=torch.float64)
+    plain = sepconv.SeparableConv2d(6, 9, 3, padding=1, pointwise_groups=3, dtype=torch.float64)
+    plain.load_state_dict(sep.state_dict())
+    torch.testing.assert_close(sep(x), plain(F.channel_shuffle(x, 2)))
+    dw, pw = nn.Conv2d(6, 6, 3, padding=1, groups=6), nn.Conv2d(6, 9, 1, groups=3)
+    pair = sepconv.SeparableConv2d.from_conv2d_pair(dw, pw, channel_shuffle=3)
+    xf = x.float()
+    torch.testing.assert_close(pair(xf), pw(dw(F.channel_shuffle(xf, 3))))
+
+
 @pytest.mark.parametrize("kwargs,message", [
+    (dict(channel_shuffle=4), "channel_shuffle=4 must divide the 6 in_channels"),
+    (dict(channel_shuffle=2, se_channels=2), "squeeze-and-excitation"),
     (dict(pointwise_groups=4), "must divide the 6 mid channels and the 9 out_channels"),
     (dict(pointwise_groups=0), "pointwise_groups must be a positive int"),
     (dict(pointwise_groups=3, se_channels=2), "squeeze-and-excitation"),

@@ -35,12 +35,13 @@ def test_opcheck_forward(backend, channels_last, bias):
 @pytest.mark.parametrize("backend", ["auto", "reference"])
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_opcheck_forward_grouped(backend, channels_last):
-    x, dw, pw, b, bd = make_inputs(2, 3, 7, 6, 2, 4, 3, groups=2)
+    x, dw, pw, b, bd = make_inputs(2, 6, 7, 6, 1, 4, 3, groups=2)
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     leaves = [t.requires_grad_() for t in (x, dw, pw, bd, b)]
-    torch.library.opcheck(OP, (*leaves, [2, 1], [1, 0, 2, 1], [1, 2], "relu", "silu", backend,
-                               None, 2))
+    for shuffle in (1, 3):
+        torch.library.opcheck(OP, (*leaves, [2, 1], [1, 0, 2, 1], [1, 2], "relu", "silu",
+                                   backend, None, 2, shuffle))
 
 
 @pytest.mark.parametrize("channels_last", [False, True])
@@ -56,16 +57,18 @@ def test_opcheck_backward(channels_last, mask):
 @pytest.mark.parametrize("backend", ["auto", "reference"])
 @pytest.mark.parametrize("mask", [[True] * 5, [False, False, True, False, False],
                                   [True, False, False, True, True]])
-def test_opcheck_backward_grouped(backend, mask):
-    """The backward op with pointwise groups, every gradient against the reference's
-    (which runs on the dense block-diagonal weight), and opcheck."""
-    x, dw, pw, b, bd = make_inputs(2, 3, 7, 6, 2, 4, 3, groups=2)
+@pytest.mark.parametrize("shuffle", [1, 3])
+def test_opcheck_backward_grouped(backend, mask, shuffle):
+    """The backward op with pointwise groups and a channel shuffle, every gradient against
+    the reference's (which runs on the dense block-diagonal weight and the shuffled x),
+    and opcheck."""
+    x, dw, pw, b, bd = make_inputs(2, 6, 7, 6, 1, 4, 3, groups=2)
     conf = ([2, 1], [1, 0, 2, 1], [1, 2], "relu", "silu")
-    gy = torch.randn_like(OP(x, dw, pw, bd, b, *conf, "reference", None, 2))
-    args = (gy, x, dw, pw, bd, b, *conf, backend, mask, None, 2)
+    gy = torch.randn_like(OP(x, dw, pw, bd, b, *conf, "reference", None, 2, shuffle))
+    args = (gy, x, dw, pw, bd, b, *conf, backend, mask, None, 2, shuffle)
     torch.library.opcheck(BWD, args)
     got = BWD(*args)
-    want = BWD(gy, x, dw, pw, bd, b, *conf, "reference", mask, None, 2)
+    want = BWD(gy, x, dw, pw, bd, b, *conf, "reference", mask, None, 2, shuffle)
     for a, e in zip(got, want):
         torch.testing.assert_close(a, e)
     assert got[2].shape == ((4, 3, 1, 1) if mask[2] else (0,))
@@ -128,7 +131,7 @@ def test_compile_fullgraph_matches_eager():
     model = torch.nn.Sequential(
         sepconv.SeparableConv2d(3, 8, 3, padding=1, mid_activation="relu", activation="relu"),
         sepconv.SeparableConv2d(8, 4, 5, stride=2, padding="valid", depthwise_bias=True),
-        sepconv.SeparableConv2d(4, 6, 3, padding=1, pointwise_groups=2),
+        sepconv.SeparableConv2d(4, 6, 3, padding=1, pointwise_groups=2, channel_shuffle=2),
     )
     assert_compiled_matches_eager(model, [torch.randn(b, 3, 16, 16) for b in (2, 3)],
                                   dynamic=True)

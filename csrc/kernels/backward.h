@@ -167,8 +167,10 @@ inline int64_t band_rows(const Geometry& g) {
 // 512x14->1024/s2 0.81 / 0.99x and 1.48 / 1.77x, 384x14->1536 0.99 / 1.14x and 1.09 / 1.34x.
 template <class T> bool splits_channels(const Geometry& g, int64_t R) {
   constexpr int64_t nr = NR<T>();
-  // (pointwise groups: bands only)
-  if (g.N == 0 || nr % g.m != 0 || g.backward_mode == BACKWARD_BANDS || g.groups > 1) return false;
+  // (pointwise groups or a channel shuffle: bands only)
+  if (g.N == 0 || nr % g.m != 0 || g.backward_mode == BACKWARD_BANDS || g.groups > 1 ||
+      g.shuffle > 1)
+    return false;
   if (g.backward_mode == BACKWARD_SPLIT) return true;
   return g.threads > 1 && ceil_div(g.Cm, nr) >= g.threads &&
          3 * busiest_rows(g, R) * g.threads > 4 * g.N * g.Ho;
@@ -363,6 +365,9 @@ int backward_impl(const Geometry& g, const T* gy, const T* y, const T* x, const 
   // Pointwise groups: each of the three GEMMs runs per group, on the groups' column
   // blocks of M, GZ and G and the group's packed weight; the weight gradient is Co x Kg.
   const int64_t NG = g.groups, Kg = Cm / NG, Cog = Co / NG;
+  // A channel shuffle of x: its bands are gathered (and grad_x's added back) in both
+  // layouts, by shuffle_tables.
+  const bool shuffled = g.shuffle > 1, bands = !cl || shuffled;
 
   // The weight gradient sums GZ^T . M over all pixels. Per tile its K is one band
   // (49 pixels at 7x7), so each call streamed the Co x Cm accumulator from L3 for
@@ -381,9 +386,9 @@ int backward_impl(const Geometry& g, const T* gy, const T* y, const T* x, const 
   const bool pack_gz = NG == 1 && packs_gz<T>(Co, ldo, Cm), pack_m = NG == 1 && packs<T>(ldm);
   // Per-thread buffers: the tiles U, G (dL/dU, and act1(U) before it) and GZ (when
   // packed), the stacks, and for NCHW grad_y's tile and the NHWC bands of x, grad_x.
-  const int64_t sU = P * ldm, sGZ = P * ldo, sB = cl ? 0 : band_elems(g, P);
+  const int64_t sU = P * ldm, sGZ = P * ldo, sB = bands ? band_elems(g, P) : 0;
   const int64_t sGZt = pack_gz ? sGZ : 0, sMs = KP * ldm, sGZs = KP * imax(ldo, round_up(Co, MR));
-  const int64_t per_thread = 2 * sU + sGZt + sMs + sGZs + (cl ? 0 : sGZ + 2 * sB);
+  const int64_t per_thread = 2 * sU + sGZt + sMs + sGZs + (bands ? sGZ + 2 * sB : 0);
   // Bytes a band's stages keep in use: the thread's buffers and the packed weights.
   // The packed weights: W^T's and W's panels, each group's (one group: as many as the
   // padded rows of GZ and M hold).
@@ -415,10 +420,13 @@ int backward_impl(const Geometry& g, const T* gy, const T* y, const T* x, const 
   const bool own = own_weight_copies(g, (sbp + swpk) * (int64_t)sizeof(T));
   Buf<T> ws(0, T_ * per_thread), acc(1, T_ * sacc), wt(2, kk * Cm), bp(3, (own ? T_ : 1) * sbp),
       wpk(4, (own ? T_ : 1) * swpk), bias(5, imax(ldo, (NG - 1) * Cog + wt_panels<T>(g) * nr), true);
-  Buf<int64_t> cols(6, 2 * g.kw), counts(7, T_);
+  Buf<int64_t> cols(6, 2 * g.kw + (shuffled ? 2 * g.C : 0)), counts(7, T_);
   if (!ws.p || !acc.p || !wt.p || !bp.p || !wpk.p || !bias.p || !cols.p || !counts.p)
     return OUT_OF_MEMORY;
   prepare_weights(g, dww, pwb, wt.p, bias.p, cols.p);
+  const int64_t* const xrow = shuffled ? cols.p + 2 * g.kw : nullptr;
+  const int64_t* const xinv = shuffled ? xrow + g.C : nullptr;
+  if (shuffled) shuffle_tables(g, cols.p + 2 * g.kw, cols.p + 2 * g.kw + g.C);
 
   int team = 1;
   const DenormalMode mode(g.flush_denormals);  // also for the sums after the threads
@@ -534,11 +542,13 @@ int backward_impl(const Geometry& g, const T* gy, const T* y, const T* x, const 
         const T* gyt = gy + (n * HWo + p0) * Co;
         const T* yt = from_y ? y + (n * HWo + p0) * Co : nullptr;
         int64_t gy_rs = Co, r0 = 0, r1 = g.H;
-        if (!cl) {
+        if (bands) {  // x's band as NHWC (shuffled), grad_x's band cleared
           input_rows(g, p0, p1, &r0, &r1);
-          if (r1 > r0) transpose_copy(xn + r0 * g.W, g.H * g.W, XB, g.C, g.C, (r1 - r0) * g.W);
+          if (r1 > r0) shuffled_band(g, xn, r0, r1, xrow, XB);
           xn = XB;
           if (gxn) memset(GXB, 0, imax(r1 - r0, 0) * g.W * g.C * sizeof(T));
+        }
+        if (!cl) {
           const int64_t off = n * Co * HWo + p0;
           if (gz_is_gy) {
             transpose_copy(gy + off, HWo, GZ, ldo, Co, np);
@@ -619,9 +629,8 @@ int backward_impl(const Geometry& g, const T* gy, const T* y, const T* x, const 
           for (int64_t r = 0; r < np; ++r)
             grad_act(g.act1, G + r * ldm, (direct ? M : U) + r * ldm, G + r * ldm, Cm);
         dw_backward(g, cols.p, xn, r0, wt.p, G, ldm, p0, p1, out.dw_weight ? a_dw : nullptr,
-                    out.dw_bias ? a_dwb : nullptr, cl ? gxn : (gxn ? GXB : nullptr), 0, Cm);
-        if (!cl && gxn && r1 > r0)
-          transpose_add(GXB, g.C, gxn + r0 * g.W, g.H * g.W, (r1 - r0) * g.W, g.C);
+                    out.dw_bias ? a_dwb : nullptr, bands ? (gxn ? GXB : nullptr) : gxn, 0, Cm);
+        if (bands && gxn && r1 > r0) unshuffled_add(g, GXB, r0, r1, xrow, xinv, gxn);
       }
       // Odd bands add into the input rows that even bands cleared and added to.
 #pragma omp barrier

@@ -93,7 +93,7 @@ int mean_impl(const Geometry& g, const T* x, const T* dww, const T* dwb, T* out,
       const int64_t n = t / tiles_per_image, p0 = (t % tiles_per_image) * P,
                     p1 = imin(p0 + P, HWo);
       T* const V = u ? u + (n * HWo + p0) * Cm : U;  // the intermediate, kept or not
-      depthwise_pixels(g, cols_t, x + n * g.C * g.H * g.W, p0, p1, wt_t, dwb, V, ld, xb);
+      depthwise_pixels(g, cols_t, x + n * g.C * g.H * g.W, p0, p1, wt_t, dwb, V, ld, xb, nullptr);
       add_rows(V, ld, p1 - p0, n, 0, Cm);
     }
   }

@@ -30,23 +30,24 @@ template <class T, int H = lanes<T>() / 2> inline void transpose(V<T>* r) {
 // stores: element by element, the 2 edge columns of a 114-pixel band took 10-15% of
 // the transpose (24x56->58/s2 NCHW fwd+bwd 1.09-1.17x, the rest 1.0-1.04x). AVX2's
 // masked moves measured no gain here, and on AMD cores the masked store is slow.
-template <class T, bool ADD>
-inline void transpose_block(const T* src, int64_t lds, T* dst, int64_t ldd, int m, int n) {
+// (src(i): source row i of the block; dst(j): destination row j.)
+template <class T, bool ADD, class S, class D>
+inline void transpose_block(S src, D dst, int m, int n) {
   constexpr int L = lanes<T>();
   if (VB < 64 && (m < L || n < L)) {
     for (int i = 0; i < m; ++i)
       for (int j = 0; j < n; ++j) {
-        T* d = dst + j * ldd + i;
-        *d = ADD ? *d + src[i * lds + j] : src[i * lds + j];
+        T* d = dst(j) + i;
+        *d = ADD ? *d + src(i)[j] : src(i)[j];
       }
     return;
   }
   V<T> r[L];
   for (int t = 0; t < L; ++t)
-    r[t] = t >= m ? V<T>{} : n == L ? loadu(src + t * lds) : load_n(src + t * lds, n);
+    r[t] = t >= m ? V<T>{} : n == L ? loadu(src(t)) : load_n(src(t), n);
   transpose<T>(r);
   for (int t = 0; t < n; ++t) {
-    T* d = dst + t * ldd;
+    T* d = dst(t);
     if (m == L)
       storeu(d, ADD ? loadu(d) + r[t] : r[t]);
     else
@@ -56,24 +57,31 @@ inline void transpose_block(const T* src, int64_t lds, T* dst, int64_t ldd, int 
 
 // dst[j*ldd + i] = src[i*lds + j] (or += with ADD) for i < rows, j < cols, by L x L
 // blocks. NCHW tensors become NHWC tiles this way, and grad_x's NHWC bands go back.
+// srow / drow (or null): source row i at src + srow[i] instead of src + i*lds,
+// destination row j at dst + drow[j] instead of dst + j*ldd (an NCHW x read through a
+// channel shuffle: the planes in the shuffled order).
 template <class T, bool ADD = false>
-void transpose_copy(const T* src, int64_t lds, T* dst, int64_t ldd, int64_t rows, int64_t cols) {
+void transpose_copy(const T* src, int64_t lds, T* dst, int64_t ldd, int64_t rows, int64_t cols,
+                    const int64_t* srow = nullptr, const int64_t* drow = nullptr) {
   constexpr int64_t L = lanes<T>();
+  auto block = [&](int64_t i0, int64_t j0, auto m, auto n) {
+    auto s = [&](int i) { return (srow ? src + srow[i0 + i] : src + (i0 + i) * lds) + j0; };
+    auto d = [&](int j) { return (drow ? dst + drow[j0 + j] : dst + (j0 + j) * ldd) + i0; };
+    transpose_block<T, ADD>(s, d, (int)m, (int)n);
+  };
   for (int64_t i0 = 0; i0 < rows; i0 += L) {
     const int m = (int)imin(L, rows - i0);
     int64_t j0 = 0;
     if (m == L)  // whole blocks, with the sizes known to the compiler
-      for (; j0 + L <= cols; j0 += L)
-        transpose_block<T, ADD>(src + i0 * lds + j0, lds, dst + j0 * ldd + i0, ldd, L, L);
-    for (; j0 < cols; j0 += L)
-      transpose_block<T, ADD>(src + i0 * lds + j0, lds, dst + j0 * ldd + i0, ldd, m,
-                              (int)imin(L, cols - j0));
+      for (; j0 + L <= cols; j0 += L) block(i0, j0, L, L);
+    for (; j0 < cols; j0 += L) block(i0, j0, m, imin(L, cols - j0));
   }
 }
 
 template <class T>
-void transpose_add(const T* src, int64_t lds, T* dst, int64_t ldd, int64_t rows, int64_t cols) {
-  transpose_copy<T, true>(src, lds, dst, ldd, rows, cols);
+void transpose_add(const T* src, int64_t lds, T* dst, int64_t ldd, int64_t rows, int64_t cols,
+                   const int64_t* drow = nullptr) {
+  transpose_copy<T, true>(src, lds, dst, ldd, rows, cols, nullptr, drow);
 }
 
 // Panel q of W_pw (Co x Cm, row-major) as B operand of y = U . W^T (NHWC):
