@@ -198,6 +198,8 @@ void set_groups(Geometry& g, int64_t groups, int64_t shuffle) {
     throw py::value_error("groups must be >= 1 and divide the mid and output channels");
   if (shuffle < 1 || g.C % shuffle)
     throw py::value_error("shuffle must be >= 1 and divide the input channels");
+  if (shuffle > 1 && g.channels_last)  // (the caller shuffles a channels-last x: forward.h)
+    throw py::value_error("shuffle: NCHW x only");
   g.groups = groups;
   g.shuffle = shuffle;
 }

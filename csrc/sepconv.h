@@ -22,8 +22,8 @@ struct Geometry {
   int64_t m, Cm, Co;      // depth multiplier, mid channels (C * m), output channels
   int64_t groups;         // pointwise groups: output channel block i reads mid channel
                           // block i only
-  int64_t shuffle;        // channel shuffle of x before the depthwise stage (1: none):
-                          // channel i * shuffle + j reads x's channel j * (C / shuffle) + i
+  int64_t shuffle;        // channel shuffle of an NCHW x before the depthwise stage (1:
+                          // none): channel i * shuffle + j reads x's j * (C / shuffle) + i
   int64_t kh, kw;         // depthwise kernel
   int64_t sh, sw;         // stride
   int64_t pt, pl;         // top / left zero padding (bottom / right follow from Ho, Wo)

@@ -8,6 +8,7 @@ layout passed to the kernel, and outputs allocated with the right sizes.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from ._backend import _C
@@ -35,6 +36,20 @@ def output_size(x: Tensor, dw_weight: Tensor, stride, padding, dilation) -> tupl
     Ho = (H + top + bottom - dilation[0] * (kh - 1) - 1) // stride[0] + 1
     Wo = (W + left + right - dilation[1] * (kw - 1) - 1) // stride[1] + 1
     return Ho, Wo
+
+
+def shuffle_channels(x: Tensor, groups: int, inverse: bool = False) -> Tensor:
+    """ShuffleNet's channel shuffle (channels read as a groups x C / groups matrix,
+    transposed: F.channel_shuffle), or its inverse (the shuffle of C / groups), in x's
+    memory format. Channels-last by F.channel_shuffle, 2.5x faster there than the
+    reshape and transpose (8x60x56x56: 0.23 against 0.73 ms; a copy 0.06), which is 2.6x
+    faster in NCHW (0.07 against 0.19 ms) and exports to ONNX as standard operators."""
+    N, C, H, W = x.shape
+    if memory_format(x) == torch.channels_last and not torch.onnx.is_in_onnx_export():
+        return F.channel_shuffle(x, C // groups if inverse else groups).contiguous(
+            memory_format=torch.channels_last)
+    rows = (C // groups, groups) if inverse else (groups, C // groups)
+    return x.reshape(N, *rows, H, W).transpose(1, 2).reshape(N, C, H, W)
 
 
 def supports(x: Tensor) -> bool:
@@ -80,10 +95,13 @@ def forward(x, dw_weight, pw_weight, dw_bias, pw_bias, stride, padding, dilation
     """scale: (N, C * m) or None, each image's factor for each mid channel. y_format: y's
     memory format (default: x's). pw_groups: the pointwise conv's groups, pw_weight (C_out,
     C * m / pw_groups, 1, 1): the kernel's GEMM is block-diagonal, without zero blocks.
-    shuffle: x's channels are read through a channel shuffle of that many groups (the
-    kernel gathers them as it copies each input band; the shuffle is never made)."""
+    shuffle: x's channels are read through a channel shuffle of that many groups (NCHW:
+    the kernel takes the planes in its order as it copies each input band, and the
+    shuffle is never made; channels-last: made here, which measured faster)."""
     fmt = memory_format(x)
     x = x.contiguous(memory_format=fmt)
+    if shuffle > 1 and fmt == torch.channels_last:
+        x, shuffle = shuffle_channels(x, shuffle), 1
     dw_weight, pw_weight, dw_bias, pw_bias, scale = _dense(dw_weight, pw_weight, dw_bias,
                                                            pw_bias, scale)
     geom = _geometry(x, dw_weight, pw_weight.shape[0], stride, padding, dilation, fmt,
@@ -142,6 +160,9 @@ def backward(grad_y, x, dw_weight, pw_weight, dw_bias, pw_bias, stride, padding,
     pw_groups, shuffle: as ``forward``'s (grad_x is x's, unshuffled)."""
     fmt = memory_format(x)
     x, grad_y = x.contiguous(memory_format=fmt), grad_y.contiguous(memory_format=fmt)
+    groups, unshuffle = shuffle, shuffle > 1 and fmt == torch.channels_last  # (as forward)
+    if unshuffle:
+        x, shuffle = shuffle_channels(x, groups), 1
     if y is not None:  # read with grad_y's offsets
         if y.shape != grad_y.shape or y.dtype != x.dtype or y.device != x.device:
             raise ValueError(f"y must be like grad_y ({tuple(grad_y.shape)}, {x.dtype}, "
@@ -166,6 +187,8 @@ def backward(grad_y, x, dw_weight, pw_weight, dw_bias, pw_bias, stride, padding,
                 _ptr(pw_weight), _ptr(dw_bias), _ptr(pw_bias), _ptr(scale), _ptr(mid_in),
                 _ptr(gx), _ptr(gdw), _ptr(gpw), _ptr(gdwb), _ptr(gpwb), _ptr(gs), _ptr(gmid),
                 pw_groups, shuffle)
+    if unshuffle and gx is not None:
+        gx = shuffle_channels(gx, groups, inverse=True)
     grads = (gx, gdw, gpw, gdwb, gpwb) + ((gs,) if scale is not None else ())
     return grads + (gmid,) if want_mid else grads
 

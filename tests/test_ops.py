@@ -58,11 +58,14 @@ def test_opcheck_backward(channels_last, mask):
 @pytest.mark.parametrize("mask", [[True] * 5, [False, False, True, False, False],
                                   [True, False, False, True, True]])
 @pytest.mark.parametrize("shuffle", [1, 3])
-def test_opcheck_backward_grouped(backend, mask, shuffle):
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_opcheck_backward_grouped(backend, mask, shuffle, channels_last):
     """The backward op with pointwise groups and a channel shuffle, every gradient against
     the reference's (which runs on the dense block-diagonal weight and the shuffled x),
     and opcheck."""
     x, dw, pw, b, bd = make_inputs(2, 6, 7, 6, 1, 4, 3, groups=2)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
     conf = ([2, 1], [1, 0, 2, 1], [1, 2], "relu", "silu")
     gy = torch.randn_like(OP(x, dw, pw, bd, b, *conf, "reference", None, 2, shuffle))
     args = (gy, x, dw, pw, bd, b, *conf, backend, mask, None, 2, shuffle)

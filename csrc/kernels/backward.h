@@ -365,9 +365,7 @@ int backward_impl(const Geometry& g, const T* gy, const T* y, const T* x, const 
   // Pointwise groups: each of the three GEMMs runs per group, on the groups' column
   // blocks of M, GZ and G and the group's packed weight; the weight gradient is Co x Kg.
   const int64_t NG = g.groups, Kg = Cm / NG, Cog = Co / NG;
-  // A channel shuffle of x: its bands are gathered (and grad_x's added back) in both
-  // layouts, by shuffle_tables.
-  const bool shuffled = g.shuffle > 1, bands = !cl || shuffled;
+  const bool shuffled = g.shuffle > 1;  // (NCHW only: shuffle_planes)
 
   // The weight gradient sums GZ^T . M over all pixels. Per tile its K is one band
   // (49 pixels at 7x7), so each call streamed the Co x Cm accumulator from L3 for
@@ -386,9 +384,9 @@ int backward_impl(const Geometry& g, const T* gy, const T* y, const T* x, const 
   const bool pack_gz = NG == 1 && packs_gz<T>(Co, ldo, Cm), pack_m = NG == 1 && packs<T>(ldm);
   // Per-thread buffers: the tiles U, G (dL/dU, and act1(U) before it) and GZ (when
   // packed), the stacks, and for NCHW grad_y's tile and the NHWC bands of x, grad_x.
-  const int64_t sU = P * ldm, sGZ = P * ldo, sB = bands ? band_elems(g, P) : 0;
+  const int64_t sU = P * ldm, sGZ = P * ldo, sB = cl ? 0 : band_elems(g, P);
   const int64_t sGZt = pack_gz ? sGZ : 0, sMs = KP * ldm, sGZs = KP * imax(ldo, round_up(Co, MR));
-  const int64_t per_thread = 2 * sU + sGZt + sMs + sGZs + (bands ? sGZ + 2 * sB : 0);
+  const int64_t per_thread = 2 * sU + sGZt + sMs + sGZs + (cl ? 0 : sGZ + 2 * sB);
   // Bytes a band's stages keep in use: the thread's buffers and the packed weights.
   // The packed weights: W^T's and W's panels, each group's (one group: as many as the
   // padded rows of GZ and M hold).
@@ -420,13 +418,12 @@ int backward_impl(const Geometry& g, const T* gy, const T* y, const T* x, const 
   const bool own = own_weight_copies(g, (sbp + swpk) * (int64_t)sizeof(T));
   Buf<T> ws(0, T_ * per_thread), acc(1, T_ * sacc), wt(2, kk * Cm), bp(3, (own ? T_ : 1) * sbp),
       wpk(4, (own ? T_ : 1) * swpk), bias(5, imax(ldo, (NG - 1) * Cog + wt_panels<T>(g) * nr), true);
-  Buf<int64_t> cols(6, 2 * g.kw + (shuffled ? 2 * g.C : 0)), counts(7, T_);
+  Buf<int64_t> cols(6, 2 * g.kw + (shuffled ? g.C : 0)), counts(7, T_);
   if (!ws.p || !acc.p || !wt.p || !bp.p || !wpk.p || !bias.p || !cols.p || !counts.p)
     return OUT_OF_MEMORY;
   prepare_weights(g, dww, pwb, wt.p, bias.p, cols.p);
   const int64_t* const xrow = shuffled ? cols.p + 2 * g.kw : nullptr;
-  const int64_t* const xinv = shuffled ? xrow + g.C : nullptr;
-  if (shuffled) shuffle_tables(g, cols.p + 2 * g.kw, cols.p + 2 * g.kw + g.C);
+  if (shuffled) shuffle_planes(g, cols.p + 2 * g.kw);
 
   int team = 1;
   const DenormalMode mode(g.flush_denormals);  // also for the sums after the threads
@@ -542,13 +539,12 @@ int backward_impl(const Geometry& g, const T* gy, const T* y, const T* x, const 
         const T* gyt = gy + (n * HWo + p0) * Co;
         const T* yt = from_y ? y + (n * HWo + p0) * Co : nullptr;
         int64_t gy_rs = Co, r0 = 0, r1 = g.H;
-        if (bands) {  // x's band as NHWC (shuffled), grad_x's band cleared
+        if (!cl) {
           input_rows(g, p0, p1, &r0, &r1);
-          if (r1 > r0) shuffled_band(g, xn, r0, r1, xrow, XB);
+          if (r1 > r0)
+            transpose_copy(xn + r0 * g.W, g.H * g.W, XB, g.C, g.C, (r1 - r0) * g.W, xrow);
           xn = XB;
           if (gxn) memset(GXB, 0, imax(r1 - r0, 0) * g.W * g.C * sizeof(T));
-        }
-        if (!cl) {
           const int64_t off = n * Co * HWo + p0;
           if (gz_is_gy) {
             transpose_copy(gy + off, HWo, GZ, ldo, Co, np);
@@ -629,8 +625,9 @@ int backward_impl(const Geometry& g, const T* gy, const T* y, const T* x, const 
           for (int64_t r = 0; r < np; ++r)
             grad_act(g.act1, G + r * ldm, (direct ? M : U) + r * ldm, G + r * ldm, Cm);
         dw_backward(g, cols.p, xn, r0, wt.p, G, ldm, p0, p1, out.dw_weight ? a_dw : nullptr,
-                    out.dw_bias ? a_dwb : nullptr, bands ? (gxn ? GXB : nullptr) : gxn, 0, Cm);
-        if (bands && gxn && r1 > r0) unshuffled_add(g, GXB, r0, r1, xrow, xinv, gxn);
+                    out.dw_bias ? a_dwb : nullptr, cl ? gxn : (gxn ? GXB : nullptr), 0, Cm);
+        if (!cl && gxn && r1 > r0)
+          transpose_add(GXB, g.C, gxn + r0 * g.W, g.H * g.W, (r1 - r0) * g.W, g.C, xrow);
       }
       // Odd bands add into the input rows that even bands cleared and added to.
 #pragma omp barrier

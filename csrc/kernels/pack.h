@@ -25,12 +25,27 @@ template <class T, int H = lanes<T>() / 2> inline void transpose(V<T>* r) {
   if constexpr (H > 1) transpose<T, H / 2>(r);
 }
 
+// Row accessors of transpose_copy: row i at p + i * ld (Strided), or at p + off[i]
+// (Listed: an NCHW x's planes in a channel shuffle's order). shift(r, c): the same rows
+// from row r on, from column c on.
+template <class T> struct Strided {
+  T* p;
+  int64_t ld;
+  T* operator()(int i) const { return p + i * ld; }
+  Strided shift(int64_t r, int64_t c) const { return {p + r * ld + c, ld}; }
+};
+template <class T> struct Listed {
+  T* p;
+  const int64_t* off;
+  T* operator()(int i) const { return p + off[i]; }
+  Listed shift(int64_t r, int64_t c) const { return {p + c, off + r}; }
+};
+
 // One block of transpose_copy: rows [0, m) by columns [0, n) of src, m, n <= L,
 // transposed in the registers. With AVX-512, partial blocks go by masked loads and
 // stores: element by element, the 2 edge columns of a 114-pixel band took 10-15% of
 // the transpose (24x56->58/s2 NCHW fwd+bwd 1.09-1.17x, the rest 1.0-1.04x). AVX2's
 // masked moves measured no gain here, and on AMD cores the masked store is slow.
-// (src(i): source row i of the block; dst(j): destination row j.)
 template <class T, bool ADD, class S, class D>
 inline void transpose_block(S src, D dst, int m, int n) {
   constexpr int L = lanes<T>();
@@ -55,27 +70,33 @@ inline void transpose_block(S src, D dst, int m, int n) {
   }
 }
 
-// dst[j*ldd + i] = src[i*lds + j] (or += with ADD) for i < rows, j < cols, by L x L
-// blocks. NCHW tensors become NHWC tiles this way, and grad_x's NHWC bands go back.
-// srow / drow (or null): source row i at src + srow[i] instead of src + i*lds,
-// destination row j at dst + drow[j] instead of dst + j*ldd (an NCHW x read through a
-// channel shuffle: the planes in the shuffled order).
-template <class T, bool ADD = false>
-void transpose_copy(const T* src, int64_t lds, T* dst, int64_t ldd, int64_t rows, int64_t cols,
-                    const int64_t* srow = nullptr, const int64_t* drow = nullptr) {
+template <class T, bool ADD, class S, class D>
+void transpose_blocks(S src, D dst, int64_t rows, int64_t cols) {
   constexpr int64_t L = lanes<T>();
-  auto block = [&](int64_t i0, int64_t j0, auto m, auto n) {
-    auto s = [&](int i) { return (srow ? src + srow[i0 + i] : src + (i0 + i) * lds) + j0; };
-    auto d = [&](int j) { return (drow ? dst + drow[j0 + j] : dst + (j0 + j) * ldd) + i0; };
-    transpose_block<T, ADD>(s, d, (int)m, (int)n);
-  };
   for (int64_t i0 = 0; i0 < rows; i0 += L) {
     const int m = (int)imin(L, rows - i0);
     int64_t j0 = 0;
     if (m == L)  // whole blocks, with the sizes known to the compiler
-      for (; j0 + L <= cols; j0 += L) block(i0, j0, L, L);
-    for (; j0 < cols; j0 += L) block(i0, j0, m, imin(L, cols - j0));
+      for (; j0 + L <= cols; j0 += L)
+        transpose_block<T, ADD>(src.shift(i0, j0), dst.shift(j0, i0), L, L);
+    for (; j0 < cols; j0 += L)
+      transpose_block<T, ADD>(src.shift(i0, j0), dst.shift(j0, i0), m, (int)imin(L, cols - j0));
   }
+}
+
+// dst[j*ldd + i] = src[i*lds + j] (or += with ADD) for i < rows, j < cols, by L x L
+// blocks. NCHW tensors become NHWC tiles this way, and grad_x's NHWC bands go back.
+// srow / drow (or null; not both): source row i at src + srow[i] instead of src + i*lds,
+// destination row j at dst + drow[j] instead of dst + j*ldd (an NCHW x read through a
+// channel shuffle: its planes in the shuffled order). (A runtime choice of the row
+// inside the blocks cost the plain transposes 10-25% of an NCHW layer.)
+template <class T, bool ADD = false>
+void transpose_copy(const T* src, int64_t lds, T* dst, int64_t ldd, int64_t rows, int64_t cols,
+                    const int64_t* srow = nullptr, const int64_t* drow = nullptr) {
+  using S = const T;
+  if (srow) return transpose_blocks<T, ADD>(Listed<S>{src, srow}, Strided<T>{dst, ldd}, rows, cols);
+  if (drow) return transpose_blocks<T, ADD>(Strided<S>{src, lds}, Listed<T>{dst, drow}, rows, cols);
+  transpose_blocks<T, ADD>(Strided<S>{src, lds}, Strided<T>{dst, ldd}, rows, cols);
 }
 
 template <class T>
