@@ -67,8 +67,12 @@ template <class T> bool wants_depthwise(const Grads<T>& out) {
 // into its own copy (`all`, own_weight_copies), else this thread's share of one copy.
 // With pointwise groups, each group's weight (Co / G x Cm / G) is packed as a matrix of
 // its own, the groups one after another (wt_panels / w_panels of them each).
-template <class T> int64_t wt_panels(const Geometry& g) { return ceil_div(g.Co / g.groups, NR<T>()); }
-template <class T> int64_t w_panels(const Geometry& g) { return ceil_div(g.Cm / g.groups, NR<T>()); }
+template <class T> int64_t wt_panels(const Geometry& g) {
+  return ceil_div(g.Co / g.groups, NR<T>());
+}
+template <class T> int64_t w_panels(const Geometry& g) {
+  return ceil_div(g.Cm / g.groups, NR<T>());
+}
 template <class T>
 void pack_weights(const Geometry& g, const T* pww, const BackwardNeeds& need, T* bp, T* wpk,
                   bool all = false) {
@@ -417,7 +421,8 @@ int backward_impl(const Geometry& g, const T* gy, const T* y, const T* x, const 
   const bool gz_is_gy = !cl && g.act2 == ACT_NONE;
   const bool own = own_weight_copies(g, (sbp + swpk) * (int64_t)sizeof(T));
   Buf<T> ws(0, T_ * per_thread), acc(1, T_ * sacc), wt(2, kk * Cm), bp(3, (own ? T_ : 1) * sbp),
-      wpk(4, (own ? T_ : 1) * swpk), bias(5, imax(ldo, (NG - 1) * Cog + wt_panels<T>(g) * nr), true);
+      wpk(4, (own ? T_ : 1) * swpk),
+      bias(5, imax(ldo, (NG - 1) * Cog + wt_panels<T>(g) * nr), true);  // (each group's panels)
   Buf<int64_t> cols(6, 2 * g.kw + (shuffled ? g.C : 0)), counts(7, T_);
   if (!ws.p || !acc.p || !wt.p || !bp.p || !wpk.p || !bias.p || !cols.p || !counts.p)
     return OUT_OF_MEMORY;

@@ -175,8 +175,10 @@ int forward_impl(const Geometry& g, const T* x, const T* dww, const T* pww, cons
   // process A/B: 960x7->320 1.39-1.41x, 1024x7 1.09-1.28x, 768x7->3072 1.16x.
   // (With pointwise groups every tile takes all the output channels, group by group.)
   const bool pack_each = pixel_tiles == 1 && G == 1;
-  int64_t co_splits = G > 1 ? 1 : pack_each ? g.threads : imin(ceil_div(2 * g.threads, imax(pixel_tiles, 1)),
-                                                  ceil_div(Co, 4 * nr));
+  int64_t co_splits = G > 1       ? 1
+                      : pack_each ? g.threads
+                                  : imin(ceil_div(2 * g.threads, imax(pixel_tiles, 1)),
+                                         ceil_div(Co, 4 * nr));
   // With few tiles, a count that is not a multiple of the threads leaves one idle.
   while (G == 1 && co_splits < ceil_div(Co, nr) && (pixel_tiles * co_splits) % g.threads != 0 &&
          pixel_tiles * co_splits < 8 * g.threads)
