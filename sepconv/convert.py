@@ -463,6 +463,62 @@ def _graph_step(node: fx.Node, modules: dict):
     return None
 
 
+SHUFFLE_METHODS = ("view", "reshape", "transpose", "contiguous", "flatten")
+
+
+def _graph_shuffle(node: fx.Node, modules: dict, channels: int):
+    """The channel shuffle whose output is the depthwise conv ``node``'s input, read only
+    by it: (groups, the shuffle's input, its name, its nodes), or None. A shuffle
+    module, or view / reshape / transpose / contiguous steps (the functional
+    channel_shuffle), which are run on random inputs of ``channels`` channels and taken
+    only where they give F.channel_shuffle's result for some groups."""
+    src = node.args[0] if len(node.args) == 1 and not node.kwargs else None
+    if not isinstance(src, fx.Node) or len(src.users) != 1:
+        return None
+    if src.op == "call_module":
+        groups = _shuffle_groups(modules[src.target])
+        ok = groups and len(src.args) == 1 and isinstance(src.args[0], fx.Node)
+        return (groups, src.args[0], str(src.target), {src}) if ok else None
+    steps, x = [], src
+    while x.op == "call_method" and x.target in SHUFFLE_METHODS and len(steps) < 6:
+        steps.append(x)
+        if not isinstance(x.args[0], fx.Node):
+            return None
+        x = x.args[0]
+    if len(steps) < 2:
+        return None
+    # the steps and what their arguments are computed from (x's sizes), x their only input
+    needed, stack = set(), [src]
+    while stack:
+        n = stack.pop()
+        if n is x or n in needed:
+            continue
+        if n.op not in ("call_method", "call_function"):
+            return None
+        needed.add(n)
+        stack += n.all_input_nodes
+    graph, env = fx.Graph(), {}
+    env[x] = graph.placeholder("x")
+    for n in x.graph.nodes:
+        if n in needed:
+            env[n] = graph.node_copy(n, lambda a: env[a])
+    graph.output(env[src])
+    run = fx.GraphModule(nn.Module(), graph)
+    gen = torch.Generator().manual_seed(0)
+    probes = [torch.randn(2, channels, 3, 4, generator=gen),
+              torch.randn(1, channels, 5, 2, generator=gen)]
+    try:
+        outs = [run(p) for p in probes]
+    except Exception:  # noqa: BLE001  (anything it raises means: not a shuffle)
+        return None
+    for groups in range(2, channels):
+        if channels % groups == 0 and all(
+                o.shape == p.shape and torch.equal(o, F.channel_shuffle(p, groups))
+                for o, p in zip(outs, probes)):
+            return groups, x, steps[-1].name, needed
+    return None
+
+
 def _fuse_graph(model: nn.Module, left: dict, report: FuseReport,
                 fold_bn: bool) -> nn.Module:
     """Fuses the chains the fx graph shows among the depthwise convs in ``left``."""
@@ -501,11 +557,21 @@ def _fuse_graph(model: nn.Module, left: dict, report: FuseReport,
         if chain is None:
             report.skipped.append((node.target, stop if stop and len(path) < 4 else why))
             continue
-        plans.append((chain, path[:len(chain.names)]))
+        shuffle = None if chain.excitation else \
+            _graph_shuffle(node, modules, modules[node.target].in_channels)
+        if shuffle:
+            chain.shuffle = shuffle[0]
+            chain.names = [shuffle[2], *chain.names]
+        plans.append((chain, path[:len(chain.names) - bool(shuffle)], shuffle))
     if not plans:
         return model
-    for chain, path in plans:
+    for chain, path, shuffle in plans:
         head, last = path[0], path[-1]
+        if shuffle:  # the conv reads the shuffle's input; its steps (and sizes) go
+            head.replace_input_with(head.args[0], shuffle[1])
+            for n in reversed([n for n in gm.graph.nodes if n in shuffle[3]]):
+                if not n.users:
+                    gm.graph.erase_node(n)
         *parent, attr = head.target.split(".")
         setattr(gm.get_submodule(".".join(parent)), attr, chain.build())
         for n in path[1:-1]:  # what reads only metadata now reads the fused output's
@@ -524,7 +590,8 @@ def _fuse_graph(model: nn.Module, left: dict, report: FuseReport,
 def fuse(model: nn.Module, inplace: bool = False,
          fold_bn: bool = True) -> tuple[nn.Module, FuseReport]:
     """Every dw conv -> [BN] -> [act] -> 1x1 conv -> [BN] -> [act] chain of ``model`` as one
-    SeparableConv2d, batch norms folded. Returns (the model, a FuseReport).
+    SeparableConv2d, batch norms folded (the 1x1 conv may be grouped, and a channel
+    shuffle right before the dw conv is folded too). Returns (the model, a FuseReport).
 
     Batch norms must be in eval mode (``model.eval()``): in training mode they use batch
     statistics and fuse() raises a ValueError. With ``fold_bn=False`` no norm is taken:

@@ -138,6 +138,47 @@ def test_fuse_chain_variants(model, act1, act2):
         assert _relative_error(fused(x), model(x)) < 1e-5
 
 
+class _ShuffledUnit(nn.Module):
+    """A functional forward (traced by fx): ``shuffle(x)`` -> dw -> BN -> 1x1 group conv
+    -> ReLU, and what else reads the shuffle's output (``also``)."""
+
+    def __init__(self, shuffle, also=False):
+        super().__init__()
+        self.shuffle, self.also = shuffle, also
+        self.dw, self.bn = nn.Conv2d(6, 6, 3, padding=1, groups=6), nn.BatchNorm2d(6)
+        self.pw = nn.Conv2d(6, 4, 1, groups=2)
+
+    def forward(self, x):
+        s = self.shuffle(x)
+        y = F.relu(self.pw(self.bn(self.dw(s))))
+        return y + s[:, :4] if self.also else y
+
+
+@pytest.mark.parametrize("shuffle,also,folded", [
+    (lambda x: sepconv.models.channel_shuffle(x, 3), False, 3),  # view/transpose/view
+    (lambda x: x.reshape(x.shape[0], 2, 3, x.shape[2], x.shape[3]).transpose(1, 2)
+     .flatten(1, 2), False, 2),
+    (nn.ChannelShuffle(2), False, 2),
+    (lambda x: x.view(x.shape[0], 1, 6, x.shape[2], x.shape[3]).transpose(1, 2)
+     .reshape(x.shape), False, 1),  # (an identity: no shuffle)
+    (lambda x: x.view(x.shape[0], 6, -1).view(x.shape), False, 1),  # not a shuffle
+    (lambda x: sepconv.models.channel_shuffle(x, 3), True, 1),  # its output read again
+])
+def test_fuse_folds_a_shuffle_in_the_graph(shuffle, also, folded):
+    """fx: a shuffle before a chain, as steps on the tensor or a module, becomes the
+    chain's channel_shuffle where it is one (checked by running it) and only the chain
+    reads it; the chain is fused either way, the outputs the model's."""
+    model = _random_norms(_ShuffledUnit(shuffle, also)).eval()
+    fused, report = sepconv.fuse(model)
+    assert len(report.fused) == 1 and report.fused[0][1] == "torch.fx"
+    seps = [m for m in fused.modules() if isinstance(m, sepconv.SeparableConv2d)]
+    assert len(seps) == 1 and seps[0].channel_shuffle == folded
+    assert (len(report.fused[0][0]) == 5) == (folded > 1)  # the shuffle named first
+    x = torch.randn(2, 6, 9, 7)
+    with torch.no_grad():
+        assert _relative_error(fused(x), model(x)) < 1e-5
+
+
 def test_fuse_folds_a_channel_shuffle_before_the_chain():
     """torch's nn.ChannelShuffle right before a chain becomes its channel_shuffle (the
     shuffle module replaced); one that does not precede a depthwise conv stays."""
