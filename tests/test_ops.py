@@ -136,8 +136,9 @@ def test_compile_fullgraph_matches_eager():
         sepconv.SeparableConv2d(8, 4, 5, stride=2, padding="valid", depthwise_bias=True),
         sepconv.SeparableConv2d(4, 6, 3, padding=1, pointwise_groups=2, channel_shuffle=2),
     )
-    assert_compiled_matches_eager(model, [torch.randn(b, 3, 16, 16) for b in (2, 3)],
-                                  dynamic=True)
+    inputs = [torch.randn(b, 3, 16, 16) for b in (2, 3)]  # and channels-last (its shuffle)
+    inputs.append(torch.randn(2, 3, 16, 16).contiguous(memory_format=torch.channels_last))
+    assert_compiled_matches_eager(model, inputs, dynamic=True)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
