@@ -205,6 +205,13 @@ void gemm(int64_t M, int64_t N, int64_t K, const T* A, int64_t ars, int64_t acs,
   const bool even = !a_block && M % MR != 0 && M % MR < 4;
   auto first_row = [&](int64_t ib) { return imin(M, even ? ib * M / nm : ib * MR); };
   const int64_t group = imax(1, imin(o.panel_group, np));
+  // Rows stored non-temporally (micro's nt: a streamed y, aligned) are not prefetched
+  // for writing below: that read for ownership fetched each line a whole-line store then
+  // bypasses, a read of all of y. Zen 5, AVX-512, channels-last forward at batch 32,
+  // processes alternated 6 times: 32x112->16 1.20-1.35x, 60x28->240/g3 1.11-1.24x,
+  // 32x112->64 0.92-1.06x, 96x56->384 0.93-1.08x, others 0.94-1.29x (noise); the AVX2
+  // path 0.82-1.09x (no change beyond noise).
+  const bool nt_rows = o.stream && (uintptr_t)o.c % VB == 0 && o.rs * (int64_t)sizeof(T) % VB == 0;
   for (int64_t g0 = 0; g0 < np; g0 += group)
     for (int64_t ib = 0; ib < nm; ++ib)
       for (int64_t q = g0; q < imin(np, g0 + group); ++q) {
@@ -224,7 +231,7 @@ void gemm(int64_t M, int64_t N, int64_t K, const T* A, int64_t ars, int64_t acs,
         // 1.04x, 768x7->3072 1.00x, 256x28->256 0.98x; batch 32 1.00-1.09x (sum 1.06x);
         // batch 1 1.00-1.05x; the AVX2 path 0.99-1.03x (sum 1.00x).
         const int64_t n1 = first_row(ib + 2);  // the next block: rows [i1, n1)
-        if (!o.transposed)
+        if (!o.transposed && !nt_rows)
           for (int64_t i = i1; i < n1; ++i)
             for (int64_t v = 0; v < cols * (int64_t)sizeof(T); v += 64)
               __builtin_prefetch((const char*)(o.c + i * o.rs + j0) + v, 1, 3);
