@@ -114,6 +114,10 @@ class SeparableConv2d(nn.Module):
     or (out_channels, H_out, W_out), H_out / W_out as ``nn.Conv2d``.
     """
 
+    # (class defaults: a module pickled before these existed still runs)
+    pointwise_groups: int = 1
+    channel_shuffle: int = 1
+
     def __init__(
         self,
         in_channels: int,
@@ -259,9 +263,9 @@ class SeparableConv2d(nn.Module):
         ``padding`` replaces depthwise's (``"same"`` for a conv that pads as TensorFlow's
         SAME, as timm's Conv2dSame). ``excitation``: a squeeze-and-excitation between the
         mid activation and the pointwise conv, taken as it is (not copied).
-        ``channel_shuffle``: a channel shuffle of that many groups before the depthwise. Subclasses
-        that override ``forward`` are refused: their attributes do not say what they
-        compute.
+        ``channel_shuffle``: a channel shuffle of that many groups before the depthwise
+        conv. Subclasses that override ``forward`` are refused: their attributes do not
+        say what they compute.
         """
         for conv, name in ((depthwise, "depthwise"), (pointwise, "pointwise")):
             if not isinstance(conv, nn.Conv2d):

@@ -284,6 +284,17 @@ def test_channel_shuffle():
     torch.testing.assert_close(pair(xf), pw(dw(F.channel_shuffle(xf, 3))))
 
 
+def test_module_saved_before_groups_and_shuffle_still_runs():
+    """A whole module pickled by an earlier version has no pointwise_groups or
+    channel_shuffle attribute: it runs as it did (the class defaults, 1)."""
+    sep = sepconv.SeparableConv2d(4, 6, 3, padding=1)
+    x = torch.randn(2, 4, 5, 5)
+    want = sep(x)
+    for name in ("pointwise_groups", "channel_shuffle"):
+        del sep.__dict__[name]
+    torch.testing.assert_close(sep(x), want)
+
+
 @pytest.mark.parametrize("kwargs,message", [
     (dict(channel_shuffle=4), "channel_shuffle=4 must divide the 6 in_channels"),
     (dict(channel_shuffle=2, se_channels=2), "squeeze-and-excitation"),
