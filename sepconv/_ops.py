@@ -69,7 +69,7 @@ def separable_conv2d(
     impl = _impl(x, backend)
     fmt = _native.memory_format(x)
     if shuffle > 1 and impl is not _native:
-        x = shuffle_channels(x, shuffle)
+        x = _native.shuffle_channels(x, shuffle)
     if pw_groups > 1 and impl is _triton:  # (its kernels take a dense pointwise weight)
         pw_weight, pw_groups = dense_pointwise(pw_weight, pw_groups), 1
     args = (x, dw_weight, pw_weight, dw_bias, pw_bias, stride, padding, dilation,
@@ -80,9 +80,6 @@ def separable_conv2d(
     if shuffle > 1 and impl is _native:
         kw["shuffle"] = shuffle
     return impl.forward(*args, **kw).contiguous(memory_format=fmt)
-
-
-shuffle_channels = _native.shuffle_channels
 
 
 def dense_pointwise(w: Tensor, groups: int) -> Tensor:
@@ -127,12 +124,12 @@ def separable_conv2d_backward(
                                  y=y, pw_groups=pw_groups, shuffle=shuffle)
         return _pack_grads(x, grads, output_mask)
     dense = pw_weight if pw_groups == 1 else dense_pointwise(pw_weight, pw_groups)
-    xs = x if shuffle == 1 else shuffle_channels(x, shuffle)
+    xs = x if shuffle == 1 else _native.shuffle_channels(x, shuffle)
     grads = list(_grouped(impl.backward(grad_y, xs, dw_weight, dense, dw_bias, pw_bias, stride,
                                         padding, dilation, mid_activation, activation,
                                         output_mask), output_mask, pw_groups))
     if shuffle > 1 and grads[0] is not None:
-        grads[0] = shuffle_channels(grads[0], shuffle, inverse=True)
+        grads[0] = _native.shuffle_channels(grads[0], shuffle, inverse=True)
     return _pack_grads(x, grads, output_mask)
 
 
@@ -355,7 +352,7 @@ def call(x, dw_weight, pw_weight, dw_bias, pw_bias, stride, padding, dilation, m
     if torch.onnx.is_in_onnx_export():  # (an export traces, so it never takes the path above)
         # ONNX has no sepconv op: export the same maths as standard Conv / activation nodes.
         if shuffle > 1:
-            args = (shuffle_channels(x, shuffle), *args[1:])
+            args = (_native.shuffle_channels(x, shuffle), *args[1:])
         return reference.forward(*args, scale=scale, pw_groups=pw_groups)
     return separable_conv2d(*args, backend, scale, pw_groups, shuffle)
 

@@ -385,7 +385,7 @@ def _fuse_sequential(model: nn.Module, held: set[int], report: FuseReport,
                 i += 1
                 continue
             taken = window[:len(chain.names)]
-            if i > 0 and not (plans and plans[-1][1][-1] == run[i - 1]):
+            if i > 0:  # (a module a chain took is never a shuffle)
                 before = getattr(run[i - 1][1], run[i - 1][2])
                 groups = _shuffle_groups(before)
                 if (groups and id(before) not in held and chain.excitation is None

@@ -319,9 +319,13 @@ def _check_depthwise(x, depthwise_weight, depthwise_bias) -> tuple[int, int, int
     return Cm, kh, kw
 
 
+def _check_positive_int(value, name: str) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+
+
 def _check_shuffle(groups, channels: int, scaled: bool) -> None:
-    if not isinstance(groups, int) or isinstance(groups, bool) or groups < 1:
-        raise ValueError(f"channel_shuffle must be a positive int, got {groups!r}")
+    _check_positive_int(groups, "channel_shuffle")
     if channels % groups:
         raise ValueError(f"channel_shuffle={groups} does not divide the {channels} input "
                          "channels")
@@ -336,8 +340,7 @@ def _check_call(x, depthwise_weight, pointwise_weight, bias, depthwise_bias, str
     Cm, kh, kw = _check_depthwise(x, depthwise_weight, depthwise_bias)
     H, W = x.shape[2:]
     _check_tensor(pointwise_weight, "pointwise_weight", x, None)
-    if not isinstance(groups, int) or isinstance(groups, bool) or groups < 1:
-        raise ValueError(f"pointwise_groups must be a positive int, got {groups!r}")
+    _check_positive_int(groups, "pointwise_groups")
     if Cm % groups:
         raise ValueError(f"pointwise_groups={groups} does not divide the {Cm} mid channels")
     if (pointwise_weight.dim() != 4 or pointwise_weight.shape[1:] != (Cm // groups, 1, 1)

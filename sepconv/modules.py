@@ -11,6 +11,7 @@ from torch.nn import init
 
 from .functional import (
     _activation,
+    _check_positive_int,
     _pair,
     excited_conv2d,
     resolve_padding,
@@ -147,8 +148,7 @@ class SeparableConv2d(nn.Module):
                             ("depth_multiplier", depth_multiplier),
                             ("pointwise_groups", pointwise_groups),
                             ("channel_shuffle", channel_shuffle)):
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
+            _check_positive_int(value, name)
         if groups != 1:
             raise ValueError(f"SeparableConv2d has no groups (got groups={groups}): its depthwise "
                              "stage is already grouped per input channel; pointwise_groups "
@@ -190,9 +190,7 @@ class SeparableConv2d(nn.Module):
         self.depthwise_bias = nn.Parameter(torch.empty(mid, **factory)) if depthwise_bias else None
         self.excitation = None
         if se_channels is not None:
-            if not isinstance(se_channels, int) or isinstance(se_channels, bool) \
-                    or se_channels < 1:
-                raise ValueError(f"se_channels must be a positive int, got {se_channels!r}")
+            _check_positive_int(se_channels, "se_channels")
             if se_activation not in SE_ACTIVATIONS or se_gate not in SE_GATES:
                 raise ValueError(f"se_activation must be one of {tuple(SE_ACTIVATIONS)} and "
                                  f"se_gate one of {tuple(SE_GATES)}, got {se_activation!r}, "

@@ -65,31 +65,19 @@ template <class T> bool wants_depthwise(const Grads<T>& out) {
 // The pointwise weight's panels both backward drivers read, as W^T for z = W.M + b,
 // as W for dL/dU (inside a parallel region; no barrier): all of them by this thread
 // into its own copy (`all`, own_weight_copies), else this thread's share of one copy.
-// With pointwise groups, each group's weight (Co / G x Cm / G) is packed as a matrix of
-// its own, the groups one after another (wt_panels / w_panels of them each).
-template <class T> int64_t wt_panels(const Geometry& g) {
-  return ceil_div(g.Co / g.groups, NR<T>());
-}
-template <class T> int64_t w_panels(const Geometry& g) {
-  return ceil_div(g.Cm / g.groups, NR<T>());
-}
+// With pointwise groups, each group's panels (pack_wt_grouped, pack_w_grouped).
 template <class T>
 void pack_weights(const Geometry& g, const T* pww, const BackwardNeeds& need, T* bp, T* wpk,
                   bool all = false) {
-  constexpr int64_t nr = NR<T>();
-  const int64_t Cog = g.Co / g.groups, Kg = g.Cm / g.groups, nz = wt_panels<T>(g),
-                nm = w_panels<T>(g);
   int64_t lo, hi;
   auto range = [&](int64_t n) {
     if (all) lo = 0, hi = n;
     else static_range(n, omp_get_thread_num(), omp_get_num_threads(), &lo, &hi);
   };
   if (need.z)
-    for (range(g.groups * nz); lo < hi; ++lo)
-      pack_wt_panel(pww + lo / nz * Cog * Kg, Cog, Kg, lo % nz, bp + lo * Kg * nr);
+    for (range(g.groups * wt_panels<T>(g)); lo < hi; ++lo) pack_wt_grouped(g, pww, lo, bp);
   if (need.g)
-    for (range(g.groups * nm); lo < hi; ++lo)
-      pack_w_panel(pww + lo / nm * Cog * Kg, Cog, Kg, lo % nm, wpk + lo * Cog * nr);
+    for (range(g.groups * w_panels<T>(g)); lo < hi; ++lo) pack_w_grouped(g, pww, lo, wpk);
 }
 
 // The weight-gradient GEMM's operands, packed where their rows reach 4 KiB (see
@@ -422,7 +410,7 @@ int backward_impl(const Geometry& g, const T* gy, const T* y, const T* x, const 
   const bool own = own_weight_copies(g, (sbp + swpk) * (int64_t)sizeof(T));
   Buf<T> ws(0, T_ * per_thread), acc(1, T_ * sacc), wt(2, kk * Cm), bp(3, (own ? T_ : 1) * sbp),
       wpk(4, (own ? T_ : 1) * swpk),
-      bias(5, imax(ldo, (NG - 1) * Cog + wt_panels<T>(g) * nr), true);  // (each group's panels)
+      bias(5, imax(ldo, grouped_bias_len<T>(g)), true);
   Buf<int64_t> cols(6, 2 * g.kw + (shuffled ? g.C : 0)), counts(7, T_);
   if (!ws.p || !acc.p || !wt.p || !bp.p || !wpk.p || !bias.p || !cols.p || !counts.p)
     return OUT_OF_MEMORY;

@@ -157,7 +157,7 @@ int forward_impl(const Geometry& g, const T* x, const T* dww, const T* pww, cons
   // Pointwise groups: output channels [i * Cog, (i + 1) * Cog) read mid channels [i * Kg,
   // (i + 1) * Kg) only, a GEMM per group on U's column block; the weight (Co x Kg) is
   // packed by groups, npg panels each. (One group: Kg = Cm, the plain GEMM.)
-  const int64_t G = g.groups, Kg = Cm / G, Cog = Co / G, npg = ceil_div(Cog, nr);
+  const int64_t G = g.groups, Kg = Cm / G, Cog = Co / G, npg = wt_panels<T>(g);
   // The packed weights in half the L2 (else they stream from L3: images_per_tile and
   // the GEMM's panel groups below).
   const int64_t npanels = G * npg, panel_bytes = Kg * nr * (int64_t)sizeof(T);
@@ -189,10 +189,6 @@ int forward_impl(const Geometry& g, const T* x, const T* dww, const T* pww, cons
   // Each thread packs its own copy of the weights (own_weight_copies), as its first
   // tile of a weight block needs them.
   const int64_t packed_elems = npanels * nr * Kg;
-  // Panel q of the packed weight: panel q % npg of group q / npg.
-  auto pack_panel = [&](int64_t q, T* dst) {
-    pack_wt_panel(pww + q / npg * Cog * Kg, Cog, Kg, q % npg, dst + q * Kg * nr);
-  };
   const bool own = !pack_each && own_weight_copies(g, packed_elems * (int64_t)sizeof(T));
   constexpr int64_t line = 64 / (int64_t)sizeof(T);  // each thread's buffers start on a line
   // The depthwise weight as [tap][Cm], the bias (NR-padded) and the tap columns' ranges:
@@ -200,8 +196,7 @@ int forward_impl(const Geometry& g, const T* x, const T* dww, const T* pww, cons
   // shared one was read by every thread and written again by the next call). Zen 4,
   // forward, batch 1, in-process A/B against one copy made before the threads start:
   // mobilenet_v2 CL 1.011x, NCHW 1.015x, mobilenet_v1 CL 1.015x.
-  // (the bias as each group's panels read it: up to NR past the last group's first channel)
-  const int64_t lw = round_up(kk * Cm, line), lb = round_up((G - 1) * Cog + npg * nr, nr),
+  const int64_t lw = round_up(kk * Cm, line), lb = round_up(grouped_bias_len<T>(g), nr),
                 lc = round_up(2 * g.kw, 8);
   const bool shuffled = g.shuffle > 1;
   Buf<T> wt(0, g.threads * lw), bp(1, pack_each || own ? 0 : packed_elems), bias(2, g.threads * lb);
@@ -257,7 +252,7 @@ int forward_impl(const Geometry& g, const T* x, const T* dww, const T* pww, cons
   prepare_weights(g, dww, pwb, wt_t, bias_t, cols_t);
   if (!pack_each && !own) {
 #pragma omp for schedule(static)
-    for (int64_t q = 0; q < npanels; ++q) pack_panel(q, bp.p);
+    for (int64_t q = 0; q < npanels; ++q) pack_wt_grouped(g, pww, q, bp.p);
   }
   // Each thread takes a contiguous run of tiles, so that it knows its next tile: the
   // GEMM of one tile pulls the next one's input into L2. A tile's depthwise otherwise
@@ -276,7 +271,7 @@ int forward_impl(const Geometry& g, const T* x, const T* dww, const T* pww, cons
     const int64_t np = p1 - p0, co0 = t / pixel_tiles * co_block, co1 = imin(co0 + co_block, Co);
     if (own && t / pixel_tiles != packed_block) {  // (a thread's tiles are block-major)
       for (int64_t q = G > 1 ? 0 : co0 / nr; q < (G > 1 ? npanels : ceil_div(co1, nr)); ++q)
-        pack_panel(q, packed);
+        pack_wt_grouped(g, pww, q, packed);
       packed_block = t / pixel_tiles;
     }
     for (int64_t j = 0; j < ni; ++j) {  // image n + j's pixels into U's rows from j * np

@@ -53,6 +53,10 @@ template <class T> struct Out {
   Prefetch* prefetch = nullptr;  // advanced by the full-height micro-tiles, or null
   bool stream = false;           // aligned whole vectors stored non-temporally (not with accumulate)
   int64_t panel_group = 1;       // panels per sweep of the row blocks (the forward: 1 with transposed)
+  // Whether rows from c on are stored non-temporally: streamed and aligned.
+  bool streams_at(const T* c) const {
+    return stream && (uintptr_t)c % VB == 0 && rs * (int64_t)sizeof(T) % VB == 0;
+  }
 };
 
 // Stores a micro-tile of NVT full vectors per row. The activation and accumulation
@@ -153,7 +157,7 @@ void micro(int64_t K, const T* a, int64_t ars, int64_t acs, const T* B, int64_t 
   }
   if (o.transposed) return store_tile_transposed<T, M, NVT>(acc, o.act, o.c + j0 * o.rs + i0, o.rs, nr);
   T* c = o.c + i0 * o.rs + j0;
-  const bool nt = o.stream && (uintptr_t)c % VB == 0 && o.rs * (int64_t)sizeof(T) % VB == 0;
+  const bool nt = o.streams_at(c);
   if (nr == NVT * L && (!o.accumulate || o.act == ACT_NONE)) {
     switch (o.accumulate ? -1 : o.act) {
       case -1: return store_tile<T, M, NVT, ACT_NONE, true>(acc, c, o.rs, nt);
@@ -217,7 +221,7 @@ void gemm(int64_t M, int64_t N, int64_t K, const T* A, int64_t ars, int64_t acs,
   // processes alternated 6 times: 32x112->16 1.20-1.35x, 60x28->240/g3 1.11-1.24x,
   // 32x112->64 0.92-1.06x, 96x56->384 0.93-1.08x, others 0.94-1.29x (noise); the AVX2
   // path 0.82-1.09x (no change beyond noise).
-  const bool nt_rows = o.stream && (uintptr_t)o.c % VB == 0 && o.rs * (int64_t)sizeof(T) % VB == 0;
+  const bool nt_rows = o.streams_at(o.c);
   for (int64_t g0 = 0; g0 < np; g0 += group)
     for (int64_t ib = 0; ib < nm; ++ib)
       for (int64_t q = g0; q < imin(np, g0 + group); ++q) {

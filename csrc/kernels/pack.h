@@ -144,6 +144,30 @@ template <class T> void pack_w_panel(const T* w, int64_t Co, int64_t Cm, int64_t
     for (int64_t jj = 0; jj < nr; ++jj) panel[co * nr + jj] = jj < cols ? w[co * Cm + q * nr + jj] : T(0);
 }
 
+// With pointwise groups each group's weight (Co / groups x Cm / groups) is packed as a
+// matrix of its own, the groups one after another: wt_panels of W^T (for U . W^T, the
+// forward's and the backward's z) and w_panels of W (for dL/dU) a group. Panel q of
+// either packing goes to dst + q * its size: panel q % n of group q / n.
+template <class T> int64_t wt_panels(const Geometry& g) {
+  return ceil_div(g.Co / g.groups, NR<T>());
+}
+template <class T> int64_t w_panels(const Geometry& g) {
+  return ceil_div(g.Cm / g.groups, NR<T>());
+}
+template <class T> void pack_wt_grouped(const Geometry& g, const T* pww, int64_t q, T* dst) {
+  const int64_t Cog = g.Co / g.groups, Kg = g.Cm / g.groups, n = wt_panels<T>(g);
+  pack_wt_panel(pww + q / n * Cog * Kg, Cog, Kg, q % n, dst + q * Kg * NR<T>());
+}
+template <class T> void pack_w_grouped(const Geometry& g, const T* pww, int64_t q, T* dst) {
+  const int64_t Cog = g.Co / g.groups, Kg = g.Cm / g.groups, n = w_panels<T>(g);
+  pack_w_panel(pww + q / n * Cog * Kg, Cog, Kg, q % n, dst + q * Cog * NR<T>());
+}
+// Elements of the NR-padded bias that the groups' z GEMMs read: up to NR past the last
+// group's first channel (one group: Co rounded up to NR).
+template <class T> int64_t grouped_bias_len(const Geometry& g) {
+  return (g.groups - 1) * (g.Co / g.groups) + wt_panels<T>(g) * NR<T>();
+}
+
 // Whether each thread packs its own copy of the pointwise weights rather than a share
 // of one copy for all (`bytes`: one copy). Every thread's GEMMs read every panel, so a
 // shared copy was in both cores' caches when the next call packed it again, and each
