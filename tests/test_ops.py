@@ -391,3 +391,27 @@ def test_non_temporal_output_stores(isa):
         torch.set_num_threads(before)
     with pytest.raises(ValueError, match="stream_bytes"):
         _C.set_stream_bytes(-1)
+
+
+@pytest.mark.parametrize("isa", ISAS or [None])
+def test_backward_whatever_the_team(isa):
+    """Every gradient on 1, 2 and 3 threads, where the bands do not divide the height (a
+    short last band): on one thread the weight gradient's stack once flushed early and
+    summed an accumulator the one-stack path had not cleared (9x11 at batch 2)."""
+    _C = sepconv._backend._C
+    before, isa_before = torch.get_num_threads(), _C.isa()
+    cases = [(make_inputs(2, 8, 9, 11, 1, 16, 3), 1, 1), (make_inputs(2, 8, 9, 11, 1, 20, 3), 1, 1),
+             (make_inputs(3, 16, 13, 7, 2, 24, 5), 2, 2)]
+    try:
+        if isa:
+            _C.set_isa(isa)
+        for threads, channels_last in itertools.product((1, 2, 3), (False, True)):
+            torch.set_num_threads(threads)
+            layout = (lambda t: t.contiguous(memory_format=torch.channels_last)) \
+                if channels_last else (lambda t: t)
+            for inputs, stride, padding in cases:
+                check_against_oracle(dict(dtype=torch.float64), inputs, stride, padding, 1,
+                                     "relu", None, layout)
+    finally:
+        torch.set_num_threads(before)
+        _C.set_isa(isa_before)

@@ -510,7 +510,10 @@ int backward_impl(const Geometry& g, const T* gy, const T* y, const T* x, const 
           if (from_y) next.add(y + off, run, HWo * (int64_t)sizeof(T), rows);
           if (resident + next.bytes() > g.l2_bytes) next = Prefetch{};
         }
-        if (stacked + P > KP) flush_pw();
+        // (np, not P: one_stack_fits counts the busiest thread's pixels, and a stack that
+        // had flushed a short last band early left that thread's accumulator, which
+        // one_stack does not clear, in the sum: wrong weight gradients on one thread.)
+        if (stacked + np > KP) flush_pw();
         T* GZ = pack_gz ? GZt : GZs + stacked * ldo;
         const T* xn = x + n * g.C * g.H * g.W;
         T* gxn = out.x ? out.x + n * g.C * g.H * g.W : nullptr;
