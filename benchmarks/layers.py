@@ -18,12 +18,23 @@ TOLERANCE = {torch.float32: 1e-4, torch.float64: 1e-9, torch.float16: 1e-2, torc
 
 def _act(name):
     return {None: lambda t: t, "relu": lambda t: F.relu(t, inplace=True),
-            "relu6": lambda t: F.relu6(t, inplace=True)}[name]
+            "relu6": lambda t: F.relu6(t, inplace=True), "gelu": F.gelu}[name]
 
 
-def pytorch_pair(layer: Layer, dw, pw, b_dw, b_pw):
-    """The unfused reference users would write: two convs (BN folded) and activations."""
+LN_EPS = 1e-6  # ConvNeXt's
+
+
+def pytorch_pair(layer: Layer, dw, pw, b_dw, b_pw, ln_w=None, ln_b=None):
+    """The unfused reference users would write: two convs (BN folded) and activations;
+    with a LayerNorm between them, ConvNeXt's block as torchvision's CNBlock runs it (dw
+    conv, permute, LayerNorm, Linear, GELU; its output stays the permuted view)."""
     act1, act2 = _act(layer.mid_activation), _act(layer.activation)
+    if layer.norm:
+        def block(x):
+            u = F.conv2d(x, dw, b_dw, layer.stride, layer.padding, groups=layer.c_in)
+            v = F.layer_norm(u.permute(0, 2, 3, 1), (layer.c_in,), ln_w, ln_b, LN_EPS)
+            return act2(F.linear(v, pw.flatten(1), b_pw)).permute(0, 3, 1, 2)
+        return block
 
     def run(x):
         u = F.conv2d(x, dw, b_dw, layer.stride, layer.padding, groups=layer.c_in)
@@ -31,12 +42,15 @@ def pytorch_pair(layer: Layer, dw, pw, b_dw, b_pw):
     return run
 
 
-def fused(layer: Layer, dw, pw, b_dw, b_pw):
+def fused(layer: Layer, dw, pw, b_dw, b_pw, ln_w=None, ln_b=None):
+    norm = dict(norm="layernorm", norm_weight=ln_w, norm_bias=ln_b, norm_eps=LN_EPS) \
+        if layer.norm else {}
+
     def run(x):
         return sepconv.separable_conv2d(x, dw, pw, b_pw, layer.stride, layer.padding,
                                         depthwise_bias=b_dw, mid_activation=layer.mid_activation,
                                         activation=layer.activation,
-                                        pointwise_groups=layer.groups)
+                                        pointwise_groups=layer.groups, **norm)
     return run
 
 
@@ -166,6 +180,8 @@ def run_layer(layer: Layer, batch: int, device: str, dtype, mode: str, formats: 
     pw = rand(layer.c_out, k, 1, 1, scale=k**-0.5)
     b_dw, b_pw = rand(layer.c_in, scale=0.1), rand(layer.c_out, scale=0.1)
     params = [dw, pw, b_dw, b_pw]
+    if layer.norm:  # LayerNorm's weight and bias
+        params += [1 + rand(layer.c_in, scale=0.1), rand(layer.c_in, scale=0.1)]
     x_bytes = batch * layer.c_in * layer.hw**2 * dtype.itemsize
     copies = max(1, min(16, CACHE_BYTES // max(x_bytes, 1)))
     backward = mode == "fwdbwd"

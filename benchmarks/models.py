@@ -27,7 +27,10 @@ MODELS = {"mobilenet_v1": sepconv.models.mobilenet_v1,
 # multiply-adds an image at 224, a minute or two more for the default run), and
 # torchvision's own model code where torchvision is installed (fuse() on a network it
 # did not write).
-EXTRA_MODELS = {"xception": sepconv.models.xception}
+EXTRA_MODELS = {"xception": sepconv.models.xception,
+                # ConvNeXt-T (torchvision's blocks; 4.5 G multiply-adds an image): its 18
+                # dw -> LayerNorm -> Linear -> GELU as SeparableConv2d(norm="layernorm")
+                "convnext_tiny": sepconv.models.convnext_tiny}
 try:
     import torchvision
     EXTRA_MODELS["torchvision_mobilenet_v2"] = torchvision.models.mobilenet_v2

@@ -15,6 +15,7 @@ class Layer:
     mid_activation: str | None = "relu"
     activation: str | None = "relu"
     groups: int = 1  # the pointwise conv's (ShuffleNetV1)
+    norm: bool = False  # LayerNorm over the mid channels between the convs (ConvNeXt)
 
     @property
     def padding(self) -> int:
@@ -41,7 +42,7 @@ class Layer:
 
     def name(self) -> str:
         name = f"{self.c_in}x{self.hw}->{self.c_out}/s{self.stride}/k{self.kernel}"
-        return name + (f"/g{self.groups}" if self.groups > 1 else "")
+        return name + (f"/g{self.groups}" if self.groups > 1 else "") + ("/ln" if self.norm else "")
 
 
 def _mobilenet_v1() -> list[Layer]:
@@ -69,7 +70,9 @@ def _xception() -> list[Layer]:
 
 
 def _convnext() -> list[Layer]:
-    return [Layer(c, hw, 4 * c, 1, 7, None, None)
+    """ConvNeXt-T's block per stage: dw 7x7 -> LayerNorm -> Linear(C, 4C) -> GELU (the pair
+    as torchvision's CNBlock runs it: layers.pytorch_pair)."""
+    return [Layer(c, hw, 4 * c, 1, 7, None, "gelu", norm=True)
             for c, hw in ((96, 56), (192, 28), (384, 14), (768, 7))]
 
 

@@ -143,6 +143,7 @@ Geometry parse(const py::tuple& t) {
   g.Ho = get(t, 16); g.Wo = get(t, 17); g.channels_last = t[18].cast<bool>();
   g.y_channels_last = g.channels_last;
   g.act1 = (int)get(t, 19); g.act2 = (int)get(t, 20); g.threads = (int)get(t, 21);
+  g.norm_eps = -1;
   g.tile_bytes = g_tile_bytes;
   g.l2_bytes = kCaches.l2;
   g.l3_bytes = kCaches.l3;
@@ -158,7 +159,8 @@ Geometry parse(const py::tuple& t) {
   need(g.kh >= 1 && g.kw >= 1, "kernel size >= 1");
   need(g.sh >= 1 && g.sw >= 1 && g.dh >= 1 && g.dw >= 1, "stride and dilation >= 1");
   need(g.pt >= 0 && pb >= 0 && g.pl >= 0 && pr >= 0, "padding >= 0");
-  need(g.act1 >= 0 && g.act1 <= 4 && g.act2 >= 0 && g.act2 <= 4, "activation code");
+  need(g.act1 >= 0 && g.act1 < sepconv::ACT_COUNT && g.act2 >= 0 &&
+       g.act2 < sepconv::ACT_COUNT, "activation code");
   need(g.threads >= 1 && g.threads <= 4096, "1 <= threads <= 4096");
   g.Cm = checked_mul({g.C, g.m});
   int64_t eh = g.H + g.pt + pb - g.dh * (g.kh - 1), ew = g.W + g.pl + pr - g.dw * (g.kw - 1);
@@ -193,22 +195,29 @@ int team_size(const Geometry& g, bool mean_only, int64_t passes) {
 
 // The pointwise groups of a forward or backward call (output channel block i reads mid
 // channel block i only) and the channel shuffle of x before its depthwise stage.
-void set_groups(Geometry& g, int64_t groups, int64_t shuffle) {
+void set_groups(Geometry& g, int64_t groups, int64_t shuffle, double norm_eps) {
   if (groups < 1 || g.Cm % groups || g.Co % groups)
     throw py::value_error("groups must be >= 1 and divide the mid and output channels");
   if (shuffle < 1 || g.C % shuffle)
     throw py::value_error("shuffle must be >= 1 and divide the input channels");
   if (shuffle > 1 && g.channels_last)  // (the caller shuffles a channels-last x: forward.h)
     throw py::value_error("shuffle: NCHW x only");
+  // LayerNorm over the mid channels (norm_eps >= 0): not with groups or a shuffle (the
+  // Python layer refuses those; here they are a clear error rather than a wrong answer)
+  if (norm_eps >= 0 && (groups > 1 || shuffle > 1))
+    throw py::value_error("norm_eps: not with groups or shuffle");
+  if (!(norm_eps < 0 || norm_eps >= 0)) throw py::value_error("norm_eps must not be NaN");
   g.groups = groups;
   g.shuffle = shuffle;
+  g.norm_eps = norm_eps;
 }
 
 // A backward call's geometry and team: three sweeps (the two GEMMs, the depthwise's and
 // its recompute). backward_splits reports on the same team as the backward runs.
-Geometry backward_geometry(const py::tuple& t, int64_t groups = 1, int64_t shuffle = 1) {
+Geometry backward_geometry(const py::tuple& t, int64_t groups = 1, int64_t shuffle = 1,
+                           double norm_eps = -1) {
   Geometry g = parse(t);
-  set_groups(g, groups, shuffle);
+  set_groups(g, groups, shuffle, norm_eps);
   g.threads = team_size(g, false, 3);
   return g;
 }
@@ -282,11 +291,14 @@ PYBIND11_MODULE(_C, m) {
   // pointwise weight is (Co, Cm / groups), output channel block i reading mid channel
   // block i only (a block-diagonal GEMM, no zero blocks). shuffle: x's channels go through
   // a channel shuffle of that many groups before the depthwise stage (read in its order).
+  // norm_eps >= 0: LayerNorm without affine over each pixel's mid channels after act1
+  // (kernels/norm.h); < 0: none.
   m.def("forward", [](py::tuple geom, const std::string& dtype, uintptr_t x, uintptr_t dww,
                       uintptr_t pww, uintptr_t dwb, uintptr_t pwb, uintptr_t scale, uintptr_t y,
-                      int y_layout, int64_t groups, int64_t shuffle) {
+                      int y_layout, int64_t groups, int64_t shuffle, double norm_eps) {
     Geometry g = parse(geom);
-    set_groups(g, groups, shuffle);
+    set_groups(g, groups, shuffle, norm_eps);
+    if (norm_eps >= 0 && scale) throw py::value_error("norm_eps: not with a scale");
     g.threads = team_size(g, false, 1);
     if (y_layout < -1 || y_layout > 1) throw py::value_error("y_layout must be -1, 0 or 1");
     if (y_layout >= 0) g.y_channels_last = y_layout == 1;
@@ -300,7 +312,7 @@ PYBIND11_MODULE(_C, m) {
     check(status);
   }, py::arg("geom"), py::arg("dtype"), py::arg("x"), py::arg("dww"), py::arg("pww"),
      py::arg("dwb"), py::arg("pwb"), py::arg("scale"), py::arg("y"), py::arg("y_layout") = -1,
-     py::arg("groups") = 1, py::arg("shuffle") = 1);
+     py::arg("groups") = 1, py::arg("shuffle") = 1, py::arg("norm_eps") = -1.0);
 
   // out (N, Cm): the channel means of act1(dw(x) + b_dw) per image; u: 0, or that
   // intermediate itself (N, Cm, Ho, Wo, channels-last). The geometry's Co and act2 are not read.
@@ -322,14 +334,16 @@ PYBIND11_MODULE(_C, m) {
   // it saves the backward recomputing the pointwise GEMM. scale: the forward's (N, Cm) or
   // 0; gscale its gradient (N, Cm), or 0 where not wanted (and always 0 without a scale).
   // gmid (N, Ho, Wo, Cm): d loss / d act1(U), for a later call to add as its mid_in (0:
-  // neither). groups, shuffle: as forward's.
+  // neither). groups, shuffle, norm_eps: as forward's.
   m.def("backward", [](py::tuple geom, const std::string& dtype, uintptr_t gy, uintptr_t y,
                        uintptr_t x, uintptr_t dww, uintptr_t pww, uintptr_t dwb, uintptr_t pwb,
                        uintptr_t scale, uintptr_t mid_in, uintptr_t gx, uintptr_t gdww,
                        uintptr_t gpww, uintptr_t gdwb, uintptr_t gpwb, uintptr_t gscale,
-                       uintptr_t gmid, int64_t groups, int64_t shuffle) {
+                       uintptr_t gmid, int64_t groups, int64_t shuffle, double norm_eps) {
     if (gscale && !scale) throw py::value_error("backward: gscale asked for without a scale");
-    Geometry g = backward_geometry(geom, groups, shuffle);
+    if (norm_eps >= 0 && (scale || mid_in || gmid))
+      throw py::value_error("backward: norm_eps not with a scale or the intermediate's gradient");
+    Geometry g = backward_geometry(geom, groups, shuffle, norm_eps);
     bool f64 = is_f64(dtype);
     int status;
     {

@@ -32,6 +32,7 @@ namespace {
 
 #include "kernels/vec.h"
 #include "kernels/activations.h"
+#include "kernels/norm.h"
 #include "kernels/pack.h"
 #include "kernels/gemm.h"
 #include "kernels/depthwise.h"

@@ -15,7 +15,12 @@
 
 namespace sepconv {
 
-enum Act : int { ACT_NONE = 0, ACT_RELU = 1, ACT_RELU6 = 2, ACT_SILU = 3, ACT_HARDSWISH = 4 };
+enum Act : int {
+  ACT_NONE = 0, ACT_RELU = 1, ACT_RELU6 = 2, ACT_SILU = 3, ACT_HARDSWISH = 4,
+  ACT_GELU = 5,       // x * Phi(x), the exact (erf) form
+  ACT_GELU_TANH = 6,  // torch's approximate="tanh"
+  ACT_COUNT = 7
+};
 
 struct Geometry {
   int64_t N, C, H, W;     // input
@@ -32,6 +37,8 @@ struct Geometry {
   bool channels_last;     // x's layout (and y's, but for the forward's y_channels_last)
   bool y_channels_last;   // the forward's y layout
   int act1, act2;         // activation after the depthwise / pointwise stage
+  double norm_eps;        // >= 0: LayerNorm (no affine) over the mid channels of each pixel
+                          // after act1, with this eps (kernels/norm.h); < 0: none
   int threads;
   int64_t tile_bytes;     // the forward's depthwise tile budget, from the L2 size (bindings)
   int64_t l2_bytes;       // L2 per core (bindings): bounds what the drivers prefetch

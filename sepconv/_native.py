@@ -91,13 +91,15 @@ def _dense(*ts: Tensor | None) -> list[Tensor | None]:
 
 def forward(x, dw_weight, pw_weight, dw_bias, pw_bias, stride, padding, dilation,
             mid_activation, activation, scale=None, y_format=None, pw_groups=1,
-            shuffle=1) -> Tensor:
+            shuffle=1, norm_eps=None) -> Tensor:
     """scale: (N, C * m) or None, each image's factor for each mid channel. y_format: y's
     memory format (default: x's). pw_groups: the pointwise conv's groups, pw_weight (C_out,
     C * m / pw_groups, 1, 1): the kernel's GEMM is block-diagonal, without zero blocks.
     shuffle: x's channels are read through a channel shuffle of that many groups (NCHW:
     the kernel takes the planes in its order as it copies each input band, and the
-    shuffle is never made; channels-last: made here, which measured faster)."""
+    shuffle is never made; channels-last: made here, which measured faster). norm_eps:
+    None, or LayerNorm without affine over each pixel's mid channels after act_mid, with
+    that eps (the caller folds its affine into pw_weight / pw_bias)."""
     fmt = memory_format(x)
     x = x.contiguous(memory_format=fmt)
     if shuffle > 1 and fmt == torch.channels_last:
@@ -112,7 +114,8 @@ def forward(x, dw_weight, pw_weight, dw_bias, pw_bias, stride, padding, dilation
                     memory_format=y_format)
     _C.forward(geom, DTYPES[x.dtype], _ptr(x), _ptr(dw_weight), _ptr(pw_weight),
                _ptr(dw_bias), _ptr(pw_bias), _ptr(scale), _ptr(y),
-               int(y_format == torch.channels_last), pw_groups, shuffle)
+               int(y_format == torch.channels_last), pw_groups, shuffle,
+               -1.0 if norm_eps is None else norm_eps)
     return y
 
 
@@ -151,13 +154,13 @@ def mean(x, dw_weight, dw_bias, stride, padding, dilation, mid_activation,
 def backward(grad_y, x, dw_weight, pw_weight, dw_bias, pw_bias, stride, padding, dilation,
              mid_activation, activation, output_mask, y=None, scale=None,
              want_scale=False, mid_in=None, want_mid=False,
-             pw_groups=1, shuffle=1) -> tuple[Tensor | None, ...]:
+             pw_groups=1, shuffle=1, norm_eps=None) -> tuple[Tensor | None, ...]:
     """y: the forward's output, or None; the kernel reads relu' / relu6' from it. scale:
     the forward's (N, C * m) or None. Returns the gradients of (x, dw_weight, pw_weight,
     dw_bias, pw_bias), then of the scale (None unless want_scale) where it is given, then
     with want_mid d loss / d act_mid(dw(x) + dw_bias) (N, C * m, Ho, Wo; channels-last),
     which a later call adds as its mid_in (a squeeze-and-excitation block's mean).
-    pw_groups, shuffle: as ``forward``'s (grad_x is x's, unshuffled)."""
+    pw_groups, shuffle, norm_eps: as ``forward``'s (grad_x is x's, unshuffled)."""
     fmt = memory_format(x)
     x, grad_y = x.contiguous(memory_format=fmt), grad_y.contiguous(memory_format=fmt)
     groups, unshuffle = shuffle, shuffle > 1 and fmt == torch.channels_last  # (as forward)
@@ -186,7 +189,7 @@ def backward(grad_y, x, dw_weight, pw_weight, dw_bias, pw_bias, stride, padding,
     _C.backward(geom, DTYPES[x.dtype], _ptr(grad_y), _ptr(y), _ptr(x), _ptr(dw_weight),
                 _ptr(pw_weight), _ptr(dw_bias), _ptr(pw_bias), _ptr(scale), _ptr(mid_in),
                 _ptr(gx), _ptr(gdw), _ptr(gpw), _ptr(gdwb), _ptr(gpwb), _ptr(gs), _ptr(gmid),
-                pw_groups, shuffle)
+                pw_groups, shuffle, -1.0 if norm_eps is None else norm_eps)
     if unshuffle and gx is not None:
         gx = shuffle_channels(gx, groups, inverse=True)
     grads = (gx, gdw, gpw, gdwb, gpwb) + ((gs,) if scale is not None else ())

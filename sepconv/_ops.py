@@ -59,13 +59,15 @@ def separable_conv2d(
     x: Tensor, dw_weight: Tensor, pw_weight: Tensor, dw_bias: Tensor | None,
     pw_bias: Tensor | None, stride: list[int], padding: list[int], dilation: list[int],
     mid_activation: str, activation: str, backend: str, scale: Tensor | None = None,
-    pw_groups: int = 1, shuffle: int = 1,
+    pw_groups: int = 1, shuffle: int = 1, norm_eps: float | None = None,
 ) -> Tensor:
     """y = act(pw(act_mid(dw(x) + dw_bias) * scale) + pw_bias), on every device; scale
     (N, C * m) or None: squeeze-and-excitation's per-image factor of each mid channel.
     pw_groups: the pointwise conv's groups (pw_weight (C_out, C * m / pw_groups, 1, 1)).
     shuffle: x goes through a channel shuffle of that many groups first (the native
-    kernels read it through the shuffle; elsewhere it is made)."""
+    kernels read it through the shuffle; elsewhere it is made). norm_eps: None, or
+    LayerNorm without affine over each pixel's mid channels before the pointwise conv
+    (the functional folds the affine into pw_weight and pw_bias)."""
     impl = _impl(x, backend)
     fmt = _native.memory_format(x)
     if shuffle > 1 and impl is not _native:
@@ -79,6 +81,8 @@ def separable_conv2d(
         kw["pw_groups"] = pw_groups
     if shuffle > 1 and impl is _native:
         kw["shuffle"] = shuffle
+    if norm_eps is not None:
+        kw["norm_eps"] = norm_eps
     return impl.forward(*args, **kw).contiguous(memory_format=fmt)
 
 
@@ -99,7 +103,7 @@ def grouped_grad(g: Tensor, groups: int) -> Tensor:
 
 @separable_conv2d.register_fake
 def _(x, dw_weight, pw_weight, dw_bias, pw_bias, stride, padding, dilation, mid_activation,
-      activation, backend, scale=None, pw_groups=1, shuffle=1):
+      activation, backend, scale=None, pw_groups=1, shuffle=1, norm_eps=None):
     Ho, Wo = _native.output_size(x, dw_weight, stride, padding, dilation)
     return _out_like(x, (x.shape[0], pw_weight.shape[0], Ho, Wo))
 
@@ -110,24 +114,26 @@ def separable_conv2d_backward(
     pw_bias: Tensor | None, stride: list[int], padding: list[int], dilation: list[int],
     mid_activation: str, activation: str, backend: str, output_mask: list[bool],
     y: Tensor | None = None, pw_groups: int = 1, shuffle: int = 1,
+    norm_eps: float | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Gradients of (x, dw_weight, pw_weight, dw_bias, pw_bias); an empty tensor where
     ``output_mask`` is False or the bias is None. ``y``, the forward's output, is given
     where the native kernels read the activation's derivative from it. pw_groups: the
     pointwise conv's groups (the native kernels run them; elsewhere the backward runs on
     the dense block-diagonal weight, the zero blocks' work included). shuffle: the
-    forward's channel shuffle of x (grad_x is x's)."""
+    forward's channel shuffle of x (grad_x is x's). norm_eps: the forward's."""
     impl = _impl(x, backend)
     if impl is _native:
         grads = _native.backward(grad_y, x, dw_weight, pw_weight, dw_bias, pw_bias, stride,
                                  padding, dilation, mid_activation, activation, output_mask,
-                                 y=y, pw_groups=pw_groups, shuffle=shuffle)
+                                 y=y, pw_groups=pw_groups, shuffle=shuffle, norm_eps=norm_eps)
         return _pack_grads(x, grads, output_mask)
     dense = pw_weight if pw_groups == 1 else dense_pointwise(pw_weight, pw_groups)
     xs = x if shuffle == 1 else _native.shuffle_channels(x, shuffle)
+    kw = {} if norm_eps is None else {"norm_eps": norm_eps}
     grads = list(_grouped(impl.backward(grad_y, xs, dw_weight, dense, dw_bias, pw_bias, stride,
                                         padding, dilation, mid_activation, activation,
-                                        output_mask), output_mask, pw_groups))
+                                        output_mask, **kw), output_mask, pw_groups))
     if shuffle > 1 and grads[0] is not None:
         grads[0] = _native.shuffle_channels(grads[0], shuffle, inverse=True)
     return _pack_grads(x, grads, output_mask)
@@ -154,7 +160,8 @@ def _pack_grads(x, grads, output_mask):
 
 @separable_conv2d_backward.register_fake
 def _(grad_y, x, dw_weight, pw_weight, dw_bias, pw_bias, stride, padding, dilation,
-      mid_activation, activation, backend, output_mask, y=None, pw_groups=1, shuffle=1):
+      mid_activation, activation, backend, output_mask, y=None, pw_groups=1, shuffle=1,
+      norm_eps=None):
     shapes = _grad_shapes(x, dw_weight, pw_weight, dw_bias, pw_bias, output_mask)
     return tuple(_out_like(x, s) if i == 0 and len(s) == 4 else x.new_empty(s)
                  for i, s in enumerate(shapes))
@@ -179,9 +186,10 @@ def _grads_or_none(grads, mask, n_config: int) -> tuple:
 
 
 def _setup_context(ctx, inputs, output):
-    x, dw_weight, pw_weight, dw_bias, pw_bias, *config, scale, pw_groups, shuffle = inputs
+    x, dw_weight, pw_weight, dw_bias, pw_bias, *config, scale, pw_groups, shuffle, norm_eps = \
+        inputs
     activation, backend = config[4], config[5]
-    ctx.pw_groups, ctx.shuffle = pw_groups, shuffle
+    ctx.pw_groups, ctx.shuffle, ctx.norm_eps = pw_groups, shuffle, norm_eps
     keep_y = _native_keeps_y(activation) and _impl(x, backend) is _native and scale is None
     ctx.save_for_backward(x, dw_weight, pw_weight, dw_bias, pw_bias, output if keep_y else None,
                           scale)
@@ -194,16 +202,18 @@ def _backward(ctx, grad_y):
     groups = ctx.pw_groups
     if scale is None:
         grads = separable_conv2d_backward(grad_y, x, dw_weight, pw_weight, dw_bias, pw_bias,
-                                          *ctx.config, mask, y, groups, ctx.shuffle)
-        return _grads_or_none(grads, mask, len(ctx.config)) + (None, None, None)
-    assert ctx.shuffle == 1, "a scale with a channel shuffle (refused by the functional)"
+                                          *ctx.config, mask, y, groups, ctx.shuffle,
+                                          ctx.norm_eps)
+        return _grads_or_none(grads, mask, len(ctx.config)) + (None, None, None, None)
+    assert ctx.shuffle == 1 and ctx.norm_eps is None, \
+        "a scale with a channel shuffle or a norm (refused by the functional)"
     if groups > 1:  # (a scale with groups: on the dense weight, see _grouped)
         pw_weight = dense_pointwise(pw_weight, groups)
     args = (grad_y, x, dw_weight, pw_weight, dw_bias, pw_bias, *ctx.config)
     want_scale = ctx.needs_input_grad[11]  # (scale's position; pw_groups is an int)
     *grads, grad_scale = _scaled_backward(*args, scale, mask, want_scale)
     return (_grads_or_none(_grouped(grads, mask, groups), mask, len(ctx.config))
-            + (grad_scale if want_scale else None, None, None))
+            + (grad_scale if want_scale else None, None, None, None))
 
 
 def _grouped(grads, mask, groups: int):
@@ -289,14 +299,14 @@ class _NativeAutograd(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, dw_weight, pw_weight, dw_bias, pw_bias, scale, pw_groups, shuffle,
-                *config):
+                norm_eps, *config):
         y = _native.forward(x, dw_weight, pw_weight, dw_bias, pw_bias, *config, scale=scale,
-                            pw_groups=pw_groups, shuffle=shuffle)
+                            pw_groups=pw_groups, shuffle=shuffle, norm_eps=norm_eps)
         keep_y = _native_keeps_y(config[4]) and scale is None
         ctx.save_for_backward(x, dw_weight, pw_weight, dw_bias, pw_bias, y if keep_y else None,
                               scale)
         ctx.config = config  # stride, padding, dilation, mid_activation, activation
-        ctx.pw_groups, ctx.shuffle = pw_groups, shuffle
+        ctx.pw_groups, ctx.shuffle, ctx.norm_eps = pw_groups, shuffle, norm_eps
         return y
 
     @staticmethod
@@ -304,33 +314,36 @@ class _NativeAutograd(torch.autograd.Function):
         x, dw_weight, pw_weight, dw_bias, pw_bias, y, scale = ctx.saved_tensors
         mask = _grad_mask(ctx, dw_bias, pw_bias)
         want_scale = scale is not None and ctx.needs_input_grad[5]
-        groups, shuffle = ctx.pw_groups, ctx.shuffle
+        groups, shuffle, eps = ctx.pw_groups, ctx.shuffle, ctx.norm_eps
         if scale is not None and groups > 1:  # (on the dense weight, see _grouped)
             pw_weight = dense_pointwise(pw_weight, groups)
         args = (grad_y, x, dw_weight, pw_weight, dw_bias, pw_bias, *ctx.config)
         if torch.is_grad_enabled():  # create_graph: the backward op, whose own backward
             if scale is None:  # raises clearly
-                grads = separable_conv2d_backward(*args, "native", mask, y, groups, shuffle)
+                grads = separable_conv2d_backward(*args, "native", mask, y, groups, shuffle, eps)
             else:
                 *grads, gs = _scaled_backward(*args, "native", scale, mask, want_scale)
         elif scale is None:
-            grads, gs = _native.backward(*args, mask, y=y, pw_groups=groups, shuffle=shuffle), None
+            grads, gs = _native.backward(*args, mask, y=y, pw_groups=groups, shuffle=shuffle,
+                                         norm_eps=eps), None
         else:
             *grads, gs = _native.backward(*args, mask, scale=scale, want_scale=want_scale)
         if scale is not None:
             grads = _grouped(grads, mask, groups)
         out = _grads_or_none(grads, mask, 0)
-        return (*out, gs if want_scale else None, None, None) + (None,) * len(ctx.config)
+        return (*out, gs if want_scale else None, None, None, None) + (None,) * len(ctx.config)
 
 
 def call(x, dw_weight, pw_weight, dw_bias, pw_bias, stride, padding, dilation, mid_activation,
-         activation, backend, scale=None, mid=None, pw_groups=1, shuffle=1) -> Tensor:
+         activation, backend, scale=None, mid=None, pw_groups=1, shuffle=1,
+         norm_eps=None) -> Tensor:
     """The forward op, or its native CPU kernel directly where nothing needs to see
     the op (same kernel, same result): plain under no_grad, through _NativeAutograd
     where a gradient is wanted. mid: None, or act_mid(dw(x) + dw_bias) from
     ``call_mean(keep=True)``, which the native forward under no_grad then starts from
     (elsewhere it is recomputed; training takes _NativeExcited instead). pw_groups: the
-    pointwise conv's groups; shuffle: x's channel shuffle (not with scale or mid)."""
+    pointwise conv's groups; shuffle: x's channel shuffle (not with scale or mid);
+    norm_eps: LayerNorm over the mid channels (not with scale, mid, groups or shuffle)."""
     if shuffle > 1 and _native.memory_format(x) == torch.channels_last:
         # A channels-last x is shuffled here, by a differentiable torch op whose output
         # the backward keeps: read through the shuffle, it was shuffled again for the
@@ -347,14 +360,15 @@ def call(x, dw_weight, pw_weight, dw_bias, pw_bias, stride, padding, dilation, m
             if mid is not None:
                 return _native.forward_from_mid(mid, pw_weight, pw_bias, activation, scale,
                                                 _native.memory_format(x), pw_groups)
-            return _native.forward(*args, scale=scale, pw_groups=pw_groups, shuffle=shuffle)
-        return _NativeAutograd.apply(*args[:5], scale, pw_groups, shuffle, *args[5:])
+            return _native.forward(*args, scale=scale, pw_groups=pw_groups, shuffle=shuffle,
+                                   norm_eps=norm_eps)
+        return _NativeAutograd.apply(*args[:5], scale, pw_groups, shuffle, norm_eps, *args[5:])
     if torch.onnx.is_in_onnx_export():  # (an export traces, so it never takes the path above)
         # ONNX has no sepconv op: export the same maths as standard Conv / activation nodes.
         if shuffle > 1:
             args = (_native.shuffle_channels(x, shuffle), *args[1:])
-        return reference.forward(*args, scale=scale, pw_groups=pw_groups)
-    return separable_conv2d(*args, backend, scale, pw_groups, shuffle)
+        return reference.forward(*args, scale=scale, pw_groups=pw_groups, norm_eps=norm_eps)
+    return separable_conv2d(*args, backend, scale, pw_groups, shuffle, norm_eps)
 
 
 # --- squeeze-and-excitation's squeeze: the channel means of the intermediate -------------

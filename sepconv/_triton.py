@@ -63,7 +63,7 @@ def _check_pixels(x: Tensor, Ho: int, Wo: int) -> None:
 
 
 def forward(x, dw_weight, pw_weight, dw_bias, pw_bias, stride, padding, dilation,
-            mid_activation, activation, scale=None) -> Tensor:
+            mid_activation, activation, scale=None, norm_eps=None) -> Tensor:
     Ho, Wo = output_size(x, dw_weight, stride, padding, dilation)
     _check_pixels(x, Ho, Wo)
     y = torch.empty((x.shape[0], pw_weight.shape[0], Ho, Wo), dtype=x.dtype, device=x.device,
@@ -71,7 +71,7 @@ def forward(x, dw_weight, pw_weight, dw_bias, pw_bias, stride, padding, dilation
     with _on_device(x):
         return _load().forward.launch(x, dw_weight, pw_weight, dw_bias, pw_bias, stride,
                                       padding, dilation, mid_activation, activation, y,
-                                      scale=scale)
+                                      scale=scale, norm_eps=norm_eps)
 
 
 def mean(x, dw_weight, dw_bias, stride, padding, dilation, mid_activation) -> Tensor:
@@ -83,9 +83,9 @@ def mean(x, dw_weight, dw_bias, stride, padding, dilation, mid_activation) -> Te
 
 
 def backward(grad_y, x, dw_weight, pw_weight, dw_bias, pw_bias, stride, padding, dilation,
-             mid_activation, activation, output_mask) -> tuple[Tensor | None, ...]:
+             mid_activation, activation, output_mask, norm_eps=None) -> tuple[Tensor | None, ...]:
     _check_pixels(x, *grad_y.shape[2:])
     with _on_device(x):
         return _load().backward.launch(grad_y, x, dw_weight, pw_weight, dw_bias, pw_bias,
                                        stride, padding, dilation, mid_activation, activation,
-                                       output_mask, memory_format(x))
+                                       output_mask, memory_format(x), norm_eps)

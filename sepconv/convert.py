@@ -2,7 +2,7 @@
 approximate standard convolutions by separable ones.
 
 ``fuse`` looks for  dw Conv2d -> [BatchNorm2d] -> [act] -> 1x1 Conv2d -> [BatchNorm2d] -> [act]
-(act: ReLU, ReLU6, SiLU, Hardswish or Identity) in two places:
+(act: ReLU, ReLU6, SiLU, Hardswish, GELU (either form) or Identity) in two places:
 
 1. runs of modules that an ``nn.Sequential`` (and any plain Sequential nested in it, such
    as torchvision's Conv2dNormActivation) calls one after another. The chain becomes one
@@ -80,6 +80,7 @@ SAME_CONVS = ("Conv2dSame", "Conv2dSameExport")
 # subclasses; their statistics and affine parameters are buffers, always used.
 FROZEN_NORMS = ("FrozenBatchNorm2d", "FrozenBatchNormAct2d")
 NORM_TENSORS = ("weight", "bias", "running_mean", "running_var")
+TIMM_GELUS = {"GELU": "gelu", "GELUTanh": "gelu_tanh"}
 DROPOUTS = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout,
             nn.FeatureAlphaDropout)
 
@@ -264,6 +265,10 @@ def _act_name(m) -> str | None | bool:
         return ACT_MODULES[type(m)]
     if type(m) is nn.Hardtanh and (m.min_val, m.max_val) == (0.0, 6.0):
         return "relu6"
+    if type(m) is nn.GELU:
+        return {"none": "gelu", "tanh": "gelu_tanh"}.get(m.approximate, False)
+    if type(m).__module__.startswith("timm.") and type(m).__name__ in TIMM_GELUS:
+        return TIMM_GELUS[type(m).__name__]  # (its F.gelu, as its forward is read: _probe_block)
     return False
 
 
@@ -455,6 +460,8 @@ def _graph_step(node: fx.Node, modules: dict):
         return modules[node.target]
     if node.op == "call_function" and node.target in ACT_FUNCTIONS:
         return ACT_FUNCTIONS[node.target]
+    if node.op == "call_function" and node.target is F.gelu and len(node.args) == 1:
+        return {"none": "gelu", "tanh": "gelu_tanh"}.get(node.kwargs.get("approximate", "none"))
     if node.op == "call_method" and node.target in ACT_METHODS:
         return ACT_METHODS[node.target]
     if node.op == "call_function" and node.target is F.hardtanh and \
@@ -618,12 +625,147 @@ def fuse(model: nn.Module, inplace: bool = False,
         if why:
             held.add(id(m))
             report.skipped.append((name, why))
+    _fuse_convnext(model, held, report)
     why_not = _fuse_sequential(model, held, report, fold_bn)
     left = {id(m): why_not.get(id(m), "not called by an nn.Sequential")
             for m in model.modules() if _is_depthwise(m) and id(m) not in held}
     if left:
         model = _fuse_graph(model, left, report, fold_bn)
     return model, report
+
+
+# --- ConvNeXt's block: dw conv -> LayerNorm -> Linear -> act ------------------------------
+#
+# torchvision's CNBlock runs Sequential(dw, Permute([0, 2, 3, 1]), LayerNorm, Linear, GELU,
+# Linear, Permute([0, 3, 1, 2])); timm's ConvNeXtBlock calls conv_dw, (permute,) norm,
+# mlp.fc1, mlp.act, ... in its own forward (conv_mlp: a channels-first LayerNorm2d and 1x1
+# convs). Either's dw conv -> LayerNorm -> first Linear -> act becomes one
+# SeparableConv2d(norm="layernorm") in the dw conv's place, the others Identity; in the
+# torchvision Sequential the first Permute moves to after them, where the second Linear
+# reads channels-last. The second Linear, the layer scale, drop path and the residual stay
+# as they are. Each replacement is checked on a random input (_probe_block) and undone if
+# the block then computes anything else.
+
+def _is_layer_norm(m, channels: int) -> bool:
+    """torch's LayerNorm, or timm's (channels-last LayerNorm, channels-first LayerNorm2d:
+    the same F.layer_norm, checked by _probe_block), over ``channels``."""
+    return isinstance(m, nn.LayerNorm) and tuple(m.normalized_shape) == (channels,) and (
+        type(m) is nn.LayerNorm
+        or (type(m).__module__.startswith("timm.") and type(m).__name__ in ("LayerNorm",
+                                                                              "LayerNorm2d")))
+
+
+def _is_permute(m, dims: list[int]) -> bool:
+    return type(m).__name__ == "Permute" and list(getattr(m, "dims", ())) == dims
+
+
+def _as_pointwise(fc, channels: int) -> nn.Conv2d | None:
+    """A Linear(channels, k) as the equal 1x1 Conv2d, or a 1x1 Conv2d from channels as it
+    is; None for anything else."""
+    if type(fc) is nn.Linear and fc.in_features == channels:
+        conv = nn.Conv2d(channels, fc.out_features, 1, bias=fc.bias is not None,
+                         device=fc.weight.device, dtype=fc.weight.dtype)
+        with torch.no_grad():
+            conv.weight.copy_(fc.weight[:, :, None, None])
+            if fc.bias is not None:
+                conv.bias.copy_(fc.bias)
+        return conv
+    if type(fc) is nn.Conv2d and pointwise_problem(fc, channels) is None and fc.groups == 1:
+        return fc
+    return None
+
+
+def _probe_block(block: nn.Module, run, channels: int, replace, undo) -> bool:
+    """Whether ``run`` (``block``'s forward, or a part of it) computes the same on a random
+    input after ``replace()`` as before (in eval mode: drop path off); ``undo()`` restores
+    it where not. On the meta device there is nothing to run: the reading stands on the
+    classes and attributes."""
+    p = next((t for t in block.parameters() if t.is_floating_point()), None)
+    if p is None or p.device == torch.device("meta"):
+        replace()
+        return True
+    modes = {m: m.training for m in block.modules()}
+    x = torch.randn(1, channels, 9, 8, generator=torch.Generator().manual_seed(0)).to(p)
+    try:
+        block.eval()
+        with torch.no_grad():
+            want = run(x)
+            replace()
+            got = run(x)
+        same = got.shape == want.shape and torch.allclose(got, want, rtol=1e-3, atol=1e-4)
+    except Exception:  # noqa: BLE001  (anything it raises means: not that reading)
+        same = False
+    finally:
+        for m in list(modes):
+            m.training = modes[m]
+    if not same:
+        undo()
+    return same
+
+
+def _fuse_convnext(model: nn.Module, held: set[int], report: FuseReport) -> None:
+    """ConvNeXt's blocks (above) as SeparableConv2d(norm="layernorm")."""
+    for name, m in list(model.named_modules()):
+        if type(m) is nn.Sequential:
+            for i in range(len(m) - 4):
+                dw, perm, ln, fc, act = (m[i + k] for k in range(5))
+                if not (_is_depthwise(dw) and id(dw) not in held and _is_permute(perm, [0, 2, 3, 1])
+                        and _is_layer_norm(ln, dw.out_channels) and _act_name(act) is not False
+                        and _as_pointwise(fc, dw.out_channels) is not None):
+                    continue
+                sep = SeparableConv2d.from_conv2d_pair(
+                    dw, _as_pointwise(fc, dw.out_channels), activation=_act_name(act),
+                    layer_norm=ln)
+                old = [m[i + k] for k in range(5)]
+
+                def replace(m=m, i=i, sep=sep, perm=perm):
+                    for k, new in enumerate((sep, nn.Identity(), nn.Identity(), nn.Identity(),
+                                             perm)):
+                        m[i + k] = new
+
+                def undo(m=m, i=i, old=old):
+                    for k, mod in enumerate(old):
+                        m[i + k] = mod
+                names = [f"{name}.{i + k}" if name else str(i + k) for k in range(5)]
+                def run(x, m=m, i=i):  # the Sequential from the dw conv on
+                    for mod in list(m)[i:]:
+                        x = mod(x)
+                    return x
+                if _probe_block(m, run, dw.in_channels, replace, undo):
+                    report.fused.append((names, "ConvNeXt block"))
+                    held.add(id(sep))
+                else:
+                    report.skipped.append((names[0], "a ConvNeXt block that computes something "
+                                                     "else than its parts say"))
+        elif type(m).__name__ == "ConvNeXtBlock" and type(m).__module__.startswith("timm."):
+            _fuse_timm_convnext(name, m, held, report)
+
+
+def _fuse_timm_convnext(name: str, block: nn.Module, held: set[int], report: FuseReport) -> None:
+    dw, ln, mlp = (getattr(block, a, None) for a in ("conv_dw", "norm", "mlp"))
+    fc, act = getattr(mlp, "fc1", None), getattr(mlp, "act", None)
+    if not (_is_depthwise(dw) and id(dw) not in held and type(dw) is nn.Conv2d
+            and type(mlp).__name__ in ("Mlp", "GlobalResponseNormMlp")
+            and _is_layer_norm(ln, dw.out_channels) and _act_name(act) is not False
+            and _as_pointwise(fc, dw.out_channels) is not None):
+        return  # (its dw conv is left to the passes after, which say why)
+    sep = SeparableConv2d.from_conv2d_pair(dw, _as_pointwise(fc, dw.out_channels),
+                                           activation=_act_name(act), layer_norm=ln)
+
+    def replace():
+        block.conv_dw, block.norm, mlp.fc1, mlp.act = sep, nn.Identity(), nn.Identity(), \
+            nn.Identity()
+
+    def undo():
+        block.conv_dw, block.norm, mlp.fc1, mlp.act = dw, ln, fc, act
+    prefix = f"{name}." if name else ""
+    names = [prefix + n for n in ("conv_dw", "norm", "mlp.fc1", "mlp.act")]
+    if _probe_block(block, block, dw.in_channels, replace, undo):
+        report.fused.append((names, "ConvNeXt block"))
+        held.add(id(sep))
+    else:
+        report.skipped.append((names[0], "a ConvNeXt block that computes something else "
+                                         "than its parts say"))
 
 
 # --- separable approximation of standard convolutions -------------------------------------

@@ -152,8 +152,12 @@ def separable_conv2d(
     scale: Tensor | None = None,
     pointwise_groups: int = 1,
     channel_shuffle: int = 1,
+    norm: str | None = None,
+    norm_weight: Tensor | None = None,
+    norm_bias: Tensor | None = None,
+    norm_eps: float = 1e-5,
 ) -> Tensor:
-    """Fused ``act(pw(act_mid(dw(x) + depthwise_bias) * scale) + bias)``.
+    """Fused ``act(pw(norm(act_mid(dw(x) + depthwise_bias) * scale)) + bias)``.
 
     Shapes:
         x: (N, C_in, H, W) or unbatched (C_in, H, W)
@@ -165,7 +169,8 @@ def separable_conv2d(
     ``stride``, ``padding`` and ``dilation`` follow ``F.conv2d`` (padding may be
     "same" or "valid"; zeros only: pad other modes with ``F.pad`` first). "same" with
     stride > 1 pads as TensorFlow's SAME: the output is ceil(input / stride).
-    ``mid_activation`` / ``activation``: None, "relu", "relu6", "silu", "hardswish".
+    ``mid_activation`` / ``activation``: None, "relu", "relu6", "silu", "hardswish", "gelu"
+    (exact, erf) or "gelu_tanh" (``F.gelu(approximate="tanh")``).
     ``scale``: (N, C_in * m) (unbatched: (C_in * m,)) or None, a factor per image and mid
     channel applied before the pointwise conv: squeeze-and-excitation's excitation, with
     the mid channels' means from ``depthwise_mean``. Its backward also gives the scale's
@@ -178,16 +183,50 @@ def separable_conv2d(
     first (read as a g x C_in / g matrix, transposed: ShuffleNetV1's shuffle before its
     depthwise conv; C_in divisible by it; not with ``scale``). The native kernels read x
     through it, so the shuffled tensor is never made; elsewhere it is.
+    ``norm="layernorm"``: ``nn.LayerNorm(C_in * m, eps=norm_eps)`` over each pixel's mid
+    channels before the pointwise conv (ConvNeXt's block: dw -> LN -> Linear -> GELU),
+    its affine ``norm_weight`` / ``norm_bias`` ((C_in * m,) or None) folded into the
+    pointwise weight and bias (``W * norm_weight``, ``bias + W @ norm_bias``: autograd
+    gives their gradients), so the kernels only normalise, in the tile, with statistics
+    in float32 at least. Not with ``scale``, ``pointwise_groups`` or ``channel_shuffle``.
     """
+    if norm is None and norm_weight is None and norm_bias is None:
+        return _separable_conv2d(x, depthwise_weight, pointwise_weight, bias, stride, padding,
+                                 dilation, depthwise_bias, mid_activation, activation, scale,
+                                 None, pointwise_groups, channel_shuffle)
+    _check_norm(norm, norm_eps, scale, pointwise_groups, channel_shuffle)
+    if isinstance(pointwise_weight, Tensor) and pointwise_weight.dim() == 4:
+        mid = pointwise_weight.shape[1]
+        for t, name in ((norm_weight, "norm_weight"), (norm_bias, "norm_bias")):
+            if t is not None:
+                _check_tensor(t, name, pointwise_weight, (mid,))
+        if norm_bias is not None:  # W (gamma n + beta) + b = (W gamma) n + (W beta + b)
+            shift = pointwise_weight.flatten(1) @ norm_bias
+            bias = shift if bias is None else bias + shift
+        if norm_weight is not None:
+            pointwise_weight = pointwise_weight * norm_weight[:, None, None]
     return _separable_conv2d(x, depthwise_weight, pointwise_weight, bias, stride, padding,
-                             dilation, depthwise_bias, mid_activation, activation, scale, None,
-                             pointwise_groups, channel_shuffle)
+                             dilation, depthwise_bias, mid_activation, activation, None, None,
+                             1, 1, float(norm_eps))
+
+
+def _check_norm(norm, eps, scale, pointwise_groups, channel_shuffle) -> None:
+    if norm != "layernorm":
+        raise ValueError(f"norm must be None or 'layernorm', got {norm!r}"
+                         + (" (norm_weight / norm_bias given)" if norm is None else ""))
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps >= 0 \
+            or eps == float("inf"):
+        raise ValueError(f"norm_eps must be a finite float >= 0, got {eps!r}")
+    if scale is not None or pointwise_groups != 1 or channel_shuffle != 1:
+        raise ValueError("norm='layernorm' does not take scale, pointwise_groups or "
+                         "channel_shuffle")
 
 
 def _separable_conv2d(x, depthwise_weight, pointwise_weight, bias, stride, padding, dilation,
                       depthwise_bias, mid_activation, activation, scale, mid,
-                      pointwise_groups=1, channel_shuffle=1) -> Tensor:
-    """separable_conv2d; mid: None, or the intermediate from _depthwise_mean(keep=True)."""
+                      pointwise_groups=1, channel_shuffle=1, norm_eps=None) -> Tensor:
+    """separable_conv2d; mid: None, or the intermediate from _depthwise_mean(keep=True);
+    norm_eps: None, or LayerNorm (no affine: folded by the caller) with that eps."""
     if torch._C._is_any_autocast_enabled():
         x, depthwise_weight, pointwise_weight, bias, depthwise_bias, scale = _autocast(
             x, depthwise_weight, pointwise_weight, bias, depthwise_bias, scale)
@@ -198,6 +237,8 @@ def _separable_conv2d(x, depthwise_weight, pointwise_weight, bias, stride, paddi
             key += (type(scale), scale.shape, scale.dtype, scale.device)
         if pointwise_groups != 1 or channel_shuffle != 1:
             key += ("groups", _key(pointwise_groups), _key(channel_shuffle))
+        if norm_eps is not None:
+            key += ("norm",)
         config = _CALLS.get(key)
     except (AttributeError, TypeError):  # not a tensor, or unhashable: checked, not kept
         key = config = None
@@ -206,11 +247,10 @@ def _separable_conv2d(x, depthwise_weight, pointwise_weight, bias, stride, paddi
         if x.dim() == 3:
             if isinstance(scale, Tensor):
                 scale = scale.unsqueeze(0)
-            return separable_conv2d(x.unsqueeze(0), depthwise_weight, pointwise_weight, bias,
-                                    stride, padding, dilation, depthwise_bias=depthwise_bias,
-                                    mid_activation=mid_activation, activation=activation,
-                                    scale=scale, pointwise_groups=pointwise_groups,
-                                    channel_shuffle=channel_shuffle)[0]
+            return _separable_conv2d(x.unsqueeze(0), depthwise_weight, pointwise_weight, bias,
+                                     stride, padding, dilation, depthwise_bias, mid_activation,
+                                     activation, scale, mid, pointwise_groups, channel_shuffle,
+                                     norm_eps)[0]
         config = _check_call(x, depthwise_weight, pointwise_weight, bias, depthwise_bias, *hyper,
                              pointwise_groups)
         _check_shuffle(channel_shuffle, x.shape[1], scale is not None or mid is not None)
@@ -219,7 +259,8 @@ def _separable_conv2d(x, depthwise_weight, pointwise_weight, bias, stride, paddi
         if key is not None and len(_CALLS) < 4096:
             _CALLS[key] = config
     return _ops.call(x, depthwise_weight, pointwise_weight, depthwise_bias, bias, *config,
-                     _backend.current_backend(), scale, mid, pointwise_groups, channel_shuffle)
+                     _backend.current_backend(), scale, mid, pointwise_groups, channel_shuffle,
+                     norm_eps)
 
 
 def depthwise_mean(

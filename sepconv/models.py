@@ -1,9 +1,10 @@
 """SqueezeNet, MobileNetV1, MobileNetV2, ShuffleNetV1, ShuffleNetV2 and Xception (seed
-002), MobileNetV3-Large and EfficientNet-B0, built from standard ``nn`` layers.
+002), MobileNetV3-Large, EfficientNet-B0 and ConvNeXt-T, built from standard ``nn`` layers.
 
 They are what users have: dw conv -> BN -> act -> 1x1 conv -> BN -> act chains written
 with ``nn.Conv2d`` (in MobileNetV3 and EfficientNet with squeeze-and-excitation between
-the two convs), so they are the inputs ``sepconv.fuse`` is tested and benchmarked on.
+the two convs; in ConvNeXt dw conv -> LayerNorm -> Linear -> GELU), so they are the
+inputs ``sepconv.fuse`` is tested and benchmarked on.
 All but MobileNetV1, ShuffleNetV1 and Xception follow torchvision's modules and attribute
 names (their ``state_dict`` keys and shapes are torchvision's, so its weights load);
 MobileNetV1 follows Table 1 of Howard et al. 2017 with the last depthwise layer at stride
@@ -17,8 +18,8 @@ import torch
 from torch import Tensor, nn
 
 __all__ = ["mobilenet_v1", "mobilenet_v2", "shufflenet_v1", "shufflenet_v2", "squeezenet",
-           "xception", "mobilenet_v3_large", "efficientnet_b0", "SqueezeExcitation",
-           "ChannelShuffle"]
+           "xception", "mobilenet_v3_large", "efficientnet_b0", "convnext_tiny",
+           "SqueezeExcitation", "ChannelShuffle"]
 
 
 class ConvNormActivation(nn.Sequential):
@@ -615,3 +616,79 @@ class EfficientNet(nn.Module):
 def efficientnet_b0(num_classes: int = 1000) -> EfficientNet:
     """EfficientNet-B0 (x: (N, 3, H, W) -> (N, num_classes)); 5,288,548 parameters."""
     return EfficientNet(num_classes)
+
+
+# --- ConvNeXt (Liu et al. 2022), as torchvision writes it -------------------------------
+
+class Permute(nn.Module):
+    """torch.permute as a module (torchvision.ops.misc.Permute)."""
+
+    def __init__(self, dims: list[int]) -> None:
+        super().__init__()
+        self.dims = dims
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.permute(x, self.dims)
+
+
+class LayerNorm2d(nn.LayerNorm):
+    """LayerNorm over the channels of an (N, C, H, W) tensor (torchvision's)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = nn.functional.layer_norm(x.permute(0, 2, 3, 1), self.normalized_shape, self.weight,
+                                     self.bias, self.eps)
+        return x.permute(0, 3, 1, 2)
+
+
+class CNBlock(nn.Module):
+    """dw 7x7 -> permute -> LayerNorm -> Linear(C, 4C) -> GELU -> Linear(4C, C) -> permute
+    -> layer scale -> stochastic depth -> + x (torchvision's CNBlock)."""
+
+    def __init__(self, dim: int, layer_scale: float, stochastic_depth_prob: float) -> None:
+        super().__init__()
+        self.block = nn.Sequential(
+            nn.Conv2d(dim, dim, kernel_size=7, padding=3, groups=dim, bias=True),
+            Permute([0, 2, 3, 1]), nn.LayerNorm(dim, eps=1e-6), nn.Linear(dim, 4 * dim),
+            nn.GELU(), nn.Linear(4 * dim, dim), Permute([0, 3, 1, 2]))
+        self.layer_scale = nn.Parameter(torch.ones(dim, 1, 1) * layer_scale)
+        self.stochastic_depth = StochasticDepth(stochastic_depth_prob)
+
+    def forward(self, input: Tensor) -> Tensor:
+        return self.stochastic_depth(self.layer_scale * self.block(input)) + input
+
+
+class ConvNeXt(nn.Module):
+    def __init__(self, depths=(3, 3, 9, 3), dims=(96, 192, 384, 768),
+                 stochastic_depth_prob: float = 0.1, num_classes: int = 1000) -> None:
+        super().__init__()
+        norm = lambda c: LayerNorm2d(c, eps=1e-6)  # noqa: E731
+        layers: list[nn.Module] = [nn.Sequential(nn.Conv2d(3, dims[0], 4, 4), norm(dims[0]))]
+        total, block_id = sum(depths), 0
+        for i, (depth, dim) in enumerate(zip(depths, dims)):
+            stage = []
+            for _ in range(depth):  # the drop probability rises linearly over the blocks
+                stage.append(CNBlock(dim, 1e-6, stochastic_depth_prob * block_id / (total - 1)))
+                block_id += 1
+            layers.append(nn.Sequential(*stage))
+            if i + 1 < len(dims):
+                layers.append(nn.Sequential(norm(dim), nn.Conv2d(dim, dims[i + 1], 2, 2)))
+        self.features = nn.Sequential(*layers)
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.classifier = nn.Sequential(norm(dims[-1]), nn.Flatten(1),
+                                        nn.Linear(dims[-1], num_classes))
+        for m in self.modules():  # torchvision's initialisation
+            if isinstance(m, (nn.Conv2d, nn.Linear)):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                nn.init.zeros_(m.bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.classifier(self.avgpool(self.features(x)))
+
+
+def convnext_tiny(num_classes: int = 1000) -> ConvNeXt:
+    """ConvNeXt-T (x: (N, 3, H, W) -> (N, num_classes)); 28,589,128 parameters, torchvision's
+    module names (its weights load). Its 18 blocks' dw -> LayerNorm -> Linear -> GELU are
+    what ``fuse`` turns into SeparableConv2d(norm="layernorm")."""
+    if not isinstance(num_classes, int) or num_classes < 1:
+        raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
+    return ConvNeXt(num_classes=num_classes)

@@ -11,6 +11,7 @@ from torch.nn import init
 
 from .functional import (
     _activation,
+    _check_norm,
     _check_positive_int,
     _pair,
     excited_conv2d,
@@ -103,13 +104,16 @@ class SeparableConv2d(nn.Module):
     puts ShuffleNet's channel shuffle (g groups, ``F.channel_shuffle``) before the
     depthwise conv, folded: the native kernels read x through it. ``padding="same"``
     also works with stride > 1 (which ``nn.Conv2d`` refuses): TensorFlow's SAME, as timm's
-    Conv2dSame, with the output ceil(input / stride).
+    Conv2dSame, with the output ceil(input / stride). ``norm="layernorm"`` puts
+    ``nn.LayerNorm(in_channels * m, eps=norm_eps)`` over each pixel's mid channels before
+    the 1x1 conv, inside the fused kernel (ConvNeXt's dw -> LN -> Linear -> GELU).
 
     Parameters:
         depthwise_weight: (in_channels * m, 1, kh, kw)
         pointwise_weight: (out_channels, in_channels * m / pointwise_groups, 1, 1)
         bias: (out_channels,) or None
         depthwise_bias: (in_channels * m,) or None (``depthwise_bias=True`` creates it)
+        norm_weight, norm_bias: (in_channels * m,), with ``norm="layernorm"`` (else None)
 
     Shapes: (N, in_channels, H, W) or (in_channels, H, W) -> (N, out_channels, H_out, W_out)
     or (out_channels, H_out, W_out), H_out / W_out as ``nn.Conv2d``.
@@ -118,6 +122,8 @@ class SeparableConv2d(nn.Module):
     # (class defaults: a module pickled before these existed still runs)
     pointwise_groups: int = 1
     channel_shuffle: int = 1
+    norm: str | None = None
+    norm_eps: float = 1e-5
 
     def __init__(
         self,
@@ -142,6 +148,8 @@ class SeparableConv2d(nn.Module):
         se_gate: str = "sigmoid",
         pointwise_groups: int = 1,
         channel_shuffle: int = 1,
+        norm: str | None = None,
+        norm_eps: float = 1e-5,
     ) -> None:
         super().__init__()
         for name, value in (("in_channels", in_channels), ("out_channels", out_channels),
@@ -163,6 +171,11 @@ class SeparableConv2d(nn.Module):
         if (pointwise_groups > 1 or channel_shuffle > 1) and se_channels is not None:
             raise ValueError("SeparableConv2d does not take pointwise_groups or channel_shuffle "
                              "with squeeze-and-excitation (se_channels)")
+        if norm is not None:
+            _check_norm(norm, norm_eps, None, pointwise_groups, channel_shuffle)
+            if se_channels is not None:
+                raise ValueError("SeparableConv2d does not take norm with squeeze-and-excitation "
+                                 "(se_channels)")
         if padding_mode not in PADDING_MODES:
             raise ValueError(f"padding_mode must be one of {PADDING_MODES}, got {padding_mode!r}")
         self.in_channels, self.out_channels = in_channels, out_channels
@@ -188,6 +201,9 @@ class SeparableConv2d(nn.Module):
             torch.empty((out_channels, mid // pointwise_groups, 1, 1), **factory))
         self.bias = nn.Parameter(torch.empty(out_channels, **factory)) if bias else None
         self.depthwise_bias = nn.Parameter(torch.empty(mid, **factory)) if depthwise_bias else None
+        self.norm, self.norm_eps = norm, float(norm_eps)
+        self.norm_weight = nn.Parameter(torch.ones(mid, **factory)) if norm else None
+        self.norm_bias = nn.Parameter(torch.zeros(mid, **factory)) if norm else None
         self.excitation = None
         if se_channels is not None:
             _check_positive_int(se_channels, "se_channels")
@@ -213,6 +229,9 @@ class SeparableConv2d(nn.Module):
                 fan_in, _ = init._calculate_fan_in_and_fan_out(weight)
                 bound = 1 / math.sqrt(fan_in) if fan_in > 0 else 0
                 init.uniform_(b, -bound, bound)
+        if getattr(self, "norm_weight", None) is not None:
+            init.ones_(self.norm_weight)
+            init.zeros_(self.norm_bias)
 
     def forward(self, x: Tensor) -> Tensor:
         if not isinstance(x, Tensor) or x.dim() not in (3, 4):
@@ -236,6 +255,12 @@ class SeparableConv2d(nn.Module):
             # (unbatched, the means are (C,): F.linear takes them as they are)
             return excited_conv2d(x, dw, pw, b, self.stride, padding, self.dilation, db,
                                   self.mid_activation, self.activation, self.excitation)
+        if self.norm is not None:
+            return separable_conv2d(x, dw, pw, b, self.stride, padding, self.dilation,
+                                    depthwise_bias=db, mid_activation=self.mid_activation,
+                                    activation=self.activation, norm=self.norm,
+                                    norm_weight=self.norm_weight, norm_bias=self.norm_bias,
+                                    norm_eps=self.norm_eps)
         return separable_conv2d(x, dw, pw, b, self.stride, padding, self.dilation,
                                 depthwise_bias=db, mid_activation=self.mid_activation,
                                 activation=self.activation,
@@ -250,7 +275,8 @@ class SeparableConv2d(nn.Module):
                          activation: str | None = None,
                          padding=None,
                          excitation: Excitation | None = None,
-                         channel_shuffle: int = 1) -> SeparableConv2d:
+                         channel_shuffle: int = 1,
+                         layer_norm: nn.LayerNorm | None = None) -> SeparableConv2d:
         """The module computing ``act(norm(pointwise(act_mid(norm(depthwise(x))))))``
         exactly: weights copied, eval-mode batch norms folded into weights and biases.
 
@@ -262,7 +288,10 @@ class SeparableConv2d(nn.Module):
         SAME, as timm's Conv2dSame). ``excitation``: a squeeze-and-excitation between the
         mid activation and the pointwise conv, taken as it is (not copied).
         ``channel_shuffle``: a channel shuffle of that many groups before the depthwise
-        conv. Subclasses that override ``forward`` are refused: their attributes do not
+        conv. ``layer_norm``: an ``nn.LayerNorm`` over the mid channels between the mid
+        activation and the pointwise conv (ConvNeXt's block), taken as ``norm="layernorm"``
+        with its eps, weight and bias copied (not with an excitation, pointwise groups or a
+        shuffle). Subclasses that override ``forward`` are refused: their attributes do not
         say what they compute.
         """
         for conv, name in ((depthwise, "depthwise"), (pointwise, "pointwise")):
@@ -284,14 +313,28 @@ class SeparableConv2d(nn.Module):
         dw_w, dw_b = fold_norm(depthwise.weight, depthwise.bias, depthwise_norm, "depthwise_norm")
         pw_w, pw_b = fold_norm(pointwise.weight, pointwise.bias, pointwise_norm, "pointwise_norm")
         padding = depthwise.padding if padding is None else padding
+        if layer_norm is not None:
+            if not isinstance(layer_norm, nn.LayerNorm) or \
+                    tuple(layer_norm.normalized_shape) != (depthwise.out_channels,):
+                raise ValueError(f"layer_norm must be an nn.LayerNorm over the "
+                                 f"{depthwise.out_channels} mid channels, got {layer_norm!r}")
+            if excitation is not None:
+                raise ValueError("layer_norm with an excitation is not supported")
         module = cls(c, pointwise.out_channels, depthwise.kernel_size, depthwise.stride,
                      padding, depthwise.dilation, bias=pw_b is not None,
                      padding_mode=depthwise.padding_mode, device=dw_w.device, dtype=dw_w.dtype,
                      depth_multiplier=depthwise.out_channels // c,
                      mid_activation=mid_activation, activation=activation,
                      depthwise_bias=dw_b is not None, pointwise_groups=pointwise.groups,
-                     channel_shuffle=channel_shuffle)
+                     channel_shuffle=channel_shuffle,
+                     norm=None if layer_norm is None else "layernorm",
+                     norm_eps=1e-5 if layer_norm is None else layer_norm.eps)
         with torch.no_grad():
+            if layer_norm is not None:  # (no weight / bias: the identity's ones / zeros)
+                for param, value in ((module.norm_weight, layer_norm.weight),
+                                     (module.norm_bias, layer_norm.bias)):
+                    if value is not None:
+                        param.copy_(value)
             for param, value in ((module.depthwise_weight, dw_w), (module.depthwise_bias, dw_b),
                                  (module.pointwise_weight, pw_w), (module.bias, pw_b)):
                 if param is not None:
@@ -330,6 +373,8 @@ class SeparableConv2d(nn.Module):
             s += f", channel_shuffle={self.channel_shuffle}"
         if self.depthwise_bias is not None:
             s += ", depthwise_bias=True"
+        if self.norm is not None:
+            s += f", norm={self.norm!r}, norm_eps={self.norm_eps}"
         if self.mid_activation:
             s += f", mid_activation={self.mid_activation!r}"
         if self.activation:

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-ACTIVATIONS = ("none", "relu", "relu6", "silu", "hardswish")
+ACTIVATIONS = ("none", "relu", "relu6", "silu", "hardswish", "gelu", "gelu_tanh")
 
 _FORWARD = {
     "none": lambda t: t,
@@ -21,6 +21,8 @@ _FORWARD = {
     "relu6": F.relu6,
     "silu": F.silu,
     "hardswish": F.hardswish,
+    "gelu": F.gelu,
+    "gelu_tanh": lambda t: F.gelu(t, approximate="tanh"),
 }
 
 aten = torch.ops.aten
@@ -30,6 +32,8 @@ _BACKWARD = {  # (grad_out, pre-activation input) -> grad_in
     "relu6": lambda g, z: aten.hardtanh_backward(g, z, 0.0, 6.0),
     "silu": aten.silu_backward,
     "hardswish": aten.hardswish_backward,
+    "gelu": aten.gelu_backward,
+    "gelu_tanh": lambda g, z: aten.gelu_backward(g, z, approximate="tanh"),
 }
 
 
@@ -38,10 +42,16 @@ def _pad(x: Tensor, padding: list[int]) -> Tensor:
     return F.pad(x, (left, right, top, bottom)) if any(padding) else x
 
 
+def layer_norm(mid: Tensor, eps: float) -> Tensor:
+    """LayerNorm without affine over the channels of each pixel of (N, C, H, W) mid."""
+    return F.layer_norm(mid.permute(0, 2, 3, 1), mid.shape[1:2], eps=eps).permute(0, 3, 1, 2)
+
+
 def forward(x, dw_weight, pw_weight, dw_bias, pw_bias, stride, padding, dilation,
-            mid_activation, activation, scale=None, pw_groups=1) -> Tensor:
+            mid_activation, activation, scale=None, pw_groups=1, norm_eps=None) -> Tensor:
     """scale: (N, C * m) or None, each image's factor for each mid channel; pw_groups: the
-    pointwise conv's groups."""
+    pointwise conv's groups; norm_eps: None, or LayerNorm (no affine) over each pixel's
+    mid channels after act_mid, with that eps."""
     top, bottom, left, right = padding
     if top == bottom and left == right:  # conv2d's own padding: one ONNX Conv node
         u = F.conv2d(x, dw_weight, dw_bias, stride, (top, left), dilation, groups=x.shape[1])
@@ -51,23 +61,36 @@ def forward(x, dw_weight, pw_weight, dw_bias, pw_bias, stride, padding, dilation
     mid = _FORWARD[mid_activation](u)
     if scale is not None:
         mid = mid * scale[:, :, None, None]
+    if norm_eps is not None:
+        mid = layer_norm(mid, norm_eps)
     return _FORWARD[activation](F.conv2d(mid, pw_weight, pw_bias, groups=pw_groups))
 
 
 def backward(grad_y, x, dw_weight, pw_weight, dw_bias, pw_bias, stride, padding, dilation,
-             mid_activation, activation, output_mask) -> tuple[Tensor | None, ...]:
-    """Gradients (x, dw_weight, pw_weight, dw_bias, pw_bias); None where not asked for."""
+             mid_activation, activation, output_mask, norm_eps=None) -> tuple[Tensor | None, ...]:
+    """Gradients (x, dw_weight, pw_weight, dw_bias, pw_bias); None where not asked for.
+    norm_eps: as ``forward``'s (LayerNorm's backward by aten's own kernel)."""
     need_x, need_dw, need_pw, need_dwb, need_pwb = output_mask
     C, (top, _, left, _) = x.shape[1], padding
     xp = _pad(x, padding)
     u = F.conv2d(xp, dw_weight, dw_bias, stride, 0, dilation, groups=C)
     mid = _FORWARD[mid_activation](u)
-    z = F.conv2d(mid, pw_weight, pw_bias) if activation != "none" else None
+    normed = mid
+    if norm_eps is not None:  # channels last: LayerNorm's rows
+        mid_nhwc = mid.permute(0, 2, 3, 1)
+        n_nhwc, mean_, rstd = aten.native_layer_norm(mid_nhwc, mid.shape[1:2], None, None,
+                                                     norm_eps)
+        normed = n_nhwc.permute(0, 3, 1, 2)
+    z = F.conv2d(normed, pw_weight, pw_bias) if activation != "none" else None
     gz = _BACKWARD[activation](grad_y, z)
     gmid, gpw, gpwb = aten.convolution_backward(
-        gz, mid, pw_weight, [pw_weight.shape[0]], [1, 1], [0, 0], [1, 1], False, [0, 0], 1,
+        gz, normed, pw_weight, [pw_weight.shape[0]], [1, 1], [0, 0], [1, 1], False, [0, 0], 1,
         [need_x or need_dw or need_dwb, need_pw, need_pwb])
     gx = gdw = gdwb = None
+    if norm_eps is not None and gmid is not None:
+        gmid = aten.native_layer_norm_backward(
+            gmid.permute(0, 2, 3, 1), mid_nhwc, mid.shape[1:2], mean_, rstd, None, None,
+            [True, False, False])[0].permute(0, 3, 1, 2)
     if need_x or need_dw or need_dwb:
         gu = _BACKWARD[mid_activation](gmid, u)
         gxp, gdw, gdwb = aten.convolution_backward(

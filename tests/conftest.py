@@ -32,8 +32,11 @@ if _C is not None:
     _C.set_thread_macs(0)
 
 ACTS = {None: nn.Identity, "relu": nn.ReLU, "relu6": nn.ReLU6, "silu": nn.SiLU,
-        "hardswish": nn.Hardswish}
+        "hardswish": nn.Hardswish, "gelu": nn.GELU,
+        "gelu_tanh": lambda: nn.GELU(approximate="tanh")}
 ISAS = list(_C.supported_isas()) if _C is not None else []
+
+REQUIRE_ONNX = os.environ.get("SEPCONV_REQUIRE_ONNX") == "1"  # CI: run, never skip
 
 # CI sets SEPCONV_REQUIRE_TRITON=1: there the Triton tests must run, not be skipped.
 if os.environ.get("SEPCONV_REQUIRE_TRITON") == "1" and not _triton.installed():
@@ -140,8 +143,10 @@ def oracle(x, dw, pw, b, b_dw, stride, padding, dilation, act1, act2, mid_dtype=
            scale=None, groups=1, shuffle=1):
     """The unfused pair of nn.Conv2d modules in float64, run on the given tensors
     (functional_call keeps them in the autograd graph). ``mid_dtype`` rounds the
-    intermediate to that dtype on the way forward (gradients pass straight through),
-    as the nn.Conv2d pair in that dtype and the fused kernels' dot do. ``groups``: the
+    intermediate to that dtype on the way forward, and on the way back the gradients that
+    the kernels store in it (dL/dz at the pointwise output, dL/du at the depthwise one),
+    as the nn.Conv2d pair in that dtype and the fused kernels do: a 16-bit bias gradient
+    sums many rounded terms, which may cancel far below them. ``groups``: the
     pointwise conv's; ``shuffle``: a channel shuffle of x first (as F.channel_shuffle)."""
     C, Cm, Co = x.shape[1], dw.shape[0], pw.shape[0]
     if shuffle > 1:
@@ -152,12 +157,19 @@ def oracle(x, dw, pw, b, b_dw, stride, padding, dilation, act1, act2, mid_dtype=
     dconv = nn.Conv2d(C, Cm, tuple(dw.shape[2:]), stride, padding, dilation, groups=C,
                       bias=b_dw is not None, device="meta")
     pconv = nn.Conv2d(Cm, Co, 1, bias=b is not None, groups=groups, device="meta")
-    mid = ACTS[act1]()(functional_call(dconv, {"weight": dw, "bias": b_dw}, (x,)))
+    u = functional_call(dconv, {"weight": dw, "bias": b_dw}, (x,))
+    rounded = lambda g: g.to(mid_dtype).double()  # noqa: E731
+    if mid_dtype is not None and u.requires_grad:
+        u.register_hook(rounded)
+    mid = ACTS[act1]()(u)
     if scale is not None:  # squeeze-and-excitation's per-image factor of each mid channel
         mid = mid * scale[:, :, None, None]
     if mid_dtype is not None:
         mid = mid + (mid.detach().to(mid_dtype).double() - mid.detach())
-    return ACTS[act2]()(functional_call(pconv, {"weight": pw, "bias": b}, (mid,)))
+    z = functional_call(pconv, {"weight": pw, "bias": b}, (mid,))
+    if mid_dtype is not None and z.requires_grad:
+        z.register_hook(rounded)
+    return ACTS[act2]()(z)
 
 
 def make_inputs(N, C, H, W, m, Co, k, *, bias=True, dw_bias=True, seed=0, groups=1):

@@ -97,6 +97,26 @@ class _Net(nn.Module):
         return F.silu(self.pw3(self.dw3(y)).relu())
 
 
+class _FunctionalGelu(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.dw, self.pw = nn.Conv2d(4, 4, 3, padding=1, groups=4), nn.Conv2d(4, 6, 1)
+
+    def forward(self, x):
+        return F.gelu(self.pw(F.gelu(self.dw(x), approximate="tanh")))
+
+
+def test_fuse_functional_gelu_through_fx():
+    model = _FunctionalGelu().eval()
+    fused, report = sepconv.fuse(model)
+    assert len(report.fused) == 1 and report.fused[0][1] == "torch.fx"
+    sep = [m for m in fused.modules() if isinstance(m, sepconv.SeparableConv2d)][0]
+    assert (sep.mid_activation, sep.activation) == ("gelu_tanh", "gelu")
+    x = torch.randn(2, 4, 9, 7)
+    with torch.no_grad():
+        assert _relative_error(fused(x), model(x)) < 1e-5
+
+
 def test_fuse_through_fx_across_modules():
     model = _random_norms(_Net()).eval()
     fused, report = sepconv.fuse(model)
@@ -121,6 +141,7 @@ def _chain(*between, after=(), dw=None, pw=None):
     (_chain(nn.Identity(), after=(nn.Hardswish(),)), None, "hardswish"),
     (_chain(dw=nn.Conv2d(4, 8, (3, 5), 2, (1, 2), 2, groups=4, padding_mode="reflect"),
             after=(nn.ReLU(inplace=True),)), None, "relu"),
+    (_chain(nn.GELU(), after=(nn.GELU(approximate="tanh"),)), "gelu", "gelu_tanh"),
     # a grouped 1x1 conv (ShuffleNetV1): pointwise_groups
     (_chain(nn.BatchNorm2d(8), pw=nn.Conv2d(8, 6, 1, groups=2), after=(nn.BatchNorm2d(6),)),
      None, None),
@@ -195,7 +216,7 @@ def test_fuse_folds_a_channel_shuffle_before_the_chain():
 
 
 @pytest.mark.parametrize("model,reason", [
-    (_chain(nn.BatchNorm2d(8), nn.GELU()), "followed by GELU (2)"),
+    (_chain(nn.BatchNorm2d(8), nn.ELU()), "followed by ELU (2)"),
     (_chain(pw=nn.Conv2d(8, 6, 1, stride=2)), "stride (2, 2)"),
     (_chain(pw=nn.Conv2d(8, 6, 3, padding=1)), "not 1x1"),
     (_chain(nn.BatchNorm2d(8, track_running_stats=False)), "track_running_stats=False"),
@@ -459,7 +480,7 @@ def _impostor(cls, forward):
 
 
 @pytest.mark.parametrize("model,reason", [
-    (_chain(BatchNormAct2d(8, nn.GELU)), "act (GELU) or drop (Identity)"),
+    (_chain(BatchNormAct2d(8, nn.ELU)), "act (ELU) or drop (Identity)"),
     (_chain(BatchNormAct2d(8, drop_layer=nn.Tanh)), "act (ReLU) or drop (Tanh)"),
     (_chain(BatchNormAct2d(8, drop_layer=nn.Dropout)), None),  # eval mode: the identity
     (_chain(SyncBatchNormAct(8, nn.Hardswish)), None),
@@ -536,6 +557,8 @@ def test_fuse_ignores_metadata_reads(read_shape):
     # torchvision's FrozenBatchNorm2d, as its detection backbones have it
     ("torchvision", "mobilenet_v2+frozen", 17, 0),
     ("torchvision", "mobilenet_v3_large+frozen", 15, 8),
+    # ConvNeXt's dw -> LayerNorm -> Linear -> GELU blocks
+    ("torchvision", "convnext_tiny", 18, 0), ("timm", "convnext_tiny", 18, 0),
 ])
 def test_fuse_real_timm_and_torchvision_models(lib, name, dw, se):
     """The libraries' own model code, where they import (not in CI: torchvision has no
@@ -740,3 +763,147 @@ def test_separate_reports_no_flops_for_a_conv_the_forward_skips():
     rows = {r["name"]: r for r in report.rows}
     assert rows["used"]["flops_before"] == (2 * 27) * 36 * 4  # with bias
     assert rows["unused"]["flops_before"] is None and rows["unused"]["flops_after"] is None
+
+
+# --- ConvNeXt's blocks ---------------------------------------------------------------------
+# torchvision's and timm's classes as their libraries write them (neither library is in CI:
+# the tests above run the real ones where they import; timm's are read by module and class
+# name, so these copies carry timm's module names).
+
+class Permute(nn.Module):  # torchvision.ops.misc.Permute
+    def __init__(self, dims):
+        super().__init__()
+        self.dims = dims
+
+    def forward(self, x):
+        return torch.permute(x, self.dims)
+
+
+class CNBlock(nn.Module):  # torchvision.models.convnext.CNBlock (stochastic depth: eval)
+    def __init__(self, dim, permute=Permute):
+        super().__init__()
+        self.block = nn.Sequential(
+            nn.Conv2d(dim, dim, kernel_size=7, padding=3, groups=dim, bias=True),
+            permute([0, 2, 3, 1]), nn.LayerNorm(dim, eps=1e-6), nn.Linear(dim, 4 * dim),
+            nn.GELU(), nn.Linear(4 * dim, dim), permute([0, 3, 1, 2]))
+        self.layer_scale = nn.Parameter(torch.ones(dim, 1, 1) * 0.5)
+
+    def forward(self, input):
+        return self.layer_scale * self.block(input) + input
+
+
+def _timm(cls):
+    cls.__module__ = "timm.layers" if cls.__name__ != "ConvNeXtBlock" else "timm.models.convnext"
+    return cls
+
+
+@_timm
+class GELU(nn.Module):
+    def forward(self, input):
+        return F.gelu(input)
+
+
+@_timm
+class LayerNorm2d(nn.LayerNorm):
+    def forward(self, x):
+        x = x.permute(0, 2, 3, 1)
+        x = F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
+        return x.permute(0, 3, 1, 2)
+
+
+@_timm
+class LayerNorm(nn.LayerNorm):
+    def forward(self, x):
+        return F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
+
+
+@_timm
+class Mlp(nn.Module):
+    def __init__(self, dim, hidden, conv):
+        super().__init__()
+        layer = (lambda i, o: nn.Conv2d(i, o, 1)) if conv else nn.Linear
+        self.fc1, self.act, self.drop1 = layer(dim, hidden), GELU(), nn.Dropout(0.0)
+        self.norm, self.fc2, self.drop2 = nn.Identity(), layer(hidden, dim), nn.Dropout(0.0)
+
+    def forward(self, x):
+        return self.drop2(self.fc2(self.norm(self.drop1(self.act(self.fc1(x))))))
+
+
+@_timm
+class ConvNeXtBlock(nn.Module):  # timm.models.convnext.ConvNeXtBlock (stride 1, no GRN)
+    def __init__(self, dim, conv_mlp=False):
+        super().__init__()
+        self.use_conv_mlp = conv_mlp
+        self.conv_dw = nn.Conv2d(dim, dim, 7, padding=3, groups=dim)
+        self.norm = (LayerNorm2d if conv_mlp else LayerNorm)(dim, eps=1e-6)
+        self.mlp = Mlp(dim, 4 * dim, conv_mlp)
+        self.gamma = nn.Parameter(torch.full((dim,), 0.5))
+        self.shortcut, self.drop_path = nn.Identity(), nn.Identity()
+
+    def forward(self, x):
+        shortcut = x
+        x = self.conv_dw(x)
+        if self.use_conv_mlp:
+            x = self.mlp(self.norm(x))
+        else:
+            x = self.mlp(self.norm(x.permute(0, 2, 3, 1))).permute(0, 3, 1, 2)
+        x = x.mul(self.gamma.reshape(1, -1, 1, 1))
+        return self.drop_path(x) + self.shortcut(shortcut)
+
+
+def _random_layer_norms(model):
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.LayerNorm):
+                m.weight.normal_(1, 0.3)
+                m.bias.normal_(0, 0.3)
+    return model
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_fuse_convnext_blocks(channels_last):
+    """torchvision's CNBlock and timm's ConvNeXtBlock (Linear and conv_mlp forms): each dw
+    conv -> LayerNorm -> Linear -> GELU becomes one SeparableConv2d(norm="layernorm"); the
+    blocks give what they gave, and train."""
+    torch.manual_seed(0)
+    model = _random_layer_norms(nn.Sequential(CNBlock(8), ConvNeXtBlock(8),
+                                              ConvNeXtBlock(8, conv_mlp=True)))
+    fused, report = sepconv.fuse(model)
+    assert [via for _, via in report.fused] == ["ConvNeXt block"] * 3 and not report.skipped
+    assert report.fused[0][0] == ["0.block.0", "0.block.1", "0.block.2", "0.block.3",
+                                  "0.block.4"]
+    assert report.fused[1][0] == ["1.conv_dw", "1.norm", "1.mlp.fc1", "1.mlp.act"]
+    seps = [m for m in fused.modules() if isinstance(m, sepconv.SeparableConv2d)]
+    assert len(seps) == 3 and all(s.norm == "layernorm" and s.norm_eps == 1e-6 for s in seps)
+    assert [s.activation for s in seps] == ["gelu"] * 3 and seps[0].out_channels == 32
+    x = torch.randn(2, 8, 11, 9)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        assert _relative_error(fused(x), model(x)) < 1e-5
+    fused.train()
+    x.requires_grad_()
+    fused(x).square().sum().backward()
+    assert x.grad is not None and all(p.grad is not None for p in fused.parameters())
+
+
+def test_fuse_convnext_checks_what_it_reads():
+    """A block whose parts are what fuse() reads but whose Permute is not (its dims say one
+    thing, its forward does another) is checked on a random input and left; a LayerNorm
+    over something else than the channels is not taken."""
+    class Scaling(Permute):  # a "Permute" that also doubles (LayerNorm undoes that)
+        def forward(self, x):
+            return torch.permute(x, self.dims) * (2 if self.dims == [0, 2, 3, 1] else 1)
+    Scaling.__name__ = "Permute"
+    torch.manual_seed(0)
+    model = _random_layer_norms(nn.Sequential(CNBlock(6, permute=Scaling))).eval()
+    fused, report = sepconv.fuse(model)
+    assert not report.fused and report.skipped[0][0] == "0.block.0"
+    assert "computes something else" in report.skipped[0][1]
+    x = torch.randn(2, 6, 7, 5)
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x), model(x))
+    block = CNBlock(6)
+    block.block[2] = nn.LayerNorm([6, 1])
+    _, report = sepconv.fuse(nn.Sequential(block))
+    assert not report.fused

@@ -3,7 +3,6 @@ DistributedDataParallel, serialization. (torch.compile and opcheck: test_ops.py.
 
 import copy
 import io
-import os
 import pickle
 import subprocess
 import sys
@@ -11,12 +10,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import REQUIRE_ONNX
 from torch import nn
 
 import sepconv
 
 HERE = Path(__file__).resolve().parent
-REQUIRE_ONNX = os.environ.get("SEPCONV_REQUIRE_ONNX") == "1"  # CI: run, never skip
 
 
 def _model(dtype=torch.float32) -> nn.Module:

@@ -57,7 +57,7 @@ BAD_CALLS = {
     "triple_stride": (TypeError, "stride must be an int", lambda: sep(X, DW, PW, stride=(1, 1, 1))),
     "unknown_padding": (ValueError, "padding must be", lambda: sep(X, DW, PW, padding="full")),
     "unknown_activation": (ValueError, "unknown activation",
-                           lambda: sep(X, DW, PW, activation="gelu")),
+                           lambda: sep(X, DW, PW, activation="mish")),
     "unknown_mid_activation": (ValueError, "unknown mid_activation",
                                lambda: sep(X, DW, PW, mid_activation="tanh")),
     "module_groups": (ValueError, "groups", lambda: sepconv.SeparableConv2d(4, 4, 3, groups=4)),

@@ -3,13 +3,15 @@
 import pytest
 import torch
 
+import sepconv
 from sepconv import models
 
 # parameter counts at width 1.0 (Keras' MobileNet trainable count; torchvision's docs)
 PUBLISHED = {models.mobilenet_v1: 4_231_976, models.mobilenet_v2: 3_504_872,
              models.shufflenet_v2: 2_278_604, models.mobilenet_v3_large: 5_483_032,
              models.efficientnet_b0: 5_288_548, models.squeezenet: 1_248_424,
-             models.xception: 22_855_952}  # timm's legacy xception
+             models.xception: 22_855_952,  # timm's legacy xception
+             models.convnext_tiny: 28_589_128}
 
 
 @pytest.mark.parametrize("build", PUBLISHED, ids=lambda f: f.__name__)
@@ -41,7 +43,7 @@ def test_squeeze_excitation_networks_train(build):
 
 
 @pytest.mark.parametrize("name", ["mobilenet_v2", "shufflenet_v2_x1_0", "mobilenet_v3_large",
-                                  "efficientnet_b0", "squeezenet1_0"])
+                                  "efficientnet_b0", "squeezenet1_0", "convnext_tiny"])
 def test_torchvision_weights_load_and_give_its_outputs(name):
     """torchvision's state_dict loads strictly, and the networks then agree exactly (where
     torchvision imports: not in CI, it has no build for the pinned CPU torch)."""
@@ -88,6 +90,7 @@ def test_torchvision_names_and_shapes():
     (lambda: models.shufflenet_v2(width_mult=0.75), "0.5, 1.0, 1.5, 2.0"),
     (lambda: models.shufflenet_v1(groups=5), r"\[1, 2, 3, 4, 8\]"),
     (lambda: models.squeezenet(num_classes=0), "num_classes"),
+    (lambda: models.convnext_tiny(num_classes=0), "num_classes"),
 ])
 def test_bad_arguments(call, match):
     with pytest.raises(ValueError, match=match):
@@ -231,3 +234,31 @@ def test_xception_complexity_by_hand_and_fuse_takes_all_34():
         fused, fuse_report = sepconv.fuse(model)
         assert len(fuse_report.fused) == 34 and not fuse_report.skipped
         torch.testing.assert_close(fused(x), want, rtol=1e-4, atol=1e-4 * want.abs().max())
+
+
+def test_convnext_tiny_fuse_takes_all_18_blocks():
+    """Each CNBlock's dw -> LayerNorm -> Linear -> GELU becomes one
+    SeparableConv2d(norm="layernorm"); with layer scales and LayerNorms away from their
+    initial values (1e-6 would hide the blocks), the network gives what it gave, in both
+    memory formats, and trains."""
+    torch.manual_seed(0)
+    model = models.convnext_tiny(num_classes=10).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("layer_scale"):
+                p.uniform_(0.2, 0.5)
+        for m in model.modules():
+            if isinstance(m, torch.nn.LayerNorm):
+                m.weight.normal_(1, 0.2)
+                m.bias.normal_(0, 0.2)
+    fused, report = sepconv.fuse(model)
+    assert len(report.fused) == 18 and not report.skipped
+    assert {via for _, via in report.fused} == {"ConvNeXt block"}
+    for fmt in (torch.contiguous_format, torch.channels_last):
+        x = torch.randn(2, 3, 64, 72).contiguous(memory_format=fmt)
+        with torch.no_grad():
+            want, got = model(x), fused(x)
+        assert ((got - want).abs().max() / want.abs().max()).item() < 1e-5
+    fused.train()
+    fused(torch.randn(2, 3, 32, 32)).sum().backward()
+    assert all(p.grad is not None for p in fused.parameters())

@@ -6,7 +6,7 @@ process started with ``TRITON_INTERPRET=1`` (Triton's interpreter: slow, for tes
 Shapes and arguments are checked by ``sepconv.functional`` before they get here.
 """
 
-from . import backward, forward, mean
+from . import backward, forward, mean, norm
 from ._common import INTERPRET
 
-__all__ = ["forward", "backward", "mean", "INTERPRET"]
+__all__ = ["forward", "backward", "mean", "norm", "INTERPRET"]

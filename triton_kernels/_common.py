@@ -11,7 +11,7 @@ import triton
 import triton.language as tl
 
 # Same order as sepconv.reference.ACTIVATIONS and csrc/sepconv.h.
-ACTIVATIONS = ("none", "relu", "relu6", "silu", "hardswish")
+ACTIVATIONS = ("none", "relu", "relu6", "silu", "hardswish", "gelu", "gelu_tanh")
 
 # triton.jit reads this when a kernel is defined, so it is fixed at import.
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
@@ -29,7 +29,19 @@ def activate(v, ACT: tl.constexpr):
     elif ACT == 4:
         t = v + 3.0
         v = v * tl.where(t < 0, 0.0, tl.where(t > 6, 6.0, t)) / 6.0
+    elif ACT == 5 or ACT == 6:
+        v = v * _gelu_cdf(v, ACT)
     return v
+
+
+@triton.jit
+def _gelu_cdf(v, ACT: tl.constexpr):
+    """GELU's x factor: Phi(v) (5: exact, erf) or (1 + tanh(a)) / 2 (6: torch's tanh form,
+    tanh(a) = 1 - 2 / (e^2a + 1): +-1 where e^2a overflows, NaN for NaN)."""
+    if ACT == 5:
+        return 0.5 * (1.0 + tl.erf(v * 0.7071067811865476))
+    a = 0.7978845608028654 * (v + 0.044715 * v * v * v)
+    return 1.0 - 1.0 / (tl.exp(a + a) + 1.0)
 
 
 @triton.jit
@@ -45,6 +57,12 @@ def activation_grad(g, z, ACT: tl.constexpr):
         g = g * (s * (1.0 + z * (1.0 - s)))
     elif ACT == 4:
         g = tl.where(z < -3, 0.0, tl.where(z <= 3, g * (z / 3.0 + 0.5), g))
+    elif ACT == 5:  # Phi(z) + z phi(z)
+        g = g * (_gelu_cdf(z, ACT) + z * 0.3989422804014327 * tl.exp(-0.5 * z * z))
+    elif ACT == 6:  # torch's gelu_backward(approximate="tanh")
+        c = _gelu_cdf(z, ACT)  # (1 + t) / 2
+        t = c + c - 1.0
+        g = g * (c + 0.5 * z * (1.0 - t * t) * 0.7978845608028654 * (1.0 + 0.134145 * z * z))
     return g
 
 

@@ -21,6 +21,7 @@ import triton
 import triton.language as tl
 
 from . import forward as _fwd
+from . import norm as _norm
 from ._common import (
     ACTIVATIONS,
     INTERPRET,
@@ -201,8 +202,9 @@ def _splits(x: torch.Tensor, programs: int, p_blocks: int, partial_size: int) ->
 
 
 def launch(grad_y, x, dw_weight, pw_weight, dw_bias, pw_bias, stride, padding, dilation,
-           mid_activation, activation, output_mask, memory_format):
-    """(gx, gdw, gpw, gdwb, gpwb), None where output_mask is False or the bias is None."""
+           mid_activation, activation, output_mask, memory_format, norm_eps=None):
+    """(gx, gdw, gpw, gdwb, gpwb), None where output_mask is False or the bias is None.
+    norm_eps: the forward's LayerNorm over the mid channels (_normed_mid)."""
     need_x, need_dw, need_pw, need_dwb, need_pwb = output_mask
     need_dwb &= dw_bias is not None
     need_pwb &= pw_bias is not None
@@ -225,16 +227,20 @@ def launch(grad_y, x, dw_weight, pw_weight, dw_bias, pw_bias, stride, padding, d
     mode = dot_mode(x)
 
     grad_y = grad_y.contiguous(memory_format=memory_format)
-    if activation == "none":
+    config = (dw_weight, pw_weight, dw_bias, pw_bias, stride, padding, dilation, mid_activation)
+    if norm_eps is not None:
+        gz, gu, mid = _normed_mid(grad_y, x, *config, activation, need_gu, memory_format,
+                                  norm_eps)
+    elif activation == "none":
         gz = grad_y
     else:
         gz = torch.empty_like(grad_y, memory_format=memory_format)
-        _fwd.launch(x, dw_weight, pw_weight, dw_bias, pw_bias, stride, padding, dilation,
-                    mid_activation, activation, gz, grad_y)
+        _fwd.launch(x, *config, activation, gz, grad_y)
 
-    gu = torch.empty((P, Cm), dtype=x.dtype, device=x.device) if need_gu else None
-    mid = torch.empty((P, Cm), dtype=x.dtype, device=x.device) if need_pw else None
-    if need_gu or need_pw:
+    if norm_eps is None:
+        gu = torch.empty((P, Cm), dtype=x.dtype, device=x.device) if need_gu else None
+        mid = torch.empty((P, Cm), dtype=x.dtype, device=x.device) if need_pw else None
+    if norm_eps is None and (need_gu or need_pw):
         bco_mid, bk_mid = _mid_blocks(bco, bk)
         grid = (cdiv(P, b["P"]) * cdiv(Cm, bk_mid),)
         _mid[grid](x, wdw, wdw if dw_bias is None else dw_bias.contiguous(), wpw, gz,
@@ -279,3 +285,49 @@ def launch(grad_y, x, dw_weight, pw_weight, dw_bias, pw_bias, stride, padding, d
     gdwb = gu.sum(0, dtype=torch.float32).to(dw_bias.dtype) if need_dwb else None
     gpwb = gz.sum((0, 2, 3), dtype=torch.float32).to(pw_bias.dtype) if need_pwb else None
     return gx, gdw, gpw, gdwb, gpwb
+
+
+def _normed_mid(grad_y, x, dw_weight, pw_weight, dw_bias, pw_bias, stride, padding, dilation,
+                mid_activation, activation, need_gu, memory_format, eps):
+    """(gz, gu, mid) of a forward with LayerNorm: mid is the normalised act1(u) [P, Cm],
+    made once by the forward's split path and read by every stage after; gu = dL/du
+    [P, Cm] (None unless need_gu), by LN's backward (norm.grad) on gz @ W_pw. That GEMM
+    is torch's (cuBLAS on the GPU): _mid's dot recomputes the depthwise per column block,
+    and LN's backward needs whole rows of its result."""
+    N, Co, Ho, Wo = grad_y.shape
+    P, Cm = N * Ho * Wo, dw_weight.shape[0]
+    config = (dw_weight, pw_weight, dw_bias, pw_bias, stride, padding, dilation)
+    mid = torch.empty((P, Cm), dtype=x.dtype, device=x.device)
+    emulate = dot_mode(x)["EMULATE_BF16"]
+    # the buffer as the forward makes it (act1(u), normalised), and its rstd
+    _depthwise_into(mid, x, dw_weight, dw_bias, stride, padding, dilation, mid_activation, Ho, Wo)
+    rstd = _norm.normalize(mid, eps, emulate)
+    if activation == "none":
+        gz = grad_y
+    else:
+        gz = torch.empty_like(grad_y, memory_format=memory_format)
+        _fwd.launch(x, *config, mid_activation, activation, gz, grad_y, mid=mid)
+    gu = None
+    if need_gu:
+        gz_rows = gz.permute(0, 2, 3, 1).reshape(P, Co)  # (a copy where gz is NCHW)
+        gu = torch.matmul(gz_rows, pw_weight.reshape(Co, Cm).to(gz_rows.dtype))
+        u = None
+        if mid_activation != "none":  # act1' reads u itself
+            u = torch.empty((P, Cm), dtype=x.dtype, device=x.device)
+            _depthwise_into(u, x, dw_weight, dw_bias, stride, padding, dilation, "none", Ho, Wo)
+        _norm.grad(gu, mid, rstd, u, ACTIVATIONS.index(mid_activation), emulate)
+    return gz, gu, mid
+
+
+def _depthwise_into(buf, x, dw_weight, dw_bias, stride, padding, dilation, mid_activation, Ho,
+                    Wo) -> None:
+    """buf [P, Cm] = act1(dw(x) + b_dw) by the forward's _depthwise kernel."""
+    P, Cm = buf.shape
+    wdw = taps_major(dw_weight)
+    blocks = _fwd._depthwise_blocks()
+    geom = pixel_geometry(x, dw_weight, stride, padding, dilation, Ho, Wo)
+    grid = (cdiv(P, blocks["BLOCK_P"]) * cdiv(Cm, blocks["BLOCK_K"]),)
+    _fwd._depthwise[grid](x, wdw, wdw if dw_bias is None else dw_bias.contiguous(), buf, wdw, P,
+                          Cm, **{k: v for k, v in geom.items() if k in _fwd._DW_ARGS},
+                          ACT1=ACTIVATIONS.index(mid_activation), HAS_BDW=dw_bias is not None,
+                          HAS_SCALE=False, EMULATE_BF16=dot_mode(x)["EMULATE_BF16"], **blocks)

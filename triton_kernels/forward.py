@@ -18,6 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import norm as _norm
 from ._common import (
     ACTIVATIONS,
     INTERPRET,
@@ -227,10 +228,15 @@ _DW_ARGS = ("H", "W", "Ho", "Wo", "sxn", "sxc", "sxh", "sxw", "sh", "sw", "pt", 
 
 
 def launch(x, dw_weight, pw_weight, dw_bias, pw_bias, stride, padding, dilation,
-           mid_activation, activation, out, grad_y=None, scale=None) -> torch.Tensor:
+           mid_activation, activation, out, grad_y=None, scale=None, norm_eps=None,
+           mid=None) -> torch.Tensor:
     """Writes act(pw(act_mid(dw(x)) * scale)) into ``out`` or, given grad_y (same shape and
     strides as out), grad_y * act'(z). x and out may have any strides; scale (N, C * m)
-    or None."""
+    or None. norm_eps: LayerNorm over each pixel's mid channels (no affine) before the
+    pointwise conv: the split forward, its buffer normalised in place (norm.normalize;
+    a row needs all of its channels, which the fused kernel's programs do not hold).
+    mid: that buffer already made ([P, Cm], what the pointwise stage reads): only the
+    pointwise stage runs."""
     N, Co, Ho, Wo = out.shape
     P, Cm = N * Ho * Wo, dw_weight.shape[0]
     if P == 0:
@@ -248,13 +254,17 @@ def launch(x, dw_weight, pw_weight, dw_bias, pw_bias, stride, padding, dilation,
         HAS_SCALE=scale is not None, **dot_mode(x))
     sc = wdw if scale is None else scale.contiguous()
     wide = wide_blocks(args["PRECISION"], _nchw(args), arch(x))
-    split = splits_depthwise(Co, args["KH"], args["KW"], wide[1])
-    if split:
+    split = mid is not None or norm_eps is not None or \
+        splits_depthwise(Co, args["KH"], args["KW"], wide[1])
+    if mid is None and split:
         mid = torch.empty((P, Cm), dtype=x.dtype, device=x.device)
         blocks = _depthwise_blocks()
         grid = (cdiv(P, blocks["BLOCK_P"]) * cdiv(Cm, blocks["BLOCK_K"]),)
         _depthwise[grid](x, wdw, bdw, mid, sc, P, Cm,
                          **{k: v for k, v in args.items() if k in _DW_ARGS}, **blocks)
+        if norm_eps is not None:
+            _norm.normalize(mid, norm_eps, args["EMULATE_BF16"])
+    if split:
         x = mid
     args["DEPTHWISE"] = not split
     tensors = (x, wdw, bdw, wpw, bpw, out, out if grad_y is None else grad_y, sc)

@@ -2,8 +2,12 @@
 // A fragment of kernels.h, included inside namespace sepconv::<isa>::{anonymous}
 // (after the files listed before it there); it includes nothing itself.
 
+// GELU's constants: 1/sqrt(2), 1/sqrt(2 pi), sqrt(2/pi) and the tanh form's cubic term.
+constexpr double kSqrtHalf = 0.70710678118654752440, kInvSqrt2Pi = 0.39894228040143267794,
+                 kSqrt2OverPi = 0.79788456080286535588, kGeluCubic = 0.044715;
+
 // Same formulas and the same NaN behaviour as torch's relu / relu6 (hardtanh) /
-// silu / hardswish and their backward kernels.
+// silu / hardswish / gelu (both forms) and their backward kernels.
 template <class T> inline T act(int a, T v) {
   switch (a) {
     case ACT_RELU: return v < T(0) ? T(0) : v;
@@ -14,6 +18,9 @@ template <class T> inline T act(int a, T v) {
       t = t < T(0) ? T(0) : (t > T(6) ? T(6) : t);
       return v * t / T(6);
     }
+    case ACT_GELU: return T(0.5) * v * (T(1) + std::erf(v * T(kSqrtHalf)));
+    case ACT_GELU_TANH:
+      return T(0.5) * v * (T(1) + std::tanh(T(kSqrt2OverPi) * (v + T(kGeluCubic) * v * v * v)));
     default: return v;
   }
 }
@@ -27,8 +34,40 @@ template <class T> inline T dact(int a, T z) {
       return s * (T(1) + z * (T(1) - s));
     }
     case ACT_HARDSWISH: return z < T(-3) ? T(0) : (z <= T(3) ? z / T(3) + T(0.5) : T(1));
+    case ACT_GELU:  // Phi(z) + z phi(z)
+      return T(0.5) * (T(1) + std::erf(z * T(kSqrtHalf))) +
+             z * T(kInvSqrt2Pi) * ex(T(-0.5) * z * z);
+    case ACT_GELU_TANH: {  // torch's gelu_backward(approximate="tanh")
+      const T t = std::tanh(T(kSqrt2OverPi) * (z + T(kGeluCubic) * z * z * z));
+      return T(0.5) * (T(1) + t) +
+             T(0.5) * z * (T(1) - t * t) * T(kSqrt2OverPi) * (T(1) + T(3 * kGeluCubic) * z * z);
+    }
     default: return T(1);
   }
+}
+
+// GELU in float vectors (double takes libm's erf / tanh lane by lane: it is the tests'
+// dtype, where the last bits matter, not the speed). Phi(v) = erfc(-v / sqrt 2) / 2 with
+// erfc(s) for s >= 0 by Abramowitz and Stegun 7.1.26 (absolute error 1.5e-7, as float's
+// ulp at 1: GELU's relative error stays ~1e-7 where its value is not tiny), e^-s^2 by
+// exp_vec; tanh(a) = 1 - 2 / (e^2a + 1), which is +-1 beyond exp_vec's range and NaN
+// for NaN. Returns Phi(v) (exact form) or the tanh form's (1 + tanh(a)) / 2, and its
+// derivative's second factor in *d (dPhi/dv, or the tanh form's (1 - t^2) a' / 2).
+template <class T> inline V<T> gelu_cdf_vec(int a, V<T> v, V<T>* d) {
+  if (a == ACT_GELU) {
+    const V<T> z = v * T(kSqrtHalf), zero = {};
+    const V<T> s = z < zero ? -z : z, e = exp_vec<T>(-s * s);
+    const V<T> t = T(1) / (T(1) + T(0.3275911) * s);
+    const V<T> poly = t * (T(0.254829592) + t * (T(-0.284496736) + t * (T(1.421413741) +
+                      t * (T(-1.453152027) + t * T(1.061405429)))));
+    const V<T> half_erfc = T(0.5) * poly * e;  // erfc(s) / 2
+    if (d) *d = e * T(kInvSqrt2Pi);            // e^(-v^2/2) / sqrt(2 pi)
+    return z < zero ? half_erfc : T(1) - half_erfc;
+  }
+  const V<T> inner = T(kSqrt2OverPi) * (v + T(kGeluCubic) * v * v * v);
+  const V<T> t = T(1) - T(2) / (exp_vec<T>(inner + inner) + T(1));
+  if (d) *d = T(0.5) * (T(1) - t * t) * T(kSqrt2OverPi) * (T(1) + T(3 * kGeluCubic) * v * v);
+  return T(0.5) * (T(1) + t);
 }
 
 template <class T> inline V<T> act_vec(int a, V<T> v) {
@@ -44,6 +83,10 @@ template <class T> inline V<T> act_vec(int a, V<T> v) {
       t = t > six ? six : t;
       return v * t / six;
     }
+    case ACT_GELU:
+    case ACT_GELU_TANH:
+      if constexpr (sizeof(T) == 4) return v * gelu_cdf_vec<T>(a, v, nullptr);
+      [[fallthrough]];
     default:
       for (int l = 0; l < lanes<T>(); ++l) v[l] = act(a, v[l]);
       return v;
@@ -63,11 +106,11 @@ template <class T> void act_inplace(int a, T* p, int64_t n) {
 #pragma omp simd
     for (int64_t i = 0; i < n; ++i) p[i] = f(p[i]);
   };
-  if (a == ACT_SILU) {
+  if (a == ACT_SILU || a == ACT_GELU || a == ACT_GELU_TANH) {
     constexpr int L = lanes<T>();
     int64_t i = 0;
-    for (; i + L <= n; i += L) storeu(p + i, act_vec<T>(ACT_SILU, loadu(p + i)));
-    if (i < n) store_n(p + i, act_vec<T>(ACT_SILU, load_n(p + i, (int)(n - i))), (int)(n - i));
+    for (; i + L <= n; i += L) storeu(p + i, act_vec<T>(a, loadu(p + i)));
+    if (i < n) store_n(p + i, act_vec<T>(a, load_n(p + i, (int)(n - i))), (int)(n - i));
     return;
   }
   switch (a) {
@@ -113,8 +156,25 @@ template <class T> void grad_act(int a, const T* g, const T* z, T* out, int64_t 
     }
     return;
   }
+  if ((a == ACT_GELU || a == ACT_GELU_TANH) && sizeof(T) == 4) {  // g * (cdf + v cdf')
+    constexpr int L = lanes<T>();
+    auto one = [a](V<T> gv, V<T> zv) {
+      V<T> d;
+      const V<T> c = gelu_cdf_vec<T>(a, zv, &d);
+      return gv * (c + zv * d);
+    };
+    int64_t i = 0;
+    for (; i + L <= n; i += L) storeu(out + i, one(loadu(g + i), loadu(z + i)));
+    if (i < n) {
+      const int r = (int)(n - i);
+      store_n(out + i, one(load_n(g + i, r), load_n(z + i, r)), r);
+    }
+    return;
+  }
   switch (a) {
     case ACT_HARDSWISH: return each([](T v) { return dact(ACT_HARDSWISH, v); });
+    case ACT_GELU: return each([](T v) { return dact(ACT_GELU, v); });
+    case ACT_GELU_TANH: return each([](T v) { return dact(ACT_GELU_TANH, v); });
     default:
       for (int64_t i = 0; i < n; ++i) out[i] = g[i];
   }

@@ -159,9 +159,9 @@ inline int64_t band_rows(const Geometry& g) {
 // 512x14->1024/s2 0.81 / 0.99x and 1.48 / 1.77x, 384x14->1536 0.99 / 1.14x and 1.09 / 1.34x.
 template <class T> bool splits_channels(const Geometry& g, int64_t R) {
   constexpr int64_t nr = NR<T>();
-  // (pointwise groups or a channel shuffle: bands only)
+  // (pointwise groups, a channel shuffle or LayerNorm: bands only)
   if (g.N == 0 || nr % g.m != 0 || g.backward_mode == BACKWARD_BANDS || g.groups > 1 ||
-      g.shuffle > 1)
+      g.shuffle > 1 || g.norm_eps >= 0)
     return false;
   if (g.backward_mode == BACKWARD_SPLIT) return true;
   return g.threads > 1 && ceil_div(g.Cm, nr) >= g.threads &&
@@ -378,7 +378,11 @@ int backward_impl(const Geometry& g, const T* gy, const T* y, const T* x, const 
   // packed), the stacks, and for NCHW grad_y's tile and the NHWC bands of x, grad_x.
   const int64_t sU = P * ldm, sGZ = P * ldo, sB = cl ? 0 : band_elems(g, P);
   const int64_t sGZt = pack_gz ? sGZ : 0, sMs = KP * ldm, sGZs = KP * imax(ldo, round_up(Co, MR));
-  const int64_t per_thread = 2 * sU + sGZt + sMs + sGZs + (cl ? 0 : sGZ + 2 * sB);
+  // LayerNorm: the normalised M where it is not on the stack (it must outlive G's GEMM,
+  // which overwrites G, for LN's backward) and each pixel's rstd.
+  const bool norm = g.norm_eps >= 0;
+  const int64_t sN = norm ? sU + round_up(P, 16) : 0;
+  const int64_t per_thread = 2 * sU + sGZt + sMs + sGZs + (cl ? 0 : sGZ + 2 * sB) + sN;
   // Bytes a band's stages keep in use: the thread's buffers and the packed weights.
   // The packed weights: W^T's and W's panels, each group's (one group: as many as the
   // padded rows of GZ and M hold).
@@ -463,6 +467,8 @@ int backward_impl(const Geometry& g, const T* gy, const T* y, const T* x, const 
     T* GY = GZs + sGZs;  // NCHW only: grad_y's tile, then the two bands
     T* XB = GY + sGZ;
     T* GXB = XB + sB;
+    T* NB = U + per_thread - sN;  // LayerNorm only: M's rows, then rstd per pixel
+    T* rstd = NB + sU;
     T* a_pw = acc.p + tid * sacc;
     int64_t stacked = 0;  // pixels in Ms / GZs whose weight gradient is pending
     const int64_t acs = pack_gz ? MR : ldo, a_block = pack_gz ? KP * MR : 0;
@@ -556,13 +562,17 @@ int backward_impl(const Geometry& g, const T* gy, const T* y, const T* x, const 
         // from M (relu'(u) is relu'(relu(u)) exactly, as for y). The copy cost the
         // backward 3-7% (Zen 5, AVX-512, batch 32, CL and NCHW, in-process A/B:
         // 32x112->64 relu 1.07x, 32x112->16 relu6 1.06x, 576x14->96 1.05x, 728x19 1.01x).
-        T* Mt = out.pw_weight && !pack_m ? Ms + stacked * ldm : G;
+        // With LayerNorm, M is normalised in place (never in G: see NB), and it is direct
+        // only without act1, whose derivative it no longer tells.
+        T* Mt = out.pw_weight && !pack_m ? Ms + stacked * ldm : norm ? NB : G;
         const bool direct = Mt != G && !scale &&
-                            (g.act1 == ACT_NONE || g.act1 == ACT_RELU || g.act1 == ACT_RELU6);
+                            (g.act1 == ACT_NONE ||
+                             (!norm && (g.act1 == ACT_RELU || g.act1 == ACT_RELU6)));
         dw_forward(g, cols.p, xn, r0, r1, wt.p, dwb, direct ? g.act1 : ACT_NONE, p0, p1,
                    direct ? Mt : U, ldm, 0, Cm);
         const T* M = direct ? Mt : U;
-        if (!direct && (out.pw_weight || need_z) && (g.act1 != ACT_NONE || Mt != G || scale)) {
+        if (!direct && (out.pw_weight || need_z || norm) &&
+            (g.act1 != ACT_NONE || Mt != G || scale)) {
           for (int64_t r = 0; r < np; ++r) {
             for (int64_t c = 0; c < Cm; ++c) Mt[r * ldm + c] = U[r * ldm + c];
             act_inplace(g.act1, Mt + r * ldm, Cm);
@@ -570,6 +580,7 @@ int backward_impl(const Geometry& g, const T* gy, const T* y, const T* x, const 
           if (scale) scale_rows(Mt, np, ldm, scale + n * Cm, Cm);
           M = Mt;
         }
+        if (norm) layer_norm_rows(Mt, np, ldm, Cm, g.norm_eps, rstd);  // (M is Mt)
         if (need_z)
           for (int64_t i = 0; i < NG; ++i) {
             Out<T> o{GZ + i * Cog, ldo, false, bias.p + i * Cog, pwb ? 2 : 0, ACT_NONE};
@@ -610,6 +621,7 @@ int backward_impl(const Geometry& g, const T* gy, const T* y, const T* x, const 
           gemm(np, Kg, Cog, GZ + i * Cog, ldo, (int64_t)1, (int64_t)0,
                wpkt + i * w_panels<T>(g) * nr * Cog, Cog * nr, nr, o);
         }
+        if (norm) layer_norm_grad_rows(G, M, ldm, np, Cm, rstd);
         if (scale) scale_grad_rows(g.act1, G, U, ldm, np, scale + n * Cm, a_s ? a_s + n * Cm : nullptr, Cm);
         if (mid_in || out.mid) {
           const int64_t at = (n * HWo + p0) * Cm;

@@ -137,6 +137,10 @@ void dw_run_act(int act1, int64_t nb, const T* x, int64_t ps, int64_t xs_i, int6
     case ACT_SILU: return dw_run<T, PX, ACT_SILU>(nb, x, ps, xs_i, xs_j, w, ws_i, Cm, nc, di, dj, dwb, u, ldu);
     case ACT_HARDSWISH:
       return dw_run<T, PX, ACT_HARDSWISH>(nb, x, ps, xs_i, xs_j, w, ws_i, Cm, nc, di, dj, dwb, u, ldu);
+    case ACT_GELU:
+      return dw_run<T, PX, ACT_GELU>(nb, x, ps, xs_i, xs_j, w, ws_i, Cm, nc, di, dj, dwb, u, ldu);
+    case ACT_GELU_TANH:
+      return dw_run<T, PX, ACT_GELU_TANH>(nb, x, ps, xs_i, xs_j, w, ws_i, Cm, nc, di, dj, dwb, u, ldu);
     default: return dw_run<T, PX, ACT_NONE>(nb, x, ps, xs_i, xs_j, w, ws_i, Cm, nc, di, dj, dwb, u, ldu);
   }
 }

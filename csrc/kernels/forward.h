@@ -279,6 +279,7 @@ int forward_impl(const Geometry& g, const T* x, const T* dww, const T* pww, cons
       depthwise_pixels(g, cols_t, x + (n + j) * g.C * g.H * g.W, p0, p1, wt_t, dwb, Uj, ldu, xb,
                        xrow);
       if (scale) scale_rows(Uj, np, ldu, scale + (n + j) * Cm, Cm);
+      if (g.norm_eps >= 0) layer_norm_rows(Uj, np, ldu, Cm, g.norm_eps, (T*)nullptr);
     }
     Prefetch next;  // the next tile's input, unless it is this tile's (another weight block)
     if (t + 1 < t_end && (t + 1) % pixel_tiles != t % pixel_tiles) {

@@ -165,6 +165,8 @@ void micro(int64_t K, const T* a, int64_t ars, int64_t acs, const T* B, int64_t 
       case ACT_RELU6: return store_tile<T, M, NVT, ACT_RELU6, false>(acc, c, o.rs, nt);
       case ACT_SILU: return store_tile<T, M, NVT, ACT_SILU, false>(acc, c, o.rs, nt);
       case ACT_HARDSWISH: return store_tile<T, M, NVT, ACT_HARDSWISH, false>(acc, c, o.rs, nt);
+      case ACT_GELU: return store_tile<T, M, NVT, ACT_GELU, false>(acc, c, o.rs, nt);
+      case ACT_GELU_TANH: return store_tile<T, M, NVT, ACT_GELU_TANH, false>(acc, c, o.rs, nt);
       default: return store_tile<T, M, NVT, ACT_NONE, false>(acc, c, o.rs, nt);
     }
   }
