@@ -144,6 +144,7 @@ Geometry parse(const py::tuple& t) {
   g.y_channels_last = g.channels_last;
   g.act1 = (int)get(t, 19); g.act2 = (int)get(t, 20); g.threads = (int)get(t, 21);
   g.norm_eps = -1;
+  g.y_is_z = false;
   g.tile_bytes = g_tile_bytes;
   g.l2_bytes = kCaches.l2;
   g.l3_bytes = kCaches.l3;
@@ -334,16 +335,19 @@ PYBIND11_MODULE(_C, m) {
   // it saves the backward recomputing the pointwise GEMM. scale: the forward's (N, Cm) or
   // 0; gscale its gradient (N, Cm), or 0 where not wanted (and always 0 without a scale).
   // gmid (N, Ho, Wo, Cm): d loss / d act1(U), for a later call to add as its mid_in (0:
-  // neither). groups, shuffle, norm_eps: as forward's.
+  // neither). groups, shuffle, norm_eps: as forward's. y_is_z: y holds the pointwise
+  // stage's pre-activation z instead, from which every act2's derivative is read.
   m.def("backward", [](py::tuple geom, const std::string& dtype, uintptr_t gy, uintptr_t y,
                        uintptr_t x, uintptr_t dww, uintptr_t pww, uintptr_t dwb, uintptr_t pwb,
                        uintptr_t scale, uintptr_t mid_in, uintptr_t gx, uintptr_t gdww,
                        uintptr_t gpww, uintptr_t gdwb, uintptr_t gpwb, uintptr_t gscale,
-                       uintptr_t gmid, int64_t groups, int64_t shuffle, double norm_eps) {
+                       uintptr_t gmid, int64_t groups, int64_t shuffle, double norm_eps,
+                       bool y_is_z) {
     if (gscale && !scale) throw py::value_error("backward: gscale asked for without a scale");
     if (norm_eps >= 0 && (scale || mid_in || gmid))
       throw py::value_error("backward: norm_eps not with a scale or the intermediate's gradient");
     Geometry g = backward_geometry(geom, groups, shuffle, norm_eps);
+    g.y_is_z = y_is_z;
     bool f64 = is_f64(dtype);
     int status;
     {

@@ -37,6 +37,7 @@ struct Geometry {
   bool channels_last;     // x's layout (and y's, but for the forward's y_channels_last)
   bool y_channels_last;   // the forward's y layout
   int act1, act2;         // activation after the depthwise / pointwise stage
+  bool y_is_z;            // the backward's y is z, the pointwise stage's pre-activation
   double norm_eps;        // >= 0: LayerNorm (no affine) over the mid channels of each pixel
                           // after act1, with this eps (kernels/norm.h); < 0: none
   int threads;

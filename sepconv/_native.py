@@ -154,13 +154,15 @@ def mean(x, dw_weight, dw_bias, stride, padding, dilation, mid_activation,
 def backward(grad_y, x, dw_weight, pw_weight, dw_bias, pw_bias, stride, padding, dilation,
              mid_activation, activation, output_mask, y=None, scale=None,
              want_scale=False, mid_in=None, want_mid=False,
-             pw_groups=1, shuffle=1, norm_eps=None) -> tuple[Tensor | None, ...]:
+             pw_groups=1, shuffle=1, norm_eps=None, y_is_z=False) -> tuple[Tensor | None, ...]:
     """y: the forward's output, or None; the kernel reads relu' / relu6' from it. scale:
     the forward's (N, C * m) or None. Returns the gradients of (x, dw_weight, pw_weight,
     dw_bias, pw_bias), then of the scale (None unless want_scale) where it is given, then
     with want_mid d loss / d act_mid(dw(x) + dw_bias) (N, C * m, Ho, Wo; channels-last),
     which a later call adds as its mid_in (a squeeze-and-excitation block's mean).
-    pw_groups, shuffle, norm_eps: as ``forward``'s (grad_x is x's, unshuffled)."""
+    pw_groups, shuffle, norm_eps: as ``forward``'s (grad_x is x's, unshuffled). y_is_z: y
+    is the pre-activation z of the pointwise stage (act2' is read from it: no GEMM to
+    recompute it)."""
     fmt = memory_format(x)
     x, grad_y = x.contiguous(memory_format=fmt), grad_y.contiguous(memory_format=fmt)
     groups, unshuffle = shuffle, shuffle > 1 and fmt == torch.channels_last  # (as forward)
@@ -189,7 +191,7 @@ def backward(grad_y, x, dw_weight, pw_weight, dw_bias, pw_bias, stride, padding,
     _C.backward(geom, DTYPES[x.dtype], _ptr(grad_y), _ptr(y), _ptr(x), _ptr(dw_weight),
                 _ptr(pw_weight), _ptr(dw_bias), _ptr(pw_bias), _ptr(scale), _ptr(mid_in),
                 _ptr(gx), _ptr(gdw), _ptr(gpw), _ptr(gdwb), _ptr(gpwb), _ptr(gs), _ptr(gmid),
-                pw_groups, shuffle, -1.0 if norm_eps is None else norm_eps)
+                pw_groups, shuffle, -1.0 if norm_eps is None else norm_eps, y_is_z)
     if unshuffle and gx is not None:
         gx = shuffle_channels(gx, groups, inverse=True)
     grads = (gx, gdw, gpw, gdwb, gpwb) + ((gs,) if scale is not None else ())

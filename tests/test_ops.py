@@ -114,6 +114,33 @@ def test_native_backward_reads_relu_derivatives_from_the_output(monkeypatch, act
                  "none", activation, [True] * 5, y=y[:, :2])
 
 
+@pytest.mark.parametrize("activation", ["gelu", "gelu_tanh"])
+@pytest.mark.parametrize("norm", [False, True])
+def test_native_training_keeps_z_for_gelu(monkeypatch, activation, norm):
+    """GELU's derivative needs z (not y): the native training forward keeps z and the
+    backward reads it (y_is_z) instead of recomputing the pointwise GEMM; the gradients
+    are those of the backward that recomputes it."""
+    if not sepconv.backend_info()["cpu_native"]:
+        pytest.skip("extension not built")
+    from sepconv import _native
+    seen, real = [], _native.backward
+    monkeypatch.setattr(_native, "backward", lambda *a, y=None, y_is_z=False, **kw:
+                        seen.append((y, y_is_z)) or real(*a, y=y, y_is_z=y_is_z, **kw))
+    x, dw, pw, b = (t.requires_grad_() for t in make_inputs(2, 3, 7, 6, 1, 4, 3)[:4])
+    kw = dict(activation=activation, norm="layernorm") if norm else dict(activation=activation)
+    y = sepconv.separable_conv2d(x, dw, pw, b, 1, 1, **kw)
+    g = torch.randn_like(y)
+    kept = torch.autograd.grad(y, [x, dw, pw, b], g)
+    z, y_is_z = seen[0]
+    assert y_is_z and z.shape == y.shape and not torch.equal(z, y)
+    monkeypatch.setattr(_native, "backward",
+                        lambda *a, y=None, y_is_z=False, **kw: real(*a, **kw))
+    recomputed = torch.autograd.grad(sepconv.separable_conv2d(x, dw, pw, b, 1, 1, **kw),
+                                     [x, dw, pw, b], g)
+    for a, e in zip(kept, recomputed):
+        torch.testing.assert_close(a, e, rtol=1e-12, atol=1e-12)
+
+
 @pytest.mark.parametrize("isa", ISAS or [None])
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_gradcheck(isa, channels_last):

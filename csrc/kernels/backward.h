@@ -11,9 +11,9 @@ struct BackwardNeeds {
 template <class T>
 BackwardNeeds backward_needs(const Geometry& g, const T* y, const Grads<T>& out) {
   // GZ = dL/dz where z = W.M + b. relu'(z) and relu6'(z) equal relu'(y) and relu6'(y)
-  // exactly (NaN included), so with y at hand z is not recomputed; silu and
-  // hardswish need z itself.
-  const bool from_y = y && (g.act2 == ACT_RELU || g.act2 == ACT_RELU6);
+  // exactly (NaN included), so with y at hand z is not recomputed; the others need z
+  // itself, which the caller may have kept (y_is_z: _ops._NativeAutograd for GELU).
+  const bool from_y = y && (g.y_is_z || g.act2 == ACT_RELU || g.act2 == ACT_RELU6);
   return {out.x || out.dw_weight || out.dw_bias || out.scale || out.mid, from_y,
           g.act2 != ACT_NONE && !from_y};
 }
