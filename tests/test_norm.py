@@ -231,3 +231,48 @@ def test_statistics_in_float32_for_bfloat16_storage():
 def test_every_activation_pair_natively(native_path):
     for act1, act2 in itertools.product(["relu", "gelu"], [None, "gelu_tanh", "hardswish"]):
         check(native_path, CASES[3], act1, act2)
+
+
+def test_inference_reuses_the_fold_until_a_tensor_changes():
+    """Under no_grad the folded pointwise weight and bias are kept while the pointwise
+    weight, its bias and LayerNorm's weight and bias are the same tensors at the same
+    versions: an in-place update of any of them (an optimizer step) refolds."""
+    from sepconv import functional
+    torch.manual_seed(0)
+    sep = sepconv.SeparableConv2d(6, 12, 3, padding=1, norm="layernorm").double().eval()
+    x = torch.randn(2, 6, 5, 5, dtype=torch.float64)
+    def params(m):
+        return dict(dw=m.depthwise_weight, dwb=torch.zeros(6, dtype=torch.float64),
+                    lnw=m.norm_weight, lnb=m.norm_bias, pw=m.pointwise_weight.flatten(1),
+                    pwb=m.bias)
+    with torch.no_grad():
+        first = sep(x)
+        assert id(sep.pointwise_weight) in functional._FOLDED
+        torch.testing.assert_close(sep(x), first, rtol=0, atol=0)
+        for t in (sep.norm_weight, sep.norm_bias, sep.pointwise_weight, sep.bias):
+            t.add_(0.25)
+            torch.testing.assert_close(sep(x), _pair(x, params(sep), 1, 1, 1, None, None, 1e-5))
+    key = id(sep.pointwise_weight)
+    del sep
+    import gc
+    gc.collect()
+    assert key not in functional._FOLDED  # dropped with its weight
+
+
+@pytest.mark.parametrize("case", [CASES[0], CASES[1], CASES[2], (1, 40, 7, 7, 1, 24, 7, 1, 3, 1),
+                                  (1, 130, 5, 6, 4, 9, 3, 1, 1, 1)],
+                         ids=lambda c: "x".join(map(str, c[:5])))
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_both_backward_drivers(native_path, backward_mode, case, threads):
+    """The native backward's two ways of sharing out its work: bands of pixels (a row's
+    statistics in one thread) and the mid channels split over the threads (the sums of a
+    row's channels cross the threads, through barriers), on 1-3 threads; C = 1 and 130
+    channels leave some threads without any."""
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        for acts, layout in ((("relu6", "gelu"), LAYOUTS["nchw"]),
+                             ((None, "gelu_tanh"), LAYOUTS["channels_last"])):
+            check(native_path, case, *acts, layout)
+    finally:
+        torch.set_num_threads(before)

@@ -159,13 +159,85 @@ inline int64_t band_rows(const Geometry& g) {
 // 512x14->1024/s2 0.81 / 0.99x and 1.48 / 1.77x, 384x14->1536 0.99 / 1.14x and 1.09 / 1.34x.
 template <class T> bool splits_channels(const Geometry& g, int64_t R) {
   constexpr int64_t nr = NR<T>();
-  // (pointwise groups, a channel shuffle or LayerNorm: bands only)
+  // (pointwise groups or a channel shuffle: bands only)
   if (g.N == 0 || nr % g.m != 0 || g.backward_mode == BACKWARD_BANDS || g.groups > 1 ||
-      g.shuffle > 1 || g.norm_eps >= 0)
+      g.shuffle > 1)
     return false;
   if (g.backward_mode == BACKWARD_SPLIT) return true;
   return g.threads > 1 && ceil_div(g.Cm, nr) >= g.threads &&
          3 * busiest_rows(g, R) * g.threads > 4 * g.N * g.Ho;
+}
+
+// LayerNorm over rows whose channels are shared out over the team (backward_split):
+// thread tid holds channels [c0, c1) of each of the np rows of M. Each stage's per-pixel
+// sums over a thread's channels go to its slot of `part` ([thread][slot][sP]: slots 0, 1
+// for the statistics, 2, 3 for the backward's, so that no stage overwrites sums another
+// thread may still be reading) and a barrier; every thread then adds the team's in thread
+// order (the same bits on every thread) into its own mean and rstd ([thread][sP]).
+template <class T>
+void split_layer_norm(const Geometry& g, T* M, int64_t ld, int64_t np, int64_t c0, int64_t c1,
+                      int64_t tid, int64_t team, T* part, int64_t sP, T* mean, T* rstd) {
+  const T inv_n = T(1) / T(g.Cm);
+  T* s = part + tid * 4 * sP;
+  for (int64_t r = 0; r < np; ++r) {
+    const T* u = M + r * ld;
+    T a = 0;
+#pragma omp simd reduction(+ : a)
+    for (int64_t c = c0; c < c1; ++c) a += u[c];
+    s[r] = a;
+  }
+#pragma omp barrier
+  for (int64_t r = 0; r < np; ++r) {
+    T a = 0;
+    for (int64_t t = 0; t < team; ++t) a += part[t * 4 * sP + r];
+    mean[r] = a * inv_n;
+    const T* u = M + r * ld;
+    const T m = mean[r];
+    T q = 0;
+#pragma omp simd reduction(+ : q)
+    for (int64_t c = c0; c < c1; ++c) q += (u[c] - m) * (u[c] - m);
+    s[sP + r] = q;
+  }
+#pragma omp barrier
+  for (int64_t r = 0; r < np; ++r) {
+    T q = 0;
+    for (int64_t t = 0; t < team; ++t) q += part[t * 4 * sP + sP + r];
+    rstd[r] = T(1) / std::sqrt(q * inv_n + T(g.norm_eps));
+    T* u = M + r * ld;
+    const T m = mean[r], v = rstd[r];
+#pragma omp simd
+    for (int64_t c = c0; c < c1; ++c) u[c] = (u[c] - m) * v;
+  }
+}
+
+// layer_norm_grad_rows for rows shared out as in split_layer_norm: G = dL/dN on entry,
+// dL/d(act1(U)) on return, this thread's channels; one barrier for the sums.
+template <class T>
+void split_layer_norm_grad(const Geometry& g, T* G, const T* N, int64_t ld, int64_t np,
+                           int64_t c0, int64_t c1, int64_t tid, int64_t team, T* part,
+                           int64_t sP, const T* rstd) {
+  const T inv_n = T(1) / T(g.Cm);
+  T* s = part + tid * 4 * sP + 2 * sP;
+  for (int64_t r = 0; r < np; ++r) {
+    const T* gr = G + r * ld;
+    const T* v = N + r * ld;
+    T a = 0, b = 0;
+#pragma omp simd reduction(+ : a, b)
+    for (int64_t c = c0; c < c1; ++c) a += gr[c], b += gr[c] * v[c];
+    s[r] = a, s[sP + r] = b;
+  }
+#pragma omp barrier
+  for (int64_t r = 0; r < np; ++r) {
+    T a = 0, b = 0;
+    for (int64_t t = 0; t < team; ++t)
+      a += part[t * 4 * sP + 2 * sP + r], b += part[t * 4 * sP + 3 * sP + r];
+    a *= inv_n, b *= inv_n;
+    T* gr = G + r * ld;
+    const T* v = N + r * ld;
+    const T k = rstd[r];
+#pragma omp simd
+    for (int64_t c = c0; c < c1; ++c) gr[c] = k * (gr[c] - a - v[c] * b);
+  }
 }
 
 // The backward with the mid channels split over the threads, for calls with few
@@ -191,7 +263,14 @@ int backward_split(const Geometry& g, const T* gy, const T* y, const T* x, const
   const bool pack_gz = packs<T>(ldo), pack_m = packs<T>(ldm);
   const int64_t sU = P * ldm, sGZ = P * ldo, sB = cl ? 0 : band_elems(g, P);
   const int64_t sGZs = pack_gz ? P * round_up(Co, MR) : 0, sMs = pack_m ? P * ldm : 0;
-  Buf<T> ws(0, 2 * sU + sGZ + sGZs + sMs + (cl ? 0 : sGZ + 2 * sB)), acc(1, kk * Cm + Cm + Co),
+  // LayerNorm: M in its own buffer (G's GEMM overwrites G, and LN's backward reads M),
+  // and per thread and pixel the partial sums over the thread's channels (two of them a
+  // stage) and the pixels' mean and rstd: a row's statistics cross the channel shares.
+  const bool norm = g.norm_eps >= 0;
+  const int64_t sN = norm ? sU : 0, sP = round_up(P, 16);
+  const int64_t sNorm = norm ? sN + 6 * g.threads * sP : 0;
+  Buf<T> ws(0, 2 * sU + sGZ + sGZs + sMs + (cl ? 0 : sGZ + 2 * sB) + sNorm),
+      acc(1, kk * Cm + Cm + Co),
       wt(2, kk * Cm), bp(3, need.z ? ldo * Cm : 0), wpk(4, need.g ? Co * ldm : 0),
       bias(5, ldo, true);
   Buf<int64_t> cols(6, 2 * g.kw);
@@ -205,11 +284,17 @@ int backward_split(const Geometry& g, const T* gy, const T* y, const T* x, const
   T* GY = Ms + sMs;  // NCHW only: grad_y's tile, then the two bands
   T* XB = GY + sGZ;
   T* GXB = XB + sB;
+  // LayerNorm, at the end (GY, XB and GXB exist only for NCHW): M, then the sums, means
+  // and rstds per thread
+  T* NB = ws.p + (2 * sU + sGZ + sGZs + sMs + (cl ? 0 : sGZ + 2 * sB));
+  T* part = NB + sN;            // [thread][4][sP]
+  T* means = part + 4 * g.threads * sP;   // [thread][sP]
+  T* rstds = means + g.threads * sP;      // [thread][sP]
   T* a_dw = acc.p;  // [tap][Cm]
   T* a_dwb = a_dw + kk * Cm;
   T* a_pwb = a_dwb + Cm;
   // act1(U) (times the scale); dL/dU overwrites it after its last use
-  T* M = g.act1 == ACT_NONE && !scale ? U : G;
+  T* M = norm ? NB : g.act1 == ACT_NONE && !scale ? U : G;
 #pragma omp parallel num_threads(g.threads)
   {
     const DenormalMode thread_mode(g.flush_denormals);
@@ -260,6 +345,9 @@ int backward_split(const Geometry& g, const T* gy, const T* y, const T* x, const
           if (scale) scale_rows(M + c0, np, ldm, scale + n * Cm + c0, nc);
           if (out.scale && band == 0) memset(out.scale + n * Cm + c0, 0, nc * sizeof(T));
         }
+        if (norm)
+          split_layer_norm(g, M, ldm, np, c0, c1, tid, team, part, sP, means + tid * sP,
+                           rstds + tid * sP);
         // All of M is made, and every thread is done with the last band's dL/dz.
 #pragma omp barrier
         // GZ = dL/dz of output channels [o0, o1), pixel-major
@@ -292,8 +380,8 @@ int backward_split(const Geometry& g, const T* gy, const T* y, const T* x, const
                 GZs[(b * P + k) * MR + i] = GZ[k * ldo + b * MR + i];
 #pragma omp barrier
         }
-        if (nc == 0) continue;
-        if (out.pw_weight) {  // gW[:, c0:c1] (+)= GZ^T . M[:, c0:c1]
+        if (nc == 0 && !(norm && need.g)) continue;  // (LN's backward: every thread's sums)
+        if (nc > 0 && out.pw_weight) {  // gW[:, c0:c1] (+)= GZ^T . M[:, c0:c1]
           const T* B = M + c0;
           int64_t b_panel = nr, ldb = ldm;
           if (pack_m) {
@@ -308,8 +396,13 @@ int backward_split(const Geometry& g, const T* gy, const T* y, const T* x, const
         }
         if (!need.g) continue;
         // G = dL/dU = (W^T . GZ) * act1'(U), this thread's channels
-        Out<T> o{G + c0, ldm, false, nullptr, 0, ACT_NONE};
-        gemm(np, nc, Co, GZ, ldo, (int64_t)1, (int64_t)0, wpk.p + c0 * Co, Co * nr, nr, o);
+        if (nc > 0) {
+          Out<T> o{G + c0, ldm, false, nullptr, 0, ACT_NONE};
+          gemm(np, nc, Co, GZ, ldo, (int64_t)1, (int64_t)0, wpk.p + c0 * Co, Co * nr, nr, o);
+        }
+        if (norm)
+          split_layer_norm_grad(g, G, M, ldm, np, c0, c1, tid, team, part, sP, rstds + tid * sP);
+        if (nc == 0) continue;
         if (scale)  // (this thread's channels of the scale's gradient are its own)
           scale_grad_rows(g.act1, G + c0, U + c0, ldm, np, scale + n * Cm + c0,
                           out.scale ? out.scale + n * Cm + c0 : nullptr, nc);
