@@ -234,7 +234,14 @@ def _fold_layer_norm(w, b, gamma, beta):
         hit = _FOLDED.get(id(w)) if key is not None else None
         if hit is not None and hit[0]() is w and hit[1] == key:
             return hit[2], hit[3]
-    w, b = _FoldLayerNorm.apply(w, b, gamma, beta)
+    if torch.jit.is_tracing() or torch.onnx.is_in_onnx_export():  # (standard ops only)
+        if beta is not None:
+            shift = w.flatten(1) @ beta
+            b = shift if b is None else b + shift
+        if gamma is not None:
+            w = w * gamma[:, None, None]
+    else:
+        w, b = _FoldLayerNorm.apply(w, b, gamma, beta)
     if key is not None:
         k = id(tensors[0])
         _FOLDED[k] = (weakref.ref(tensors[0], lambda _, k=k: _FOLDED.pop(k, None)), key, w, b)
