@@ -731,12 +731,7 @@ def _fuse_convnext(model: nn.Module, held: set[int], report: FuseReport) -> None
                     for mod in list(m)[i:]:
                         x = mod(x)
                     return x
-                if _probe_block(m, run, dw.in_channels, replace, undo):
-                    report.fused.append((names, "ConvNeXt block"))
-                    held.add(id(sep))
-                else:
-                    report.skipped.append((names[0], "a ConvNeXt block that computes something "
-                                                     "else than its parts say"))
+                _take_block(m, run, dw.in_channels, sep, names, replace, undo, held, report)
         elif type(m).__name__ == "ConvNeXtBlock" and type(m).__module__.startswith("timm."):
             _fuse_timm_convnext(name, m, held, report)
 
@@ -760,7 +755,13 @@ def _fuse_timm_convnext(name: str, block: nn.Module, held: set[int], report: Fus
         block.conv_dw, block.norm, mlp.fc1, mlp.act = dw, ln, fc, act
     prefix = f"{name}." if name else ""
     names = [prefix + n for n in ("conv_dw", "norm", "mlp.fc1", "mlp.act")]
-    if _probe_block(block, block, dw.in_channels, replace, undo):
+    _take_block(block, block, dw.in_channels, sep, names, replace, undo, held, report)
+
+
+def _take_block(block, run, channels, sep, names, replace, undo, held, report) -> None:
+    """A ConvNeXt block's replacement, kept and reported where _probe_block finds the block
+    unchanged."""
+    if _probe_block(block, run, channels, replace, undo):
         report.fused.append((names, "ConvNeXt block"))
         held.add(id(sep))
     else:
