@@ -58,8 +58,9 @@ def blocks_per_sm(r: dict, cc: int) -> int:
     by_shared = SHARED_PER_SM[cc] // (r["shared"] + 1024)
     return min(by_regs, by_shared, 64 // r["warps"], 32)
 LAYERS = [Layer(144, 56, 24, 1), Layer(512, 14, 512, 1), Layer(64, 112, 128, 2),
-          Layer(960, 7, 160, 1), Layer(192, 28, 768, 1, kernel=7)]
-# --quick: one layer the forward runs fused (960x7->160) and one it splits (7x7 ->768)
+          Layer(960, 7, 160, 1), Layer(192, 28, 768, 1, kernel=7, norm=True)]
+# --quick: one layer the forward runs fused (960x7->160) and one it splits (7x7 ->768;
+# ConvNeXt's, also with its LayerNorm and GELU: compile_layer)
 QUICK_LAYERS = [LAYERS[3], LAYERS[4]]
 DTYPES = [torch.bfloat16, torch.float16, torch.float32]
 FORMATS = {"nchw": torch.contiguous_format, "channels_last": torch.channels_last}
@@ -146,6 +147,11 @@ def compile_layer(layer: Layer, dtype, fmt, autotune: bool) -> None:
     _triton.backward(torch.randn(y.shape, generator=g).to(dtype).contiguous(memory_format=fmt),
                      x, dw, pw, bd, b, s, p, (1, 1), "relu", "relu6", (True,) * 5)
     _triton.mean(x, dw, bd, s, p, (1, 1), "silu")  # squeeze-and-excitation's squeeze
+    if layer.norm:  # ConvNeXt's block: LayerNorm's kernels and GELU's forms
+        y = _triton.forward(x, dw, pw, bd, b, s, p, (1, 1), "gelu_tanh", "gelu", norm_eps=1e-6)
+        _triton.backward(torch.randn(y.shape, generator=g).to(dtype).contiguous(memory_format=fmt),
+                         x, dw, pw, bd, b, s, p, (1, 1), "gelu_tanh", "gelu", (True,) * 5,
+                         norm_eps=1e-6)
 
 
 def _commit() -> str:

@@ -121,6 +121,12 @@ def test_fixed_blocks_are_among_those_that_fit(precision, nchw, cc):
     expected = {("tf32", False, 90): (64, 128), ("tf32", False, 80): (64, 64),
                 ("ieee", True, 90): (32, 32), ("ieee", True, 80): (32, 32)}
     assert (bp, bco) == expected.get((precision, nchw, cc), (32, 64))
+    # GELU's epilogue beside float32's FMA dot: 32 output channels at most
+    bp, bco = forward.wide_blocks(precision, nchw, cc, gelu=True)
+    assert forward.fits(bp, bco, 32, 4, precision, nchw, cc, gelu=True)
+    assert any(forward.fits(c.kwargs["BLOCK_P"], c.kwargs["BLOCK_CO"], c.kwargs["BLOCK_K"],
+                            c.num_warps, precision, nchw, cc, True) for c in forward._CONFIGS)
+    assert bco == (32 if precision == "ieee" else expected.get((precision, nchw, cc), (32, 64))[1])
 
 
 def test_host_helpers_match_triton():

@@ -117,7 +117,11 @@ def _depthwise(x, wdw, bdw, mid, sc, P, Cm, H, W, Ho, Wo, sxn, sxc, sxh, sxw, sh
     tl.store(mid + at, cast(v, mid.dtype.element_ty, EMULATE_BF16), mask=mask)
 
 
-def fits(bp: int, bco: int, bk: int, warps: int, precision: str, nchw: bool, cc: int) -> bool:
+GELUS = (ACTIVATIONS.index("gelu"), ACTIVATIONS.index("gelu_tanh"))
+
+
+def fits(bp: int, bco: int, bk: int, warps: int, precision: str, nchw: bool, cc: int,
+         gelu: bool = False) -> bool:
     """Whether a forward block compiles without spilling registers (ptxas's spill stores,
     python -m benchmarks.triton_fit, triton 3.6 and 3.9, sm_90a and sm_80):
 
@@ -130,8 +134,13 @@ def fits(bp: int, bco: int, bk: int, warps: int, precision: str, nchw: bool, cc:
       address; 64x128x32 spilled 88-624 bytes, 64x64x32 16-20, 64x32x32 16-152 at stride 2
       (16-bit and float32); float32's 32x64x32 GEMM 8 bytes on sm_80.
     - channels-last 16-bit on sm_80: 64 output channels at most (64x128x32 kept 168
-      registers and spilled 8 bytes there)."""
-    if nchw and (bp > 32 or bco > (32 if precision == "ieee" else 64)):
+      registers and spilled 8 bytes there).
+    - gelu: act2 GELU's epilogue (an erf or exp per accumulator) beside float32's "ieee"
+      dot: 32 output channels at most (the split forward's channels-last GEMM, 32x64x32,
+      spilled 8 bytes on sm_90a under triton 3.9)."""
+    if (nchw or gelu) and precision == "ieee" and bco > 32:
+        return False
+    if nchw and (bp > 32 or bco > 64):
         return False
     if precision == "ieee":
         return ((bp + bco) * bk + bp * bco) <= 48 * 32 * warps
@@ -154,7 +163,7 @@ def _prune(configs, named_args, **kwargs):
     keep = [c for c in configs if c.kwargs["BLOCK_CO"] <= max(32, next_pow2(co))
             and c.kwargs["BLOCK_K"] <= max(16, next_pow2(cm))
             and fits(c.kwargs["BLOCK_P"], c.kwargs["BLOCK_CO"], c.kwargs["BLOCK_K"],
-                     c.num_warps, args["PRECISION"], nchw, cc)]
+                     c.num_warps, args["PRECISION"], nchw, cc, args["ACT2"] in GELUS)]
     return keep or configs[:1]
 
 
@@ -178,13 +187,13 @@ _forward_tuned = triton.autotune(
     prune_configs_by=dict(early_config_prune=_prune))(_forward)
 
 
-def wide_blocks(precision: str, nchw: bool, cc: int) -> tuple[int, int]:
+def wide_blocks(precision: str, nchw: bool, cc: int, gelu: bool = False) -> tuple[int, int]:
     """(BLOCK_P, BLOCK_CO) of the fixed blocks for layers with many output channels: the
     largest that fits() allows, 64x128 where it allows that."""
     if nchw:
         return 32, 32 if precision == "ieee" else 64
     if precision == "ieee":
-        return 32, 64
+        return 32, 32 if gelu else 64
     return 64, 128 if cc >= 90 else 64
 
 
@@ -227,6 +236,16 @@ _DW_ARGS = ("H", "W", "Ho", "Wo", "sxn", "sxc", "sxh", "sxw", "sh", "sw", "pt", 
             "M", "KH", "KW", "PIXEL_FAST", "ACT1", "HAS_BDW", "HAS_SCALE", "EMULATE_BF16")
 
 
+def depthwise_into(mid, x, wdw, bdw, sc, args: dict) -> None:
+    """mid [P, Cm] = act1(dw(x) + b_dw) (times sc with HAS_SCALE) by _depthwise; args: the
+    scalar and constexpr arguments, as launch makes them."""
+    P, Cm = mid.shape
+    blocks = _depthwise_blocks()
+    grid = (cdiv(P, blocks["BLOCK_P"]) * cdiv(Cm, blocks["BLOCK_K"]),)
+    _depthwise[grid](x, wdw, bdw, mid, sc, P, Cm,
+                     **{k: v for k, v in args.items() if k in _DW_ARGS}, **blocks)
+
+
 def launch(x, dw_weight, pw_weight, dw_bias, pw_bias, stride, padding, dilation,
            mid_activation, activation, out, grad_y=None, scale=None, norm_eps=None,
            mid=None) -> torch.Tensor:
@@ -253,15 +272,12 @@ def launch(x, dw_weight, pw_weight, dw_bias, pw_bias, stride, padding, dilation,
         HAS_BDW=dw_bias is not None, HAS_BPW=pw_bias is not None, GRAD=grad_y is not None,
         HAS_SCALE=scale is not None, **dot_mode(x))
     sc = wdw if scale is None else scale.contiguous()
-    wide = wide_blocks(args["PRECISION"], _nchw(args), arch(x))
+    wide = wide_blocks(args["PRECISION"], _nchw(args), arch(x), args["ACT2"] in GELUS)
     split = mid is not None or norm_eps is not None or \
         splits_depthwise(Co, args["KH"], args["KW"], wide[1])
     if mid is None and split:
         mid = torch.empty((P, Cm), dtype=x.dtype, device=x.device)
-        blocks = _depthwise_blocks()
-        grid = (cdiv(P, blocks["BLOCK_P"]) * cdiv(Cm, blocks["BLOCK_K"]),)
-        _depthwise[grid](x, wdw, bdw, mid, sc, P, Cm,
-                         **{k: v for k, v in args.items() if k in _DW_ARGS}, **blocks)
+        depthwise_into(mid, x, wdw, bdw, sc, args)
         if norm_eps is not None:
             _norm.normalize(mid, norm_eps, args["EMULATE_BF16"])
     if split:
