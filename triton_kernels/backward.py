@@ -322,12 +322,8 @@ def _normed_mid(grad_y, x, dw_weight, pw_weight, dw_bias, pw_bias, stride, paddi
 def _depthwise_into(buf, x, dw_weight, dw_bias, stride, padding, dilation, mid_activation, Ho,
                     Wo) -> None:
     """buf [P, Cm] = act1(dw(x) + b_dw) by the forward's _depthwise kernel."""
-    P, Cm = buf.shape
     wdw = taps_major(dw_weight)
-    blocks = _fwd._depthwise_blocks()
-    geom = pixel_geometry(x, dw_weight, stride, padding, dilation, Ho, Wo)
-    grid = (cdiv(P, blocks["BLOCK_P"]) * cdiv(Cm, blocks["BLOCK_K"]),)
-    _fwd._depthwise[grid](x, wdw, wdw if dw_bias is None else dw_bias.contiguous(), buf, wdw, P,
-                          Cm, **{k: v for k, v in geom.items() if k in _fwd._DW_ARGS},
-                          ACT1=ACTIVATIONS.index(mid_activation), HAS_BDW=dw_bias is not None,
-                          HAS_SCALE=False, EMULATE_BF16=dot_mode(x)["EMULATE_BF16"], **blocks)
+    args = dict(pixel_geometry(x, dw_weight, stride, padding, dilation, Ho, Wo),
+                ACT1=ACTIVATIONS.index(mid_activation), HAS_BDW=dw_bias is not None,
+                HAS_SCALE=False, EMULATE_BF16=dot_mode(x)["EMULATE_BF16"])
+    _fwd.depthwise_into(buf, x, wdw, wdw if dw_bias is None else dw_bias.contiguous(), wdw, args)

@@ -1,5 +1,7 @@
 // LayerNorm over the mid channels of each pixel (ConvNeXt's block: dw -> LN -> pw),
-// forward and backward on pixel-major rows of the depthwise tile.
+// forward and backward on pixel-major rows of the depthwise tile: whole rows in one
+// thread (the forward, backward_impl), or rows whose channels the team shares
+// (backward_split).
 // A fragment of kernels.h, included inside namespace sepconv::<isa>::{anonymous}
 // (after the files listed before it there); it includes nothing itself.
 //
@@ -47,5 +49,77 @@ void layer_norm_grad_rows(T* G, const T* N, int64_t ld, int64_t rows, int64_t n,
     const T s = rstd[r];
 #pragma omp simd
     for (int64_t c = 0; c < n; ++c) g[c] = s * (g[c] - a - v[c] * b);
+  }
+}
+
+// LayerNorm over rows whose channels are shared out over the team (backward_split):
+// thread tid holds channels [c0, c1) of each of the np rows of M. Each stage's per-pixel
+// sums over a thread's channels go to its slot of `part` ([thread][slot][sP]: slots 0, 1
+// for the statistics, 2, 3 for the backward's, so that no stage overwrites sums another
+// thread may still be reading) and a barrier; every thread then adds the team's in thread
+// order (the same bits on every thread) into its own mean and rstd ([thread][sP]).
+template <class T>
+void split_layer_norm(const Geometry& g, T* M, int64_t ld, int64_t np, int64_t c0, int64_t c1,
+                      int64_t tid, int64_t team, T* part, int64_t sP, T* mean, T* rstd) {
+  const T inv_n = T(1) / T(g.Cm);
+  T* s = part + tid * 4 * sP;
+  for (int64_t r = 0; r < np; ++r) {
+    const T* u = M + r * ld;
+    T a = 0;
+#pragma omp simd reduction(+ : a)
+    for (int64_t c = c0; c < c1; ++c) a += u[c];
+    s[r] = a;
+  }
+#pragma omp barrier
+  for (int64_t r = 0; r < np; ++r) {
+    T a = 0;
+    for (int64_t t = 0; t < team; ++t) a += part[t * 4 * sP + r];
+    mean[r] = a * inv_n;
+    const T* u = M + r * ld;
+    const T m = mean[r];
+    T q = 0;
+#pragma omp simd reduction(+ : q)
+    for (int64_t c = c0; c < c1; ++c) q += (u[c] - m) * (u[c] - m);
+    s[sP + r] = q;
+  }
+#pragma omp barrier
+  for (int64_t r = 0; r < np; ++r) {
+    T q = 0;
+    for (int64_t t = 0; t < team; ++t) q += part[t * 4 * sP + sP + r];
+    rstd[r] = T(1) / std::sqrt(q * inv_n + T(g.norm_eps));
+    T* u = M + r * ld;
+    const T m = mean[r], v = rstd[r];
+#pragma omp simd
+    for (int64_t c = c0; c < c1; ++c) u[c] = (u[c] - m) * v;
+  }
+}
+
+// layer_norm_grad_rows for rows shared out as in split_layer_norm: G = dL/dN on entry,
+// dL/d(act1(U)) on return, this thread's channels; one barrier for the sums.
+template <class T>
+void split_layer_norm_grad(const Geometry& g, T* G, const T* N, int64_t ld, int64_t np,
+                           int64_t c0, int64_t c1, int64_t tid, int64_t team, T* part,
+                           int64_t sP, const T* rstd) {
+  const T inv_n = T(1) / T(g.Cm);
+  T* s = part + tid * 4 * sP + 2 * sP;
+  for (int64_t r = 0; r < np; ++r) {
+    const T* gr = G + r * ld;
+    const T* v = N + r * ld;
+    T a = 0, b = 0;
+#pragma omp simd reduction(+ : a, b)
+    for (int64_t c = c0; c < c1; ++c) a += gr[c], b += gr[c] * v[c];
+    s[r] = a, s[sP + r] = b;
+  }
+#pragma omp barrier
+  for (int64_t r = 0; r < np; ++r) {
+    T a = 0, b = 0;
+    for (int64_t t = 0; t < team; ++t)
+      a += part[t * 4 * sP + 2 * sP + r], b += part[t * 4 * sP + 3 * sP + r];
+    a *= inv_n, b *= inv_n;
+    T* gr = G + r * ld;
+    const T* v = N + r * ld;
+    const T k = rstd[r];
+#pragma omp simd
+    for (int64_t c = c0; c < c1; ++c) gr[c] = k * (gr[c] - a - v[c] * b);
   }
 }
