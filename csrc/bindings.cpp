@@ -238,10 +238,10 @@ template <class F> F pick(F generic, F avx2, F avx512) {
 
 template <class T>
 int run_forward(const Geometry& g, uintptr_t x, uintptr_t dww, uintptr_t pww, uintptr_t dwb,
-                uintptr_t pwb, uintptr_t scale, uintptr_t y) {
+                uintptr_t pwb, uintptr_t scale, uintptr_t lnw, uintptr_t lnb, uintptr_t y) {
   advise_huge_pages(y, g.N * g.Co * g.Ho * g.Wo * int64_t(sizeof(T)));
   return SEPCONV_PICK(forward<T>)(g, cp<T>(x), cp<T>(dww), cp<T>(pww), cp<T>(dwb), cp<T>(pwb),
-                                  cp<T>(scale), mp<T>(y));
+                                  cp<T>(scale), cp<T>(lnw), cp<T>(lnb), mp<T>(y));
 }
 
 template <class T>
@@ -253,13 +253,15 @@ int run_mean(const Geometry& g, uintptr_t x, uintptr_t dww, uintptr_t dwb, uintp
 template <class T>
 int run_backward(const Geometry& g, uintptr_t gy, uintptr_t y, uintptr_t x, uintptr_t dww,
                  uintptr_t pww, uintptr_t dwb, uintptr_t pwb, uintptr_t scale, uintptr_t mid_in,
-                 uintptr_t gx, uintptr_t gdww, uintptr_t gpww, uintptr_t gdwb, uintptr_t gpwb,
-                 uintptr_t gscale, uintptr_t gmid) {
+                 uintptr_t lnw, uintptr_t lnb, uintptr_t gx, uintptr_t gdww, uintptr_t gpww,
+                 uintptr_t gdwb, uintptr_t gpwb, uintptr_t gscale, uintptr_t gmid,
+                 uintptr_t glnw, uintptr_t glnb) {
   if (gx) advise_huge_pages(gx, g.N * g.C * g.H * g.W * int64_t(sizeof(T)));
-  Grads<T> out{mp<T>(gx),   mp<T>(gdww),   mp<T>(gpww), mp<T>(gdwb),
-               mp<T>(gpwb), mp<T>(gscale), mp<T>(gmid)};
+  Grads<T> out{mp<T>(gx),   mp<T>(gdww),   mp<T>(gpww), mp<T>(gdwb), mp<T>(gpwb),
+               mp<T>(gscale), mp<T>(gmid), mp<T>(glnw), mp<T>(glnb)};
   return SEPCONV_PICK(backward<T>)(g, cp<T>(gy), cp<T>(y), cp<T>(x), cp<T>(dww), cp<T>(pww),
-                                   cp<T>(dwb), cp<T>(pwb), cp<T>(scale), cp<T>(mid_in), out);
+                                   cp<T>(dwb), cp<T>(pwb), cp<T>(scale), cp<T>(mid_in),
+                                   cp<T>(lnw), cp<T>(lnb), out);
 }
 
 bool is_f64(const std::string& dtype) {
@@ -292,14 +294,16 @@ PYBIND11_MODULE(_C, m) {
   // pointwise weight is (Co, Cm / groups), output channel block i reading mid channel
   // block i only (a block-diagonal GEMM, no zero blocks). shuffle: x's channels go through
   // a channel shuffle of that many groups before the depthwise stage (read in its order).
-  // norm_eps >= 0: LayerNorm without affine over each pixel's mid channels after act1
-  // (kernels/norm.h); < 0: none.
+  // norm_eps >= 0: LayerNorm over each pixel's mid channels after act1 (kernels/norm.h),
+  // with the affine norm_weight / norm_bias ((Cm) or 0 each); < 0: none.
   m.def("forward", [](py::tuple geom, const std::string& dtype, uintptr_t x, uintptr_t dww,
                       uintptr_t pww, uintptr_t dwb, uintptr_t pwb, uintptr_t scale, uintptr_t y,
-                      int y_layout, int64_t groups, int64_t shuffle, double norm_eps) {
+                      int y_layout, int64_t groups, int64_t shuffle, double norm_eps,
+                      uintptr_t lnw, uintptr_t lnb) {
     Geometry g = parse(geom);
     set_groups(g, groups, shuffle, norm_eps);
     if (norm_eps >= 0 && scale) throw py::value_error("norm_eps: not with a scale");
+    if (norm_eps < 0 && (lnw || lnb)) throw py::value_error("norm_weight / norm_bias without norm_eps");
     g.threads = team_size(g, false, 1);
     if (y_layout < -1 || y_layout > 1) throw py::value_error("y_layout must be -1, 0 or 1");
     if (y_layout >= 0) g.y_channels_last = y_layout == 1;
@@ -307,13 +311,14 @@ PYBIND11_MODULE(_C, m) {
     int status;
     {
       py::gil_scoped_release nogil;
-      status = f64 ? run_forward<double>(g, x, dww, pww, dwb, pwb, scale, y)
-                   : run_forward<float>(g, x, dww, pww, dwb, pwb, scale, y);
+      status = f64 ? run_forward<double>(g, x, dww, pww, dwb, pwb, scale, lnw, lnb, y)
+                   : run_forward<float>(g, x, dww, pww, dwb, pwb, scale, lnw, lnb, y);
     }
     check(status);
   }, py::arg("geom"), py::arg("dtype"), py::arg("x"), py::arg("dww"), py::arg("pww"),
      py::arg("dwb"), py::arg("pwb"), py::arg("scale"), py::arg("y"), py::arg("y_layout") = -1,
-     py::arg("groups") = 1, py::arg("shuffle") = 1, py::arg("norm_eps") = -1.0);
+     py::arg("groups") = 1, py::arg("shuffle") = 1, py::arg("norm_eps") = -1.0,
+     py::arg("norm_weight") = 0, py::arg("norm_bias") = 0);
 
   // out (N, Cm): the channel means of act1(dw(x) + b_dw) per image; u: 0, or that
   // intermediate itself (N, Cm, Ho, Wo, channels-last). The geometry's Co and act2 are not read.
@@ -335,15 +340,20 @@ PYBIND11_MODULE(_C, m) {
   // it saves the backward recomputing the pointwise GEMM. scale: the forward's (N, Cm) or
   // 0; gscale its gradient (N, Cm), or 0 where not wanted (and always 0 without a scale).
   // gmid (N, Ho, Wo, Cm): d loss / d act1(U), for a later call to add as its mid_in (0:
-  // neither). groups, shuffle, norm_eps: as forward's. y_is_z: y holds the pointwise
-  // stage's pre-activation z instead, from which every act2's derivative is read.
+  // neither). groups, shuffle, norm_eps, norm_weight, norm_bias: as forward's; gnorm_weight
+  // / gnorm_bias: their gradients (0: not wanted). y_is_z: y holds the pointwise stage's
+  // pre-activation z instead, from which every act2's derivative is read.
   m.def("backward", [](py::tuple geom, const std::string& dtype, uintptr_t gy, uintptr_t y,
                        uintptr_t x, uintptr_t dww, uintptr_t pww, uintptr_t dwb, uintptr_t pwb,
                        uintptr_t scale, uintptr_t mid_in, uintptr_t gx, uintptr_t gdww,
                        uintptr_t gpww, uintptr_t gdwb, uintptr_t gpwb, uintptr_t gscale,
                        uintptr_t gmid, int64_t groups, int64_t shuffle, double norm_eps,
-                       bool y_is_z) {
+                       bool y_is_z, uintptr_t lnw, uintptr_t lnb, uintptr_t glnw,
+                       uintptr_t glnb) {
     if (gscale && !scale) throw py::value_error("backward: gscale asked for without a scale");
+    if ((glnw && !lnw) || (glnb && !lnb) || (norm_eps < 0 && (lnw || lnb)))
+      throw py::value_error("backward: a LayerNorm weight / bias (or its gradient) without "
+                            "norm_eps, or a gradient without the tensor");
     if (norm_eps >= 0 && (scale || mid_in || gmid))
       throw py::value_error("backward: norm_eps not with a scale or the intermediate's gradient");
     Geometry g = backward_geometry(geom, groups, shuffle, norm_eps);
@@ -352,13 +362,19 @@ PYBIND11_MODULE(_C, m) {
     int status;
     {
       py::gil_scoped_release nogil;
-      status = f64 ? run_backward<double>(g, gy, y, x, dww, pww, dwb, pwb, scale, mid_in, gx,
-                                          gdww, gpww, gdwb, gpwb, gscale, gmid)
-                   : run_backward<float>(g, gy, y, x, dww, pww, dwb, pwb, scale, mid_in, gx,
-                                         gdww, gpww, gdwb, gpwb, gscale, gmid);
+      status = f64 ? run_backward<double>(g, gy, y, x, dww, pww, dwb, pwb, scale, mid_in, lnw,
+                                          lnb, gx, gdww, gpww, gdwb, gpwb, gscale, gmid, glnw,
+                                          glnb)
+                   : run_backward<float>(g, gy, y, x, dww, pww, dwb, pwb, scale, mid_in, lnw, lnb,
+                                         gx, gdww, gpww, gdwb, gpwb, gscale, gmid, glnw, glnb);
     }
     check(status);
-  });
+  }, py::arg("geom"), py::arg("dtype"), py::arg("gy"), py::arg("y"), py::arg("x"),
+     py::arg("dww"), py::arg("pww"), py::arg("dwb"), py::arg("pwb"), py::arg("scale"),
+     py::arg("mid_in"), py::arg("gx"), py::arg("gdww"), py::arg("gpww"), py::arg("gdwb"),
+     py::arg("gpwb"), py::arg("gscale"), py::arg("gmid"), py::arg("groups"), py::arg("shuffle"),
+     py::arg("norm_eps"), py::arg("y_is_z"), py::arg("norm_weight") = 0,
+     py::arg("norm_bias") = 0, py::arg("gnorm_weight") = 0, py::arg("gnorm_bias") = 0);
 
   m.def("isa", [] { return std::string(kIsaNames[g_isa.load()]); },
         "The instruction set the kernels run with now.");

@@ -44,8 +44,8 @@ namespace {
 
 template <class T>
 int forward(const Geometry& g, const T* x, const T* dww, const T* pww, const T* dwb,
-            const T* pwb, const T* scale, T* y) {
-  return forward_impl(g, x, dww, pww, dwb, pwb, scale, y);
+            const T* pwb, const T* scale, const T* lnw, const T* lnb, T* y) {
+  return forward_impl(g, x, dww, pww, dwb, pwb, scale, lnw, lnb, y);
 }
 
 template <class T>
@@ -55,24 +55,29 @@ int mean(const Geometry& g, const T* x, const T* dww, const T* dwb, T* out, T* u
 
 template <class T>
 int backward(const Geometry& g, const T* gy, const T* y, const T* x, const T* dww, const T* pww,
-             const T* dwb, const T* pwb, const T* scale, const T* mid_in, const Grads<T>& out) {
-  return backward_impl(g, gy, y, x, dww, pww, dwb, pwb, scale, mid_in, out);
+             const T* dwb, const T* pwb, const T* scale, const T* mid_in, const T* lnw,
+             const T* lnb, const Grads<T>& out) {
+  return backward_impl(g, gy, y, x, dww, pww, dwb, pwb, scale, mid_in, lnw, lnb, out);
 }
 
 template int forward<float>(const Geometry&, const float*, const float*, const float*,
-                            const float*, const float*, const float*, float*);
+                            const float*, const float*, const float*, const float*,
+                            const float*, float*);
 template int forward<double>(const Geometry&, const double*, const double*, const double*,
-                             const double*, const double*, const double*, double*);
+                             const double*, const double*, const double*, const double*,
+                             const double*, double*);
 template int mean<float>(const Geometry&, const float*, const float*, const float*, float*,
                          float*);
 template int mean<double>(const Geometry&, const double*, const double*, const double*,
                           double*, double*);
 template int backward<float>(const Geometry&, const float*, const float*, const float*,
                              const float*, const float*, const float*, const float*,
-                             const float*, const float*, const Grads<float>&);
+                             const float*, const float*, const float*, const float*,
+                             const Grads<float>&);
 template int backward<double>(const Geometry&, const double*, const double*, const double*,
                               const double*, const double*, const double*, const double*,
-                              const double*, const double*, const Grads<double>&);
+                              const double*, const double*, const double*, const double*,
+                              const Grads<double>&);
 
 bool backward_splits(const Geometry& g, bool f64) {
   return f64 ? splits_channels<double>(g, band_rows(g))

@@ -10,6 +10,7 @@
 //   mean's out, scale    (N, Cm)          contiguous (mean: Co is not read); scale or null
 //   mean's u             (N, Cm, Ho, Wo)  NHWC whatever x's layout, or null
 //   dw_bias / pw_bias    (Cm) / (Co)      contiguous, or null
+//   lnw / lnb            (Cm)             LayerNorm's weight / bias, contiguous, or null
 #pragma once
 #include <cstdint>
 
@@ -38,8 +39,8 @@ struct Geometry {
   bool y_channels_last;   // the forward's y layout
   int act1, act2;         // activation after the depthwise / pointwise stage
   bool y_is_z;            // the backward's y is z, the pointwise stage's pre-activation
-  double norm_eps;        // >= 0: LayerNorm (no affine) over the mid channels of each pixel
-                          // after act1, with this eps (kernels/norm.h); < 0: none
+  double norm_eps;        // >= 0: LayerNorm over the mid channels of each pixel after act1,
+                          // with this eps and the affine lnw / lnb (kernels/norm.h); < 0: none
   int threads;
   int64_t tile_bytes;     // the forward's depthwise tile budget, from the L2 size (bindings)
   int64_t l2_bytes;       // L2 per core (bindings): bounds what the drivers prefetch
@@ -64,6 +65,8 @@ struct Grads {
   T* scale;   // (N, Cm): d loss / d scale, for a call with a scale (null: not wanted)
   T* mid;     // (N, Ho, Wo, Cm): d loss / d act1(U) (scaled), for a caller that takes the
               // depthwise gradients later from it (backward's mid_in; null: not wanted)
+  T* norm_weight;  // (Cm): LayerNorm's weight and bias (given lnw / lnb; null: not wanted)
+  T* norm_bias;
 };
 
 // Scratch memory for one kernel call, kept by the calling thread between calls
@@ -86,13 +89,13 @@ constexpr int OUT_OF_MEMORY = 1;
   namespace ns {                                                                           \
   template <class T>                                                                       \
   int forward(const Geometry& g, const T* x, const T* dww, const T* pww, const T* dwb,     \
-              const T* pwb, const T* scale, T* y);                                         \
+              const T* pwb, const T* scale, const T* lnw, const T* lnb, T* y);             \
   template <class T>                                                                       \
   int mean(const Geometry& g, const T* x, const T* dww, const T* dwb, T* out, T* u);     \
   template <class T>                                                                       \
   int backward(const Geometry& g, const T* gy, const T* y, const T* x, const T* dww,       \
                const T* pww, const T* dwb, const T* pwb, const T* scale, const T* mid_in,  \
-               const Grads<T>& out);                                                       \
+               const T* lnw, const T* lnb, const Grads<T>& out);                           \
   bool backward_splits(const Geometry& g, bool f64);                                       \
   double fma_probe(int threads, int64_t iters);                                            \
   }

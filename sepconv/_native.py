@@ -91,21 +91,21 @@ def _dense(*ts: Tensor | None) -> list[Tensor | None]:
 
 def forward(x, dw_weight, pw_weight, dw_bias, pw_bias, stride, padding, dilation,
             mid_activation, activation, scale=None, y_format=None, pw_groups=1,
-            shuffle=1, norm_eps=None) -> Tensor:
+            shuffle=1, norm_eps=None, norm_weight=None, norm_bias=None) -> Tensor:
     """scale: (N, C * m) or None, each image's factor for each mid channel. y_format: y's
     memory format (default: x's). pw_groups: the pointwise conv's groups, pw_weight (C_out,
     C * m / pw_groups, 1, 1): the kernel's GEMM is block-diagonal, without zero blocks.
     shuffle: x's channels are read through a channel shuffle of that many groups (NCHW:
     the kernel takes the planes in its order as it copies each input band, and the
     shuffle is never made; channels-last: made here, which measured faster). norm_eps:
-    None, or LayerNorm without affine over each pixel's mid channels after act_mid, with
-    that eps (the caller folds its affine into pw_weight / pw_bias)."""
+    None, or LayerNorm over each pixel's mid channels after act_mid, with that eps and the
+    affine norm_weight / norm_bias ((C * m,) or None each)."""
     fmt = memory_format(x)
     x = x.contiguous(memory_format=fmt)
     if shuffle > 1 and fmt == torch.channels_last:
         x, shuffle = shuffle_channels(x, shuffle), 1
-    dw_weight, pw_weight, dw_bias, pw_bias, scale = _dense(dw_weight, pw_weight, dw_bias,
-                                                           pw_bias, scale)
+    dw_weight, pw_weight, dw_bias, pw_bias, scale, norm_weight, norm_bias = _dense(
+        dw_weight, pw_weight, dw_bias, pw_bias, scale, norm_weight, norm_bias)
     geom = _geometry(x, dw_weight, pw_weight.shape[0], stride, padding, dilation, fmt,
                      mid_activation, activation)
     Ho, Wo = geom[16:18]
@@ -115,7 +115,7 @@ def forward(x, dw_weight, pw_weight, dw_bias, pw_bias, stride, padding, dilation
     _C.forward(geom, DTYPES[x.dtype], _ptr(x), _ptr(dw_weight), _ptr(pw_weight),
                _ptr(dw_bias), _ptr(pw_bias), _ptr(scale), _ptr(y),
                int(y_format == torch.channels_last), pw_groups, shuffle,
-               -1.0 if norm_eps is None else norm_eps)
+               -1.0 if norm_eps is None else norm_eps, _ptr(norm_weight), _ptr(norm_bias))
     return y
 
 
@@ -154,15 +154,18 @@ def mean(x, dw_weight, dw_bias, stride, padding, dilation, mid_activation,
 def backward(grad_y, x, dw_weight, pw_weight, dw_bias, pw_bias, stride, padding, dilation,
              mid_activation, activation, output_mask, y=None, scale=None,
              want_scale=False, mid_in=None, want_mid=False,
-             pw_groups=1, shuffle=1, norm_eps=None, y_is_z=False) -> tuple[Tensor | None, ...]:
+             pw_groups=1, shuffle=1, norm_eps=None, y_is_z=False, norm_weight=None,
+             norm_bias=None, want_norm=(False, False)) -> tuple[Tensor | None, ...]:
     """y: the forward's output, or None; the kernel reads relu' / relu6' from it. scale:
     the forward's (N, C * m) or None. Returns the gradients of (x, dw_weight, pw_weight,
     dw_bias, pw_bias), then of the scale (None unless want_scale) where it is given, then
     with want_mid d loss / d act_mid(dw(x) + dw_bias) (N, C * m, Ho, Wo; channels-last),
     which a later call adds as its mid_in (a squeeze-and-excitation block's mean).
-    pw_groups, shuffle, norm_eps: as ``forward``'s (grad_x is x's, unshuffled). y_is_z: y
-    is the pre-activation z of the pointwise stage (act2' is read from it: no GEMM to
-    recompute it)."""
+    pw_groups, shuffle, norm_eps, norm_weight, norm_bias: as ``forward``'s (grad_x is x's,
+    unshuffled); where norm_weight or norm_bias is given, the gradients of both follow
+    the others (None where not given or not in ``want_norm``). y_is_z: y is the
+    pre-activation z of the pointwise stage (act2' is read from it: no GEMM to recompute
+    it)."""
     fmt = memory_format(x)
     x, grad_y = x.contiguous(memory_format=fmt), grad_y.contiguous(memory_format=fmt)
     groups, unshuffle = shuffle, shuffle > 1 and fmt == torch.channels_last  # (as forward)
@@ -173,8 +176,8 @@ def backward(grad_y, x, dw_weight, pw_weight, dw_bias, pw_bias, stride, padding,
             raise ValueError(f"y must be like grad_y ({tuple(grad_y.shape)}, {x.dtype}, "
                              f"{x.device}), got {tuple(y.shape)}, {y.dtype}, {y.device}")
         y = y.contiguous(memory_format=fmt)
-    dw_weight, pw_weight, dw_bias, pw_bias, scale = _dense(dw_weight, pw_weight, dw_bias,
-                                                           pw_bias, scale)
+    dw_weight, pw_weight, dw_bias, pw_bias, scale, norm_weight, norm_bias = _dense(
+        dw_weight, pw_weight, dw_bias, pw_bias, scale, norm_weight, norm_bias)
     if mid_in is not None:
         mid_in = mid_in.contiguous(memory_format=torch.channels_last)
     geom = _geometry(x, dw_weight, pw_weight.shape[0], stride, padding, dilation, fmt,
@@ -188,13 +191,18 @@ def backward(grad_y, x, dw_weight, pw_weight, dw_bias, pw_bias, stride, padding,
     gs = torch.empty_like(scale) if want_scale and scale is not None else None
     gmid = torch.empty((x.shape[0], dw_weight.shape[0], *geom[16:18]), dtype=x.dtype,
                        memory_format=torch.channels_last) if want_mid else None
+    gnw, gnb = (torch.empty_like(t) if t is not None and want else None
+                for t, want in zip((norm_weight, norm_bias), want_norm))
     _C.backward(geom, DTYPES[x.dtype], _ptr(grad_y), _ptr(y), _ptr(x), _ptr(dw_weight),
                 _ptr(pw_weight), _ptr(dw_bias), _ptr(pw_bias), _ptr(scale), _ptr(mid_in),
                 _ptr(gx), _ptr(gdw), _ptr(gpw), _ptr(gdwb), _ptr(gpwb), _ptr(gs), _ptr(gmid),
-                pw_groups, shuffle, -1.0 if norm_eps is None else norm_eps, y_is_z)
+                pw_groups, shuffle, -1.0 if norm_eps is None else norm_eps, y_is_z,
+                _ptr(norm_weight), _ptr(norm_bias), _ptr(gnw), _ptr(gnb))
     if unshuffle and gx is not None:
         gx = shuffle_channels(gx, groups, inverse=True)
     grads = (gx, gdw, gpw, gdwb, gpwb) + ((gs,) if scale is not None else ())
+    if norm_weight is not None or norm_bias is not None:
+        grads += (gnw, gnb)
     return grads + (gmid,) if want_mid else grads
 
 

@@ -16,7 +16,7 @@ import warnings
 import torch
 from torch import Tensor
 
-from . import _native, _triton, reference
+from . import _native, _norm, _triton, reference
 
 _warned_no_triton = False
 
@@ -67,7 +67,7 @@ def separable_conv2d(
     shuffle: x goes through a channel shuffle of that many groups first (the native
     kernels read it through the shuffle; elsewhere it is made). norm_eps: None, or
     LayerNorm without affine over each pixel's mid channels before the pointwise conv
-    (the functional folds the affine into pw_weight and pw_bias)."""
+    (``call`` folds the affine into pw_weight and pw_bias: _norm.fold)."""
     impl = _impl(x, backend)
     fmt = _native.memory_format(x)
     if shuffle > 1 and impl is not _native:
@@ -306,62 +306,99 @@ class _NativeAutograd(torch.autograd.Function):
     ~100 us more per call than this. The same kernels, so the same results."""
 
     @staticmethod
-    def forward(ctx, x, dw_weight, pw_weight, dw_bias, pw_bias, scale, pw_groups, shuffle,
-                norm_eps, *config):
+    def forward(ctx, x, dw_weight, pw_weight, dw_bias, pw_bias, scale, norm_weight, norm_bias,
+                pw_groups, shuffle, norm_eps, *config):
         # GELU: the kernel gives z (act2 = "none"), kept for the backward, and y = GELU(z)
         # is a pass over it, so the backward reads act2' from z instead of recomputing it
         # by a third GEMM (gelu' needs z itself, not y).
         keep_z = config[4] in KEEPS_Z and scale is None
         act2 = "none" if keep_z else config[4]
         y = _native.forward(x, dw_weight, pw_weight, dw_bias, pw_bias, *config[:4], act2,
-                            scale=scale, pw_groups=pw_groups, shuffle=shuffle, norm_eps=norm_eps)
+                            scale=scale, pw_groups=pw_groups, shuffle=shuffle, norm_eps=norm_eps,
+                            norm_weight=norm_weight, norm_bias=norm_bias)
         keep_y = _native_keeps_y(config[4]) and scale is None
         ctx.y_is_z = keep_z
         if keep_z:
             y, z = reference._FORWARD[config[4]](y), y
         ctx.save_for_backward(x, dw_weight, pw_weight, dw_bias, pw_bias,
-                              z if keep_z else y if keep_y else None, scale)
+                              z if keep_z else y if keep_y else None, scale, norm_weight,
+                              norm_bias)
         ctx.config = config  # stride, padding, dilation, mid_activation, activation
         ctx.pw_groups, ctx.shuffle, ctx.norm_eps = pw_groups, shuffle, norm_eps
         return y
 
     @staticmethod
     def backward(ctx, grad_y):
-        x, dw_weight, pw_weight, dw_bias, pw_bias, y, scale = ctx.saved_tensors
+        x, dw_weight, pw_weight, dw_bias, pw_bias, y, scale, nw, nb = ctx.saved_tensors
         mask = _grad_mask(ctx, dw_bias, pw_bias)
         want_scale = scale is not None and ctx.needs_input_grad[5]
+        want_norm = [nw is not None and ctx.needs_input_grad[6],
+                     nb is not None and ctx.needs_input_grad[7]]
         groups, shuffle, eps = ctx.pw_groups, ctx.shuffle, ctx.norm_eps
         if scale is not None and groups > 1:  # (on the dense weight, see _grouped)
             pw_weight = dense_pointwise(pw_weight, groups)
         args = (grad_y, x, dw_weight, pw_weight, dw_bias, pw_bias, *ctx.config)
+        gs = gnw = gnb = None
         if torch.is_grad_enabled():  # create_graph: the backward op, whose own backward
-            if scale is None:  # raises clearly (it takes no z: None where y is z)
+            # raises clearly (it takes no z: None where y is z)
+            if nw is not None or nb is not None:
+                grads, gnw, gnb = _folded_backward(args, mask, want_norm, y, ctx, nw, nb)
+            elif scale is None:
                 grads = separable_conv2d_backward(*args, "native", mask,
                                                   None if ctx.y_is_z else y, groups, shuffle,
                                                   eps)
             else:
                 *grads, gs = _scaled_backward(*args, "native", scale, mask, want_scale)
         elif scale is None:
-            grads, gs = _native.backward(*args, mask, y=y, pw_groups=groups, shuffle=shuffle,
-                                         norm_eps=eps, y_is_z=ctx.y_is_z), None
+            grads = _native.backward(*args, mask, y=y, pw_groups=groups, shuffle=shuffle,
+                                     norm_eps=eps, y_is_z=ctx.y_is_z, norm_weight=nw,
+                                     norm_bias=nb, want_norm=want_norm)
+            if nw is not None or nb is not None:
+                *grads, gnw, gnb = grads
         else:
             *grads, gs = _native.backward(*args, mask, scale=scale, want_scale=want_scale)
         if scale is not None:
             grads = _grouped(grads, mask, groups)
         out = _grads_or_none(grads, mask, 0)
-        return (*out, gs if want_scale else None, None, None, None) + (None,) * len(ctx.config)
+        return (*out, gs if want_scale else None, gnw, gnb, None, None, None) + \
+            (None,) * len(ctx.config)
+
+
+def _folded_backward(args, mask, want_norm, y, ctx, nw, nb):
+    """_NativeAutograd's backward with LayerNorm's affine where the graph is recorded
+    (create_graph): the backward op on the folded weight and bias (the op takes no
+    affine), and the gradients of the weight, gamma and beta from its, in torch ops."""
+    grad_y, x, dw_weight, pw_weight, dw_bias, pw_bias, *config = args
+    w_f, b_f = _norm.fold_plain(pw_weight, pw_bias, nw, nb)
+    want_w = mask[2] or want_norm[0]
+    want_b = b_f is not None and (mask[4] or want_norm[1] or (mask[2] and nb is not None))
+    grads = list(separable_conv2d_backward(
+        grad_y, x, dw_weight, w_f, dw_bias, b_f, *config, "native",
+        [mask[0], mask[1], want_w, mask[3], want_b], None if ctx.y_is_z else y, 1, 1,
+        ctx.norm_eps))
+    g_b = grads[4] if want_b else None
+    if want_w:
+        grads[2], gnw, gnb = _norm.fold_grads(pw_weight.flatten(1), nw, nb, grads[2].flatten(1),
+                                              g_b, (mask[2], *want_norm))
+        grads[2] = None if grads[2] is None else grads[2].view_as(pw_weight)
+    else:
+        gnw, gnb = None, _norm.fold_grads(pw_weight.flatten(1), nw, nb, None, g_b,
+                                          (False, False, want_norm[1]))[2]
+    return grads, gnw, gnb
 
 
 def call(x, dw_weight, pw_weight, dw_bias, pw_bias, stride, padding, dilation, mid_activation,
          activation, backend, scale=None, mid=None, pw_groups=1, shuffle=1,
-         norm_eps=None) -> Tensor:
+         norm_eps=None, norm_weight=None, norm_bias=None) -> Tensor:
     """The forward op, or its native CPU kernel directly where nothing needs to see
     the op (same kernel, same result): plain under no_grad, through _NativeAutograd
     where a gradient is wanted. mid: None, or act_mid(dw(x) + dw_bias) from
     ``call_mean(keep=True)``, which the native forward under no_grad then starts from
     (elsewhere it is recomputed; training takes _NativeExcited instead). pw_groups: the
     pointwise conv's groups; shuffle: x's channel shuffle (not with scale or mid);
-    norm_eps: LayerNorm over the mid channels (not with scale, mid, groups or shuffle)."""
+    norm_eps: LayerNorm over the mid channels (not with scale, mid, groups or shuffle),
+    its affine norm_weight / norm_bias in the native kernels, else folded into the
+    pointwise weight and bias for the op (_norm.fold)."""
     if shuffle > 1 and _native.memory_format(x) == torch.channels_last:
         # A channels-last x is shuffled here, by a differentiable torch op whose output
         # the backward keeps: read through the shuffle, it was shuffled again for the
@@ -371,16 +408,22 @@ def call(x, dw_weight, pw_weight, dw_bias, pw_bias, stride, padding, dilation, m
     args = (x, dw_weight, pw_weight, dw_bias, pw_bias, stride, padding, dilation,
             mid_activation, activation)
     if (backend in ("auto", "native") and _native.supports(x)
-            and _nothing_to_record((x, dw_weight, pw_weight, dw_bias, pw_bias, scale))):
+            and _nothing_to_record((x, dw_weight, pw_weight, dw_bias, pw_bias, scale,
+                                    norm_weight, norm_bias))):
         grad = torch.is_grad_enabled() and any(
-            t is not None and t.requires_grad for t in (*args[:5], scale))
+            t is not None and t.requires_grad for t in (*args[:5], scale, norm_weight, norm_bias))
         if not grad:
             if mid is not None:
                 return _native.forward_from_mid(mid, pw_weight, pw_bias, activation, scale,
                                                 _native.memory_format(x), pw_groups)
             return _native.forward(*args, scale=scale, pw_groups=pw_groups, shuffle=shuffle,
-                                   norm_eps=norm_eps)
-        return _NativeAutograd.apply(*args[:5], scale, pw_groups, shuffle, norm_eps, *args[5:])
+                                   norm_eps=norm_eps, norm_weight=norm_weight,
+                                   norm_bias=norm_bias)
+        return _NativeAutograd.apply(*args[:5], scale, norm_weight, norm_bias, pw_groups,
+                                     shuffle, norm_eps, *args[5:])
+    if norm_weight is not None or norm_bias is not None:
+        pw_weight, pw_bias = _norm.fold(pw_weight, pw_bias, norm_weight, norm_bias)
+        args = (x, dw_weight, pw_weight, dw_bias, pw_bias, *args[5:])
     if torch.onnx.is_in_onnx_export():  # (an export traces, so it never takes the path above)
         # ONNX has no sepconv op: export the same maths as standard Conv / activation nodes.
         if shuffle > 1:

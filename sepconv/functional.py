@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import weakref
-
 import torch
 from torch import Tensor
 
-from . import _backend, _ops
+from . import _backend, _norm, _ops
 from .reference import ACTIVATIONS
 
 __all__ = ["separable_conv2d", "depthwise_mean"]
@@ -187,10 +185,11 @@ def separable_conv2d(
     through it, so the shuffled tensor is never made; elsewhere it is.
     ``norm="layernorm"``: ``nn.LayerNorm(C_in * m, eps=norm_eps)`` over each pixel's mid
     channels before the pointwise conv (ConvNeXt's block: dw -> LN -> Linear -> GELU),
-    its affine ``norm_weight`` / ``norm_bias`` ((C_in * m,) or None) folded into the
-    pointwise weight and bias (``W * norm_weight``, ``bias + W @ norm_bias``: autograd
-    gives their gradients), so the kernels only normalise, in the tile, with statistics
-    in float32 at least. Not with ``scale``, ``pointwise_groups`` or ``channel_shuffle``.
+    its affine ``norm_weight`` / ``norm_bias`` ((C_in * m,) or None): in the tile, with
+    statistics in float32 at least; the native kernels apply the affine and sum its
+    gradients there too, elsewhere it is folded into the pointwise weight and bias
+    (``W * norm_weight``, ``bias + W @ norm_bias``: autograd gives their gradients). Not
+    with ``scale``, ``pointwise_groups`` or ``channel_shuffle``.
     """
     if norm is None and norm_weight is None and norm_bias is None:
         return _separable_conv2d(x, depthwise_weight, pointwise_weight, bias, stride, padding,
@@ -202,84 +201,9 @@ def separable_conv2d(
         for t, name in ((norm_weight, "norm_weight"), (norm_bias, "norm_bias")):
             if t is not None:
                 _check_tensor(t, name, pointwise_weight, (mid,))
-        pointwise_weight, bias = _fold_layer_norm(pointwise_weight, bias, norm_weight,
-                                                  norm_bias)
     return _separable_conv2d(x, depthwise_weight, pointwise_weight, bias, stride, padding,
                              dilation, depthwise_bias, mid_activation, activation, None, None,
-                             1, 1, float(norm_eps))
-
-
-# Folded (weight, bias) of inference calls, by the pointwise weight: the fold writes a new
-# Co x Cm weight on every call, a pass over memory beyond the L2 at ConvNeXt's widths
-# (0.27 ms of a 1.2 ms 768x7->3072 forward at batch 1 on Zen 5's AVX2 path). Kept while
-# the four tensors are the same objects at the same versions (an in-place update, as an
-# optimizer step, bumps the version); not where autograd, a compiler or a tracer must
-# see the fold. Entry id(W) -> (weakref to W, the four tensors' ids and versions, the
-# folded pair), dropped with W: inference holds a folded copy of each such weight.
-_FOLDED: dict = {}
-
-
-def _fold_layer_norm(w, b, gamma, beta):
-    """W (gamma n + beta) + b = (W gamma) n + (W beta + b): the pointwise (weight, bias)
-    with LayerNorm's affine folded in."""
-    tensors = (w, b, gamma, beta)
-    key = None
-    if not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)) \
-            and not torch.compiler.is_compiling() and not torch.jit.is_tracing() \
-            and type(w) in (Tensor, torch.nn.Parameter):
-        try:
-            key = tuple((id(t), t._version) if t is not None else None for t in tensors)
-        except RuntimeError:  # inference tensors keep no version
-            key = None
-        hit = _FOLDED.get(id(w)) if key is not None else None
-        if hit is not None and hit[0]() is w and hit[1] == key:
-            return hit[2], hit[3]
-    if torch.jit.is_tracing() or torch.onnx.is_in_onnx_export():  # (standard ops only)
-        if beta is not None:
-            shift = w.flatten(1) @ beta
-            b = shift if b is None else b + shift
-        if gamma is not None:
-            w = w * gamma[:, None, None]
-    else:
-        w, b = _FoldLayerNorm.apply(w, b, gamma, beta)
-    if key is not None:
-        k = id(tensors[0])
-        _FOLDED[k] = (weakref.ref(tensors[0], lambda _, k=k: _FOLDED.pop(k, None)), key, w, b)
-    return w, b
-
-
-class _FoldLayerNorm(torch.autograd.Function):
-    """(W gamma, b + W beta) and its backward, on W as the (Co, Cm) matrix: autograd's own
-    formulas broadcast over the (Co, Cm, 1, 1) weight's unit dims took 1.5 ms a pass at
-    3072 x 768 (9 ms of a 12 ms batch-1 training step, Zen 5); as matrices, with the
-    weight's two gradient terms in one addr, they are bandwidth-bound passes."""
-
-    @staticmethod
-    def forward(ctx, w, b, gamma, beta):
-        w2 = w.flatten(1)
-        ctx.save_for_backward(w2, gamma, beta)
-        ctx.has_b = b is not None
-        folded = (w2 * gamma if gamma is not None else w2.clone()).view_as(w)
-        if beta is not None:
-            b = torch.addmv(b, w2, beta) if b is not None else torch.mv(w2, beta)
-        return folded, b
-
-    @staticmethod
-    def backward(ctx, gw, gb):
-        w2, gamma, beta = ctx.saved_tensors
-        need = ctx.needs_input_grad
-        gw2 = gw.flatten(1)
-        gw_in = ggamma = gbeta = None
-        if need[0]:
-            gw_in = gw2 * gamma if gamma is not None else gw2.clone()
-            if beta is not None and gb is not None:
-                gw_in = gw_in.addr_(gb, beta)
-            gw_in = gw_in.view_as(gw)
-        if gamma is not None and need[2]:
-            ggamma = (gw2 * w2).sum(0)
-        if beta is not None and need[3] and gb is not None:
-            gbeta = torch.mv(w2.t(), gb)
-        return gw_in, gb if ctx.has_b and need[1] else None, ggamma, gbeta
+                             1, 1, float(norm_eps), norm_weight, norm_bias)
 
 
 def _check_norm(norm, eps, scale, pointwise_groups, channel_shuffle) -> None:
@@ -296,10 +220,14 @@ def _check_norm(norm, eps, scale, pointwise_groups, channel_shuffle) -> None:
 
 def _separable_conv2d(x, depthwise_weight, pointwise_weight, bias, stride, padding, dilation,
                       depthwise_bias, mid_activation, activation, scale, mid,
-                      pointwise_groups=1, channel_shuffle=1, norm_eps=None) -> Tensor:
+                      pointwise_groups=1, channel_shuffle=1, norm_eps=None, norm_weight=None,
+                      norm_bias=None) -> Tensor:
     """separable_conv2d; mid: None, or the intermediate from _depthwise_mean(keep=True);
-    norm_eps: None, or LayerNorm (no affine: folded by the caller) with that eps."""
+    norm_eps: None, or LayerNorm with that eps and affine (norm_weight, norm_bias)."""
     if torch._C._is_any_autocast_enabled():
+        if norm_weight is not None or norm_bias is not None:  # (folded in float32, then cast)
+            pointwise_weight, bias = _norm.fold(pointwise_weight, bias, norm_weight, norm_bias)
+            norm_weight = norm_bias = None
         x, depthwise_weight, pointwise_weight, bias, depthwise_bias, scale = _autocast(
             x, depthwise_weight, pointwise_weight, bias, depthwise_bias, scale)
     hyper = (stride, padding, dilation, mid_activation, activation)
@@ -322,7 +250,7 @@ def _separable_conv2d(x, depthwise_weight, pointwise_weight, bias, stride, paddi
             return _separable_conv2d(x.unsqueeze(0), depthwise_weight, pointwise_weight, bias,
                                      stride, padding, dilation, depthwise_bias, mid_activation,
                                      activation, scale, mid, pointwise_groups, channel_shuffle,
-                                     norm_eps)[0]
+                                     norm_eps, norm_weight, norm_bias)[0]
         config = _check_call(x, depthwise_weight, pointwise_weight, bias, depthwise_bias, *hyper,
                              pointwise_groups)
         _check_shuffle(channel_shuffle, x.shape[1], scale is not None or mid is not None)
@@ -332,7 +260,7 @@ def _separable_conv2d(x, depthwise_weight, pointwise_weight, bias, stride, paddi
             _CALLS[key] = config
     return _ops.call(x, depthwise_weight, pointwise_weight, depthwise_bias, bias, *config,
                      _backend.current_backend(), scale, mid, pointwise_groups, channel_shuffle,
-                     norm_eps)
+                     norm_eps, norm_weight, norm_bias)
 
 
 def depthwise_mean(

@@ -233,11 +233,16 @@ def test_every_activation_pair_natively(native_path):
         check(native_path, CASES[3], act1, act2)
 
 
-def test_inference_reuses_the_fold_until_a_tensor_changes():
-    """Under no_grad the folded pointwise weight and bias are kept while the pointwise
-    weight, its bias and LayerNorm's weight and bias are the same tensors at the same
-    versions: an in-place update of any of them (an optimizer step) refolds."""
-    from sepconv import functional
+@pytest.mark.parametrize("backend", ["native", "reference"])
+def test_inference_reuses_the_fold_until_a_tensor_changes(backend):
+    """The op path (here the reference) folds LayerNorm's affine into the pointwise
+    weight and bias; under no_grad the folded pair is kept while the pointwise weight, its
+    bias and LayerNorm's weight and bias are the same tensors at the same versions: an
+    in-place update of any of them (an optimizer step) refolds. The native kernels take
+    the affine themselves: nothing folded, nothing kept."""
+    from sepconv import _norm
+    if backend == "native" and not sepconv.backend_info()["cpu_native"]:
+        pytest.skip("extension not built")
     torch.manual_seed(0)
     sep = sepconv.SeparableConv2d(6, 12, 3, padding=1, norm="layernorm").double().eval()
     x = torch.randn(2, 6, 5, 5, dtype=torch.float64)
@@ -245,9 +250,9 @@ def test_inference_reuses_the_fold_until_a_tensor_changes():
         return dict(dw=m.depthwise_weight, dwb=torch.zeros(6, dtype=torch.float64),
                     lnw=m.norm_weight, lnb=m.norm_bias, pw=m.pointwise_weight.flatten(1),
                     pwb=m.bias)
-    with torch.no_grad():
+    with torch.no_grad(), sepconv.use_backend(backend):
         first = sep(x)
-        assert id(sep.pointwise_weight) in functional._FOLDED
+        assert (id(sep.pointwise_weight) in _norm.FOLDED) == (backend == "reference")
         torch.testing.assert_close(sep(x), first, rtol=0, atol=0)
         for t in (sep.norm_weight, sep.norm_bias, sep.pointwise_weight, sep.bias):
             t.add_(0.25)
@@ -256,7 +261,7 @@ def test_inference_reuses_the_fold_until_a_tensor_changes():
     del sep
     import gc
     gc.collect()
-    assert key not in functional._FOLDED  # dropped with its weight
+    assert key not in _norm.FOLDED  # dropped with its weight
 
 
 @pytest.mark.parametrize("case", [CASES[0], CASES[1], CASES[2], (1, 40, 7, 7, 1, 24, 7, 1, 3, 1),
@@ -276,3 +281,70 @@ def test_both_backward_drivers(native_path, backward_mode, case, threads):
             check(native_path, case, *acts, layout)
     finally:
         torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("which", ["weight", "bias", "neither"])
+@pytest.mark.parametrize("wanted", ["all", "norm_only", "x_only"])
+def test_affine_parts_and_partial_gradients(path, backward_mode, which, wanted):
+    """LayerNorm without its weight, or its bias, or both (nn.LayerNorm(bias=False),
+    elementwise_affine=False); gradients wanted of LayerNorm's affine alone (the native
+    backward then runs dL/dU's GEMM for them, without a depthwise gradient) or of x alone.
+    Both backward drivers (the fixture; the reference path ignores it)."""
+    N, C, H, W, m, Co, k, stride, padding, dilation = (2, 8, 7, 7, 1, 12, 7, 1, 3, 1)
+    dtype, device = path["dtype"], path["device"]
+    p = {k_: v.to(dtype).to(device) for k_, v in _params(C, m, Co, k, seed=5).items()}
+    if which in ("bias", "neither"):
+        p["lnw"] = None
+    if which in ("weight", "neither"):
+        p["lnb"] = None
+    x = torch.randn(N, C, H, W, generator=torch.Generator().manual_seed(6),
+                    dtype=torch.float64).to(dtype).to(device)
+    names = [n for n, t in p.items() if t is not None]
+    grad_of = {"all": ["x", *names], "norm_only": [n for n in ("lnw", "lnb") if n in names],
+               "x_only": ["x"]}[wanted] or ["x"]
+    leaves = {"x": x, **p}
+    for n in grad_of:
+        leaves[n] = leaves[n].clone().requires_grad_()
+    got = _fused(leaves["x"], leaves, stride, padding, dilation, None, "gelu", 1e-6)
+    ref = {n: (None if t is None else t.double().detach().requires_grad_(n in grad_of))
+           for n, t in leaves.items()}
+    want = _pair(ref["x"], ref, stride, padding, dilation, None, "gelu", 1e-6)
+    assert_close(got, want, dtype, "y")
+    gy = torch.randn(want.shape, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+    grads = torch.autograd.grad(got, [leaves[n] for n in grad_of], gy.to(dtype).to(device))
+    wants = torch.autograd.grad(want, [ref[n] for n in grad_of], gy)
+    for n, a, b in zip(grad_of, grads, wants):
+        assert_close(a, b, dtype, n)
+
+
+def test_create_graph_gives_first_order_gradients_then_a_clear_error():
+    """With create_graph the native path records its backward (through the op, on the
+    folded weights): the first-order gradients of every input, LayerNorm's affine
+    included, match the pair's, and a gradient of a gradient raises clearly."""
+    torch.manual_seed(0)
+    p = {k_: v.requires_grad_() for k_, v in _params(6, 1, 10, 3, seed=8).items()}
+    x = torch.randn(2, 6, 5, 5, dtype=torch.float64, requires_grad=True)
+    leaves = [x, *p.values()]
+    got = torch.autograd.grad(_fused(x, p, 1, 1, 1, None, "gelu", 1e-6).sum(), leaves,
+                              create_graph=True)
+    want = torch.autograd.grad(_pair(x, p, 1, 1, 1, None, "gelu", 1e-6).sum(), leaves)
+    for name, a, b in zip(["x", *p], got, want):
+        torch.testing.assert_close(a, b, msg=lambda m, name=name: f"{name}: {m}")
+    assert got[0].requires_grad
+    with pytest.raises(RuntimeError, match="no autograd formula"):
+        (got[0] * x).sum().backward()
+
+
+def test_extension_refuses_an_affine_without_norm():
+    from sepconv import _native
+    if _native._C is None:
+        pytest.skip("extension not built")
+    x, dw, pw = torch.randn(1, 4, 5, 5), torch.randn(4, 1, 3, 3), torch.randn(6, 4, 1, 1)
+    w = torch.ones(4)
+    with pytest.raises(ValueError, match="without norm_eps"):
+        _native.forward(x, dw, pw, None, None, [1, 1], [1, 1, 1, 1], [1, 1], "none", "none",
+                        norm_weight=w)
+    gy = torch.randn(1, 6, 5, 5)
+    with pytest.raises(ValueError, match="without norm_eps"):
+        _native.backward(gy, x, dw, pw, None, None, [1, 1], [1, 1, 1, 1], [1, 1], "none",
+                         "none", [True] * 5, norm_weight=w, want_norm=(True, False))

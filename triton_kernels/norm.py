@@ -3,7 +3,7 @@
 (forward._depthwise): normalise in place, and its backward.
 
 The kernels normalise only, (v - mean) * rstd with nn.LayerNorm's biased variance; the
-affine is folded into the pointwise weight and bias by sepconv.functional. Statistics
+affine is folded into the pointwise weight and bias by sepconv._ops.call. Statistics
 and arithmetic are float32 whatever the storage dtype. A program takes BLOCK_P whole
 rows and walks their channels in BLOCK_K steps: a pass for the mean, one for the
 centred squares (no cancellation), one to write.

@@ -4,7 +4,7 @@
 
 // What a backward call computes besides the gradients asked for.
 struct BackwardNeeds {
-  bool g;       // d loss / d U: for grad_x or a depthwise gradient
+  bool g;       // d loss / d U (or LayerNorm's output): grad_x, a depthwise or LN gradient
   bool from_y;  // dL/dz from y
   bool z;       // z = W.M + b recomputed
 };
@@ -14,8 +14,9 @@ BackwardNeeds backward_needs(const Geometry& g, const T* y, const Grads<T>& out)
   // exactly (NaN included), so with y at hand z is not recomputed; the others need z
   // itself, which the caller may have kept (y_is_z: _ops._NativeAutograd for GELU).
   const bool from_y = y && (g.y_is_z || g.act2 == ACT_RELU || g.act2 == ACT_RELU6);
-  return {out.x || out.dw_weight || out.dw_bias || out.scale || out.mid, from_y,
-          g.act2 != ACT_NONE && !from_y};
+  return {out.x || out.dw_weight || out.dw_bias || out.scale || out.mid || out.norm_weight ||
+              out.norm_bias,
+          from_y, g.act2 != ACT_NONE && !from_y};
 }
 
 // dL/dM of `rows` pixels of a band (G, rows ldg apart; M = act1(U)), channels [0, n):
@@ -179,7 +180,7 @@ template <class T> bool splits_channels(const Geometry& g, int64_t R) {
 template <class T>
 int backward_split(const Geometry& g, const T* gy, const T* y, const T* x, const T* dww,
                    const T* pww, const T* dwb, const T* pwb, const T* scale, const T* mid_in,
-                   const Grads<T>& out) {
+                   const T* lnw, const T* lnb, const Grads<T>& out) {
   constexpr int64_t nr = NR<T>();
   const int64_t HWo = g.Ho * g.Wo, HW = g.H * g.W, C = g.C, Cm = g.Cm, Co = g.Co;
   const int64_t kk = g.kh * g.kw;
@@ -191,14 +192,16 @@ int backward_split(const Geometry& g, const T* gy, const T* y, const T* x, const
   const bool pack_gz = packs<T>(ldo), pack_m = packs<T>(ldm);
   const int64_t sU = P * ldm, sGZ = P * ldo, sB = cl ? 0 : band_elems(g, P);
   const int64_t sGZs = pack_gz ? P * round_up(Co, MR) : 0, sMs = pack_m ? P * ldm : 0;
-  // LayerNorm: M in its own buffer (G's GEMM overwrites G, and LN's backward reads M),
-  // and per thread and pixel the partial sums over the thread's channels (two of them a
-  // stage) and the pixels' mean and rstd: a row's statistics cross the channel shares.
-  const bool norm = g.norm_eps >= 0;
+  // LayerNorm: M (its normalised N) in its own buffer (G's GEMM overwrites G, and LN's
+  // backward reads N), and per thread and pixel the partial sums over the thread's
+  // channels (two of them a stage) and the pixels' mean and rstd: a row's statistics
+  // cross the channel shares. With an affine, A = N * gamma + beta (what the GEMMs read)
+  // goes in G, unused until G's GEMM: its barrier follows the last read of A.
+  const bool norm = g.norm_eps >= 0, affine = norm && (lnw || lnb);
   const int64_t sN = norm ? sU : 0, sP = round_up(P, 16);
   const int64_t sNorm = norm ? sN + 6 * g.threads * sP : 0;
   Buf<T> ws(0, 2 * sU + sGZ + sGZs + sMs + (cl ? 0 : sGZ + 2 * sB) + sNorm),
-      acc(1, kk * Cm + Cm + Co),
+      acc(1, kk * Cm + Cm + Co + 2 * Cm),
       wt(2, kk * Cm), bp(3, need.z ? ldo * Cm : 0), wpk(4, need.g ? Co * ldm : 0),
       bias(5, ldo, true);
   Buf<int64_t> cols(6, 2 * g.kw);
@@ -221,8 +224,11 @@ int backward_split(const Geometry& g, const T* gy, const T* y, const T* x, const
   T* a_dw = acc.p;  // [tap][Cm]
   T* a_dwb = a_dw + kk * Cm;
   T* a_pwb = a_dwb + Cm;
+  T* a_lnw = a_pwb + Co;  // LayerNorm's weight and bias
+  T* a_lnb = a_lnw + Cm;
   // act1(U) (times the scale); dL/dU overwrites it after its last use
   T* M = norm ? NB : g.act1 == ACT_NONE && !scale ? U : G;
+  T* A = affine ? G : M;  // what the GEMMs read
 #pragma omp parallel num_threads(g.threads)
   {
     const DenormalMode thread_mode(g.flush_denormals);
@@ -241,6 +247,8 @@ int backward_split(const Geometry& g, const T* gy, const T* y, const T* x, const
     for (int64_t t = 0; t < kk; ++t) memset(a_dw + t * Cm + c0, 0, nc * sizeof(T));
     memset(a_dwb + c0, 0, nc * sizeof(T));
     memset(a_pwb + o0, 0, (o1 - o0) * sizeof(T));
+    memset(a_lnw + c0, 0, nc * sizeof(T));
+    memset(a_lnb + c0, 0, nc * sizeof(T));
 #pragma omp barrier
     for (int64_t n = 0; n < g.N; ++n)
       for (int64_t band = 0; band < nb; ++band) {
@@ -276,6 +284,9 @@ int backward_split(const Geometry& g, const T* gy, const T* y, const T* x, const
         if (norm)
           split_layer_norm(g, M, ldm, np, c0, c1, tid, team, part, sP, means + tid * sP,
                            rstds + tid * sP);
+        if (affine)
+          affine_rows(M + c0, A + c0, ldm, np, nc, lnw ? lnw + c0 : nullptr,
+                      lnb ? lnb + c0 : nullptr);
         // All of M is made, and every thread is done with the last band's dL/dz.
 #pragma omp barrier
         // GZ = dL/dz of output channels [o0, o1), pixel-major
@@ -290,7 +301,7 @@ int backward_split(const Geometry& g, const T* gy, const T* y, const T* x, const
         }
         if (need.z && o1 > o0) {
           Out<T> o{GZ + o0, ldo, false, bias.p + o0, pwb ? 2 : 0, ACT_NONE};
-          gemm(np, o1 - o0, Cm, M, ldm, (int64_t)1, (int64_t)0, bp.p + o0 * Cm, Cm * nr, nr, o);
+          gemm(np, o1 - o0, Cm, A, ldm, (int64_t)1, (int64_t)0, bp.p + o0 * Cm, Cm * nr, nr, o);
         }
         for (int64_t r = 0; r < np; ++r) {
           T* z = GZ + r * ldo + o0;
@@ -310,12 +321,12 @@ int backward_split(const Geometry& g, const T* gy, const T* y, const T* x, const
         }
         if (nc == 0 && !(norm && need.g)) continue;  // (LN's backward: every thread's sums)
         if (nc > 0 && out.pw_weight) {  // gW[:, c0:c1] (+)= GZ^T . M[:, c0:c1]
-          const T* B = M + c0;
+          const T* B = A + c0;
           int64_t b_panel = nr, ldb = ldm;
           if (pack_m) {
             for (int64_t q = c0 / nr; q < ceil_div(c1, nr); ++q)
               for (int64_t k = 0; k < np; ++k)
-                storeu_n<T, nr>(Ms + (q * P + k) * nr, M + k * ldm + q * nr);
+                storeu_n<T, nr>(Ms + (q * P + k) * nr, A + k * ldm + q * nr);
             B = Ms + c0 * P, b_panel = P * nr, ldb = nr;
           }
           Out<T> o{out.pw_weight + c0, Cm, n > 0 || band > 0, nullptr, 0, ACT_NONE};
@@ -328,6 +339,10 @@ int backward_split(const Geometry& g, const T* gy, const T* y, const T* x, const
           Out<T> o{G + c0, ldm, false, nullptr, 0, ACT_NONE};
           gemm(np, nc, Co, GZ, ldo, (int64_t)1, (int64_t)0, wpk.p + c0 * Co, Co * nr, nr, o);
         }
+        if (affine)
+          affine_grad_rows(G + c0, M + c0, ldm, np, nc, lnw ? lnw + c0 : nullptr,
+                           out.norm_weight ? a_lnw + c0 : nullptr,
+                           out.norm_bias ? a_lnb + c0 : nullptr);
         if (norm)
           split_layer_norm_grad(g, G, M, ldm, np, c0, c1, tid, team, part, sP, rstds + tid * sP);
         if (nc == 0) continue;
@@ -355,6 +370,8 @@ int backward_split(const Geometry& g, const T* gy, const T* y, const T* x, const
       for (int64_t c = c0; c < c1; ++c) out.dw_bias[c] = a_dwb[c];
     if (out.pw_bias)
       for (int64_t co = o0; co < o1; ++co) out.pw_bias[co] = a_pwb[co];
+    if (out.norm_weight) memcpy(out.norm_weight + c0, a_lnw + c0, nc * sizeof(T));
+    if (out.norm_bias) memcpy(out.norm_bias + c0, a_lnb + c0, nc * sizeof(T));
   }
   return OK;
 }
@@ -365,13 +382,13 @@ int backward_split(const Geometry& g, const T* gy, const T* y, const T* x, const
 template <class T>
 int backward_impl(const Geometry& g, const T* gy, const T* y, const T* x, const T* dww,
                   const T* pww, const T* dwb, const T* pwb, const T* scale, const T* mid_in,
-                  const Grads<T>& out) {
+                  const T* lnw, const T* lnb, const Grads<T>& out) {
   constexpr int64_t nr = NR<T>();
   const int64_t HWo = g.Ho * g.Wo, Cm = g.Cm, Co = g.Co, kk = g.kh * g.kw, T_ = g.threads;
   const bool cl = g.channels_last;
   const int64_t R = band_rows(g), P = R * g.Wo, nb = ceil_div(g.Ho, R);
   if (splits_channels<T>(g, R))
-    return backward_split(g, gy, y, x, dww, pww, dwb, pwb, scale, mid_in, out);
+    return backward_split(g, gy, y, x, dww, pww, dwb, pwb, scale, mid_in, lnw, lnb, out);
   const BackwardNeeds need = backward_needs(g, y, out);
   const bool need_g = need.g, from_y = need.from_y, need_z = need.z;
   const int64_t ldm = padded_ld<T>(Cm, nr, 128), ldo = padded_ld<T>(Co, nr, 128);
@@ -399,9 +416,10 @@ int backward_impl(const Geometry& g, const T* gy, const T* y, const T* x, const 
   // packed), the stacks, and for NCHW grad_y's tile and the NHWC bands of x, grad_x.
   const int64_t sU = P * ldm, sGZ = P * ldo, sB = cl ? 0 : band_elems(g, P);
   const int64_t sGZt = pack_gz ? sGZ : 0, sMs = KP * ldm, sGZs = KP * imax(ldo, round_up(Co, MR));
-  // LayerNorm: the normalised M where it is not on the stack (it must outlive G's GEMM,
-  // which overwrites G, for LN's backward) and each pixel's rstd.
-  const bool norm = g.norm_eps >= 0;
+  // LayerNorm: the normalised N (it must outlive G's GEMM, which overwrites G, for LN's
+  // backward; without an affine, the GEMMs' M where it is not on the stack) and each
+  // pixel's rstd.
+  const bool norm = g.norm_eps >= 0, affine = norm && (lnw || lnb);
   const int64_t sN = norm ? sU + round_up(P, 16) : 0;
   const int64_t per_thread = 2 * sU + sGZt + sMs + sGZs + (cl ? 0 : sGZ + 2 * sB) + sN;
   // Bytes a band's stages keep in use: the thread's buffers and the packed weights.
@@ -411,7 +429,8 @@ int backward_impl(const Geometry& g, const T* gy, const T* y, const T* x, const 
   const int64_t swpk = !need_g ? 0 : NG == 1 ? Co * ldm : NG * w_panels<T>(g) * nr * Cog;
   const int64_t resident = (per_thread + sbp + swpk) * (int64_t)sizeof(T);
   // Per-thread gradient accumulators, reduced in thread order at the end.
-  const int64_t sgw = Co * Kg, sacc = sgw + kk * Cm + Cm + Co + (out.scale ? g.N * Cm : 0);
+  const int64_t sgw = Co * Kg,
+                sacc = sgw + kk * Cm + Cm + Co + (out.scale ? g.N * Cm : 0) + (affine ? 2 * Cm : 0);
   // The weight gradient's GEMM takes a row block across all weight panels (the row
   // blocks outer: gemm's panel_group) where the accumulator is beyond a quarter of the
   // L2, so that it is read and written in whole rows, a few lines apart, rather than a
@@ -488,7 +507,7 @@ int backward_impl(const Geometry& g, const T* gy, const T* y, const T* x, const 
     T* GY = GZs + sGZs;  // NCHW only: grad_y's tile, then the two bands
     T* XB = GY + sGZ;
     T* GXB = XB + sB;
-    T* NB = U + per_thread - sN;  // LayerNorm only: M's rows, then rstd per pixel
+    T* NB = U + per_thread - sN;  // LayerNorm only: N's rows, then rstd per pixel
     T* rstd = NB + sU;
     T* a_pw = acc.p + tid * sacc;
     int64_t stacked = 0;  // pixels in Ms / GZs whose weight gradient is pending
@@ -508,6 +527,8 @@ int backward_impl(const Geometry& g, const T* gy, const T* y, const T* x, const 
     T* a_dwb = a_dw + kk * Cm;
     T* a_pwb = a_dwb + Cm;
     T* a_s = out.scale ? a_pwb + Co : nullptr;  // [n][Cm]
+    T* a_lnw = a_pwb + Co + (out.scale ? g.N * Cm : 0);  // LayerNorm's weight and bias
+    T* a_lnb = a_lnw + Cm;
     // Band t of a phase: its image and first and last output pixels.
     auto band_of = [&](int64_t t, int64_t per_n, int phase, int64_t* n, int64_t* p0, int64_t* p1) {
       *n = t / per_n;
@@ -583,9 +604,10 @@ int backward_impl(const Geometry& g, const T* gy, const T* y, const T* x, const 
         // from M (relu'(u) is relu'(relu(u)) exactly, as for y). The copy cost the
         // backward 3-7% (Zen 5, AVX-512, batch 32, CL and NCHW, in-process A/B:
         // 32x112->64 relu 1.07x, 32x112->16 relu6 1.06x, 576x14->96 1.05x, 728x19 1.01x).
-        // With LayerNorm, M is normalised in place (never in G: see NB), and it is direct
-        // only without act1, whose derivative it no longer tells.
-        T* Mt = out.pw_weight && !pack_m ? Ms + stacked * ldm : norm ? NB : G;
+        // With LayerNorm, M is normalised into NB (in place without an affine: never in G,
+        // see NB) and, with an affine, A = N * gamma + beta made in Mt; it is direct only
+        // without act1, whose derivative it no longer tells.
+        T* Mt = out.pw_weight && !pack_m ? Ms + stacked * ldm : norm && !affine ? NB : G;
         const bool direct = Mt != G && !scale &&
                             (g.act1 == ACT_NONE ||
                              (!norm && (g.act1 == ACT_RELU || g.act1 == ACT_RELU6)));
@@ -601,7 +623,9 @@ int backward_impl(const Geometry& g, const T* gy, const T* y, const T* x, const 
           if (scale) scale_rows(Mt, np, ldm, scale + n * Cm, Cm);
           M = Mt;
         }
-        if (norm) layer_norm_rows(Mt, np, ldm, Cm, g.norm_eps, rstd);  // (M is Mt)
+        if (norm) layer_norm_rows(M, affine ? NB : Mt, np, ldm, Cm, g.norm_eps, rstd);
+        if (affine) affine_rows(NB, Mt, ldm, np, Cm, lnw, lnb);
+        if (norm) M = Mt;
         if (need_z)
           for (int64_t i = 0; i < NG; ++i) {
             Out<T> o{GZ + i * Cog, ldo, false, bias.p + i * Cog, pwb ? 2 : 0, ACT_NONE};
@@ -642,7 +666,10 @@ int backward_impl(const Geometry& g, const T* gy, const T* y, const T* x, const 
           gemm(np, Kg, Cog, GZ + i * Cog, ldo, (int64_t)1, (int64_t)0,
                wpkt + i * w_panels<T>(g) * nr * Cog, Cog * nr, nr, o);
         }
-        if (norm) layer_norm_grad_rows(G, M, ldm, np, Cm, rstd);
+        if (affine)
+          affine_grad_rows(G, NB, ldm, np, Cm, lnw, out.norm_weight ? a_lnw : nullptr,
+                           out.norm_bias ? a_lnb : nullptr);
+        if (norm) layer_norm_grad_rows(G, affine ? NB : M, ldm, np, Cm, rstd);
         if (scale) scale_grad_rows(g.act1, G, U, ldm, np, scale + n * Cm, a_s ? a_s + n * Cm : nullptr, Cm);
         if (mid_in || out.mid) {
           const int64_t at = (n * HWo + p0) * Cm;
@@ -715,6 +742,13 @@ int backward_impl(const Geometry& g, const T* gy, const T* y, const T* x, const 
       for (int64_t c = 0; c < Cm; ++c) out.dw_bias[c] = (t ? out.dw_bias[c] : T(0)) + a_dwb[c];
     if (out.pw_bias)
       for (int64_t co = 0; co < Co; ++co) out.pw_bias[co] = (t ? out.pw_bias[co] : T(0)) + a_pwb[co];
+    const T* a_lnw = a_s + (out.scale ? g.N * Cm : 0);
+    const T* a_lnb = a_lnw + Cm;
+    if (out.norm_weight)
+      for (int64_t c = 0; c < Cm; ++c)
+        out.norm_weight[c] = (t ? out.norm_weight[c] : T(0)) + a_lnw[c];
+    if (out.norm_bias)
+      for (int64_t c = 0; c < Cm; ++c) out.norm_bias[c] = (t ? out.norm_bias[c] : T(0)) + a_lnb[c];
   }
   return OK;
 }

@@ -150,7 +150,7 @@ template <class T> void scale_rows(T* U, int64_t rows, int64_t ldu, const T* s, 
 // costs two in-cache transposes and no extra pass over memory.
 template <class T>
 int forward_impl(const Geometry& g, const T* x, const T* dww, const T* pww, const T* dwb,
-                 const T* pwb, const T* scale, T* y) {
+                 const T* pwb, const T* scale, const T* lnw, const T* lnb, T* y) {
   constexpr int64_t nr = NR<T>();
   const int64_t HWo = g.Ho * g.Wo, Cm = g.Cm, Co = g.Co, kk = g.kh * g.kw;
   const bool xcl = g.channels_last, cl = g.y_channels_last;  // x's layout, y's
@@ -279,7 +279,10 @@ int forward_impl(const Geometry& g, const T* x, const T* dww, const T* pww, cons
       depthwise_pixels(g, cols_t, x + (n + j) * g.C * g.H * g.W, p0, p1, wt_t, dwb, Uj, ldu, xb,
                        xrow);
       if (scale) scale_rows(Uj, np, ldu, scale + (n + j) * Cm, Cm);
-      if (g.norm_eps >= 0) layer_norm_rows(Uj, np, ldu, Cm, g.norm_eps, (T*)nullptr);
+      if (g.norm_eps >= 0) {
+        layer_norm_rows(Uj, Uj, np, ldu, Cm, g.norm_eps, (T*)nullptr);
+        if (lnw || lnb) affine_rows(Uj, Uj, ldu, np, Cm, lnw, lnb);
+      }
     }
     Prefetch next;  // the next tile's input, unless it is this tile's (another weight block)
     if (t + 1 < t_end && (t + 1) % pixel_tiles != t % pixel_tiles) {

@@ -5,21 +5,26 @@
 // A fragment of kernels.h, included inside namespace sepconv::<isa>::{anonymous}
 // (after the files listed before it there); it includes nothing itself.
 //
-// The kernels normalise only: (u - mean) * rstd with nn.LayerNorm's biased variance.
-// LN's affine (gamma, beta) is folded into the pointwise weight and bias by the caller
-// (W * gamma, b + W . beta: sepconv.functional), so its gradients come from the
-// pointwise ones by autograd and the kernels have no extra operands. A row of U holds
-// every mid channel of its pixel, in cache: two passes for the statistics (mean, then
-// the centred squares: no cancellation), one to normalise. The statistics are in T
-// (float or double), float at the least as the issue asks.
+// N = (u - mean) * rstd with nn.LayerNorm's biased variance, then its affine
+// A = N * gamma + beta (affine_rows; either may be absent), which the pointwise GEMM
+// reads. A row of U holds every mid channel of its pixel, in cache: two passes for the
+// statistics (mean, then the centred squares: no cancellation), one to normalise, one
+// for the affine. The statistics are in T (float or double), float at the least as the
+// issue asks. The backward keeps N beside A (A cannot give N back where gamma is 0):
+// d gamma and d beta are sums over the pixels of dL/dA * N and dL/dA, per channel.
+// (The affine was first folded into the pointwise weight and bias by the caller:
+// passes over the Co x Cm weight on every call, forward and backward, a quarter of a
+// 768x7->3072 training step at batch 1. The op path still folds: sepconv/_norm.py.)
 
-// Rows [0, rows) of U (channels [0, n), ld apart) normalised in place; rstd[r] (when
-// given) keeps 1 / sqrt(var + eps) of row r for the backward.
+// Rows [0, rows) of U (channels [0, n), ld apart) normalised into N (which may be U);
+// rstd[r] (when given) keeps 1 / sqrt(var + eps) of row r for the backward.
 template <class T>
-void layer_norm_rows(T* U, int64_t rows, int64_t ld, int64_t n, double eps, T* rstd) {
+void layer_norm_rows(const T* U, T* N, int64_t rows, int64_t ld, int64_t n, double eps,
+                     T* rstd) {
   const T inv_n = T(1) / T(n);
   for (int64_t r = 0; r < rows; ++r) {
-    T* u = U + r * ld;
+    const T* u = U + r * ld;
+    T* v = N + r * ld;
     T s = 0, q = 0;
 #pragma omp simd reduction(+ : s)
     for (int64_t c = 0; c < n; ++c) s += u[c];
@@ -28,12 +33,59 @@ void layer_norm_rows(T* U, int64_t rows, int64_t ld, int64_t n, double eps, T* r
     for (int64_t c = 0; c < n; ++c) q += (u[c] - mean) * (u[c] - mean);
     const T inv = T(1) / std::sqrt(q * inv_n + T(eps));
 #pragma omp simd
-    for (int64_t c = 0; c < n; ++c) u[c] = (u[c] - mean) * inv;
+    for (int64_t c = 0; c < n; ++c) v[c] = (u[c] - mean) * inv;
     if (rstd) rstd[r] = inv;
   }
 }
 
-// LayerNorm's backward without affine, in place: on entry G = dL/dN for the normalised
+// A = N * gamma + beta on rows [0, rows) of n channels, ld apart (A may be N; gamma /
+// beta null: 1 / 0).
+template <class T>
+void affine_rows(const T* N, T* A, int64_t ld, int64_t rows, int64_t n, const T* gamma,
+                 const T* beta) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const T* v = N + r * ld;
+    T* a = A + r * ld;
+    if (gamma && beta) {
+#pragma omp simd
+      for (int64_t c = 0; c < n; ++c) a[c] = v[c] * gamma[c] + beta[c];
+    } else if (gamma) {
+#pragma omp simd
+      for (int64_t c = 0; c < n; ++c) a[c] = v[c] * gamma[c];
+    } else if (beta) {
+#pragma omp simd
+      for (int64_t c = 0; c < n; ++c) a[c] = v[c] + beta[c];
+    } else if (a != v) {
+      memcpy(a, v, n * sizeof(T));
+    }
+  }
+}
+
+// The affine's backward on rows [0, rows) of n channels, ld apart: on entry G = dL/dA,
+// on return dL/dN = G * gamma; dgamma += the sum over the rows of G * N, dbeta += that
+// of G (each null where not wanted; gamma null: 1).
+template <class T>
+void affine_grad_rows(T* G, const T* N, int64_t ld, int64_t rows, int64_t n, const T* gamma,
+                      T* dgamma, T* dbeta) {
+  for (int64_t r = 0; r < rows; ++r) {
+    T* gr = G + r * ld;
+    const T* v = N + r * ld;
+    if (dgamma) {
+#pragma omp simd
+      for (int64_t c = 0; c < n; ++c) dgamma[c] += gr[c] * v[c];
+    }
+    if (dbeta) {
+#pragma omp simd
+      for (int64_t c = 0; c < n; ++c) dbeta[c] += gr[c];
+    }
+    if (gamma) {
+#pragma omp simd
+      for (int64_t c = 0; c < n; ++c) gr[c] *= gamma[c];
+    }
+  }
+}
+
+// LayerNorm's backward without the affine, in place: on entry G = dL/dN for the normalised
 // rows N; on return dL/dU = rstd * (G - mean(G) - N * mean(G * N)) (aten's
 // layer_norm_backward with gamma = 1).
 template <class T>
