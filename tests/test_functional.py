@@ -523,3 +523,38 @@ def test_random_configurations(dtype, isa, **config):
 def test_random_configurations_triton(dtype, **config):
     with sepconv.use_backend("triton"):
         _check_random(dict(dtype=dtype, device=TRITON_DEVICE), **config)
+
+
+@pytest.mark.parametrize("act", ["relu", "relu6", "silu", "hardswish", "gelu", "gelu_tanh"])
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_float_activations_over_their_range(native_path, act, layout):
+    """Each activation's float vector code, after the depthwise stage and in the GEMM's
+    epilogue (a transposed store for an NCHW y), and its derivative, on values from -40
+    to 40 (GELU's erf is a rational fit on |x| <= 4, zero below: torch's float GELU is
+    -0 there too) and the edges of those ranges, against float64 torch: within a few
+    float ulps of max(1, |f|)."""
+    if native_path["dtype"] != torch.float32:
+        pytest.skip("the vector approximations are float32's (double takes libm)")
+    v = torch.cat([torch.linspace(-40, 40, 4001, dtype=torch.float64),
+                   torch.tensor([-5.657, -5.6569, -4.0, 4.0, 0.0, -1e-30, 1e-30])])
+    n = v.numel()
+    x = v.reshape(1, 1, 1, n).float()
+    one = torch.ones(1, 1, 1, 1)
+    fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+    ref = ACTS[act]()
+    for where in ("mid", "out"):
+        xs = x.contiguous(memory_format=fmt).requires_grad_()
+        pw = torch.ones(16, 1, 1, 1)  # 16 identical output channels: whole vectors
+        kw = {"mid_activation": act} if where == "mid" else {"activation": act}
+        y = sepconv.separable_conv2d(xs, one, pw, **kw)
+        (g,) = torch.autograd.grad(y[:, 0].sum(), xs)
+        vv = v.clone().requires_grad_()
+        want = ref(vv)
+        (gw,) = torch.autograd.grad(want.sum(), vv)
+        scale = want.detach().abs().clamp_min(1)
+        smooth = torch.stack([(v - k).abs() > 1e-6 for k in (-3, 0, 3, 6)]).all(0)  # (kinks)
+        for name, got, exp in (("value", y[0, :, 0].double(), want.detach()),
+                               ("derivative", g[0, 0, 0].double(), gw)):
+            err = ((got - exp) / (scale if name == "value" else 1))
+            err = (err if name == "value" else err[smooth]).abs().max().item()
+            assert err <= 2e-6, f"{act} {where} {name}: error {err:.2e}"
