@@ -55,11 +55,11 @@ template <class T> inline T dact(int a, T z) {
 // This replaced Abramowitz and Stegun 7.1.26 (erfc = poly(1 / (1 + p s)) e^-s^2), whose
 // exp_vec took most of GELU's 22 cycles a vector (a 6x16 micro-tile's epilogue at Zen
 // 5's AVX2 path, 46% of its GEMM at 96 channels: 96x56->384 forward 1.24 -> 1.64 ms).
-// The rational form, 13 FMAs and a division, took 13 (same tile, in-process harness). The derivative still
-// needs e^(-v^2/2) (exp_vec). tanh(a) = 1 - 2 / (e^2a + 1), which is +-1 beyond
-// exp_vec's range and NaN for NaN. Returns Phi(v) (exact form) or the tanh form's (1 +
-// tanh(a)) / 2, and its derivative's second factor in *d (dPhi/dv, or the tanh form's
-// (1 - t^2) a' / 2).
+// The rational form, 13 FMAs and a division, took 13 cycles a vector (the same tile, in
+// a C++ harness). The derivative still needs e^(-v^2/2) (exp_vec). tanh(a) = 1 - 2 /
+// (e^2a + 1), which is +-1 beyond exp_vec's range and NaN for NaN. Returns Phi(v) (exact
+// form) or the tanh form's (1 + tanh(a)) / 2, and its derivative's second factor in *d
+// (dPhi/dv, or the tanh form's (1 - t^2) a' / 2).
 template <class T> inline V<T> gelu_cdf_vec(int a, V<T> v, V<T>* d) {
   if (a == ACT_GELU) {
     const V<T> x = v * T(kSqrtHalf), lo = bcast(T(-4)), hi = bcast(T(4));
@@ -80,6 +80,25 @@ template <class T> inline V<T> gelu_cdf_vec(int a, V<T> v, V<T>* d) {
   const V<T> t = T(1) - T(2) / (exp_vec<T>(inner + inner) + T(1));
   if (d) *d = T(0.5) * (T(1) - t * t) * T(kSqrt2OverPi) * (T(1) + T(3 * kGeluCubic) * v * v);
   return T(0.5) * (T(1) + t);
+}
+
+// f(ActTag<a>{}) with the activation code a as a compile-time constant
+// (decltype(tag)::value), for the code that takes it as a template argument so that its
+// unrolled stores carry no per-vector switch: the GEMM's epilogues (store_tile, also
+// transposed) and the depthwise's runs (dw_run). The one list of the activations there:
+// each of those once had its own switch, and an activation missing from one fell to the
+// identity (GELU's forward at 16+ output channels, until both switches took it).
+template <int A> struct ActTag { static constexpr int value = A; };
+template <class F> inline void with_act(int a, F f) {
+  switch (a) {
+    case ACT_RELU: return f(ActTag<ACT_RELU>{});
+    case ACT_RELU6: return f(ActTag<ACT_RELU6>{});
+    case ACT_SILU: return f(ActTag<ACT_SILU>{});
+    case ACT_HARDSWISH: return f(ActTag<ACT_HARDSWISH>{});
+    case ACT_GELU: return f(ActTag<ACT_GELU>{});
+    case ACT_GELU_TANH: return f(ActTag<ACT_GELU_TANH>{});
+    default: return f(ActTag<ACT_NONE>{});
+  }
 }
 
 template <class T> inline V<T> act_vec(int a, V<T> v) {

@@ -131,18 +131,9 @@ template <class T, int PX>
 void dw_run_act(int act1, int64_t nb, const T* x, int64_t ps, int64_t xs_i, int64_t xs_j,
                 const T* w, int64_t ws_i, int64_t Cm, int64_t nc, int64_t di, int64_t dj,
                 const T* dwb, T* u, int64_t ldu) {
-  switch (act1) {
-    case ACT_RELU: return dw_run<T, PX, ACT_RELU>(nb, x, ps, xs_i, xs_j, w, ws_i, Cm, nc, di, dj, dwb, u, ldu);
-    case ACT_RELU6: return dw_run<T, PX, ACT_RELU6>(nb, x, ps, xs_i, xs_j, w, ws_i, Cm, nc, di, dj, dwb, u, ldu);
-    case ACT_SILU: return dw_run<T, PX, ACT_SILU>(nb, x, ps, xs_i, xs_j, w, ws_i, Cm, nc, di, dj, dwb, u, ldu);
-    case ACT_HARDSWISH:
-      return dw_run<T, PX, ACT_HARDSWISH>(nb, x, ps, xs_i, xs_j, w, ws_i, Cm, nc, di, dj, dwb, u, ldu);
-    case ACT_GELU:
-      return dw_run<T, PX, ACT_GELU>(nb, x, ps, xs_i, xs_j, w, ws_i, Cm, nc, di, dj, dwb, u, ldu);
-    case ACT_GELU_TANH:
-      return dw_run<T, PX, ACT_GELU_TANH>(nb, x, ps, xs_i, xs_j, w, ws_i, Cm, nc, di, dj, dwb, u, ldu);
-    default: return dw_run<T, PX, ACT_NONE>(nb, x, ps, xs_i, xs_j, w, ws_i, Cm, nc, di, dj, dwb, u, ldu);
-  }
+  with_act(act1, [&](auto a) {
+    dw_run<T, PX, decltype(a)::value>(nb, x, ps, xs_i, xs_j, w, ws_i, Cm, nc, di, dj, dwb, u, ldu);
+  });
 }
 
 // S output pixels of one row (stride SW, dilation 1), for channels [0, nc) of the

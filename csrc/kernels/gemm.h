@@ -159,29 +159,17 @@ void micro(int64_t K, const T* a, int64_t ars, int64_t acs, const T* B, int64_t 
   }
   if (o.transposed) {
     T* ct = o.c + j0 * o.rs + i0;
-    switch (o.act) {
-      case ACT_RELU: return store_tile_transposed<T, M, NVT, ACT_RELU>(acc, ct, o.rs, nr);
-      case ACT_RELU6: return store_tile_transposed<T, M, NVT, ACT_RELU6>(acc, ct, o.rs, nr);
-      case ACT_SILU: return store_tile_transposed<T, M, NVT, ACT_SILU>(acc, ct, o.rs, nr);
-      case ACT_HARDSWISH: return store_tile_transposed<T, M, NVT, ACT_HARDSWISH>(acc, ct, o.rs, nr);
-      case ACT_GELU: return store_tile_transposed<T, M, NVT, ACT_GELU>(acc, ct, o.rs, nr);
-      case ACT_GELU_TANH: return store_tile_transposed<T, M, NVT, ACT_GELU_TANH>(acc, ct, o.rs, nr);
-      default: return store_tile_transposed<T, M, NVT, ACT_NONE>(acc, ct, o.rs, nr);
-    }
+    return with_act(o.act, [&](auto a) {
+      store_tile_transposed<T, M, NVT, decltype(a)::value>(acc, ct, o.rs, nr);
+    });
   }
   T* c = o.c + i0 * o.rs + j0;
   const bool nt = o.streams_at(c);
   if (nr == NVT * L && (!o.accumulate || o.act == ACT_NONE)) {
-    switch (o.accumulate ? -1 : o.act) {
-      case -1: return store_tile<T, M, NVT, ACT_NONE, true>(acc, c, o.rs, nt);
-      case ACT_RELU: return store_tile<T, M, NVT, ACT_RELU, false>(acc, c, o.rs, nt);
-      case ACT_RELU6: return store_tile<T, M, NVT, ACT_RELU6, false>(acc, c, o.rs, nt);
-      case ACT_SILU: return store_tile<T, M, NVT, ACT_SILU, false>(acc, c, o.rs, nt);
-      case ACT_HARDSWISH: return store_tile<T, M, NVT, ACT_HARDSWISH, false>(acc, c, o.rs, nt);
-      case ACT_GELU: return store_tile<T, M, NVT, ACT_GELU, false>(acc, c, o.rs, nt);
-      case ACT_GELU_TANH: return store_tile<T, M, NVT, ACT_GELU_TANH, false>(acc, c, o.rs, nt);
-      default: return store_tile<T, M, NVT, ACT_NONE, false>(acc, c, o.rs, nt);
-    }
+    if (o.accumulate) return store_tile<T, M, NVT, ACT_NONE, true>(acc, c, o.rs, nt);
+    return with_act(o.act, [&](auto a) {
+      store_tile<T, M, NVT, decltype(a)::value, false>(acc, c, o.rs, nt);
+    });
   }
   // The last, partial panel: whole vectors, then the first nr % L lanes of one
   // through a copy (C has no room past column nr).
