@@ -376,14 +376,11 @@ def _folded_backward(args, mask, want_norm, y, ctx, nw, nb):
         grad_y, x, dw_weight, w_f, dw_bias, b_f, *config, "native",
         [mask[0], mask[1], want_w, mask[3], want_b], None if ctx.y_is_z else y, 1, 1,
         ctx.norm_eps))
-    g_b = grads[4] if want_b else None
-    if want_w:
-        grads[2], gnw, gnb = _norm.fold_grads(pw_weight.flatten(1), nw, nb, grads[2].flatten(1),
-                                              g_b, (mask[2], *want_norm))
-        grads[2] = None if grads[2] is None else grads[2].view_as(pw_weight)
-    else:
-        gnw, gnb = None, _norm.fold_grads(pw_weight.flatten(1), nw, nb, None, g_b,
-                                          (False, False, want_norm[1]))[2]
+    gw, gnw, gnb = _norm.fold_grads(pw_weight.flatten(1), nw, nb,
+                                    grads[2].flatten(1) if want_w else None,
+                                    grads[4] if want_b else None, (mask[2], *want_norm))
+    if gw is not None:
+        grads[2] = gw.view_as(pw_weight)
     return grads, gnw, gnb
 
 
