@@ -248,7 +248,7 @@ void gemm(int64_t M, int64_t N, int64_t K, const T* A, int64_t ars, int64_t acs,
           for (int64_t i = i1; i < n1; ++i)
             for (int64_t v = 0; v < cols * (int64_t)sizeof(T); v += 64)
               __builtin_prefetch((const char*)(o.c + i * o.rs + j0) + v, 1, 3);
-        else if (n1 > i1)
+        else if (o.transposed && n1 > i1)
           for (int64_t j = j0; j < j0 + cols; ++j) {
             __builtin_prefetch((const char*)(o.c + j * o.rs + i1), 1, 3);
             __builtin_prefetch((const char*)(o.c + j * o.rs + n1 - 1), 1, 3);
