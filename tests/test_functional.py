@@ -158,6 +158,21 @@ def test_large_image(native_path, stride, layout):
                          "relu", layout=LAYOUTS[layout])
 
 
+# Images larger than half of any L2 up to 2 MiB (1.1 MB in float64) at batch 8 on 2
+# threads: the native channels-last forward cuts each into tiles of at most half the
+# L2 of input (tile_pixels); at stride 2 (a 32 x 33 output) more tiles than the tile
+# budget alone would make (3, not 2, on a 1 MiB L2).
+@pytest.mark.parametrize("stride", [1, 2])
+def test_large_images_batch(native_path, stride):
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        check_against_oracle(native_path, make_inputs(8, 32, 64, 65, 1, 24, 3), stride, 1, 1,
+                             "relu6", None, layout=LAYOUTS["channels_last"])
+    finally:
+        torch.set_num_threads(before)
+
+
 # The native backward's weight-gradient GEMM past its older rules: GZ^T (Co = 301, rows
 # of 1.2 KiB in float32, 2.4 KiB in float64) packed because 15-57 weight panels read it,
 # and the 301 x 450 accumulator (1.1 MB in float64: beyond a quarter of any L2 up to 4

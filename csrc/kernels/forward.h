@@ -30,6 +30,19 @@ template <class T> int64_t tile_pixels(const Geometry& g, int64_t min_p) {
       if (image_bytes / k <= g.l2_bytes / 4 || image_bytes / k <= weight_bytes) break;
     }
   if (fit) n = fit;
+  // With images enough to share out (batch 8, 32 on 2 threads), a channels-last tile's
+  // input is kept within half the L2, what the GEMM of the tile before prefetches
+  // (add_input_band): the U budget alone left a stride-2 tile (4 input pixels an output
+  // pixel) 750 KiB of input at 60x56->216/s2, a third of it met from DRAM by the
+  // depthwise. Zen 5, in-process, time against the budget's tiles: batch 32 AVX-512
+  // 60x56->216/s2/g3 0.91x, 96x112->24/s2 0.94x, 128x56->256/s2 0.94x, 192x28->64/s2
+  // 0.92x, others 0.95-0.99x; AVX2 path 0.84-0.93x (256x28->512/s2 0.99x); batch 8
+  // 60x56->216/s2/g3 0.88-0.89x, 192x28->64/s2 0.94-0.98x, others 0.99-1.00x. Not for
+  // NCHW (a run per plane): 0.98-1.05x there.
+  if (g.channels_last && g.N >= 4 * g.threads)
+    while (image_bytes / n > g.l2_bytes / 2 && image_bytes / n > weight_bytes &&
+           ceil_div(HWo, n + 1) >= min_p)
+      ++n;
   // With many tiles (so that the last, smaller one does not unbalance the threads), a
   // whole number of MR-row GEMM blocks per tile where MR is 6 (AVX2): 73 pixels were 13
   // blocks of 5 and 6 rows, and a 5-row block has 10 of the 12 accumulators. Zen 5,
