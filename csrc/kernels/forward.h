@@ -18,7 +18,9 @@
 // the pointwise weights, which each tile reads again: 256x28->512/s2 at batch 1
 // (weights 512 KiB, input 784 KiB) now runs 2 tiles, not 4. Zen 4, forward, in-process
 // A/B, four runs: NCHW 1.05-1.07x, CL 1.03-1.12x.
-template <class T> int64_t tile_pixels(const Geometry& g, int64_t min_p) {
+// prefetched: the forward's tiles, whose input the GEMM of the tile before prefetches
+// (the mean pass has no GEMM).
+template <class T> int64_t tile_pixels(const Geometry& g, int64_t min_p, bool prefetched) {
   const int64_t HWo = g.Ho * g.Wo;
   const int64_t p = imax(1, imin(g.tile_bytes / (int64_t)sizeof(T) / imax(g.Cm, 1), 2048));
   const int64_t image_bytes = g.C * g.H * g.W * (int64_t)sizeof(T);
@@ -39,7 +41,7 @@ template <class T> int64_t tile_pixels(const Geometry& g, int64_t min_p) {
   // 0.92x, others 0.95-0.99x; AVX2 path 0.84-0.93x (256x28->512/s2 0.99x); batch 8
   // 60x56->216/s2/g3 0.88-0.89x, 192x28->64/s2 0.94-0.98x, others 0.99-1.00x. Not for
   // NCHW (a run per plane): 0.98-1.05x there.
-  if (g.channels_last && g.N >= 4 * g.threads)
+  if (prefetched && g.channels_last && g.N >= 4 * g.threads)
     while (image_bytes / n > g.l2_bytes / 2 && image_bytes / n > weight_bytes &&
            ceil_div(HWo, n + 1) >= min_p)
       ++n;
@@ -175,7 +177,7 @@ int forward_impl(const Geometry& g, const T* x, const T* dww, const T* pww, cons
   // the GEMM's panel groups below).
   const int64_t npanels = G * npg, panel_bytes = Kg * nr * (int64_t)sizeof(T);
   const bool weights_fit = npanels * panel_bytes <= g.l2_bytes / 2;
-  const int64_t P = tile_pixels<T>(g, 4 * MR), images = images_per_tile<T>(g, P, weights_fit);
+  const int64_t P = tile_pixels<T>(g, 4 * MR, true), images = images_per_tile<T>(g, P, weights_fit);
   const int64_t ldu = padded_ld<T>(Cm, 16, 1024);
   const int64_t pixel_tiles = images > 1 ? ceil_div(g.N, images) : g.N * ceil_div(HWo, P);
   // Split the output channels too when there are few pixel tiles (batch 1, 7x7):

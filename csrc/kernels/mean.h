@@ -36,7 +36,7 @@ template <class T>
 int mean_impl(const Geometry& g, const T* x, const T* dww, const T* dwb, T* out, T* u) {
   const int64_t HWo = g.Ho * g.Wo, Cm = g.Cm, kk = g.kh * g.kw;
   const bool cl = g.channels_last;
-  const int64_t tile = tile_pixels<T>(g, 8), blk = mean_channel_block<T>(g, tile);
+  const int64_t tile = tile_pixels<T>(g, 8, false), blk = mean_channel_block<T>(g, tile);
   const int64_t blocks = blk ? ceil_div(Cm, blk) : 0, P = blk ? HWo : tile,
                 tiles_per_image = ceil_div(HWo, P);
   const int64_t ldu = padded_ld<T>(Cm, 16, 1024);
