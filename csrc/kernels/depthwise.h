@@ -66,12 +66,24 @@ inline TapRect tap_rect(const Geometry& g, const int64_t* cols, int64_t oh, int6
 // registers over it (at least 4 independent FMA chains where the channels allow), and
 // act1 is applied before the one store. Channels [c, nc) of the pointers given (a
 // range's first channel); Cm is the weight's row stride.
+// Always inlined, and its loop body too, so that act1 is the caller's constant
+// (dw_run): GCC had left the body out of line on the AVX2 path for some activations,
+// where act1 then arrived as a value and every stored vector went through the
+// activation's switch. Zen 5, AVX2 path, batch 8, processes alternated three times:
+// mobilenet_v1 (relu) CL forward 32x112->64 0.85-0.88x the time, 64x112->128/s2
+// 0.84-0.96x, 128x56->128 0.90-0.94x, 256x28->256 0.95-0.99x (the five layers' sum
+// 0.90-0.95x), NCHW 0.93-0.94x, training 0.92-0.97x; mobilenet_v2 0.87-1.00x, and
+// shufflenet_v1, convnext, xception 0.95-1.06x (noise); on AVX-512, where it was
+// inlined already, mobilenet_v1 / v2 and convnext 0.95-1.06x (noise).
 template <class T, int PX, int B, int DJ = 0>
-inline int64_t dw_block(const T* x, int64_t ps, int64_t xs_i, int64_t xs_j, const T* w,
-                        int64_t ws_i, int64_t Cm, int64_t nc, int64_t di, int64_t dj,
-                        const T* dwb, int act1, T* u, int64_t ldu, int64_t c) {
+[[gnu::always_inline]] inline int64_t dw_block(const T* x, int64_t ps, int64_t xs_i,
+                                               int64_t xs_j, const T* w, int64_t ws_i,
+                                               int64_t Cm, int64_t nc, int64_t di, int64_t dj,
+                                               const T* dwb, int act1, T* u, int64_t ldu,
+                                               int64_t c) {
   constexpr int L = lanes<T>();
-  auto channels = [&](int64_t c) {  // channels [c, c + B*L) of the PX pixels
+  // channels [c, c + B*L) of the PX pixels
+  auto channels = [&](int64_t c) __attribute__((always_inline)) {
     V<T> acc[PX][B];
     for (int b = 0; b < B; ++b) acc[0][b] = dwb ? loadu(dwb + c + b * L) : V<T>{};
     for (int q = 1; q < PX; ++q)
