@@ -20,7 +20,7 @@ struct Prefetch {
   }
   bool pending() const { return i < n; }
   // Spread over `steps` steps, at least 128 bytes each: at 128 a step, the backward's
-  // GEMMs at 32 -> 16 channels (no z to recompute: 304 steps a band) had steps for
+  // GEMMs at 32 -> 16 channels (no z to recompute: 288 steps a band) had steps for
   // half of the next band's x and grad_y (71 KB), and its depthwise waited on the rest.
   // Zen 5, training step, batch 32, processes alternated 3 times: 32x112->16 AVX-512 CL
   // 0.89-0.94x the time, NCHW 0.96-0.97x, AVX2 path 0.99x; mobilenet_v2's other layers,
