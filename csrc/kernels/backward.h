@@ -557,10 +557,9 @@ int backward_impl(const Geometry& g, const T* gy, const T* y, const T* x, const 
           next.add(gy + off, run, HWo * (int64_t)sizeof(T), rows);
           if (from_y) next.add(y + off, run, HWo * (int64_t)sizeof(T), rows);
           if (resident + next.bytes() > g.l2_bytes) next = Prefetch{};
-          // the k steps of this band's GEMMs that advance it (full-height micro-tiles)
-          const int64_t tiles = np / MR;
-          next.pace(tiles * NG * ((need_z ? ceil_div(Cog, nr) * Kg : 0) +
-                                  (need_g ? ceil_div(Kg, nr) * Cog : 0)));
+          // over the k steps of this band's GEMMs that advance it (z's and dL/dU's)
+          next.pace(NG * ((need_z ? gemm_steps<T>(np, Cog, Kg) : 0) +
+                          (need_g ? gemm_steps<T>(np, Kg, Cog) : 0)));
         }
         // (np, not P: one_stack_fits counts the busiest thread's pixels, and a stack that
         // had flushed a short last band early left that thread's accumulator, which

@@ -20,16 +20,13 @@ struct Prefetch {
   }
   bool pending() const { return i < n; }
   // Spread over `steps` steps, at least 128 bytes each: at 128 a step, the backward's
-  // GEMMs at 32 -> 16 channels (no z to recompute: 288 steps a band) had steps for
+  // GEMMs at 32 -> 16 channels (no z to recompute: 304 steps a band) had steps for
   // half of the next band's x and grad_y (71 KB), and its depthwise waited on the rest.
   // Zen 5, training step, batch 32, processes alternated 3 times: 32x112->16 AVX-512 CL
   // 0.89-0.94x the time, NCHW 0.96-0.97x, AVX2 path 0.99x; mobilenet_v2's other layers,
   // mobilenet_v1 and shufflenet_v1 (batch 8) 0.94-1.07x, noise. (A step's last chunk
   // may reach past its region: prefetches never fault.)
-  void pace(int64_t steps) {
-    chunk = (bytes() + imax(steps, 1) - 1) / imax(steps, 1);
-    chunk = chunk <= 128 ? 128 : (chunk + 63) / 64 * 64;
-  }
+  void pace(int64_t steps) { chunk = imax(128, round_up(ceil_div(bytes(), imax(steps, 1)), 64)); }
   int64_t bytes() const {
     int64_t b = 0;
     for (int k = 0; k < n; ++k) b += r[k].bytes * r[k].runs;
@@ -61,7 +58,7 @@ template <class T> struct Out {
   int bias_mode;        // 0 none, 1 bias[i] (per row), 2 bias[j] (per column, NR-padded)
   int act;
   bool transposed = false;  // (not with accumulate)
-  Prefetch* prefetch = nullptr;  // advanced by the full-height micro-tiles, or null
+  Prefetch* prefetch = nullptr;  // advanced once per k step of every micro-tile, or null
   bool stream = false;           // aligned whole vectors stored non-temporally (not with accumulate)
   int64_t panel_group = 1;       // panels per sweep of the row blocks (the forward: 1 with transposed)
   // Whether rows from c on are stored non-temporally: streamed and aligned.
@@ -206,6 +203,12 @@ void micro_rows(int mr, int64_t K, const T* a, int64_t ars, int64_t acs, const T
     if (mr < M) return micro_rows<T, NVT, M - 1, PF>(mr, K, a, ars, acs, B, ldb, o, i0, j0, nr);
   }
   micro<T, M, NVT, PF>(K, a, ars, acs, B, ldb, o, i0, j0, nr);
+}
+
+// The k steps in which gemm(M, N, K, ...) advances o.prefetch: K for each micro-tile
+// (MR-row blocks, or as many near-equal ones, times NR-column panels).
+template <class T> int64_t gemm_steps(int64_t M, int64_t N, int64_t K) {
+  return M > 0 && N > 0 ? ceil_div(M, MR) * ceil_div(N, NR<T>()) * K : 0;
 }
 
 // A panel of B (the weights, in the callers) in the outer loop, so that the weights
