@@ -2,7 +2,15 @@
 
 import pytest
 import torch
-from conftest import ACTS, ISAS, TRITON_DEVICE, TRITON_DTYPES, check_against_oracle, make_inputs
+from conftest import (
+    ACTS,
+    ISAS,
+    TRITON_DEVICE,
+    TRITON_DTYPES,
+    check_against_oracle,
+    make_inputs,
+    oracle,
+)
 from hypothesis import assume, example, given, settings
 from hypothesis import strategies as st
 
@@ -185,6 +193,43 @@ def test_large_images_batch(native_path, stride):
 def test_wide_weight_gradient(native_path, backward_mode, layout, act2):
     check_against_oracle(native_path, make_inputs(2, 450, 34, 33, 1, 301, 3), 1, 1, 1, "relu",
                          act2, layout=LAYOUTS[layout])
+
+
+# The gradients that are sums over every pixel (both biases', the depthwise weight's) are
+# summed in blocks of pixels (kernels/backward.h: BlockSums). In float32, over 12,800
+# pixels, their largest error against float64 is then 0.2-1.2x the nn.Conv2d pair's in
+# float32 (here, every ISA path, layout and backward mode); added pixel by pixel into one
+# accumulator per call it was 0.8-11x (the depthwise weight's at depth multiplier 2 4.9-9.8x).
+@pytest.mark.skipif(_C is None, reason="extension not built")
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_float32_pixel_sums(isa, backward_mode, layout):
+    inputs = make_inputs(8, 24, 40, 40, 2, 40, 5, seed=3)
+    fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+    gy = torch.randn(8, 40, 40, 40, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+
+    def grads(dtype, fused):
+        leaves = [t.to(dtype).requires_grad_() for t in inputs]
+        x = leaves[0].contiguous(memory_format=fmt)
+        if fused:
+            y = sepconv.separable_conv2d(x, *leaves[1:4], 1, 2, depthwise_bias=leaves[4],
+                                         mid_activation="gelu", activation="gelu")
+        else:  # the nn.Conv2d pair, in dtype
+            y = oracle(x, *leaves[1:], 1, 2, 1, "gelu", "gelu")
+        return [g.double() for g in torch.autograd.grad(y, leaves[1:], gy.to(dtype))]
+
+    previous = _C.isa()
+    _C.set_isa(isa)
+    try:
+        ours = grads(torch.float32, True)
+    finally:
+        _C.set_isa(previous)
+    exact, pair = grads(torch.float64, False), grads(torch.float32, False)
+    for name, o, p, e in zip(["dw", "pw", "b", "b_dw"], ours, pair, exact):
+        if name != "pw":  # (a GEMM's sums: not these)
+            err, err_pair = (o - e).abs().max().item(), (p - e).abs().max().item()
+            assert err <= 2.5 * err_pair, \
+                f"grad {name}: {err:.2e} from float64, the pair {err_pair:.2e}"
 
 
 # The native backward shares out its work in one of two ways: bands of pixels in

@@ -63,6 +63,59 @@ template <class T> bool wants_depthwise(const Grads<T>& out) {
   return out.x || out.dw_weight || out.dw_bias;
 }
 
+// The gradients that are sums over every pixel (both biases', the depthwise weight's, the
+// scale's, LayerNorm's) were added pixel by pixel (the depthwise weight's at multiplier 1:
+// row by row) into one accumulator per call and thread, whose float32 rounding error grows
+// with the pixels summed. Float32, 12.8-25.6 thousand pixels a call, the largest error
+// against float64 over the nn.Conv2d pair's in float32 (test_float32_pixel_sums' kind of
+// case, both ISA paths, layouts and backward modes): the depthwise bias's 0.5-8.0x, the
+// depthwise weight's at depth multiplier 2 7.2-9.6x, the pointwise bias's 0.4-1.3x. So the
+// bands sum into cleared parts, each added into its accumulator once about kPixels pixels
+// have gone into it, at each new image and at the end: the error of a block's additions
+// plus the blocks'. Now 0.1-1.7x, 1.0-1.3x and 0.1-0.5x the pair's; the time unchanged
+// (column_sums' A/B). The blocks do not depend on which gradients are wanted, so each
+// gradient has the same bits whichever others are computed. (The pointwise weight's
+// gradient is summed by its GEMM, a stack of pixels at a time.)
+template <class T> struct BlockSums {
+  static constexpr int64_t kPixels = 256;
+  static constexpr int kRegions = 6;
+  T* total[kRegions] = {};  // an accumulator, or null (not wanted)
+  T* part[kRegions] = {};
+  int64_t len[kRegions] = {};
+  int64_t pending = 0;  // pixels summed in the parts
+  int64_t image = -1;   // their image
+  T* next;              // the parts' memory not yet taken
+  explicit BlockSums(T* buf) : next(buf) {}
+  // Region i: n sums into `to` (null: not wanted), made in the next n elements of the
+  // parts' memory (cleared here); returns where the bands sum them (null: not wanted).
+  T* region(int i, T* to, int64_t n) {
+    T* buf = next;
+    next += n;
+    if (!to) return nullptr;
+    total[i] = to, part[i] = buf, len[i] = n;
+    memset(buf, 0, n * sizeof(T));
+    return buf;
+  }
+  void flush() {
+    for (int i = 0; i < kRegions; ++i)
+      if (total[i] && pending) {
+        T* t = total[i];
+        T* q = part[i];
+#pragma omp simd
+        for (int64_t k = 0; k < len[i]; ++k) t[k] += q[k];
+        memset(q, 0, len[i] * sizeof(T));
+      }
+    pending = 0;
+  }
+  // Before a band of `pixels` of image n; region 5, where wanted, is the scale's, whose
+  // accumulator is image n's (scale_sums).
+  void band(int64_t pixels, int64_t n, T* scale_sums) {
+    if (pending + pixels > kPixels || n != image) flush();
+    pending += pixels, image = n;
+    if (total[5]) total[5] = scale_sums;
+  }
+};
+
 // The pointwise weight's panels both backward drivers read, as W^T for z = W.M + b,
 // as W for dL/dU (inside a parallel region; no barrier): all of them by this thread
 // into its own copy (`all`, own_weight_copies), else this thread's share of one copy.
@@ -200,8 +253,14 @@ int backward_split(const Geometry& g, const T* gy, const T* y, const T* x, const
   const bool norm = g.norm_eps >= 0, affine = norm && (lnw || lnb);
   const int64_t sN = norm ? sU : 0, sP = round_up(P, 16);
   const int64_t sNorm = norm ? sN + 6 * g.threads * sP : 0;
+  // Each thread's accumulators, of all channels (its BlockSums parts are added whole),
+  // then its parts (the scale's: an image's, this thread's channels, into out.scale),
+  // on cache lines of their own.
+  constexpr int64_t line = 64 / (int64_t)sizeof(T);
+  const int64_t sacc = kk * Cm + Cm + Co + 2 * Cm, sparts = sacc + Cm,
+                sthread = round_up(sacc + sparts, line);
   Buf<T> ws(0, 2 * sU + sGZ + sGZs + sMs + (cl ? 0 : sGZ + 2 * sB) + sNorm),
-      acc(1, kk * Cm + Cm + Co + 2 * Cm),
+      acc(1, g.threads * sthread),
       wt(2, kk * Cm), bp(3, need.z ? ldo * Cm : 0), wpk(4, need.g ? Co * ldm : 0),
       bias(5, ldo, true);
   Buf<int64_t> cols(6, 2 * g.kw);
@@ -221,11 +280,6 @@ int backward_split(const Geometry& g, const T* gy, const T* y, const T* x, const
   T* part = NB + sN;            // [thread][4][sP]
   T* means = part + 4 * g.threads * sP;   // [thread][sP]
   T* rstds = means + g.threads * sP;      // [thread][sP]
-  T* a_dw = acc.p;  // [tap][Cm]
-  T* a_dwb = a_dw + kk * Cm;
-  T* a_pwb = a_dwb + Cm;
-  T* a_lnw = a_pwb + Co;  // LayerNorm's weight and bias
-  T* a_lnb = a_lnw + Cm;
   // act1(U) (times the scale); dL/dU overwrites it after its last use
   T* M = norm ? NB : g.act1 == ACT_NONE && !scale ? U : G;
   T* A = affine ? G : M;  // what the GEMMs read
@@ -244,15 +298,24 @@ int backward_split(const Geometry& g, const T* gy, const T* y, const T* x, const
     share(ceil_div(Co, MR), 1, ceil_div(Co, MR), &b0, &b1);  // GZ^T's packed blocks
     const int64_t nc = c1 - c0, i0 = c0 / g.m, i1 = c1 / g.m;  // i: input channels
     pack_weights(g, pww, need, bp.p, wpk.p);
-    for (int64_t t = 0; t < kk; ++t) memset(a_dw + t * Cm + c0, 0, nc * sizeof(T));
-    memset(a_dwb + c0, 0, nc * sizeof(T));
-    memset(a_pwb + o0, 0, (o1 - o0) * sizeof(T));
-    memset(a_lnw + c0, 0, nc * sizeof(T));
-    memset(a_lnb + c0, 0, nc * sizeof(T));
+    T* const a_dw = acc.p + tid * sthread;  // [tap][Cm]
+    T* const a_dwb = a_dw + kk * Cm;
+    T* const a_pwb = a_dwb + Cm;
+    T* const a_lnw = a_pwb + Co;  // LayerNorm's weight and bias
+    T* const a_lnb = a_lnw + Cm;
+    memset(a_dw, 0, sacc * sizeof(T));
+    BlockSums<T> sums(a_dw + sacc);
+    T* const s_dw = sums.region(0, out.dw_weight ? a_dw : nullptr, kk * Cm);
+    T* const s_dwb = sums.region(1, out.dw_bias ? a_dwb : nullptr, Cm);
+    T* const s_pwb = sums.region(2, out.pw_bias ? a_pwb : nullptr, Co);
+    T* const s_lnw = sums.region(3, out.norm_weight ? a_lnw : nullptr, Cm);
+    T* const s_lnb = sums.region(4, out.norm_bias ? a_lnb : nullptr, Cm);
+    T* const s_s = sums.region(5, out.scale, nc);  // (image n's, from c0: band())
 #pragma omp barrier
     for (int64_t n = 0; n < g.N; ++n)
       for (int64_t band = 0; band < nb; ++band) {
         const int64_t p0 = band * P, p1 = imin(p0 + P, HWo), np = p1 - p0;
+        sums.band(np, n, out.scale ? out.scale + n * Cm + c0 : nullptr);
         const T* xn = x + n * C * HW;
         T* gxn = out.x ? out.x + n * C * HW : nullptr;
         if (gxn && band == 0 && i1 > i0) {  // this thread's channels of grad_x, cleared
@@ -307,10 +370,8 @@ int backward_split(const Geometry& g, const T* gy, const T* y, const T* x, const
           T* z = GZ + r * ldo + o0;
           grad_act(g.act2, gyt + r * gy_rs + o0, need.from_y ? yt + r * gy_rs + o0 : z, z,
                    o1 - o0);
-          if (out.pw_bias)
-#pragma omp simd
-            for (int64_t co = 0; co < o1 - o0; ++co) a_pwb[o0 + co] += z[co];
         }
+        if (s_pwb) column_sums(GZ, ldo, np, o0, o1, s_pwb);
 #pragma omp barrier
         if (out.pw_weight && pack_gz) {  // GZ^T, in the order the GEMM reads it
           for (int64_t b = b0; b < b1; ++b)
@@ -341,14 +402,12 @@ int backward_split(const Geometry& g, const T* gy, const T* y, const T* x, const
         }
         if (affine)
           affine_grad_rows(G + c0, M + c0, ldm, np, nc, lnw ? lnw + c0 : nullptr,
-                           out.norm_weight ? a_lnw + c0 : nullptr,
-                           out.norm_bias ? a_lnb + c0 : nullptr);
+                           s_lnw ? s_lnw + c0 : nullptr, s_lnb ? s_lnb + c0 : nullptr);
         if (norm)
           split_layer_norm_grad(g, G, M, ldm, np, c0, c1, tid, team, part, sP, rstds + tid * sP);
         if (nc == 0) continue;
         if (scale)  // (this thread's channels of the scale's gradient are its own)
-          scale_grad_rows(g.act1, G + c0, U + c0, ldm, np, scale + n * Cm + c0,
-                          out.scale ? out.scale + n * Cm + c0 : nullptr, nc);
+          scale_grad_rows(g.act1, G + c0, U + c0, ldm, np, scale + n * Cm + c0, s_s, nc);
         if (mid_in || out.mid) {
           const int64_t at = (n * HWo + p0) * Cm + c0;
           mid_rows(G + c0, ldm, mid_in ? mid_in + at : nullptr, out.mid ? out.mid + at : nullptr,
@@ -358,11 +417,12 @@ int backward_split(const Geometry& g, const T* gy, const T* y, const T* x, const
         if (g.act1 != ACT_NONE)
           for (int64_t r = 0; r < np; ++r)
             grad_act(g.act1, G + r * ldm + c0, U + r * ldm + c0, G + r * ldm + c0, nc);
-        dw_backward(g, cols.p, xn, r0, wt.p, G, ldm, p0, p1, out.dw_weight ? a_dw : nullptr,
-                    out.dw_bias ? a_dwb : nullptr, cl ? gxn : (gxn ? GXB : nullptr), c0, c1);
+        dw_backward(g, cols.p, xn, r0, wt.p, G, ldm, p0, p1, s_dw, s_dwb,
+                    cl ? gxn : (gxn ? GXB : nullptr), c0, c1);
         if (!cl && gxn && r1 > r0)
           transpose_add(GXB + i0, C, gxn + i0 * HW + r0 * g.W, HW, (r1 - r0) * g.W, i1 - i0);
       }
+    sums.flush();
     if (out.dw_weight)  // accumulated as [tap][Cm]; the result is [Cm][tap]
       for (int64_t c = c0; c < c1; ++c)
         for (int64_t k = 0; k < kk; ++k) out.dw_weight[c * kk + k] = a_dw[k * Cm + c];
@@ -452,7 +512,12 @@ int backward_impl(const Geometry& g, const T* gy, const T* y, const T* x, const 
   // NCHW without act2: dL/dz is grad_y, transposed straight into GZ (no tile, no copy).
   const bool gz_is_gy = !cl && g.act2 == ACT_NONE;
   const bool own = own_weight_copies(g, (sbp + swpk) * (int64_t)sizeof(T));
-  Buf<T> ws(0, T_ * per_thread), acc(1, T_ * sacc), wt(2, kk * Cm), bp(3, (own ? T_ : 1) * sbp),
+  // and each thread's BlockSums parts (the depthwise weight, both biases, LayerNorm's
+  // weight and bias, an image's scale) after them, on cache lines of their own.
+  constexpr int64_t line = 64 / (int64_t)sizeof(T);
+  const int64_t sparts = round_up(kk * Cm + 4 * Cm + Co, line), parts0 = round_up(T_ * sacc, line);
+  Buf<T> ws(0, T_ * per_thread), acc(1, parts0 + T_ * sparts), wt(2, kk * Cm),
+      bp(3, (own ? T_ : 1) * sbp),
       wpk(4, (own ? T_ : 1) * swpk),
       bias(5, imax(ldo, grouped_bias_len<T>(g)), true);
   Buf<int64_t> cols(6, 2 * g.kw + (shuffled ? g.C : 0)), counts(7, T_);
@@ -529,6 +594,14 @@ int backward_impl(const Geometry& g, const T* gy, const T* y, const T* x, const 
     T* a_s = out.scale ? a_pwb + Co : nullptr;  // [n][Cm]
     T* a_lnw = a_pwb + Co + (out.scale ? g.N * Cm : 0);  // LayerNorm's weight and bias
     T* a_lnb = a_lnw + Cm;
+    // The bands' sums go into these parts (BlockSums), null where not wanted.
+    BlockSums<T> sums(acc.p + parts0 + tid * sparts);
+    T* const s_dw = sums.region(0, out.dw_weight ? a_dw : nullptr, kk * Cm);
+    T* const s_dwb = sums.region(1, out.dw_bias ? a_dwb : nullptr, Cm);
+    T* const s_pwb = sums.region(2, out.pw_bias ? a_pwb : nullptr, Co);
+    T* const s_lnw = sums.region(3, out.norm_weight ? a_lnw : nullptr, Cm);
+    T* const s_lnb = sums.region(4, out.norm_bias ? a_lnb : nullptr, Cm);
+    T* const s_s = sums.region(5, a_s, Cm);  // (image n's row of a_s: band())
     // Band t of a phase: its image and first and last output pixels.
     auto band_of = [&](int64_t t, int64_t per_n, int phase, int64_t* n, int64_t* p0, int64_t* p1) {
       *n = t / per_n;
@@ -543,6 +616,7 @@ int backward_impl(const Geometry& g, const T* gy, const T* y, const T* x, const 
         int64_t n, p0, p1;
         band_of(t, per_n, phase, &n, &p0, &p1);
         const int64_t band = p0 / P, np = p1 - p0;
+        sums.band(np, n, a_s ? a_s + n * Cm : nullptr);
         // The next band's x, grad_y and y, pulled into L2 by this band's GEMMs: the
         // band's depthwise and dL/dz otherwise wait on DRAM with nothing in flight.
         // Only where they fit in L2 beside the band's own working set: otherwise they
@@ -640,12 +714,7 @@ int backward_impl(const Geometry& g, const T* gy, const T* y, const T* x, const 
           for (int64_t r = 0; r < np; ++r)
             grad_act(g.act2, gyt + r * gy_rs, from_y ? yt + r * gy_rs : GZ + r * ldo, GZ + r * ldo,
                      Co);
-        if (out.pw_bias)
-          for (int64_t r = 0; r < np; ++r) {
-            const T* z = GZ + r * ldo;
-#pragma omp simd
-            for (int64_t c = 0; c < Co; ++c) a_pwb[c] += z[c];
-          }
+        if (s_pwb) column_sums(GZ, ldo, np, 0, Co, s_pwb);
         if (out.pw_weight) {  // onto the stacks; the weight gradient waits for flush_pw
           for (int64_t r = 0; r < np; ++r) {
             const int64_t k = stacked + r;
@@ -670,10 +739,9 @@ int backward_impl(const Geometry& g, const T* gy, const T* y, const T* x, const 
                wpkt + i * w_panels<T>(g) * nr * Cog, Cog * nr, nr, o);
         }
         if (affine)
-          affine_grad_rows(G, NB, ldm, np, Cm, lnw, out.norm_weight ? a_lnw : nullptr,
-                           out.norm_bias ? a_lnb : nullptr);
+          affine_grad_rows(G, NB, ldm, np, Cm, lnw, s_lnw, s_lnb);
         if (norm) layer_norm_grad_rows(G, affine ? NB : M, ldm, np, Cm, rstd);
-        if (scale) scale_grad_rows(g.act1, G, U, ldm, np, scale + n * Cm, a_s ? a_s + n * Cm : nullptr, Cm);
+        if (scale) scale_grad_rows(g.act1, G, U, ldm, np, scale + n * Cm, s_s, Cm);
         if (mid_in || out.mid) {
           const int64_t at = (n * HWo + p0) * Cm;
           mid_rows(G, ldm, mid_in ? mid_in + at : nullptr, out.mid ? out.mid + at : nullptr, Cm,
@@ -683,14 +751,15 @@ int backward_impl(const Geometry& g, const T* gy, const T* y, const T* x, const 
         if (g.act1 != ACT_NONE)
           for (int64_t r = 0; r < np; ++r)
             grad_act(g.act1, G + r * ldm, (direct ? M : U) + r * ldm, G + r * ldm, Cm);
-        dw_backward(g, cols.p, xn, r0, wt.p, G, ldm, p0, p1, out.dw_weight ? a_dw : nullptr,
-                    out.dw_bias ? a_dwb : nullptr, cl ? gxn : (gxn ? GXB : nullptr), 0, Cm);
+        dw_backward(g, cols.p, xn, r0, wt.p, G, ldm, p0, p1, s_dw, s_dwb,
+                    cl ? gxn : (gxn ? GXB : nullptr), 0, Cm);
         if (!cl && gxn && r1 > r0)
           transpose_add(GXB, g.C, gxn + r0 * g.W, g.H * g.W, (r1 - r0) * g.W, g.C, xrow);
       }
       // Odd bands add into the input rows that even bands cleared and added to.
 #pragma omp barrier
     }
+    sums.flush();
     if (one_stack) {  // rows [r0, r1) of gW, summed over the threads' stacks in order
       counts.p[tid] = stacked;
 #pragma omp barrier
