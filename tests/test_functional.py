@@ -228,8 +228,10 @@ def test_float32_pixel_sums(isa, backward_mode, layout):
     for name, o, p, e in zip(["dw", "pw", "b", "b_dw"], ours, pair, exact):
         if name != "pw":  # (a GEMM's sums: not these)
             err, err_pair = (o - e).abs().max().item(), (p - e).abs().max().item()
-            assert err <= 2.5 * err_pair, \
-                f"grad {name}: {err:.2e} from float64, the pair {err_pair:.2e}"
+            # as close as the pair, or within 1e-6 of the largest gradient (0.3-0.6e-6
+            # here; 1.3-6.2e-6 before): the pair's own error differs with the CPU
+            bound = max(2.5 * err_pair, 1e-6 * e.abs().max().item())
+            assert err <= bound, f"grad {name}: {err:.2e} from float64, the pair {err_pair:.2e}"
 
 
 # The native backward shares out its work in one of two ways: bands of pixels in
